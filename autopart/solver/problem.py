@@ -1,0 +1,103 @@
+"""The pipeline-partitioning problem as plain arrays, and the solver's answer.
+
+The solver sees nothing of torch.fx: `passes/coarsen.py` and `autopart/planner.py`
+turn a costed graph into a `PipelineProblem`; the solver returns a
+`PipelineSolution`. Units: seconds, bytes, bytes per second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValueFlow:
+    """One tensor value that leaves the block that computes it."""
+
+    producer: int
+    """Index of the block that computes the value."""
+    consumers: tuple[int, ...]
+    """Indices of the blocks that read it (each > nothing: any block, DAG order)."""
+    num_bytes: int
+    """Size of the value for one microbatch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineProblem:
+    """Assign `num_blocks` blocks of a DAG to `num_stages` pipeline stages.
+
+    Stage s runs on device s of the arrays below (the planner orders devices).
+    Blocks are numbered in a topological order of the DAG.
+    """
+
+    block_names: tuple[str, ...]
+    """A readable name per block (for errors and reports)."""
+    fwd_seconds: np.ndarray
+    """[num_blocks, num_stages] forward time of one microbatch of block b on stage s's device."""
+    bwd_seconds: np.ndarray
+    """[num_blocks, num_stages] backward time of one microbatch (0 for inference)."""
+    state_bytes: np.ndarray
+    """[num_blocks] parameters + gradients + optimizer state + buffers, held once per stage."""
+    activation_bytes: np.ndarray
+    """[num_blocks] bytes kept for backward per microbatch in flight."""
+    edges: tuple[tuple[int, int], ...]
+    """DAG edges (u, v): block v reads a value of block u; u < v."""
+    values: tuple[ValueFlow, ...]
+    """Values crossing blocks, for the boundary traffic between stages."""
+    memory_capacity: np.ndarray
+    """[num_stages] bytes usable on stage s's device."""
+    link_latency: np.ndarray
+    """[num_stages - 1] α (s) of the link from stage s to stage s + 1."""
+    link_bandwidth: np.ndarray
+    """[num_stages - 1] β (bytes/s) of the link from stage s to stage s + 1."""
+    num_microbatches: int
+    """m: microbatches per step."""
+    schedule: str
+    """'gpipe' or '1f1b': fixes how many microbatches each stage keeps in flight."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    @property
+    def num_stages(self) -> int:
+        return int(self.memory_capacity.shape[0])
+
+    def in_flight(self, stage: int) -> int:
+        """Microbatches whose activations stage `stage` holds at its peak.
+
+        GPipe keeps all m; 1F1B keeps at most S - s (REFERENCES.md, Narayanan et al. 2021).
+        """
+        if self.schedule == "gpipe":
+            return self.num_microbatches
+        return min(self.num_microbatches, self.num_stages - stage)
+
+    def step_factor(self) -> int:
+        """(m + S - 1): a GPipe or 1F1B step lasts this many slowest-stage slots."""
+        return self.num_microbatches + self.num_stages - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSolution:
+    """What the solver decided, and how sure it is."""
+
+    stage_of_block: tuple[int, ...]
+    """Stage index per block; non-decreasing along every edge; every stage used."""
+    stage_seconds: tuple[float, ...]
+    """Per stage: forward + backward + boundary communication per microbatch."""
+    stage_memory_bytes: tuple[float, ...]
+    """Per stage: peak bytes under the schedule's in-flight count."""
+    step_seconds: float
+    """Objective: (m + S - 1) * max stage_seconds."""
+    bound_seconds: float
+    """Best proven lower bound on the objective."""
+    status: str
+    """'OPTIMAL' or 'FEASIBLE'."""
+    solve_seconds: float
+    """Wall time spent in the solver."""
+    backend: str
+    """Which OR-Tools backend produced it."""

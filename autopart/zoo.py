@@ -1,0 +1,98 @@
+"""Small models with random weights for examples, tests and benchmarks; nothing is downloaded.
+
+The transformers families need the `transformers` package (the `test` extra).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZooModel:
+    """A model, its example inputs, and how to read one tensor out of its output."""
+
+    name: str
+    model: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    main_output: Callable[[Any], torch.Tensor]
+
+
+def mlp(width: int = 32, depth: int = 4, batch: int = 8) -> ZooModel:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 4))
+    return ZooModel(name="mlp", model=model, args=(torch.randn(batch, width),), kwargs={},
+                    main_output=lambda out: out)
+
+
+def transformer_encoder(d_model: int = 32, layers: int = 2, batch: int = 4, seq: int = 8) -> ZooModel:
+    layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+    return ZooModel(name="transformer_encoder", model=model, args=(torch.randn(batch, seq, d_model),),
+                    kwargs={}, main_output=lambda out: out)
+
+
+def gpt2(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=d_model, n_layer=layers, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return ZooModel(name="gpt2", model=GPT2LMHeadModel(config), args=(torch.randint(0, vocab, (batch, seq)),),
+                    kwargs={}, main_output=lambda out: out.logits)
+
+
+def bert(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=4 * d_model, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ZooModel(name="bert", model=BertForMaskedLM(config), args=(torch.randint(0, vocab, (batch, seq)),),
+                    kwargs={}, main_output=lambda out: out.logits)
+
+
+def llama(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    return ZooModel(name="llama", model=LlamaForCausalLM(config), args=(torch.randint(0, vocab, (batch, seq)),),
+                    kwargs={}, main_output=lambda out: out.logits)
+
+
+def t5(layers: int = 2, d_model: int = 64, batch: int = 2, seq: int = 8, vocab: int = 256) -> ZooModel:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers,
+                      num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
+    ids = torch.randint(0, vocab, (batch, seq))
+    return ZooModel(name="t5", model=T5ForConditionalGeneration(config), args=(ids,),
+                    kwargs={"decoder_input_ids": torch.randint(0, vocab, (batch, seq))},
+                    main_output=lambda out: out.logits)
+
+
+def vit(layers: int = 2, d_model: int = 64, batch: int = 2, image: int = 32) -> ZooModel:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=d_model, num_hidden_layers=layers, num_attention_heads=4,
+                       intermediate_size=2 * d_model, image_size=image, patch_size=8, num_labels=10,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ZooModel(name="vit", model=ViTForImageClassification(config),
+                    args=(torch.randn(batch, 3, image, image),), kwargs={},
+                    main_output=lambda out: out.logits)
+
+
+TRANSFORMERS_FAMILIES: dict[str, Callable[[], ZooModel]] = {
+    "gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "vit": vit,
+}
+ALL_FAMILIES: dict[str, Callable[[], ZooModel]] = {
+    "mlp": mlp, "transformer_encoder": transformer_encoder, **TRANSFORMERS_FAMILIES,
+}
