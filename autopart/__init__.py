@@ -1,13 +1,22 @@
 """autopart: partition a PyTorch model across devices with one call."""
 
+from autopart.api import compile
+from autopart.compiled import CompiledModel
+from autopart.cost_models import Cluster, DeviceSpec
 from autopart.errors import AutopartError, InputError, MissingAnnotationError, PlanError, TraceError
+from autopart.plan import Plan
 from autopart.trace import trace
 
 __all__ = [
     "AutopartError",
+    "Cluster",
+    "CompiledModel",
+    "DeviceSpec",
     "InputError",
     "MissingAnnotationError",
+    "Plan",
     "PlanError",
     "TraceError",
+    "compile",
     "trace",
 ]

@@ -1,0 +1,11 @@
+"""Every function that reads or rewrites a GraphModule."""
+
+from autopart.passes.annotate import COST_META_KEY, NodeCost, annotate, node_cost
+from autopart.passes.coarsen import Block, BlockGraph, BlockValue, coarsen
+from autopart.passes.codegen import InputSource, StageInterface, stage_interface, stage_modules
+from autopart.passes.split import split_stages
+
+__all__ = [
+    "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "InputSource", "NodeCost", "StageInterface",
+    "annotate", "coarsen", "node_cost", "split_stages", "stage_interface", "stage_modules",
+]

@@ -1,0 +1,113 @@
+"""`autopart.compile`: the driver. Each stage of the compiler is one line below."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.fx
+
+from autopart import passes
+from autopart.compiled import CompiledModel
+from autopart.devices import DevicesArg, resolve_devices
+from autopart.errors import InputError, PlanError
+from autopart.planner import PlanRequest, microbatch_choices, plan_pipeline
+from autopart.runtime.local import batch_size_of, split_microbatches
+from autopart.trace import flatten_inputs, io_spec, trace
+
+
+def compile(  # noqa: A001 - the public name the project promises
+    model: torch.nn.Module,
+    devices: DevicesArg,
+    example_inputs: tuple[Any, ...] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    num_stages: int | None = None,
+    num_microbatches: int | None = None,
+    schedule: str | None = None,
+    optimizer: str = "adam",
+    training: bool = True,
+    verbose: bool = False,
+) -> CompiledModel:
+    """Partition `model` across `devices` and return the plan with one module per rank.
+
+    `example_inputs` is one whole batch (dim 0 of each batched tensor); the plan
+    splits it into microbatches. `num_stages`, `num_microbatches` and `schedule`
+    ('gpipe' or '1f1b') fix those choices; None lets the planner choose.
+    `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
+    """
+    started = time.perf_counter()
+    log = _progress(verbose, started)
+    cluster = resolve_devices(devices)
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    _check_model(model)
+
+    log("tracing")
+    gm = trace(model, example_inputs, example_kwargs)                       # TRACED: ATen graph, fake vals
+    flat = flatten_inputs(gm, example_inputs, example_kwargs)
+    request = PlanRequest(batch_size=batch_size_of(flat), num_stages=num_stages,
+                          num_microbatches=num_microbatches, schedule=schedule,
+                          optimizer=optimizer, training=training, verbose=verbose)
+    microbatch_choices(request)                                             # validate the batch early
+    log("annotating costs")
+    gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
+    blocks = passes.coarsen(gm, cluster, min_blocks=num_stages or 1)        # layers -> blocks
+    log(f"planning over {len(blocks.blocks)} blocks")
+    plan = plan_pipeline(blocks, cluster, request, io_spec(gm).model_class)  # ILP -> Plan
+    log(f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
+    gm = _trace_microbatch(model, gm, flat, plan, cluster)                  # shapes of one microbatch
+    split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
+    ranks = passes.stage_modules(split, _canonical_names(model))            # one GraphModule per rank
+    log("done")
+    return CompiledModel(plan=plan, rank_modules=ranks, graph=gm, cluster=cluster)
+
+
+def _progress(verbose: bool, started: float):
+    def log(message: str) -> None:
+        if verbose:
+            print(f"[autopart {time.perf_counter() - started:6.2f}s] {message}", file=sys.stderr)
+    return log
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(True for _ in model.parameters()):
+        raise InputError(
+            f"{type(model).__name__} has no parameters: there is nothing to partition; "
+            "run it on one device as it is"
+        )
+
+
+def _trace_microbatch(model: torch.nn.Module, gm: torch.fx.GraphModule, flat: list[Any], plan,
+                      cluster) -> torch.fx.GraphModule:
+    """The graph at microbatch shapes (static shapes), with the same nodes as the planned one."""
+    if plan.num_microbatches == 1:
+        return gm
+    spec = io_spec(gm)
+    micro = split_microbatches(flat, plan.batch_size, plan.num_microbatches)[0]
+    args, kwargs = torch.utils._pytree.tree_unflatten(micro, spec.in_spec)
+    kwargs = {k: v for k, v in kwargs.items() if k not in dict(spec.default_kwargs)}
+    micro_gm = passes.annotate(trace(model, args, kwargs), cluster)
+    planned = [(n.name, str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
+    traced = [(n.name, str(n.target)) for n in micro_gm.graph.nodes if n.op == "call_function"]
+    if planned != traced:
+        first = next((p, t) for p, t in zip(planned + [None], traced + [None]) if p != t)
+        raise PlanError(
+            f"{spec.model_class} traces to a different graph at microbatch size {plan.microbatch_size} "
+            f"than at batch size {plan.batch_size} (first difference: {first[0]} vs {first[1]}); "
+            "its control flow depends on the batch size: fix num_microbatches=1"
+        )
+    return micro_gm
+
+
+def _canonical_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every path a parameter or buffer is reachable by -> the name `named_parameters()` gives it."""
+    names: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for path, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        names[path] = first.setdefault(id(tensor), path)
+    return names

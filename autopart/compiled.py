@@ -1,0 +1,118 @@
+"""What `autopart.compile` returns: the plan, the rank modules, and ways to run them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from autopart.cost_models import Cluster
+from autopart.errors import InputError
+from autopart.plan import Plan
+from autopart.runtime.local import LocalPipeline
+from autopart.trace import flatten_inputs, unflatten_output
+
+
+class CompiledModel:
+    """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation."""
+
+    def __init__(self, *, plan: Plan, rank_modules: list[torch.fx.GraphModule],
+                 graph: torch.fx.GraphModule, cluster: Cluster) -> None:
+        self.plan = plan
+        self.cluster = cluster
+        self._rank_modules = rank_modules
+        self._graph = graph  # the traced microbatch graph, for input/output structure
+        self._local = LocalPipeline(rank_modules, plan.schedule, plan.num_microbatches, plan.batch_size)
+
+    @property
+    def graph(self) -> torch.fx.GraphModule:
+        """The traced whole-model graph (one microbatch), with cost annotations."""
+        return self._graph
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self._rank_modules)
+
+    def rank_module(self, rank: int) -> torch.fx.GraphModule:
+        """The GraphModule rank `rank` runs (its stage, its parameter copies)."""
+        if not 0 <= rank < len(self._rank_modules):
+            raise InputError(f"rank={rank} is outside 0..{len(self._rank_modules) - 1} "
+                             f"(the plan uses {len(self._rank_modules)} ranks)")
+        return self._rank_modules[rank]
+
+    def report(self) -> str:
+        """The partition report as text."""
+        from autopart.report.text import render_text
+
+        return render_text(self.plan)
+
+    def save_html(self, path: str) -> None:
+        """Write the partition report as one self-contained HTML file."""
+        from autopart.report.html import render_html
+
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(render_html(self.plan))
+
+    # ------------------------------------------------------------------ simulation
+
+    def simulate(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward over all ranks in one process, microbatched as planned; the model's own output."""
+        flat = flatten_inputs(self._graph, args, kwargs)
+        per_microbatch = self._local.forward(flat)
+        return unflatten_output(self._graph, _concat_microbatches(per_microbatch, self.plan.microbatch_size))
+
+    def simulate_train_step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
+                            **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training step over all ranks in one process.
+
+        `loss_fn(output, target)` must be a mean over the microbatch (like
+        `torch.nn.functional.cross_entropy`'s default); the step's loss is the mean
+        over microbatches. Returns (loss, gradient of every original parameter by name).
+        """
+        flat = flatten_inputs(self._graph, args, kwargs)
+        targets = _split_target(target, self.plan.batch_size, self.plan.num_microbatches)
+
+        def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
+            return loss_fn(unflatten_output(self._graph, flat_outputs), micro_target)
+
+        self._local.zero_grad()
+        loss = self._local.train_step(flat, targets, loss_of)
+        grads = self._local.gradients()
+        self._local.zero_grad()
+        return loss, grads
+
+
+def _split_target(target: Any, batch_size: int, num_microbatches: int) -> list[Any]:
+    size = batch_size // num_microbatches
+    leaves, spec = torch.utils._pytree.tree_flatten(target)
+    chunks = []
+    for i in range(num_microbatches):
+        part = [x[i * size:(i + 1) * size] if isinstance(x, torch.Tensor) and x.dim() > 0
+                and x.shape[0] == batch_size else x for x in leaves]
+        chunks.append(torch.utils._pytree.tree_unflatten(part, spec))
+    return chunks
+
+
+def _concat_microbatches(per_microbatch: list[tuple[Any, ...]], microbatch_size: int) -> tuple[Any, ...]:
+    if len(per_microbatch) == 1:
+        return per_microbatch[0]
+    merged = []
+    for k, first in enumerate(per_microbatch[0]):
+        parts = [outputs[k] for outputs in per_microbatch]
+        if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == microbatch_size:
+            merged.append(torch.cat(parts, dim=0))
+        elif all(_same(p, first) for p in parts):
+            merged.append(first)
+        else:
+            raise InputError(
+                f"model output {k} (shape {getattr(first, 'shape', type(first).__name__)}) has no batch "
+                "dimension and differs between microbatches; use num_microbatches=1 to read it whole"
+            )
+    return tuple(merged)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return a == b

@@ -1,0 +1,227 @@
+"""The Plan: everything codegen and the runtimes need, and nothing else.
+
+Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
+(all times in seconds, sizes in bytes, "per microbatch" where stated):
+
+```
+{"version": 1, "model_class": str, "batch_size": int, "num_microbatches": int,
+ "schedule": "gpipe" | "1f1b", "optimizer": str,
+ "mesh": {"pp": int, "tp": int, "dp": int},
+ "cluster": Cluster.to_dict(),
+ "stages": [{"index", "device", "device_name", "blocks": [str], "node_names": [str],
+             "fwd_seconds", "bwd_seconds", "comm_seconds", "fwd_flops", "bwd_flops",
+             "num_params", "send_bytes",
+             "memory": {"params", "grads", "optimizer", "buffers", "activations",
+                        "boundary", "capacity"}}],
+ "predicted_step_seconds": float, "bubble_fraction": float,
+ "idle_devices": [int],
+ "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
+            "plan_seconds", "num_problems"},
+ "candidates": [{"num_stages", "num_microbatches", "schedule", "step_seconds" | null,
+                 "status", "detail"}]}
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from autopart.errors import InputError
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageMemory:
+    """Peak bytes a stage holds, by kind."""
+
+    params: int
+    """Parameters of the stage (tied ones counted on every stage that reads them)."""
+    grads: int
+    """Gradients of its trainable parameters."""
+    optimizer: int
+    """Optimizer state of its trainable parameters."""
+    buffers: int
+    """Buffers and constants."""
+    activations: int
+    """Saved activations of the microbatches the schedule keeps in flight."""
+    boundary: int
+    """Received and sent boundary tensors of the microbatches in flight."""
+    capacity: int
+    """Memory of the stage's device."""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.buffers + self.activations + self.boundary
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """One pipeline stage: where it runs, what it computes, what it costs."""
+
+    index: int
+    """Position in the pipeline, 0 first."""
+    device: int
+    """Index of its device in the cluster (its rank)."""
+    device_name: str
+    """DeviceSpec name of that device."""
+    blocks: tuple[str, ...]
+    """Names of the blocks (layers) on the stage, first to last."""
+    node_names: tuple[str, ...]
+    """Graph nodes (call_function) the stage computes."""
+    fwd_seconds: float
+    """Forward compute of one microbatch."""
+    bwd_seconds: float
+    """Backward compute of one microbatch."""
+    comm_seconds: float
+    """Boundary sends and receives of one microbatch, forward and backward."""
+    fwd_flops: int
+    """Forward FLOPs of one microbatch."""
+    bwd_flops: int
+    """Backward FLOPs of one microbatch."""
+    num_params: int
+    """Parameter elements held by the stage."""
+    send_bytes: int
+    """Activation bytes sent to the next stage per microbatch."""
+    memory: StageMemory
+    """Peak memory by kind."""
+
+    @property
+    def seconds(self) -> float:
+        return self.fwd_seconds + self.bwd_seconds + self.comm_seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mesh:
+    """Device mesh shape: dp × pp × tp devices."""
+
+    pp: int
+    """Pipeline stages."""
+    tp: int = 1
+    """Tensor-parallel group size."""
+    dp: int = 1
+    """Data-parallel replicas."""
+
+    @property
+    def num_devices(self) -> int:
+        return self.pp * self.tp * self.dp
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverInfo:
+    """How the plan was found."""
+
+    backend: str
+    """OR-Tools backend of the chosen solve."""
+    status: str
+    """'OPTIMAL' or 'FEASIBLE' for the chosen solve."""
+    objective_seconds: float
+    """Objective of the chosen solve: predicted step time."""
+    bound_seconds: float
+    """Best proven lower bound of that solve."""
+    solve_seconds: float
+    """Solver wall time of the chosen solve."""
+    plan_seconds: float
+    """Wall time of the whole search (all candidates)."""
+    num_problems: int
+    """ILPs solved during the search."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One configuration the planner tried."""
+
+    num_stages: int
+    num_microbatches: int
+    schedule: str
+    step_seconds: float | None
+    """Predicted step time, None when infeasible or pruned."""
+    status: str
+    """'chosen', 'feasible', 'infeasible' or 'pruned'."""
+    detail: str
+    """Why: the binding constraint, the shortfall, or the bound that pruned it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A complete partition of one model for one cluster."""
+
+    model_class: str
+    batch_size: int
+    """Samples per step (the example batch)."""
+    num_microbatches: int
+    schedule: str
+    optimizer: str
+    mesh: Mesh
+    cluster: dict[str, Any]
+    """Cluster.to_dict() of the devices planned for."""
+    stages: tuple[StagePlan, ...]
+    predicted_step_seconds: float
+    bubble_fraction: float
+    """Share of the step a device idles: (S - 1) / (m + S - 1) for GPipe and 1F1B."""
+    idle_devices: tuple[int, ...]
+    """Devices the plan leaves unused (faster with fewer stages)."""
+    solver: SolverInfo
+    candidates: tuple[Candidate, ...]
+    version: int = PLAN_VERSION
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.num_microbatches
+
+    def stage_of_node(self) -> dict[str, int]:
+        return {name: stage.index for stage in self.stages for name in stage.node_names}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(asdict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"Plan.from_json: not JSON ({error}); pass the text Plan.to_json() wrote") from error
+        if not isinstance(data, dict):
+            raise InputError(f"Plan.from_json: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise InputError(
+                f"Plan.from_json: schema version {version!r} is not supported (this autopart reads "
+                f"version {PLAN_VERSION}); re-plan with autopart.compile or upgrade autopart"
+            )
+        try:
+            return _build(cls, data, "plan")
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"Plan.from_json: malformed plan: {error}") from error
+
+
+_NESTED = {"mesh": Mesh, "solver": SolverInfo, "memory": StageMemory}
+_LISTS = {"stages": StagePlan, "candidates": Candidate}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise KeyError(f"{where} has unknown fields {unknown}")
+    missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name != "version")
+    if missing:
+        raise KeyError(f"{where} lacks fields {missing}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _NESTED:
+            value = _build(_NESTED[name], value, f"{where}.{name}")
+        elif name in _LISTS:
+            value = tuple(_build(_LISTS[name], item, f"{where}.{name}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

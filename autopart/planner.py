@@ -1,0 +1,286 @@
+"""Search over pipeline configurations: stage counts, microbatch counts, schedules.
+
+For each candidate (S stages, m microbatches, schedule) the block graph becomes a
+`PipelineProblem` (costs scaled to one microbatch) and the ILP places the
+blocks. Candidates whose lower bound cannot beat the best found are pruned
+without a solve. The best candidate becomes the `Plan`.
+
+Scaling to a microbatch: FLOPs, roofline time, saved activations and boundary
+bytes are linear in the batch (1/m of the traced batch); per-op launch floors
+are not (`BlockTimes`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopart.cost_models import Cluster, gradient_bytes, optimizer_state_bytes
+from autopart.errors import InputError, PlanError
+from autopart.passes.coarsen import BlockGraph
+from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
+from autopart.solver import SCHEDULES, PipelineProblem, PipelineSolution, ValueFlow, solve_pipeline
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    """What the user fixed (None: the planner chooses)."""
+
+    batch_size: int
+    """Samples in the example batch: one step."""
+    num_stages: int | None = None
+    num_microbatches: int | None = None
+    schedule: str | None = None
+    optimizer: str = "adam"
+    training: bool = True
+    """False plans inference: no backward, gradients or optimizer state."""
+    max_microbatches: int = 64
+    """Largest microbatch count tried when the planner chooses."""
+    verbose: bool = False
+    """Print a line per candidate while searching."""
+
+
+def microbatch_choices(request: PlanRequest) -> list[int]:
+    batch = request.batch_size
+    if request.num_microbatches is not None:
+        m = request.num_microbatches
+        if m < 1 or batch % m:
+            raise InputError(
+                f"num_microbatches={m} does not divide the batch of {batch} samples; "
+                f"choose one of {[d for d in range(1, batch + 1) if batch % d == 0]}"
+            )
+        return [m]
+    return [d for d in range(1, min(batch, request.max_microbatches) + 1) if batch % d == 0]
+
+
+def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str) -> Plan:
+    """The fastest feasible pipeline plan for `graph` on `cluster`."""
+    started = time.perf_counter()
+    if request.schedule is not None and request.schedule not in SCHEDULES:
+        raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
+    num_blocks = len(graph.blocks)
+    stage_counts = _stage_choices(request, cluster, num_blocks)
+    schedules = [request.schedule] if request.schedule else ["1f1b", "gpipe"]
+    best: tuple[PipelineSolution, PipelineProblem] | None = None
+    candidates: list[Candidate] = []
+    failures: list[tuple[float, str]] = []
+    num_problems = 0
+    for num_stages in stage_counts:
+        for m in microbatch_choices(request):
+            for schedule in schedules:
+                problem = build_problem(graph, cluster, request, num_stages, m, schedule)
+                bound = lower_bound(problem)
+                if best is not None and bound >= best[0].step_seconds:
+                    candidates.append(Candidate(num_stages=num_stages, num_microbatches=m, schedule=schedule,
+                                                step_seconds=None, status="pruned",
+                                                detail=f"lower bound {bound:.3g} s >= best {best[0].step_seconds:.3g} s"))
+                    continue
+                num_problems += 1
+                try:
+                    solution = solve_pipeline(problem)
+                except PlanError as error:
+                    short = _shortfall(problem)
+                    failures.append((short, str(error)))
+                    candidates.append(Candidate(num_stages=num_stages, num_microbatches=m, schedule=schedule,
+                                                step_seconds=None, status="infeasible", detail=str(error).splitlines()[0]))
+                    continue
+                detail = _binding(problem, solution)
+                candidates.append(Candidate(num_stages=num_stages, num_microbatches=m, schedule=schedule,
+                                            step_seconds=solution.step_seconds, status="feasible", detail=detail))
+                if request.verbose:
+                    print(f"  S={num_stages} m={m} {schedule}: {solution.step_seconds * 1e3:.3f} ms ({detail})",
+                          file=sys.stderr)
+                if best is None or solution.step_seconds < best[0].step_seconds * (1 - 1e-9):
+                    best = (solution, problem)
+    if best is None:
+        raise _infeasible_error(graph, cluster, request, failures)
+    solution, problem = best
+    chosen = (problem.num_stages, problem.num_microbatches, problem.schedule)
+    candidates = [
+        Candidate(**{**c.__dict__, "status": "chosen"})
+        if (c.num_stages, c.num_microbatches, c.schedule) == chosen and c.status == "feasible" else c
+        for c in candidates
+    ]
+    return _plan(graph, cluster, request, model_class, problem, solution, candidates,
+                 time.perf_counter() - started, num_problems)
+
+
+def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int) -> list[int]:
+    n = cluster.num_devices
+    if request.num_stages is not None:
+        s = request.num_stages
+        if s < 1 or s > n:
+            raise InputError(f"num_stages={s} must be between 1 and the {n} devices of the cluster")
+        if s > num_blocks:
+            raise PlanError(
+                f"num_stages={s} but the model splits into only {num_blocks} blocks even one op per "
+                f"block; use num_stages <= {num_blocks}"
+            )
+        return [s]
+    return list(range(1, min(n, num_blocks) + 1))
+
+
+def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
+                  num_stages: int, num_microbatches: int, schedule: str) -> PipelineProblem:
+    """The ILP instance for S stages on the first S devices, costs per microbatch."""
+    scale = 1.0 / num_microbatches
+    devices = cluster.devices[:num_stages]
+    fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
+    if request.training:
+        bwd = np.array([[b.time_on(d.name).bwd(scale) for d in devices] for b in graph.blocks])
+    else:
+        bwd = np.zeros_like(fwd)
+    state = np.array([block_state_bytes(b, request) for b in graph.blocks], dtype=float)
+    activations = np.array([b.saved_bytes * scale if request.training else 0.0 for b in graph.blocks])
+    links = [cluster.link(s, s + 1) for s in range(num_stages - 1)]
+    return PipelineProblem(
+        block_names=tuple(b.name for b in graph.blocks),
+        fwd_seconds=fwd,
+        bwd_seconds=bwd,
+        state_bytes=state,
+        activation_bytes=activations,
+        edges=graph.edges,
+        values=tuple(ValueFlow(producer=v.producer, consumers=v.consumers,
+                               num_bytes=int(math.ceil(v.num_bytes * scale))) for v in graph.values),
+        memory_capacity=np.array([d.memory_bytes for d in devices], dtype=float),
+        link_latency=np.array([link.latency_s for link in links]),
+        link_bandwidth=np.array([link.bandwidth for link in links]),
+        num_microbatches=num_microbatches,
+        schedule=schedule,
+    )
+
+
+def block_state_bytes(block, request: PlanRequest) -> int:
+    """Parameters + gradients + optimizer state + buffers of a block (bytes)."""
+    state = block.param_bytes + block.buffer_bytes
+    if request.training:
+        state += gradient_bytes(block.trainable_param_bytes)
+        state += optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
+    return state
+
+
+def lower_bound(problem: PipelineProblem) -> float:
+    """(m + S - 1) · max(largest block, total work / S), each block at its fastest device."""
+    per_block = (problem.fwd_seconds + problem.bwd_seconds).min(axis=1)
+    slot = max(per_block.max(), per_block.sum() / problem.num_stages)
+    return problem.step_factor() * slot
+
+
+def _shortfall(problem: PipelineProblem) -> float:
+    """Bytes by which the whole model misses the cluster's total memory (≤ 0: fits in sum)."""
+    need = problem.state_bytes.sum() + problem.activation_bytes.sum() * problem.in_flight(0)
+    return float(need - problem.memory_capacity.sum())
+
+
+def _binding(problem: PipelineProblem, solution: PipelineSolution) -> str:
+    slowest = int(np.argmax(solution.stage_seconds))
+    fullest = int(np.argmax(np.array(solution.stage_memory_bytes) / problem.memory_capacity))
+    used = solution.stage_memory_bytes[fullest] / problem.memory_capacity[fullest]
+    return (f"slowest stage {slowest} ({solution.stage_seconds[slowest] * 1e3:.3f} ms/microbatch); "
+            f"fullest stage {fullest} at {used:.0%} of memory")
+
+
+def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
+                      failures: list[tuple[float, str]]) -> PlanError:
+    closest = min(failures, key=lambda f: f[0])[1] if failures else "no candidate was tried"
+    fits = min_devices_that_fit(graph, cluster, request)
+    hint = (f"the smallest count of {cluster.devices[0].name} devices that fits is {fits}"
+            if fits else f"even {8 * cluster.num_devices} devices do not fit")
+    return PlanError(
+        f"no pipeline plan fits {cluster.num_devices} device(s). Closest attempt: {closest}\n"
+        f"  {hint}; or use fewer microbatches' activations (schedule='1f1b'), a smaller batch, "
+        "or a lighter optimizer (optimizer='sgd')."
+    )
+
+
+def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanRequest) -> int | None:
+    """Smallest number of devices like the cluster's first that hold the model, greedily packed.
+
+    Blocks are packed in order into consecutive stages, each filled as far as
+    its memory allows, with the most microbatches (m = batch, 1F1B in flight),
+    which is optimal for a chain (an exchange argument).
+    """
+    capacity = cluster.devices[0].memory_bytes
+    m = microbatch_choices(request)[-1]
+    state = [block_state_bytes(b, request) for b in graph.blocks]
+    acts = [b.saved_bytes / m if request.training else 0.0 for b in graph.blocks]
+    for count in range(1, 8 * cluster.num_devices + 1):
+        stage, used_state, used_acts = 0, 0.0, 0.0
+        fits = True
+        for s_bytes, a_bytes in zip(state, acts):
+            in_flight = min(m, count - stage)
+            if used_state + s_bytes + (used_acts + a_bytes) * in_flight > capacity:
+                stage += 1
+                used_state, used_acts = 0.0, 0.0
+                in_flight = min(m, count - stage) if stage < count else 0
+                if stage >= count or s_bytes + a_bytes * in_flight > capacity:
+                    fits = False
+                    break
+            used_state += s_bytes
+            used_acts += a_bytes
+        if fits:
+            return count
+    return None
+
+
+def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str,
+          problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
+          plan_seconds: float, num_problems: int) -> Plan:
+    num_stages = problem.num_stages
+    m = problem.num_microbatches
+    scale = 1.0 / m
+    stages = []
+    for s in range(num_stages):
+        members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]
+        blocks = [graph.blocks[i] for i in members]
+        device = cluster.devices[s]
+        in_flight = problem.in_flight(s)
+        trainable = sum(b.trainable_param_bytes for b in blocks) if request.training else 0
+        send = sum(v.num_bytes for v in problem.values
+                   if solution.stage_of_block[v.producer] <= s < max(solution.stage_of_block[c] for c in v.consumers))
+        recv = sum(v.num_bytes for v in problem.values
+                   if solution.stage_of_block[v.producer] < s <= max(solution.stage_of_block[c] for c in v.consumers))
+        fwd = float(problem.fwd_seconds[members, s].sum())
+        bwd = float(problem.bwd_seconds[members, s].sum())
+        stages.append(StagePlan(
+            index=s, device=s, device_name=device.name,
+            blocks=tuple(b.name for b in blocks),
+            node_names=tuple(n for b in blocks for n in b.node_names),
+            fwd_seconds=fwd, bwd_seconds=bwd,
+            comm_seconds=max(0.0, solution.stage_seconds[s] - fwd - bwd),
+            fwd_flops=int(sum(b.fwd_flops for b in blocks) * scale),
+            bwd_flops=int(sum(b.bwd_flops for b in blocks) * scale) if request.training else 0,
+            num_params=int(sum(b.param_bytes for b in blocks) // 4),
+            send_bytes=int(send),
+            memory=StageMemory(
+                params=int(sum(b.param_bytes for b in blocks)),
+                grads=int(gradient_bytes(trainable)),
+                optimizer=int(optimizer_state_bytes(trainable, request.optimizer)) if request.training else 0,
+                buffers=int(sum(b.buffer_bytes for b in blocks)),
+                activations=int(float(problem.activation_bytes[members].sum()) * in_flight),
+                boundary=int((send + recv) * in_flight),
+                capacity=int(problem.memory_capacity[s]),
+            ),
+        ))
+    return Plan(
+        model_class=model_class,
+        batch_size=request.batch_size,
+        num_microbatches=m,
+        schedule=problem.schedule,
+        optimizer=request.optimizer,
+        mesh=Mesh(pp=num_stages),
+        cluster=cluster.to_dict(),
+        stages=tuple(stages),
+        predicted_step_seconds=solution.step_seconds,
+        bubble_fraction=(num_stages - 1) / (m + num_stages - 1),
+        idle_devices=tuple(range(num_stages, cluster.num_devices)),
+        solver=SolverInfo(backend=solution.backend, status=solution.status,
+                          objective_seconds=solution.step_seconds, bound_seconds=solution.bound_seconds,
+                          solve_seconds=solution.solve_seconds, plan_seconds=plan_seconds,
+                          num_problems=num_problems),
+        candidates=tuple(candidates),
+    )

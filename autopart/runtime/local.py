@@ -1,0 +1,182 @@
+"""All ranks of a plan in one process: the reference for tests and debugging.
+
+Each stage runs its own GraphModule with its own parameter copies; tensors
+cross stage boundaries detached (as if sent), and gradients come back the same
+way, in the order the schedule's timeline gives. Nothing here is shared
+between stages that a real pipeline would not send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from autopart.errors import InputError
+from autopart.passes.codegen import StageInterface, stage_interface
+from autopart.runtime.schedules import Action, build_schedule, timeline
+
+
+@dataclass
+class _Microbatch:
+    """What one stage keeps of one microbatch between its forward and backward."""
+
+    inputs: list[Any]
+    outputs: tuple[Any, ...]
+    loss: torch.Tensor | None = None
+
+
+def split_microbatches(flat_inputs: Sequence[Any], batch_size: int, num_microbatches: int) -> list[list[Any]]:
+    """Chunk every tensor whose dim 0 is the batch; other values go to every microbatch."""
+    if num_microbatches < 1 or batch_size % num_microbatches:
+        raise InputError(
+            f"a batch of {batch_size} samples does not divide into {num_microbatches} microbatches; "
+            "pass a batch that is a multiple of the planned microbatch count"
+        )
+    size = batch_size // num_microbatches
+    chunks = []
+    for i in range(num_microbatches):
+        chunks.append([
+            x[i * size:(i + 1) * size] if _is_batched(x, batch_size) else x for x in flat_inputs
+        ])
+    return chunks
+
+
+def _is_batched(x: Any, batch_size: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch_size
+
+
+def batch_size_of(flat_inputs: Sequence[Any]) -> int:
+    for x in flat_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    raise InputError("no input tensor has a batch dimension (dim 0); pass at least one batched tensor")
+
+
+class LocalPipeline:
+    """Runs stage modules in one process, microbatched under a schedule."""
+
+    def __init__(self, modules: Sequence[torch.fx.GraphModule], schedule: str, num_microbatches: int,
+                 batch_size: int) -> None:
+        self.modules = list(modules)
+        self.interfaces: list[StageInterface] = [stage_interface(m) for m in self.modules]
+        self.schedule = schedule
+        self.num_microbatches = num_microbatches
+        self.batch_size = batch_size
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.modules)
+
+    # ------------------------------------------------------------------ forward only
+
+    @torch.no_grad()
+    def forward(self, flat_inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Flat model outputs of each microbatch."""
+        outputs = []
+        for inputs in self._microbatches(flat_inputs):
+            carried: tuple[Any, ...] = ()
+            for module, interface in zip(self.modules, self.interfaces):
+                carried = module(*self._gather(interface, inputs, carried))
+            outputs.append(tuple(carried[i] for i in self.interfaces[-1].model_outputs))
+        return outputs
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, flat_inputs: Sequence[Any], targets: Sequence[Any],
+                   loss_of: Callable[[tuple[Any, ...], Any], torch.Tensor]) -> torch.Tensor:
+        """One step: the mean microbatch loss; gradients accumulate in each stage's parameters.
+
+        `loss_of(flat_outputs, target)` gives one microbatch's loss; backward runs
+        on loss / m, so gradients equal those of the whole batch's mean loss.
+        """
+        micro_inputs = self._microbatches(flat_inputs)
+        m = self.num_microbatches
+        state: list[dict[int, _Microbatch]] = [{} for _ in self.modules]
+        grads_to_send: list[dict[int, list[Any]]] = [{} for _ in self.modules]
+        losses: list[torch.Tensor] = []
+        plan = build_schedule(self.schedule, self.num_stages, m, training=True)
+        for slot in timeline(plan, m, training=True):
+            for action in slot:
+                if action is None:
+                    continue
+                if action.kind == "F":
+                    self._forward(action, micro_inputs, state, targets, loss_of, losses)
+                else:
+                    self._backward(action, state, grads_to_send)
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def _forward(self, action: Action, micro_inputs, state, targets, loss_of, losses) -> None:
+        s, i = action.stage, action.microbatch
+        interface = self.interfaces[s]
+        previous = state[s - 1][i].outputs if s > 0 else ()
+        inputs = [_receive(x) for x in self._gather(interface, micro_inputs[i], previous)]
+        outputs = tuple(self.modules[s](*inputs))
+        record = _Microbatch(inputs=inputs, outputs=outputs)
+        if s == self.num_stages - 1:
+            model_outputs = tuple(outputs[k] for k in interface.model_outputs)
+            record.loss = loss_of(model_outputs, targets[i])
+            losses.append(record.loss)
+        state[s][i] = record
+
+    def _backward(self, action: Action, state, grads_to_send) -> None:
+        s, i = action.stage, action.microbatch
+        record = state[s].pop(i)
+        if s == self.num_stages - 1:
+            (record.loss / self.num_microbatches).backward()
+        else:
+            incoming = grads_to_send[s + 1].pop(i)
+            pairs = [(out, grad) for out, grad in zip(record.outputs, incoming)
+                     if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad]
+            if pairs:
+                torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        # Gradients of this stage's inputs go back to the previous stage's outputs.
+        if s > 0:
+            back: list[Any] = [None] * len(self.interfaces[s - 1].output_names)
+            for source, x in zip(self.interfaces[s].inputs, record.inputs):
+                if source.kind == "previous_stage" and isinstance(x, torch.Tensor) and x.grad is not None:
+                    back[source.index] = x.grad if back[source.index] is None else back[source.index] + x.grad
+            grads_to_send[s][i] = back
+
+    # ------------------------------------------------------------------ helpers
+
+    def _microbatches(self, flat_inputs: Sequence[Any]) -> list[list[Any]]:
+        size = batch_size_of(flat_inputs)
+        if size != self.batch_size:
+            raise InputError(
+                f"the batch has {size} samples but the plan was made for {self.batch_size}; "
+                "re-compile for this batch size (shapes are static)"
+            )
+        return split_microbatches(flat_inputs, self.batch_size, self.num_microbatches)
+
+    @staticmethod
+    def _gather(interface: StageInterface, model_inputs: Sequence[Any], previous: Sequence[Any]) -> list[Any]:
+        return [model_inputs[src.index] if src.kind == "model_input" else previous[src.index]
+                for src in interface.inputs]
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """Gradient of every original parameter, summed over the stages holding a copy."""
+        grads: dict[str, torch.Tensor] = {}
+        for module, interface in zip(self.modules, self.interfaces):
+            for path, name in interface.parameters:
+                grad = module.get_parameter(path).grad
+                if grad is None:
+                    continue
+                grads[name] = grad.clone() if name not in grads else grads[name] + grad
+        return grads
+
+    def zero_grad(self) -> None:
+        for module in self.modules:
+            module.zero_grad(set_to_none=True)
+
+
+def _receive(x: Any) -> Any:
+    """A tensor as the next stage receives it: a new leaf that collects its gradient."""
+    if isinstance(x, torch.Tensor):
+        leaf = x.detach()
+        if x.is_floating_point() or x.is_complex():
+            leaf.requires_grad_(True)
+        return leaf
+    return x

@@ -1,0 +1,363 @@
+"""Devices and clusters: the hardware the cost model prices work on.
+
+`Link` and the interconnect presets live in `links.py` and are re-exported here.
+
+Units: bytes, bytes/s, FLOP/s, seconds. Every preset figure cites its source;
+"dense" means without 2:4 structured sparsity (datasheets print the sparse
+figure first, twice the dense one). Presets are starting points:
+`autopart.calibrate()` replaces them with measurements of the machine at hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autopart.cost_models.links import INFINIBAND_NDR, LOOPBACK, NVLINK3, NVLINK4, Link, _check_keys
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """'torch.bfloat16' -> 'bfloat16'; strings pass through."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSpec:
+    """One device (a GPU, or the host CPU) as the cost model sees it."""
+
+    name: str
+    """Preset or user-chosen name, e.g. "H100"."""
+    memory_bytes: int
+    """Device memory in bytes (presets: the capacity as sold, in decimal bytes)."""
+    memory_bandwidth: float
+    """Peak memory bandwidth in bytes/s (datasheet figure)."""
+    peak_flops_by_dtype: tuple[tuple[str, float], ...]
+    """Dense peak FLOP/s per dtype name ("float32", "tf32", "bfloat16", "float16", ...); has "float32"."""
+    # A CUDA kernel launch costs a few µs of host and driver time (about 5 µs
+    # through PyTorch's dispatcher); meta-pytorch/autoparallel floors each op
+    # at 7 µs (REFERENCES.md). CPU presets use a smaller floor (no driver).
+    launch_overhead_s: float = 5e-6
+    """Fixed seconds per kernel (launch and tail), the floor of every op's time."""
+    device_type: str = "cuda"
+    """torch device type the spec describes: "cuda" or "cpu"."""
+
+    def __post_init__(self) -> None:
+        table = self.peak_flops_by_dtype
+        if isinstance(table, dict):
+            table = tuple(table.items())
+        table = tuple((str(k), float(v)) for k, v in table)
+        object.__setattr__(self, "peak_flops_by_dtype", table)
+        names = [k for k, _ in table]
+        where = f"DeviceSpec(name={self.name!r})"
+        if "float32" not in names:
+            raise ValueError(
+                f"{where}: peak_flops_by_dtype={table} has no 'float32' entry; "
+                "add ('float32', flops) — it is the fallback for dtypes not listed"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: peak_flops_by_dtype={table} names a dtype twice; keep one entry each")
+        if any(v <= 0 for _, v in table):
+            raise ValueError(f"{where}: peak_flops_by_dtype={table} has a non-positive figure; use FLOP/s > 0")
+        if self.memory_bytes <= 0:
+            raise ValueError(f"{where}: memory_bytes={self.memory_bytes} must be > 0 (bytes)")
+        if self.memory_bandwidth <= 0:
+            raise ValueError(f"{where}: memory_bandwidth={self.memory_bandwidth} must be > 0 (bytes/s)")
+        if self.launch_overhead_s < 0:
+            raise ValueError(f"{where}: launch_overhead_s={self.launch_overhead_s} must be >= 0 (seconds)")
+        if self.device_type not in ("cuda", "cpu"):
+            raise ValueError(f"{where}: device_type={self.device_type!r}; use 'cuda' or 'cpu'")
+
+    def peak_flops(self, dtype: torch.dtype | str, *, allow_tf32: bool = False) -> float:
+        """Dense peak FLOP/s for matmuls in `dtype`.
+
+        float32 uses the "float32" figure unless `allow_tf32` (what
+        `torch.backends.cuda.matmul.allow_tf32` turns on) and a "tf32" entry
+        exists. Dtypes not listed fall back to the float32 figure.
+        """
+        table = dict(self.peak_flops_by_dtype)
+        name = _dtype_name(dtype)
+        if name == "float32" and allow_tf32 and "tf32" in table:
+            return table["tf32"]
+        return table.get(name, table["float32"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; `DeviceSpec.from_dict` inverts it."""
+        return {
+            "name": self.name,
+            "memory_bytes": int(self.memory_bytes),
+            "memory_bandwidth": float(self.memory_bandwidth),
+            "peak_flops_by_dtype": dict(self.peak_flops_by_dtype),
+            "launch_overhead_s": float(self.launch_overhead_s),
+            "device_type": self.device_type,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviceSpec:
+        """Inverse of `to_dict`."""
+        _check_keys(cls, d)
+        return cls(**d)
+
+
+# H100 SXM5 80GB: NVIDIA H100 Tensor Core GPU datasheet and the Hopper
+# architecture whitepaper (table "NVIDIA H100 SXM5"): dense BF16/FP16 989.4
+# TFLOP/s, TF32 494.7, FP32 (non-tensor) 66.9, FP8 1978.9; HBM3 3.35 TB/s.
+# Memory: 80e9 bytes as sold ("80GB"); the board reports 81559 MiB, part of
+# which the CUDA context takes, so the round decimal figure is kept as a
+# slightly conservative capacity. calibrate() reads torch.cuda.mem_get_info.
+_HOPPER_FLOPS = (
+    ("float32", 66.9e12),
+    ("tf32", 494.7e12),
+    ("bfloat16", 989.4e12),
+    ("float16", 989.4e12),
+    ("float8_e4m3fn", 1978.9e12),
+    ("float8_e5m2", 1978.9e12),
+)
+H100 = DeviceSpec(name="H100", memory_bytes=80 * 10**9, memory_bandwidth=3.35e12, peak_flops_by_dtype=_HOPPER_FLOPS)
+
+# H200 SXM: NVIDIA H200 datasheet: 141 GB HBM3e at 4.8 TB/s; same GH100
+# compute as the H100 SXM (the datasheet's sparse figures equal H100's).
+# 141e9 bytes as sold (the board reports 143771 MiB).
+H200 = DeviceSpec(name="H200", memory_bytes=141 * 10**9, memory_bandwidth=4.8e12, peak_flops_by_dtype=_HOPPER_FLOPS)
+
+# A100 SXM4 80GB: NVIDIA A100 Tensor Core GPU datasheet: BF16/FP16 312
+# TFLOP/s dense, TF32 156, FP32 19.5; HBM2e 2,039 GB/s; 80e9 bytes as sold.
+A100_80GB = DeviceSpec(
+    name="A100-80GB",
+    memory_bytes=80 * 10**9,
+    memory_bandwidth=2.039e12,
+    peak_flops_by_dtype=(("float32", 19.5e12), ("tf32", 156e12), ("bfloat16", 312e12), ("float16", 312e12)),
+)
+
+
+def _host_memory_bytes() -> int:
+    """Physical RAM of this machine in bytes (POSIX sysconf); 16 GiB where unavailable."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 16 * 2**30
+
+
+# The host CPU. Memory is this machine's RAM. Compute and bandwidth are
+# conservative guesses for a multi-core x86 server (100 GFLOP/s fp32 ≈ a few
+# AVX2/AVX-512 cores' worth; 20 GB/s ≈ one or two DDR4 channels, below what a
+# whole socket streams): `autopart.calibrate()` replaces them with measurements.
+# CPU kernels launch with no driver round-trip, hence the smaller floor.
+CPU = DeviceSpec(
+    name="CPU",
+    memory_bytes=_host_memory_bytes(),
+    memory_bandwidth=20e9,
+    peak_flops_by_dtype=(("float32", 100e9),),
+    launch_overhead_s=2e-6,
+    device_type="cpu",
+)
+
+PRESETS: dict[str, DeviceSpec] = {d.name: d for d in (H100, H200, A100_80GB, CPU)}
+
+
+def get_preset(name: str) -> DeviceSpec:
+    """The preset DeviceSpec called `name` (case-insensitive)."""
+    for key, spec in PRESETS.items():
+        if key.lower() == name.strip().lower():
+            return spec
+    raise ValueError(
+        f"get_preset(name={name!r}): unknown device; known: {', '.join(PRESETS)} "
+        "(or build a DeviceSpec(...) with your own figures)"
+    )
+
+
+# Intra-node link per device preset; other GPUs get NVLink 4.
+_INTRA_LINK_BY_DEVICE = {"A100-80GB": NVLINK3, "CPU": LOOPBACK}
+
+
+def _default_links(devices: tuple[DeviceSpec, ...]) -> tuple[Link, Link]:
+    """(intra, inter) node links for `devices`: the slowest member's defaults."""
+    if all(d.device_type == "cpu" for d in devices):
+        # CPU processes talk over gloo/TCP; across hosts too, to a first guess.
+        return LOOPBACK, LOOPBACK
+    intra = [_INTRA_LINK_BY_DEVICE.get(d.name, NVLINK4 if d.device_type == "cuda" else LOOPBACK) for d in devices]
+    slowest = Link(latency_s=max(l.latency_s for l in intra), bandwidth=min(l.bandwidth for l in intra))
+    return slowest, INFINIBAND_NDR
+
+
+_TERM = re.compile(r"^(?:(\d+)\s*[xX*]\s*)?(?:(\d+)\s*[xX*]\s*)?([A-Za-z][\w.\-]*)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """Devices, the host each sits on, and the links between them."""
+
+    devices: tuple[DeviceSpec, ...]
+    """Device i's spec; i is the global device (rank) index."""
+    node_of_device: tuple[int, ...]
+    """Host index of device i, numbered 0 .. num_nodes - 1."""
+    intra_node_link: Link
+    """Link between two devices on the same host."""
+    inter_node_link: Link
+    """Link between two devices on different hosts."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "node_of_device", tuple(int(n) for n in self.node_of_device))
+        if not self.devices:
+            raise ValueError("Cluster(devices=()): needs at least one device; e.g. Cluster.parse('8xH100')")
+        bad = [d for d in self.devices if not isinstance(d, DeviceSpec)]
+        if bad:
+            raise ValueError(f"Cluster(devices=...): {bad[0]!r} is not a DeviceSpec; use get_preset(name)")
+        if len(self.node_of_device) != len(self.devices):
+            raise ValueError(
+                f"Cluster(node_of_device={self.node_of_device}): has {len(self.node_of_device)} entries "
+                f"for {len(self.devices)} devices; give one host index per device"
+            )
+        nodes = set(self.node_of_device)
+        if nodes != set(range(len(nodes))):
+            raise ValueError(
+                f"Cluster(node_of_device={self.node_of_device}): host indices must be 0 .. k-1 with none "
+                "skipped; renumber the hosts"
+            )
+
+    @property
+    def num_devices(self) -> int:
+        """Number of devices."""
+        return len(self.devices)
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of hosts."""
+        return len(set(self.node_of_device))
+
+    @property
+    def is_homogeneous(self) -> bool:
+        """True when every device has the same spec."""
+        return len(set(self.devices)) == 1
+
+    def link(self, i: int, j: int) -> Link:
+        """The link between devices i and j (intra-node if they share a host)."""
+        for name, k in (("i", i), ("j", j)):
+            if not 0 <= k < self.num_devices:
+                raise ValueError(f"Cluster.link({name}={k}): device index out of range 0..{self.num_devices - 1}")
+        return self.intra_node_link if self.node_of_device[i] == self.node_of_device[j] else self.inter_node_link
+
+    def link_for_group(self, device_ids: Iterable[int]) -> Link:
+        """The link a collective over `device_ids` is bound by: inter-node if they span hosts."""
+        ids = list(device_ids)
+        if not ids:
+            raise ValueError("Cluster.link_for_group(device_ids=[]): give at least one device index")
+        for k in ids:
+            self.link(k, k)  # validates the index
+        spans_hosts = len({self.node_of_device[k] for k in ids}) > 1
+        return self.inter_node_link if spans_hosts else self.intra_node_link
+
+    @classmethod
+    def from_devices(
+        cls,
+        devices: tuple[DeviceSpec, ...] | list[DeviceSpec],
+        *,
+        node_of_device: tuple[int, ...] | None = None,
+        gpus_per_node: int = 8,
+        intra_node_link: Link | None = None,
+        inter_node_link: Link | None = None,
+    ) -> Cluster:
+        """A cluster of `devices`; hosts default to `gpus_per_node` GPUs each (CPUs: one host)."""
+        devices = tuple(devices)
+        if gpus_per_node < 1:
+            raise ValueError(f"Cluster.from_devices(gpus_per_node={gpus_per_node}): must be >= 1")
+        if node_of_device is None:
+            on_one_host = all(d.device_type == "cpu" for d in devices)
+            node_of_device = tuple(0 if on_one_host else i // gpus_per_node for i in range(len(devices)))
+        intra, inter = _default_links(devices) if devices else (NVLINK4, INFINIBAND_NDR)
+        return cls(
+            devices=devices,
+            node_of_device=node_of_device,
+            intra_node_link=intra_node_link or intra,
+            inter_node_link=inter_node_link or inter,
+        )
+
+    @classmethod
+    def homogeneous(
+        cls,
+        n: int,
+        preset: str | DeviceSpec = "H100",
+        gpus_per_node: int = 8,
+        intra_node_link: Link | None = None,
+        inter_node_link: Link | None = None,
+    ) -> Cluster:
+        """`n` identical devices, `gpus_per_node` per host."""
+        if n < 1:
+            raise ValueError(f"Cluster.homogeneous(n={n}): needs at least one device")
+        spec = get_preset(preset) if isinstance(preset, str) else preset
+        return cls.from_devices(
+            (spec,) * n, gpus_per_node=gpus_per_node, intra_node_link=intra_node_link, inter_node_link=inter_node_link
+        )
+
+    @classmethod
+    def cpu(cls, n: int) -> Cluster:
+        """`n` CPU devices (processes) on this host, joined by the loopback link."""
+        if n < 1:
+            raise ValueError(f"Cluster.cpu(n={n}): needs at least one device")
+        return cls(devices=(CPU,) * n, node_of_device=(0,) * n, intra_node_link=LOOPBACK, inter_node_link=LOOPBACK)
+
+    @classmethod
+    def parse(cls, text: str, *, gpus_per_node: int = 8) -> Cluster:
+        """Parse "H100", "8xH100", "2x8xH100" (2 hosts of 8) or "2xH100+2xA100-80GB".
+
+        Terms joined by "+" are packed onto hosts of `gpus_per_node` devices in
+        order; a term "AxBxNAME" adds A whole hosts of B devices. CPU-only
+        clusters sit on one host unless a term names hosts.
+        """
+        where = f"Cluster.parse({text!r})"
+        if gpus_per_node < 1:
+            raise ValueError(f"{where}: gpus_per_node={gpus_per_node} must be >= 1")
+        hosts: list[list[DeviceSpec]] = []
+        open_host: list[DeviceSpec] | None = None
+        names = {k.lower(): k for k in PRESETS}
+        for raw in str(text).split("+"):
+            match = _TERM.match(raw.strip())
+            if match is None:
+                raise ValueError(f"{where}: cannot read term {raw.strip()!r}; write e.g. '8xH100' or '2x8xH100'")
+            first, second, name = match.groups()
+            if name.lower() not in names:
+                raise ValueError(f"{where}: unknown device {name!r}; known: {', '.join(PRESETS)}")
+            spec = PRESETS[names[name.lower()]]
+            num_hosts, count = (int(first), int(second)) if second else (None, int(first or 1))
+            if count < 1 or (num_hosts is not None and num_hosts < 1):
+                raise ValueError(f"{where}: term {raw.strip()!r} asks for zero devices; counts must be >= 1")
+            if num_hosts is not None:
+                hosts.extend([spec] * count for _ in range(num_hosts))
+                open_host = None
+                continue
+            capacity = float("inf") if spec.device_type == "cpu" else gpus_per_node
+            for _ in range(count):
+                if open_host is None or len(open_host) >= capacity:
+                    open_host = []
+                    hosts.append(open_host)
+                open_host.append(spec)
+        devices = tuple(d for host in hosts for d in host)
+        if len({d.device_type for d in devices}) > 1:
+            raise ValueError(f"{where}: mixes CPU and GPU devices; plan for one kind at a time")
+        node_of_device = tuple(h for h, host in enumerate(hosts) for _ in host)
+        return cls.from_devices(devices, node_of_device=node_of_device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; `Cluster.from_dict` inverts it."""
+        return {
+            "devices": [d.to_dict() for d in self.devices],
+            "node_of_device": list(self.node_of_device),
+            "intra_node_link": self.intra_node_link.to_dict(),
+            "inter_node_link": self.inter_node_link.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cluster:
+        """Inverse of `to_dict`."""
+        _check_keys(cls, d)
+        return cls(
+            devices=tuple(DeviceSpec.from_dict(x) for x in d["devices"]),
+            node_of_device=tuple(d["node_of_device"]),
+            intra_node_link=Link.from_dict(d["intra_node_link"]),
+            inter_node_link=Link.from_dict(d["inter_node_link"]),
+        )

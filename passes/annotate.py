@@ -1,0 +1,233 @@
+"""Annotate every node of a traced graph with its cost (`NodeCost`).
+
+An analysis pass in the manner of torch/fx/passes/fake_tensor_prop.py: a
+`torch.fx.Interpreter` runs the graph on fake tensors (no memory, no compute)
+with autograd on, and writes one meta key, ``node.meta["autopart"]``.
+
+What it measures per node, and how:
+- forward/backward FLOPs: `cost_models.op_flops` on the node's fake arguments
+  (FlopCounterMode for non-ATen nodes of a symbolic_trace graph);
+- bytes moved: tensor bytes read plus written by the forward (0 for views);
+  backward moves about twice that (reads the output gradient and the saved
+  tensors, writes input gradients) — an approximation stated here;
+- saved activations: the exact tensors autograd keeps for backward, caught with
+  `torch.autograd.graph.saved_tensors_hooks` while the node runs; each storage
+  is counted once, on the node that first saves it, parameters excluded;
+- parameter and buffer bytes on the `get_attr` nodes that read them;
+- time: `cost_models.op_seconds` (roofline) on each distinct device of the cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from autopart.cost_models import Cluster, op_flops, op_seconds
+from autopart.errors import MissingAnnotationError
+
+COST_META_KEY = "autopart"
+
+# Backward reads the output gradient and the saved inputs and writes the input
+# gradients: about twice the forward's traffic for elementwise and norm ops.
+BACKWARD_BYTES_FACTOR = 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeCost:
+    """The cost of one graph node for one call (one trace-time batch)."""
+
+    fwd_flops: int
+    """Tensor-core FLOPs of the forward (multiply-add = 2)."""
+    bwd_flops: int
+    """FLOPs of its backward."""
+    fwd_bytes: int
+    """Bytes read plus written by the forward; 0 for views."""
+    output_bytes: int
+    """Bytes of the tensors the node outputs (0 for views of an input)."""
+    saved_bytes: int
+    """Bytes of new storages autograd keeps from this node until backward."""
+    param_bytes: int
+    """Bytes of the parameter a get_attr node reads (0 elsewhere)."""
+    trainable: bool
+    """Whether that parameter requires grad (gets gradients and optimizer state)."""
+    buffer_bytes: int
+    """Bytes of the buffer or constant a get_attr node reads (0 elsewhere)."""
+    dtype: str
+    """Dtype of the node's first tensor output ('' if none)."""
+    seconds: tuple[tuple[str, float, float], ...]
+    """(device name, forward s, backward s) for each distinct device of the cluster."""
+
+    def fwd_seconds(self, device_name: str) -> float:
+        return self._times(device_name)[0]
+
+    def bwd_seconds(self, device_name: str) -> float:
+        return self._times(device_name)[1]
+
+    def _times(self, device_name: str) -> tuple[float, float]:
+        for name, fwd, bwd in self.seconds:
+            if name == device_name:
+                return fwd, bwd
+        known = [name for name, _, _ in self.seconds]
+        raise MissingAnnotationError(
+            f"no time for device {device_name!r} (annotated for {known}); "
+            "run passes.annotate(gm, cluster) with the cluster you plan for"
+        )
+
+
+def annotate(gm: torch.fx.GraphModule, cluster: Cluster) -> torch.fx.GraphModule:
+    """Write a `NodeCost` into ``node.meta["autopart"]`` of every node; return `gm`."""
+    _CostInterpreter(gm, cluster).run_on_fakes()
+    return gm
+
+
+def node_cost(node: torch.fx.Node) -> NodeCost:
+    """The `NodeCost` of `node`, or an error naming the pass to run."""
+    cost = node.meta.get(COST_META_KEY)
+    if cost is None:
+        raise MissingAnnotationError(f"no cost on node {node.name}: run passes.annotate first")
+    return cost
+
+
+class _CostInterpreter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, cluster: Cluster) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.devices = {d.name: d for d in cluster.devices}
+        self.mode = FakeTensorMode(allow_non_fake_inputs=False)
+        self.fake_attrs: dict[str, torch.Tensor] = {}
+        self.param_storages: set[int] = set()
+        self.counted_storages: set[int] = set()
+        self.current_saved: list[torch.Tensor] = []
+        # Every saved tensor stays referenced until the pass ends, so no storage
+        # is freed and its address reused under another tensor's key.
+        self.all_saved: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ driving
+
+    def run_on_fakes(self) -> None:
+        with self.mode:
+            inputs = [self._fake_placeholder(n) for n in self.graph.nodes if n.op == "placeholder"]
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        with self.mode, hooks, torch.enable_grad():
+            self.run(*inputs)
+
+    def _fake_placeholder(self, node: torch.fx.Node) -> Any:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return val
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.current_saved.append(tensor)
+        return tensor
+
+    # ------------------------------------------------------------------ nodes
+
+    def fetch_attr(self, target: str) -> Any:
+        if target not in self.fake_attrs:
+            real = super().fetch_attr(target)
+            if not isinstance(real, torch.Tensor):
+                return real
+            fake = self.mode.from_tensor(real)
+            if real.requires_grad:
+                fake = fake.detach().requires_grad_(True)
+            self.param_storages.add(_storage_key(fake))
+            self.fake_attrs[target] = fake
+        return self.fake_attrs[target]
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        self.current_saved = []
+        if node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(node)
+            fwd_flops = counter.get_total_flops()
+            flops = (fwd_flops, 2 * fwd_flops)
+        else:
+            result = super().run_node(node)
+            flops = self._op_flops(node)
+        node.meta[COST_META_KEY] = self._cost(node, result, flops)
+        return result
+
+    def _op_flops(self, node: torch.fx.Node) -> tuple[int, int]:
+        if node.op != "call_function":
+            return (0, 0)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        out = node.meta.get("val")
+        return op_flops(node.target, args, kwargs, out)
+
+    def _cost(self, node: torch.fx.Node, result: Any, flops: tuple[int, int]) -> NodeCost:
+        outputs = list(_tensors(result))
+        param_bytes = buffer_bytes = 0
+        trainable = False
+        if node.op == "get_attr" and outputs:
+            attr = super().fetch_attr(node.target)
+            if isinstance(attr, torch.nn.Parameter):
+                param_bytes, trainable = _nbytes(attr), attr.requires_grad
+            else:
+                buffer_bytes = _nbytes(attr)
+        input_storages = {
+            _storage_key(t) for t in _tensors(self.fetch_args_kwargs_from_env(node))
+        } if node.op == "call_function" else set()
+        new_outputs = [t for t in outputs if _storage_key(t) not in input_storages]
+        output_bytes = sum(_nbytes(t) for t in new_outputs) if node.op == "call_function" else 0
+        read_bytes = 0
+        if node.op == "call_function" and new_outputs:
+            read_bytes = sum(_nbytes(t) for t in _tensors(self.fetch_args_kwargs_from_env(node)))
+        fwd_bytes = read_bytes + output_bytes
+        saved_bytes = self._new_saved_bytes()
+        dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
+        seconds = tuple(
+            (
+                name,
+                op_seconds(flops[0], fwd_bytes, device, _dtype(outputs)),
+                op_seconds(flops[1], BACKWARD_BYTES_FACTOR * fwd_bytes, device, _dtype(outputs))
+                if _needs_grad(outputs) else 0.0,
+            )
+            for name, device in self.devices.items()
+        )
+        return NodeCost(
+            fwd_flops=int(flops[0]), bwd_flops=int(flops[1]) if _needs_grad(outputs) else 0,
+            fwd_bytes=int(fwd_bytes), output_bytes=int(output_bytes), saved_bytes=int(saved_bytes),
+            param_bytes=int(param_bytes), trainable=bool(trainable), buffer_bytes=int(buffer_bytes),
+            dtype=dtype, seconds=seconds,
+        )
+
+    def _new_saved_bytes(self) -> int:
+        total = 0
+        for tensor in self.current_saved:
+            key = _storage_key(tensor)
+            if key in self.param_storages or key in self.counted_storages:
+                continue
+            self.counted_storages.add(key)
+            total += tensor.untyped_storage().nbytes()
+        self.all_saved.extend(self.current_saved)
+        self.current_saved = []
+        return total
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    # The C++ StorageImpl pointer: stable for the storage's lifetime, shared by views.
+    return tensor.untyped_storage()._cdata
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _dtype(outputs: list[torch.Tensor]) -> torch.dtype:
+    return outputs[0].dtype if outputs else torch.float32
+
+
+def _needs_grad(outputs: list[torch.Tensor]) -> bool:
+    return any(t.requires_grad for t in outputs)

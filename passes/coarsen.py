@@ -1,0 +1,247 @@
+"""Group the nodes of a costed graph into blocks, the units the planner places.
+
+A block is a run of consecutive nodes (graph order, which is topological) that
+belong to the same module at the chosen depth of ``nn_module_stack``. At depth
+0 that module is the model's repeated layer (the element of a ModuleList or
+Sequential, e.g. ``model.layers.3``), so the solver's size follows the number of
+layers, not of ops; deeper levels split layers into their submodules, and the
+last level puts every op in a block of its own (for more stages than layers).
+
+Identical repeated layers get the same `Block.signature` (same ops, shapes and
+dtypes), which later passes use to share decisions between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from autopart.cost_models import Cluster
+from autopart.passes.annotate import NodeCost, node_cost
+
+_ELEMENT = re.compile(r"(^|\.)\d+$")  # "layers.3", "0": an element of a ModuleList/Sequential
+ROOT = "<root>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockTimes:
+    """Time of one block on one device: fixed launch cost plus a part linear in batch."""
+
+    device: str
+    """Device name (DeviceSpec.name)."""
+    fwd_fixed_s: float
+    """Per-op launch floors of the forward, independent of batch size (s)."""
+    fwd_scaled_s: float
+    """Forward roofline time at the traced batch size, scales linearly with batch (s)."""
+    bwd_fixed_s: float
+    """Backward launch floors (s)."""
+    bwd_scaled_s: float
+    """Backward roofline time at the traced batch size (s)."""
+
+    def fwd(self, scale: float) -> float:
+        return self.fwd_fixed_s + scale * self.fwd_scaled_s
+
+    def bwd(self, scale: float) -> float:
+        return self.bwd_fixed_s + scale * self.bwd_scaled_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class Block:
+    """A run of nodes placed together."""
+
+    name: str
+    """Module path (e.g. 'model.layers.3'); '#k' marks the k-th run of a repeated path."""
+    node_names: tuple[str, ...]
+    """call_function nodes of the block, graph order (placeholders and get_attrs excluded)."""
+    param_names: tuple[str, ...]
+    """get_attr targets the block reads (parameters and buffers)."""
+    signature: str
+    """Structural hash: equal for identical layers."""
+    fwd_flops: int
+    bwd_flops: int
+    param_bytes: int
+    """Bytes of the parameters the block reads."""
+    trainable_param_bytes: int
+    """Of which require grad (gradients and optimizer state follow them)."""
+    buffer_bytes: int
+    saved_bytes: int
+    """Activations kept for backward at the traced batch size (bytes)."""
+    times: tuple[BlockTimes, ...]
+    """One entry per distinct device of the cluster."""
+
+    def time_on(self, device: str) -> BlockTimes:
+        for entry in self.times:
+            if entry.device == device:
+                return entry
+        raise KeyError(f"block {self.name} has no time for device {device!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockValue:
+    """A tensor computed in one block and read in others."""
+
+    node_name: str
+    producer: int
+    consumers: tuple[int, ...]
+    num_bytes: int
+    """Bytes at the traced batch size."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockGraph:
+    """Blocks in topological order, and the values that flow between them."""
+
+    blocks: tuple[Block, ...]
+    values: tuple[BlockValue, ...]
+    depth: int
+    """Module depth the blocks were cut at (0: repeated layers)."""
+
+    @property
+    def edges(self) -> tuple[tuple[int, int], ...]:
+        pairs = {(v.producer, c) for v in self.values for c in v.consumers}
+        return tuple(sorted(pairs))
+
+    def block_of_node(self) -> dict[str, int]:
+        return {name: i for i, block in enumerate(self.blocks) for name in block.node_names}
+
+
+def coarsen(gm: torch.fx.GraphModule, cluster: Cluster, *, min_blocks: int = 1) -> BlockGraph:
+    """Blocks at the coarsest depth that gives at least `min_blocks` blocks.
+
+    Depth 0 groups by repeated layer; each deeper level splits by the next
+    module down; when no module is left to split by, every op is its own block.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for node in gm.graph.nodes:
+        node_cost(node) if node.op != "output" else None  # fail early if not annotated
+    max_depth = max((len(_stack(n)) for n in nodes), default=0)
+    depth = 0
+    while True:
+        runs = _runs(nodes, depth, op_level=depth > max_depth)
+        if len(runs) >= min_blocks or depth > max_depth:
+            break
+        depth += 1
+    return _block_graph(gm, runs, cluster, depth)
+
+
+def _stack(node: torch.fx.Node) -> list[str]:
+    return [path for path, _cls in (node.meta.get("nn_module_stack") or {}).values() if path]
+
+
+def _key(node: torch.fx.Node, depth: int) -> str:
+    """The module path that groups `node` at `depth` (0: its repeated layer)."""
+    stack = _stack(node)
+    if not stack:
+        return ROOT
+    layer = next((i for i, path in enumerate(stack) if _ELEMENT.search(path)), 0)
+    return stack[min(layer + depth, len(stack) - 1)]
+
+
+def _runs(nodes: list[torch.fx.Node], depth: int, op_level: bool) -> list[tuple[str, list[torch.fx.Node]]]:
+    runs: list[tuple[str, list[torch.fx.Node]]] = []
+    for node in nodes:
+        key = node.name if op_level else _key(node, depth)
+        if runs and runs[-1][0] == key:
+            runs[-1][1].append(node)
+        else:
+            runs.append((key, [node]))
+    seen: dict[str, int] = {}
+    named = []
+    for key, members in runs:
+        seen[key] = seen.get(key, 0) + 1
+        named.append((key if seen[key] == 1 else f"{key}#{seen[key]}", members))
+    return named
+
+
+def _block_graph(
+    gm: torch.fx.GraphModule, runs: list[tuple[str, list[torch.fx.Node]]], cluster: Cluster, depth: int
+) -> BlockGraph:
+    block_of: dict[torch.fx.Node, int] = {}
+    for index, (_, members) in enumerate(runs):
+        for node in members:
+            block_of[node] = index
+    # Model inputs enter the pipeline at the first block.
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            block_of[node] = 0
+
+    devices = {d.name: d for d in cluster.devices}
+    blocks = []
+    for name, members in runs:
+        attrs = _attrs_read(members)
+        costs = [node_cost(n) for n in members]
+        attr_costs = [node_cost(a) for a in attrs]
+        blocks.append(
+            Block(
+                name=name,
+                node_names=tuple(n.name for n in members),
+                param_names=tuple(dict.fromkeys(a.target for a in attrs)),
+                signature=_signature(members),
+                fwd_flops=sum(c.fwd_flops for c in costs),
+                bwd_flops=sum(c.bwd_flops for c in costs),
+                param_bytes=_unique_sum(attrs, lambda c: c.param_bytes),
+                trainable_param_bytes=_unique_sum(attrs, lambda c: c.param_bytes if c.trainable else 0),
+                buffer_bytes=_unique_sum(attrs, lambda c: c.buffer_bytes),
+                saved_bytes=sum(c.saved_bytes for c in costs) + sum(c.saved_bytes for c in attr_costs),
+                times=tuple(_times(costs, device) for device in devices.values()),
+            )
+        )
+
+    values = []
+    for node, producer in block_of.items():
+        consumers = sorted({block_of[u] for u in node.users if u in block_of and block_of[u] != producer})
+        if consumers and isinstance(node.meta.get("val"), torch.Tensor):
+            val = node.meta["val"]
+            values.append(
+                BlockValue(node_name=node.name, producer=producer, consumers=tuple(consumers),
+                           num_bytes=val.numel() * val.element_size())
+            )
+    values.sort(key=lambda v: (v.producer, v.node_name))
+    return BlockGraph(blocks=tuple(blocks), values=tuple(values), depth=depth)
+
+
+def _attrs_read(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    attrs = []
+    for node in members:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                attrs.append(arg)
+    return list(dict.fromkeys(attrs))
+
+
+def _unique_sum(attrs: list[torch.fx.Node], part) -> int:
+    by_target = {a.target: part(node_cost(a)) for a in attrs}
+    return sum(by_target.values())
+
+
+def _times(costs: list[NodeCost], device) -> BlockTimes:
+    floor = device.launch_overhead_s
+    fwd = [c.fwd_seconds(device.name) for c in costs]
+    bwd = [c.bwd_seconds(device.name) for c in costs]
+    fwd_ops = sum(1 for t in fwd if t > 0)
+    bwd_ops = sum(1 for t in bwd if t > 0)
+    return BlockTimes(
+        device=device.name,
+        fwd_fixed_s=fwd_ops * floor,
+        fwd_scaled_s=sum(fwd) - fwd_ops * floor,
+        bwd_fixed_s=bwd_ops * floor,
+        bwd_scaled_s=sum(bwd) - bwd_ops * floor,
+    )
+
+
+def _signature(members: list[torch.fx.Node]) -> str:
+    """Hash of ops, output shapes and dtypes, and parameter shapes: equal for identical layers."""
+    digest = hashlib.sha1()
+    for node in members:
+        digest.update(str(node.target).encode())
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            digest.update(f"{tuple(val.shape)}{val.dtype}".encode())
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and isinstance(arg.meta.get("val"), torch.Tensor):
+                digest.update(f"p{tuple(arg.meta['val'].shape)}".encode())
+    return digest.hexdigest()[:16]

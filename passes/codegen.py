@@ -1,0 +1,206 @@
+"""One GraphModule per rank from the split graph.
+
+Each stage submodule of `split_stages` becomes a self-contained GraphModule:
+it owns copies of its parameters and buffers (registered under their original
+names, e.g. ``model.layers.3.mlp.up_proj.weight``), takes as placeholders the
+model inputs (stage 0) or the previous stage's outputs, and returns a flat
+tuple. Its `StageInterface` (in ``gm.meta["autopart_stage"]``) says where each
+input comes from, which model outputs it returns, and which original
+parameter each of its attributes copies, so runtimes can route tensors and sum
+gradients of a parameter held by several stages.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.fx
+
+from autopart.errors import PlanError
+
+INTERFACE_META_KEY = "autopart_stage"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSource:
+    """Where one placeholder of a stage gets its value."""
+
+    kind: str
+    """'model_input' (flat model input `index`) or 'previous_stage' (output `index` of stage - 1)."""
+    index: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageInterface:
+    """How a stage module connects to its neighbours and to the model."""
+
+    stage: int
+    num_stages: int
+    inputs: tuple[InputSource, ...]
+    """One per placeholder, in order."""
+    output_names: tuple[str, ...]
+    """Graph value each returned tensor carries, in order."""
+    model_outputs: tuple[int, ...]
+    """Last stage only: for each flat model output, its index in this stage's outputs."""
+    parameters: tuple[tuple[str, str], ...]
+    """(attribute path in this module, original parameter name) for each parameter copy."""
+    buffers: tuple[tuple[str, str], ...]
+    """(attribute path, original buffer name) for each buffer copy."""
+
+
+def stage_interface(gm: torch.fx.GraphModule) -> StageInterface:
+    interface = gm.meta.get(INTERFACE_META_KEY)
+    if interface is None:
+        raise PlanError("module has no stage interface: build rank modules with passes.codegen.stage_modules")
+    return interface
+
+
+def stage_modules(
+    split: torch.fx.GraphModule, canonical_name: Mapping[str, str] | None = None
+) -> list[torch.fx.GraphModule]:
+    """Self-contained stage GraphModules, stage 0 first.
+
+    `canonical_name` maps an attribute path to the name the user's model reports
+    for that parameter (tied weights have several paths, one name).
+    """
+    canonical_name = dict(canonical_name or {})
+    top = split.graph
+    calls = [n for n in top.nodes if n.op == "call_module" and n.target.startswith("submod_")]
+    num_stages = len(calls)
+    placeholders = [n for n in top.nodes if n.op == "placeholder"]
+    produced: dict[torch.fx.Node, tuple[int, int]] = {}  # getitem node -> (stage, output index)
+    for stage, call in enumerate(calls):
+        for user in call.users:
+            if user.op == "call_function" and user.target is operator.getitem:
+                produced[user] = (stage, user.args[1])
+
+    output = next(n for n in top.nodes if n.op == "output")
+    modules = []
+    for stage, call in enumerate(calls):
+        sub: torch.fx.GraphModule = getattr(split, call.target)
+        sources, owned = _classify_inputs(split, call, stage, placeholders, produced)
+        module, params, buffers = _own_attributes(split, sub, owned, canonical_name)
+        output_names = tuple(_output_names(sub))
+        model_outputs: tuple[int, ...] = ()
+        if stage == num_stages - 1:
+            model_outputs = _model_outputs(output, produced, stage)
+        module.meta[INTERFACE_META_KEY] = StageInterface(
+            stage=stage, num_stages=num_stages, inputs=tuple(sources), output_names=output_names,
+            model_outputs=model_outputs, parameters=params, buffers=buffers,
+        )
+        modules.append(module)
+    return modules
+
+
+def _classify_inputs(split, call, stage, placeholders, produced):
+    """InputSource per data input of the stage call, and {placeholder position: attr target} for attributes."""
+    sources: list[InputSource] = []
+    owned: dict[int, str] = {}
+    for position, arg in enumerate(call.args):
+        if arg.op == "get_attr":
+            owned[position] = arg.target
+        elif arg.op == "placeholder":
+            if stage != 0 and isinstance(arg.meta.get("val"), torch.Tensor):
+                raise PlanError(f"stage {stage} reads model input {arg.name} directly; run passes.split first")
+            sources.append(InputSource(kind="model_input", index=placeholders.index(arg)))
+        elif arg in produced:
+            from_stage, index = produced[arg]
+            if from_stage != stage - 1:
+                raise PlanError(f"stage {stage} reads stage {from_stage}'s output; run passes.split first")
+            sources.append(InputSource(kind="previous_stage", index=index))
+        else:
+            raise PlanError(f"stage {stage} input {arg.name} ({arg.op}) has no known source")
+    return sources, owned
+
+
+def _own_attributes(split: torch.fx.GraphModule, sub: torch.fx.GraphModule, owned: dict[int, str],
+                    canonical_name: Mapping[str, str]):
+    """Turn attribute placeholders into get_attr of cloned tensors owned by the stage.
+
+    split_module passes tensor attributes into a submodule as inputs; a stage
+    of a pipeline must own them instead.
+    """
+    graph = sub.graph
+    root = torch.nn.Module()
+    params: list[tuple[str, str]] = []
+    buffers: list[tuple[str, str]] = []
+    sub_placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for position, placeholder in enumerate(sub_placeholders):
+        if position not in owned:
+            continue
+        target = owned[position]
+        copy = _clone(_fetch(split, target))
+        _set_nested(root, target, copy)
+        name = canonical_name.get(target, target)
+        (params if isinstance(copy, torch.nn.Parameter) else buffers).append((target, name))
+        with graph.inserting_before(placeholder), warnings.catch_warnings():
+            # The attribute lives on `root`, which becomes the graph's owner below.
+            warnings.filterwarnings("ignore", message=".*no underlying reference.*|Failed to fetch module")
+            attr = graph.get_attr(target)
+        attr.meta = dict(placeholder.meta)
+        placeholder.replace_all_uses_with(attr)
+        graph.erase_node(placeholder)
+    # attributes split_module already reads with get_attr (submodules, constants)
+    for node in graph.nodes:
+        if node.op == "get_attr" and not _has_nested(root, node.target):
+            _set_nested(root, node.target, _clone(_fetch(sub, node.target)))
+    module = torch.fx.GraphModule(root, graph, class_name=f"Stage{type(sub).__name__}")
+    module.meta.update(sub.meta)
+    return module, tuple(params), tuple(buffers)
+
+
+def _fetch(module: torch.nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _has_nested(module: torch.nn.Module, target: str) -> bool:
+    try:
+        _fetch(module, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _set_nested(root: torch.nn.Module, target: str, value) -> None:
+    *path, leaf = target.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, torch.nn.Parameter):
+        module.register_parameter(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        module.register_buffer(leaf, value)
+    else:
+        setattr(module, leaf, value)
+
+
+def _clone(value):
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def _output_names(sub: torch.fx.GraphModule) -> list[str]:
+    output = next(n for n in sub.graph.nodes if n.op == "output")
+    values = output.args[0]
+    return [v.name if isinstance(v, torch.fx.Node) else repr(v) for v in values]
+
+
+def _model_outputs(output: torch.fx.Node, produced, last: int) -> tuple[int, ...]:
+    indices = []
+    for value in output.args[0]:
+        if value not in produced or produced[value][0] != last:
+            raise PlanError(f"model output {value} does not come from the last stage; run passes.split first")
+        indices.append(produced[value][1])
+    return tuple(indices)
