@@ -16,7 +16,7 @@ import torch.fx
 
 from autopart.errors import InputError
 from autopart.passes.codegen import StageInterface, stage_interface
-from autopart.runtime.schedules import Action, build_schedule, timeline
+from autopart.schedules import Action, build_schedule, timeline
 
 
 @dataclass
