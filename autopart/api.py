@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -11,8 +12,11 @@ import torch.fx
 
 from autopart import passes
 from autopart.compiled import CompiledModel
+from autopart.cost_models import Cluster
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
+from autopart.passes.coarsen import BlockGraph
+from autopart.plan import Plan
 from autopart.planner import PlanRequest, microbatch_choices, plan_pipeline
 from autopart.runtime.local import batch_size_of, split_microbatches
 from autopart.trace import flatten_inputs, io_spec, trace
@@ -57,7 +61,7 @@ def compile(  # noqa: A001 - the public name the project promises
     log(f"planning over {len(blocks.blocks)} blocks")
     plan = plan_pipeline(blocks, cluster, request, io_spec(gm).model_class)  # ILP -> Plan
     log(f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
-    gm = _trace_microbatch(model, gm, flat, plan, cluster)                  # shapes of one microbatch
+    gm, plan = _trace_microbatch(model, gm, flat, plan, blocks, cluster)    # shapes of one microbatch
     split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
     ranks = passes.stage_modules(split, _canonical_names(model))            # one GraphModule per rank
     log("done")
@@ -81,26 +85,37 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
-def _trace_microbatch(model: torch.nn.Module, gm: torch.fx.GraphModule, flat: list[Any], plan,
-                      cluster) -> torch.fx.GraphModule:
-    """The graph at microbatch shapes (static shapes), with the same nodes as the planned one."""
+def _trace_microbatch(model: torch.nn.Module, gm: torch.fx.GraphModule, flat: list[Any], plan: Plan,
+                      blocks: BlockGraph, cluster: Cluster) -> tuple[torch.fx.GraphModule, Plan]:
+    """The graph at microbatch shapes (shapes are static), and the plan restated on its nodes.
+
+    Models may trace to slightly different ops at another batch size (a batch
+    of 1 takes other broadcasting paths), so stages carry over by block: the
+    same module runs, in the same order, on the same stage.
+    """
     if plan.num_microbatches == 1:
-        return gm
+        return gm, plan
     spec = io_spec(gm)
     micro = split_microbatches(flat, plan.batch_size, plan.num_microbatches)[0]
     args, kwargs = torch.utils._pytree.tree_unflatten(micro, spec.in_spec)
     kwargs = {k: v for k, v in kwargs.items() if k not in dict(spec.default_kwargs)}
     micro_gm = passes.annotate(trace(model, args, kwargs), cluster)
-    planned = [(n.name, str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
-    traced = [(n.name, str(n.target)) for n in micro_gm.graph.nodes if n.op == "call_function"]
+    micro_blocks = passes.coarsen(micro_gm, cluster, depth=blocks.depth)
+    planned = [b.name for b in blocks.blocks]
+    traced = [b.name for b in micro_blocks.blocks]
     if planned != traced:
         first = next((p, t) for p, t in zip(planned + [None], traced + [None]) if p != t)
         raise PlanError(
-            f"{spec.model_class} traces to a different graph at microbatch size {plan.microbatch_size} "
+            f"{spec.model_class} traces to different blocks at microbatch size {plan.microbatch_size} "
             f"than at batch size {plan.batch_size} (first difference: {first[0]} vs {first[1]}); "
-            "its control flow depends on the batch size: fix num_microbatches=1"
+            "its structure depends on the batch size: fix num_microbatches=1 or a larger batch"
         )
-    return micro_gm
+    nodes_of = {b.name: b.node_names for b in micro_blocks.blocks}
+    stages = tuple(
+        dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
+        for stage in plan.stages
+    )
+    return micro_gm, dataclasses.replace(plan, stages=stages)
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

@@ -109,8 +109,9 @@ class BlockGraph:
         return {name: i for i, block in enumerate(self.blocks) for name in block.node_names}
 
 
-def coarsen(gm: torch.fx.GraphModule, cluster: Cluster, *, min_blocks: int = 1) -> BlockGraph:
-    """Blocks at the coarsest depth that gives at least `min_blocks` blocks.
+def coarsen(gm: torch.fx.GraphModule, cluster: Cluster, *, min_blocks: int = 1,
+            depth: int | None = None) -> BlockGraph:
+    """Blocks at the coarsest depth that gives at least `min_blocks` blocks (or at `depth`).
 
     Depth 0 groups by repeated layer; each deeper level splits by the next
     module down; when no module is left to split by, every op is its own block.
@@ -119,6 +120,8 @@ def coarsen(gm: torch.fx.GraphModule, cluster: Cluster, *, min_blocks: int = 1) 
     for node in gm.graph.nodes:
         node_cost(node) if node.op != "output" else None  # fail early if not annotated
     max_depth = max((len(_stack(n)) for n in nodes), default=0)
+    if depth is not None:
+        return _block_graph(gm, _runs(nodes, depth, op_level=depth > max_depth), cluster, depth)
     depth = 0
     while True:
         runs = _runs(nodes, depth, op_level=depth > max_depth)

@@ -1,4 +1,6 @@
 import pytest
+import os, sys
+sys.path.insert(0, os.path.dirname(__file__))
 import torch
 
 
