@@ -19,7 +19,7 @@ from autopart.passes.coarsen import BlockGraph
 from autopart.plan import Plan
 from autopart.planner import PlanRequest, microbatch_choices, plan_pipeline
 from autopart.runtime.local import batch_size_of, split_microbatches
-from autopart.trace import flatten_inputs, io_spec, trace
+from autopart.trace import io_spec, trace
 
 
 def compile(  # noqa: A001 - the public name the project promises
@@ -48,20 +48,25 @@ def compile(  # noqa: A001 - the public name the project promises
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_model(model)
 
-    log("tracing")
-    gm = trace(model, example_inputs, example_kwargs)                       # TRACED: ATen graph, fake vals
-    flat = flatten_inputs(gm, example_inputs, example_kwargs)
-    request = PlanRequest(batch_size=batch_size_of(flat), num_stages=num_stages,
+    flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
+    batch_size = batch_size_of(flat_batch)
+    request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
                           num_microbatches=num_microbatches, schedule=schedule,
                           optimizer=optimizer, training=training, verbose=verbose)
-    microbatch_choices(request)                                             # validate the batch early
+    # Trace at the smallest microbatch the planner may choose (the one it usually
+    # picks); costs of other microbatch sizes scale from it.
+    traced_m = microbatch_choices(request)[-1]
+    request = dataclasses.replace(request, traced_batch_size=batch_size // traced_m)
+    log(f"tracing at microbatch size {batch_size // traced_m}")
+    gm = trace(model, *_microbatch_call(flat_batch, in_spec, batch_size, traced_m))  # TRACED: ATen graph
     log("annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
     blocks = passes.coarsen(gm, cluster, min_blocks=num_stages or 1)        # layers -> blocks
     log(f"planning over {len(blocks.blocks)} blocks")
     plan = plan_pipeline(blocks, cluster, request, io_spec(gm).model_class)  # ILP -> Plan
     log(f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
-    gm, plan = _trace_microbatch(model, gm, flat, plan, blocks, cluster)    # shapes of one microbatch
+    if plan.num_microbatches != traced_m:                                   # shapes are static: retrace
+        gm, plan = _retrace(model, flat_batch, in_spec, plan, blocks, cluster)
     split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
     ranks = passes.stage_modules(split, _canonical_names(model))            # one GraphModule per rank
     log("done")
@@ -85,37 +90,39 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
-def _trace_microbatch(model: torch.nn.Module, gm: torch.fx.GraphModule, flat: list[Any], plan: Plan,
-                      blocks: BlockGraph, cluster: Cluster) -> tuple[torch.fx.GraphModule, Plan]:
-    """The graph at microbatch shapes (shapes are static), and the plan restated on its nodes.
+def _microbatch_call(flat: list[Any], in_spec, batch_size: int, num_microbatches: int) -> tuple[tuple, dict]:
+    """(args, kwargs) of the first of `num_microbatches` microbatches."""
+    micro = split_microbatches(flat, batch_size, num_microbatches)[0]
+    args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
+    return tuple(args), dict(kwargs)
+
+
+def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, blocks: BlockGraph,
+             cluster: Cluster) -> tuple[torch.fx.GraphModule, Plan]:
+    """The graph at the chosen microbatch size, and the plan restated on its nodes.
 
     Models may trace to slightly different ops at another batch size (a batch
     of 1 takes other broadcasting paths), so stages carry over by block: the
     same module runs, in the same order, on the same stage.
     """
-    if plan.num_microbatches == 1:
-        return gm, plan
-    spec = io_spec(gm)
-    micro = split_microbatches(flat, plan.batch_size, plan.num_microbatches)[0]
-    args, kwargs = torch.utils._pytree.tree_unflatten(micro, spec.in_spec)
-    kwargs = {k: v for k, v in kwargs.items() if k not in dict(spec.default_kwargs)}
-    micro_gm = passes.annotate(trace(model, args, kwargs), cluster)
-    micro_blocks = passes.coarsen(micro_gm, cluster, depth=blocks.depth)
+    gm = passes.annotate(trace(model, *_microbatch_call(flat, in_spec, plan.batch_size, plan.num_microbatches)),
+                         cluster)
+    micro_blocks = passes.coarsen(gm, cluster, depth=blocks.depth)
     planned = [b.name for b in blocks.blocks]
     traced = [b.name for b in micro_blocks.blocks]
     if planned != traced:
         first = next((p, t) for p, t in zip(planned + [None], traced + [None]) if p != t)
         raise PlanError(
-            f"{spec.model_class} traces to different blocks at microbatch size {plan.microbatch_size} "
-            f"than at batch size {plan.batch_size} (first difference: {first[0]} vs {first[1]}); "
-            "its structure depends on the batch size: fix num_microbatches=1 or a larger batch"
+            f"{io_spec(gm).model_class} traces to different blocks at microbatch size {plan.microbatch_size} "
+            f"than at the traced size (first difference: {first[0]} vs {first[1]}); its structure "
+            f"depends on the batch size: fix num_microbatches={plan.num_microbatches} or use a larger batch"
         )
     nodes_of = {b.name: b.node_names for b in micro_blocks.blocks}
     stages = tuple(
         dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
         for stage in plan.stages
     )
-    return micro_gm, dataclasses.replace(plan, stages=stages)
+    return gm, dataclasses.replace(plan, stages=stages)
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

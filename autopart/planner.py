@@ -5,9 +5,11 @@ For each candidate (S stages, m microbatches, schedule) the block graph becomes 
 blocks. Candidates whose lower bound cannot beat the best found are pruned
 without a solve. The best candidate becomes the `Plan`.
 
-Scaling to a microbatch: FLOPs, roofline time, saved activations and boundary
-bytes are linear in the batch (1/m of the traced batch); per-op launch floors
-are not (`BlockTimes`).
+Scaling to a microbatch: the graph is traced at one microbatch size
+(`PlanRequest.traced_batch_size`); FLOPs, roofline time, saved activations and
+boundary bytes are linear in the batch, so a candidate with microbatches of b
+samples scales them by b / traced size; per-op launch floors do not scale
+(`BlockTimes`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class PlanRequest:
 
     batch_size: int
     """Samples in the example batch: one step."""
+    traced_batch_size: int
+    """Samples in the batch the costed graph was traced with (one microbatch)."""
     num_stages: int | None = None
     num_microbatches: int | None = None
     schedule: str | None = None
@@ -127,7 +131,7 @@ def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int) -> l
 def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
                   num_stages: int, num_microbatches: int, schedule: str) -> PipelineProblem:
     """The ILP instance for S stages on the first S devices, costs per microbatch."""
-    scale = 1.0 / num_microbatches
+    scale = _scale(request, num_microbatches)
     devices = cluster.devices[:num_stages]
     fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
     if request.training:
@@ -152,6 +156,11 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         num_microbatches=num_microbatches,
         schedule=schedule,
     )
+
+
+def _scale(request: PlanRequest, num_microbatches: int) -> float:
+    """Costs of one microbatch relative to the traced batch."""
+    return request.batch_size / num_microbatches / request.traced_batch_size
 
 
 def block_state_bytes(block, request: PlanRequest) -> int:
@@ -207,7 +216,7 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     capacity = cluster.devices[0].memory_bytes
     m = microbatch_choices(request)[-1]
     state = [block_state_bytes(b, request) for b in graph.blocks]
-    acts = [b.saved_bytes / m if request.training else 0.0 for b in graph.blocks]
+    acts = [b.saved_bytes * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
     for count in range(1, 8 * cluster.num_devices + 1):
         stage, used_state, used_acts = 0, 0.0, 0.0
         fits = True
@@ -232,7 +241,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
           plan_seconds: float, num_problems: int) -> Plan:
     num_stages = problem.num_stages
     m = problem.num_microbatches
-    scale = 1.0 / m
+    scale = _scale(request, m)
     stages = []
     for s in range(num_stages):
         members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]

@@ -90,9 +90,58 @@ def vit(layers: int = 2, d_model: int = 64, batch: int = 2, image: int = 32) -> 
                     main_output=lambda out: out.logits)
 
 
+class _GPTBlock(nn.Module):
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.attn_qkv = nn.Linear(d_model, 3 * d_model)
+        self.attn_proj = nn.Linear(d_model, d_model)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.mlp_fc = nn.Linear(d_model, 4 * d_model)
+        self.mlp_proj = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.attn_qkv(self.ln_1(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, s, d))
+        return x + self.mlp_proj(torch.nn.functional.gelu(self.mlp_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """A GPT decoder in plain PyTorch (nanoGPT's shape: pre-norm blocks, tied head)."""
+
+    def __init__(self, layers: int, d_model: int, heads: int, vocab: int, max_seq: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d_model)
+        self.wpe = nn.Embedding(max_seq, d_model)
+        self.blocks = nn.ModuleList(_GPTBlock(d_model, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.wte(ids) + self.wpe(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt(layers: int = 4, d_model: int = 64, heads: int = 4, vocab: int = 256, seq: int = 16,
+        batch: int = 4, device: str | torch.device | None = None) -> ZooModel:
+    """A plain-PyTorch GPT; `device="meta"` builds it without memory (for planning only)."""
+    with torch.device(device or "cpu"):
+        model = GPT(layers, d_model, heads, vocab, seq)
+        ids = torch.randint(0, vocab, (batch, seq))
+    return ZooModel(name="gpt", model=model, args=(ids,), kwargs={}, main_output=lambda out: out)
+
+
 TRANSFORMERS_FAMILIES: dict[str, Callable[[], ZooModel]] = {
     "gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "vit": vit,
 }
 ALL_FAMILIES: dict[str, Callable[[], ZooModel]] = {
-    "mlp": mlp, "transformer_encoder": transformer_encoder, **TRANSFORMERS_FAMILIES,
+    "mlp": mlp, "gpt": gpt, "transformer_encoder": transformer_encoder, **TRANSFORMERS_FAMILIES,
 }
