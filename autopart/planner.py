@@ -201,7 +201,7 @@ def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
             if fits else f"even {8 * cluster.num_devices} devices do not fit")
     return PlanError(
         f"no pipeline plan fits {cluster.num_devices} device(s). Closest attempt: {closest}\n"
-        f"  {hint}; or use fewer microbatches' activations (schedule='1f1b'), a smaller batch, "
+        f"  {hint}; or keep fewer microbatches in flight (schedule='1f1b'), a smaller batch, "
         "or a lighter optimizer (optimizer='sgd')."
     )
 

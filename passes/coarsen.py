@@ -152,12 +152,31 @@ def _runs(nodes: list[torch.fx.Node], depth: int, op_level: bool) -> list[tuple[
             runs[-1][1].append(node)
         else:
             runs.append((key, [node]))
+    if not op_level:
+        runs = _merge_glue(runs)
     seen: dict[str, int] = {}
     named = []
     for key, members in runs:
         seen[key] = seen.get(key, 0) + 1
         named.append((key if seen[key] == 1 else f"{key}#{seen[key]}", members))
     return named
+
+
+def _merge_glue(runs: list[tuple[str, list[torch.fx.Node]]]) -> list[tuple[str, list[torch.fx.Node]]]:
+    """Fold runs that read no parameter (residual adds, masks between layers) into the run before.
+
+    They are glue of the enclosing module, too small to be worth a cut of their own.
+    """
+    merged: list[tuple[str, list[torch.fx.Node]]] = []
+    for key, members in runs:
+        reads_param = any(arg.op == "get_attr" for n in members for arg in n.all_input_nodes)
+        if merged and not reads_param:
+            merged[-1][1].extend(members)
+        elif merged and merged[-1][0] == key:
+            merged[-1][1].extend(members)
+        else:
+            merged.append((key, list(members)))
+    return merged
 
 
 def _block_graph(

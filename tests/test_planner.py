@@ -1,0 +1,126 @@
+"""The planner balances stages, follows device speed, and refuses bad input clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autopart
+from autopart.cost_models import Cluster, DeviceSpec, get_preset
+
+
+class IdenticalBlocks(nn.Module):
+    """K identical, compute-heavy residual MLP blocks: any imbalance is the planner's."""
+
+    def __init__(self, num_blocks: int, width: int = 512) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+            for _ in range(num_blocks)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def _meta_model(num_blocks: int, width: int = 512) -> nn.Module:
+    with torch.device("meta"):
+        return IdenticalBlocks(num_blocks, width)
+
+
+def _blocks_per_stage(plan) -> list[int]:
+    return [len(stage.blocks) for stage in plan.stages]
+
+
+@pytest.mark.parametrize("num_blocks,num_devices", [(8, 4), (12, 3), (6, 6), (16, 8)])
+def test_identical_blocks_balance_on_identical_devices(num_blocks, num_devices):
+    x = torch.randn(64, 256, 512, device="meta")
+    compiled = autopart.compile(_meta_model(num_blocks), f"{num_devices}xH100", example_inputs=(x,),
+                                num_stages=num_devices, num_microbatches=8)
+    assert _blocks_per_stage(compiled.plan) == [num_blocks // num_devices] * num_devices
+
+
+def test_twice_as_fast_device_gets_twice_the_work():
+    h100 = get_preset("H100")
+    fast = DeviceSpec(name="H100x2", memory_bytes=h100.memory_bytes, memory_bandwidth=2 * h100.memory_bandwidth,
+                      peak_flops_by_dtype=tuple((k, 2 * v) for k, v in h100.peak_flops_by_dtype),
+                      launch_overhead_s=h100.launch_overhead_s / 2)
+    cluster = Cluster.from_devices([fast, h100])
+    x = torch.randn(64, 256, 512, device="meta")
+    compiled = autopart.compile(_meta_model(12), cluster, example_inputs=(x,), num_stages=2, num_microbatches=8)
+    assert _blocks_per_stage(compiled.plan) == [8, 4]
+    fast_stage, slow_stage = compiled.plan.stages
+    assert fast_stage.fwd_flops == pytest.approx(2 * slow_stage.fwd_flops, rel=0.01)
+    assert fast_stage.seconds == pytest.approx(slow_stage.seconds, rel=0.15)
+
+
+def test_planner_uses_fewer_stages_when_faster_and_reports_idle_devices():
+    # A tiny model on slow CPU links: cutting it only adds communication.
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    compiled = autopart.compile(model, 4, example_inputs=(torch.randn(4, 16),))
+    assert compiled.plan.num_stages == 1
+    assert compiled.plan.idle_devices == (1, 2, 3)
+    tried = {c.num_stages for c in compiled.plan.candidates}
+    assert tried >= {1, 2, 3}
+
+
+def test_more_stages_than_layers_cuts_inside_layers():
+    model = _meta_model(2, width=256)
+    x = torch.randn(8, 64, 256, device="meta")
+    compiled = autopart.compile(model, "6xH100", example_inputs=(x,), num_stages=6, num_microbatches=2)
+    assert compiled.plan.num_stages == 6
+    assert all(stage.node_names for stage in compiled.plan.stages)
+
+
+def test_batch_not_divisible_by_microbatches():
+    model = nn.Linear(4, 4)
+    with pytest.raises(autopart.InputError, match=r"num_microbatches=3 does not divide the batch of 8.*\[1, 2, 4, 8\]"):
+        autopart.compile(model, 2, example_inputs=(torch.randn(8, 4),), num_microbatches=3)
+
+
+@pytest.mark.parametrize("devices,pattern", [
+    (0, "at least one device"), (-2, "at least one device"), ([], "empty"),
+    ("8xH1000", "unknown device 'H1000'"), (None, "makes no sense"), (True, "makes no sense"),
+])
+def test_devices_that_make_no_sense(devices, pattern):
+    with pytest.raises(autopart.InputError, match=pattern):
+        autopart.compile(nn.Linear(4, 4), devices, example_inputs=(torch.randn(2, 4),))
+
+
+def test_num_stages_outside_the_cluster():
+    with pytest.raises(autopart.InputError, match="num_stages=5 must be between 1 and the 2 devices"):
+        autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), num_stages=5)
+
+
+def test_model_without_parameters_is_refused():
+    with pytest.raises(autopart.InputError, match="ReLU has no parameters"):
+        autopart.compile(nn.ReLU(), 2, example_inputs=(torch.randn(2, 4),))
+
+
+def test_plan_that_cannot_fit_names_stage_bytes_and_device_count():
+    small = DeviceSpec(name="small", memory_bytes=40 * 2**20, memory_bandwidth=1e12,
+                       peak_flops_by_dtype=(("float32", 1e14),))
+    cluster = Cluster.from_devices([small, small])
+    # 8 blocks of 2 x 512 x 2048 float32 weights = 8 MiB each, 3x with adam: far beyond 2 x 40 MiB
+    x = torch.randn(8, 16, 512, device="meta")
+    with pytest.raises(autopart.PlanError) as info:
+        autopart.compile(_meta_model(8), cluster, example_inputs=(x,))
+    message = str(info.value)
+    assert "no pipeline plan fits 2 device(s)" in message
+    assert "stage" in message and "short" in message
+    assert "smallest count of small devices that fits is" in message
+    fits = int(message.split("fits is ")[1].split(";")[0])
+    assert fits > 2
+    # and that many devices do fit
+    compiled = autopart.compile(_meta_model(8), Cluster.from_devices([small] * fits), example_inputs=(x,))
+    assert all(s.memory.total <= s.memory.capacity for s in compiled.plan.stages)
+
+
+def test_plan_json_round_trip_of_a_compiled_plan():
+    x = torch.randn(8, 16, 64, device="meta")
+    compiled = autopart.compile(_meta_model(4, width=64), "4xH100", example_inputs=(x,))
+    again = autopart.Plan.from_json(compiled.plan.to_json())
+    assert again == compiled.plan
