@@ -42,8 +42,7 @@ def compile(  # noqa: A001 - the public name the project promises
     ('gpipe' or '1f1b') fix those choices; None lets the planner choose.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     """
-    started = time.perf_counter()
-    log = _progress(verbose, started)
+    log = _Phases(verbose)
     cluster = resolve_devices(devices)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_model(model)
@@ -57,27 +56,40 @@ def compile(  # noqa: A001 - the public name the project promises
     # picks); costs of other microbatch sizes scale from it.
     traced_m = microbatch_choices(request)[-1]
     request = dataclasses.replace(request, traced_batch_size=batch_size // traced_m)
-    log(f"tracing at microbatch size {batch_size // traced_m}")
+    log("trace", f"tracing at microbatch size {batch_size // traced_m}")
     gm = trace(model, *_microbatch_call(flat_batch, in_spec, batch_size, traced_m))  # TRACED: ATen graph
-    log("annotating costs")
+    log("annotate", "annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
     blocks = passes.coarsen(gm, cluster, min_blocks=num_stages or 1)        # layers -> blocks
-    log(f"planning over {len(blocks.blocks)} blocks")
+    log("plan", f"planning over {len(blocks.blocks)} blocks")
     plan = plan_pipeline(blocks, cluster, request, io_spec(gm).model_class)  # ILP -> Plan
-    log(f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
+    log("codegen", f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
     if plan.num_microbatches != traced_m:                                   # shapes are static: retrace
+        log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
         gm, plan = _retrace(model, flat_batch, in_spec, plan, blocks, cluster)
+        log("codegen", "cutting stages")
     split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
     ranks = passes.stage_modules(split, _canonical_names(model))            # one GraphModule per rank
     log("done")
-    return CompiledModel(plan=plan, rank_modules=ranks, graph=gm, cluster=cluster)
+    return CompiledModel(plan=plan, rank_modules=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
 
 
-def _progress(verbose: bool, started: float):
-    def log(message: str) -> None:
-        if verbose:
-            print(f"[autopart {time.perf_counter() - started:6.2f}s] {message}", file=sys.stderr)
-    return log
+class _Phases:
+    """Wall time of each compile phase; printed as it goes when verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.started = self.last = time.perf_counter()
+        self.current: str | None = None
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str, message: str = "") -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.last
+        self.current, self.last = phase, now
+        if self.verbose:
+            print(f"[autopart {now - self.started:6.2f}s] {message or phase}", file=sys.stderr, flush=True)
 
 
 def _check_model(model: torch.nn.Module) -> None:

@@ -18,9 +18,12 @@ class CompiledModel:
     """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation."""
 
     def __init__(self, *, plan: Plan, rank_modules: list[torch.fx.GraphModule],
-                 graph: torch.fx.GraphModule, cluster: Cluster) -> None:
+                 graph: torch.fx.GraphModule, cluster: Cluster,
+                 phase_seconds: dict[str, float] | None = None) -> None:
         self.plan = plan
         self.cluster = cluster
+        self.phase_seconds = dict(phase_seconds or {})
+        """Wall time of each compile phase: trace, annotate, plan, retrace, codegen."""
         self._rank_modules = rank_modules
         self._graph = graph  # the traced microbatch graph, for input/output structure
         self._local = LocalPipeline(rank_modules, plan.schedule, plan.num_microbatches, plan.batch_size)
