@@ -1,0 +1,201 @@
+"""Facts the text and HTML reports share, derived from the Plan alone.
+
+Everything here reads a `Plan` and returns plain strings or numbers: which
+blocks a stage holds in short form, the schedule's text grid, why the planner
+did not pick another stage count, what the idle devices could do, and how each
+layer is split across a tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from autopart.plan import Candidate, Plan, StagePlan
+from autopart.report.units import fmt_bytes, fmt_percent, fmt_ranges, plural
+from autopart.schedules import Action, build_schedule, grid, peak_in_flight, timeline
+
+MEMORY_KINDS = ("params", "grads", "optimizer", "buffers", "activations", "boundary")
+"""StageMemory fields, in the order reports stack them."""
+
+
+def is_training(plan: Plan) -> bool:
+    """True when the plan prices a backward pass (inference plans have no bwd work)."""
+    return any(s.bwd_seconds > 0 or s.bwd_flops > 0 for s in plan.stages)
+
+
+def cluster_label(plan: Plan) -> str:
+    """'4 × H100' or '2 × H100 + 2 × A100-80GB'."""
+    names = [d["name"] for d in plan.cluster["devices"]]
+    runs: list[list] = []
+    for name in names:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return " + ".join(f"{count} × {name}" for name, count in runs)
+
+
+def model_name(plan: Plan) -> str:
+    """Class name without its module: 'GPT2LMHeadModel'."""
+    return plan.model_class.rsplit(".", 1)[-1]
+
+
+def mesh_label(plan: Plan) -> str:
+    """'pp=4 × tp=1 × dp=1 (4 of 8 devices)'."""
+    mesh = plan.mesh
+    total = len(plan.cluster["devices"])
+    return f"pp={mesh.pp} × tp={mesh.tp} × dp={mesh.dp} ({mesh.num_devices} of {plural(total, 'device')})"
+
+
+# ----------------------------------------------------------------------------- blocks
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def abbreviate_blocks(blocks: tuple[str, ...] | list[str], max_items: int = 6) -> str:
+    """Block names, first to last, with runs of numbered layers folded.
+
+    ('transformer.h.0', ..., 'transformer.h.5') -> 'transformer.h.0 … transformer.h.5 (6 blocks)'.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        return "(no blocks)"
+    items: list[str] = []
+    i = 0
+    while i < len(blocks):
+        j = i
+        match = _NUMBERED.match(blocks[i])
+        while match and j + 1 < len(blocks):
+            nxt = _NUMBERED.match(blocks[j + 1])
+            if not nxt or nxt.group(1) != match.group(1) or int(nxt.group(2)) != int(match.group(2)) + (j + 1 - i):
+                break
+            j += 1
+        items.append(f"{blocks[i]} … {blocks[j]}" if j - i >= 2 else ", ".join(blocks[i:j + 1]))
+        i = j + 1
+    if len(items) > max_items:
+        return f"{blocks[0]} … {blocks[-1]} ({plural(len(blocks), 'block')})"
+    text = ", ".join(items)
+    return text if len(blocks) <= 2 else f"{text} ({plural(len(blocks), 'block')})"
+
+
+def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
+    """How `block` on `stage` is split across its tensor-parallel group.
+
+    The Plan records no per-layer split yet, so with tp = 1 every layer is
+    'none'; when the Plan gains a per-block field, read it here and both
+    reports show it.
+    """
+    if plan.mesh.tp == 1:
+        return "none"
+    return f"tp={plan.mesh.tp} (split not recorded)"
+
+
+def tensor_parallel_summary(plan: Plan) -> str:
+    """One line for the whole plan: 'none (tp=1)' or the group size."""
+    if plan.mesh.tp == 1:
+        return "none (tp=1)"
+    return f"tp={plan.mesh.tp} per stage"
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def schedule_slots(plan: Plan) -> list[list[Action | None]]:
+    """The plan's schedule played in lock-step (one action per slot)."""
+    training = is_training(plan)
+    schedule = build_schedule(plan.schedule, plan.num_stages, plan.num_microbatches, training)
+    return timeline(schedule, plan.num_microbatches, training)
+
+
+def in_flight(plan: Plan) -> list[int]:
+    """Per stage, the most microbatches whose activations it holds at once under the schedule."""
+    training = is_training(plan)
+    return peak_in_flight(build_schedule(plan.schedule, plan.num_stages, plan.num_microbatches, training))
+
+
+def schedule_grid(plan: Plan, max_slots: int = 28, tail_slots: int = 6) -> str:
+    """The text grid of the schedule; long ones keep the first and last slots with '…' between."""
+    slots = schedule_slots(plan)
+    if len(slots) <= max_slots:
+        return grid(slots)
+    head = grid(slots[:max_slots - tail_slots]).splitlines()
+    tail = grid(slots[-tail_slots:]).splitlines()
+    hidden = len(slots) - max_slots
+    lines = [f"{h}  …  {t.split(': ', 1)[1]}" for h, t in zip(head, tail)]
+    return "\n".join(lines) + f"\n({hidden} of {len(slots)} slots not shown)"
+
+
+def bubble(num_stages: int, num_microbatches: int) -> float:
+    """(S - 1) / (m + S - 1): the share of a GPipe or 1F1B step a device idles."""
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+# ----------------------------------------------------------------------------- candidates
+
+def stage_count_notes(plan: Plan) -> list[tuple[int, str]]:
+    """Why not another stage count: (stage count, reason), one per count tried other than the chosen.
+
+    '4 stages: +12% step time (bubble 43% vs 0%)'; '2 stages: infeasible: stage 0 short by 3.1 GiB'.
+    """
+    chosen_step = plan.predicted_step_seconds
+    by_count: dict[int, list[Candidate]] = defaultdict(list)
+    for c in plan.candidates:
+        by_count[c.num_stages].append(c)
+    notes = []
+    for count in sorted(by_count):
+        if count == plan.num_stages:
+            continue
+        notes.append((count, _reason(plan, count, by_count[count], chosen_step)))
+    return notes
+
+
+def _reason(plan: Plan, count: int, tried: list[Candidate], chosen_step: float) -> str:
+    feasible = [c for c in tried if c.step_seconds is not None]
+    infeasible = [c for c in tried if c.status == "infeasible"]
+    pruned = [c for c in tried if c.status == "pruned"]
+    if feasible:
+        best = min(feasible, key=lambda c: c.step_seconds)
+        slower = best.step_seconds / chosen_step - 1 if chosen_step > 0 else 0.0
+        if count > plan.num_stages:
+            why = (f"bubble {fmt_percent(bubble(count, best.num_microbatches))} vs "
+                   f"{fmt_percent(plan.bubble_fraction)}, more boundary traffic")
+        else:
+            why = f"less parallelism; {best.detail.split(';')[0]}"
+        change = f"{slower:+.1%}" if abs(slower) < 0.1 else f"{slower:+.0%}"
+        return f"{change} step time ({why}; best at m={best.num_microbatches}, {best.schedule})"
+    if infeasible:
+        extra = f"; {len(pruned)} other choices pruned" if pruned else ""
+        return f"infeasible: {infeasible[0].detail}{extra}"
+    if pruned:
+        return f"pruned: cannot beat the chosen plan ({pruned[0].detail})"
+    return "not tried"
+
+
+def idle_notes(plan: Plan) -> list[str]:
+    """What the devices the plan leaves unused are doing, and what they could do."""
+    idle = list(plan.idle_devices)
+    if not idle:
+        return []
+    counts = {c.num_stages for c in plan.candidates}
+    pipeline = plan.num_stages * plan.mesh.tp
+    replicas = len(idle) // pipeline if pipeline else 0
+    head = f"{plural(len(idle), 'device')} ({fmt_ranges(idle)}) idle"
+    num_blocks = sum(len(s.blocks) for s in plan.stages)
+    if counts == {plan.num_stages}:
+        why = f"the stage count was fixed at {plan.num_stages}"
+    elif max(counts, default=0) >= num_blocks and plan.num_stages == num_blocks:
+        why = f"the model splits into only {plural(num_blocks, 'block')}, one per stage"
+    else:
+        why = f"a faster plan uses {plural(plan.num_stages, 'stage')}"
+    shape = f"{plan.num_stages}-stage pipeline"
+    if replicas >= 1:
+        could = f"they could hold {plural(replicas, 'more data-parallel replica')} of this {shape}"
+    else:
+        could = f"too few to hold another replica of this {shape}"
+    return [f"{head}: {why}; {could}"]
+
+
+def memory_line(stage: StagePlan) -> str:
+    """'5.40 MiB of 74.5 GiB (<0.01%)'."""
+    mem = stage.memory
+    return f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)} ({fmt_percent(mem.total / mem.capacity)})"

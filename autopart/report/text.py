@@ -1,0 +1,145 @@
+"""The partition report as plain text: what runs where, what it costs, and why."""
+
+from __future__ import annotations
+
+from autopart.plan import Plan, StagePlan
+from autopart.report.summary import (
+    MEMORY_KINDS,
+    abbreviate_blocks,
+    cluster_label,
+    idle_notes,
+    in_flight,
+    is_training,
+    memory_line,
+    mesh_label,
+    model_name,
+    schedule_grid,
+    stage_count_notes,
+    tensor_parallel_split,
+    tensor_parallel_summary,
+)
+from autopart.report.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
+
+_LABEL = 17
+"""Width of the label column of 'label: value' lines."""
+
+
+def render_text(plan: Plan) -> str:
+    """The whole report: mesh, stages, schedule, solver, candidates, and the reasons for the choice."""
+    sections = [
+        _header(plan),
+        *(_stage(plan, stage) for stage in plan.stages),
+        _schedule(plan),
+        _solver(plan),
+        _candidates(plan),
+        _why(plan),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _kv(label: str, value: str, indent: str = "") -> str:
+    head = f"{label}:" if label else ""
+    return f"{indent}{head:<{_LABEL - len(indent)}}{value}"
+
+
+def _header(plan: Plan) -> str:
+    title = f"autopart plan: {model_name(plan)} on {cluster_label(plan)}"
+    used = sorted(s.device for s in plan.stages)
+    names = sorted({s.device_name for s in plan.stages})
+    mode = f"training, optimizer {plan.optimizer}" if is_training(plan) else "inference (forward only)"
+    micro = plural(plan.num_microbatches, "microbatch")
+    return "\n".join([
+        title,
+        "=" * len(title),
+        _kv("mesh", f"{mesh_label(plan)} on {'device' if len(used) == 1 else 'devices'} {fmt_ranges(used)} ({', '.join(names)})"),
+        _kv("step time", f"{fmt_seconds(plan.predicted_step_seconds)} predicted"),
+        _kv("batch", f"{plan.batch_size} samples = {micro} of {plan.microbatch_size}"),
+        _kv("schedule", f"{plan.schedule}, bubble {fmt_percent(plan.bubble_fraction)}"),
+        _kv("mode", mode),
+        _kv("tensor parallel", tensor_parallel_summary(plan)),
+    ])
+
+
+def _stage(plan: Plan, stage: StagePlan) -> str:
+    mem = stage.memory
+    state = " + ".join(f"{kind} {fmt_bytes(getattr(mem, kind))}" for kind in MEMORY_KINDS[:4])
+    flight = (f"+ activations {fmt_bytes(mem.activations)} + boundary {fmt_bytes(mem.boundary)} "
+              f"({plural(in_flight(plan)[stage.index], 'microbatch')} in flight)")
+    last = stage.index + 1 >= plan.num_stages
+    sends = "nothing (last stage)" if last else f"{fmt_bytes(stage.send_bytes)} per microbatch to stage {stage.index + 1}"
+    lines = [
+        f"stage {stage.index} · device {stage.device} ({stage.device_name})",
+        _kv("layers", abbreviate_blocks(stage.blocks), "  "),
+        _kv("parameters", f"{fmt_count(stage.num_params)} ({fmt_bytes(mem.params)})", "  "),
+        _kv("FLOPs", f"fwd {fmt_flops(stage.fwd_flops)}, bwd {fmt_flops(stage.bwd_flops)} per microbatch", "  "),
+        _kv("time", f"fwd {fmt_seconds(stage.fwd_seconds)} + bwd {fmt_seconds(stage.bwd_seconds)} + comm "
+                    f"{fmt_seconds(stage.comm_seconds)} = {fmt_seconds(stage.seconds)} per microbatch", "  "),
+        _kv("sends", sends, "  "),
+        _kv("memory", memory_line(stage), "  "),
+        _kv("", state, "  "),
+        _kv("", flight, "  "),
+    ]
+    split = _tensor_parallel_lines(plan, stage)
+    if split:
+        lines.append(_kv("tensor parallel", split[0], "  "))
+        lines += [_kv("", line, "  ") for line in split[1:]]
+    return "\n".join(lines)
+
+
+def _tensor_parallel_lines(plan: Plan, stage: StagePlan) -> list[str]:
+    """Per-layer split of a stage, one line per distinct split; nothing while tp = 1."""
+    if plan.mesh.tp == 1:
+        return []
+    by_split: dict[str, list[str]] = {}
+    for block in stage.blocks:
+        by_split.setdefault(tensor_parallel_split(plan, stage, block), []).append(block)
+    return [f"{split}: {abbreviate_blocks(blocks)}" for split, blocks in by_split.items()]
+
+
+def _schedule(plan: Plan) -> str:
+    micro = plural(plan.num_microbatches, "microbatch")
+    head = (f"schedule: {plan.schedule}, {micro}, bubble {fmt_percent(plan.bubble_fraction)} "
+            f"((S - 1) / (m + S - 1) with S = {plan.num_stages}, m = {plan.num_microbatches})")
+    return head + "\n" + _indent(schedule_grid(plan))
+
+
+def _solver(plan: Plan) -> str:
+    info = plan.solver
+    gap = (info.objective_seconds - info.bound_seconds) / info.objective_seconds if info.objective_seconds else 0.0
+    return "\n".join([
+        "solver",
+        _kv("chosen solve", f"{info.backend} {info.status}: objective {fmt_seconds(info.objective_seconds)}, "
+                            f"bound {fmt_seconds(info.bound_seconds)} (gap {fmt_percent(max(gap, 0.0))}), "
+                            f"{fmt_seconds(info.solve_seconds)}", "  "),
+        _kv("search", f"{fmt_seconds(info.plan_seconds)} over {plural(info.num_problems, 'ILP')}, "
+                      f"{plural(len(plan.candidates), 'candidate')}", "  "),
+    ])
+
+
+def _candidates(plan: Plan) -> str:
+    rows = [("", "stages", "m", "schedule", "step", "status", "detail")]
+    for c in plan.candidates:
+        step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "-"
+        rows.append(("*" if c.status == "chosen" else "", str(c.num_stages), str(c.num_microbatches),
+                     c.schedule, step, c.status, c.detail))
+    widths = [max(len(r[k]) for r in rows) for k in range(6)]
+    lines = [f"candidates ({len(plan.candidates)} tried; * chosen)"]
+    for r in rows:
+        cells = [r[k].rjust(widths[k]) if k in (1, 2, 4) else r[k].ljust(widths[k]) for k in range(6)]
+        lines.append("  " + "  ".join(cells) + "  " + r[6])
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _why(plan: Plan) -> str:
+    notes = stage_count_notes(plan)
+    idle = idle_notes(plan)
+    if not notes and not idle:
+        return ""
+    lines = [f"why {plural(plan.num_stages, 'stage')}"]
+    lines += [f"  {plural(count, 'stage')}: {reason}" for count, reason in notes]
+    lines += [f"  {note}" for note in idle]
+    return "\n".join(lines)
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())

@@ -1,0 +1,256 @@
+"""The partition report: text and HTML of real plans, synthetic edge cases, and the Plan's JSON form."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import pytest
+
+import autopart
+from autopart import InputError, zoo
+from autopart.cost_models import Cluster
+from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
+from autopart.report.html import render_html
+from autopart.report.summary import abbreviate_blocks, schedule_grid
+from autopart.report.text import render_text
+from autopart.report.timing import makespan, simulate
+from autopart.report.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
+
+
+@pytest.fixture(scope="module")
+def gpt2_free() -> Plan:
+    """Tiny GPT-2 on 4 H100s, every choice left to the planner (it picks one stage)."""
+    example = zoo.gpt2(layers=4)
+    return autopart.compile(example.model, "4xH100", example_inputs=example.args).plan
+
+
+@pytest.fixture(scope="module")
+def gpt2_pipeline() -> Plan:
+    """The same model cut into 4 stages with 4 microbatches."""
+    example = zoo.gpt2(layers=4, batch=8)
+    return autopart.compile(example.model, "4xH100", example_inputs=example.args, num_stages=4,
+                            num_microbatches=4).plan
+
+
+@pytest.fixture(scope="module")
+def mlp_plan() -> Plan:
+    """An MLP on 2 CPU devices, 2 stages."""
+    example = zoo.mlp(depth=6, batch=16)
+    return autopart.compile(example.model, 2, example_inputs=example.args, num_stages=2).plan
+
+
+def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_stage: int = 10,
+                   schedule: str = "1f1b", training: bool = True, idle: int = 0) -> Plan:
+    """A plan built by hand: equal stages, many blocks, hostile names."""
+    cluster = Cluster.parse(f"{num_stages + idle}xH100")
+    stages = []
+    for s in range(num_stages):
+        blocks = tuple(f"model.layers.{s * blocks_per_stage + k}" for k in range(blocks_per_stage))
+        if s == 0:
+            blocks = ("<script>alert('x')</script>", *blocks)
+        stages.append(StagePlan(
+            index=s, device=s, device_name="H100", blocks=blocks, node_names=tuple(f"n{s}_{b}" for b in blocks),
+            fwd_seconds=1e-3, bwd_seconds=2e-3 if training else 0.0, comm_seconds=1e-4 if num_stages > 1 else 0.0,
+            fwd_flops=10**12, bwd_flops=2 * 10**12 if training else 0, num_params=10**8, send_bytes=2**24,
+            memory=StageMemory(params=4 * 10**8, grads=4 * 10**8, optimizer=8 * 10**8, buffers=2**20,
+                               activations=30 * 2**30, boundary=2**26, capacity=80 * 10**9)))
+    slot = 3.1e-3 if training else 1.1e-3
+    step = (num_microbatches + num_stages - 1) * slot
+    return Plan(
+        model_class="my.models.Net&Co", batch_size=num_microbatches, num_microbatches=num_microbatches,
+        schedule=schedule, optimizer="adam", mesh=Mesh(pp=num_stages), cluster=cluster.to_dict(),
+        stages=tuple(stages), predicted_step_seconds=step,
+        bubble_fraction=(num_stages - 1) / (num_microbatches + num_stages - 1),
+        idle_devices=tuple(range(num_stages, num_stages + idle)),
+        solver=SolverInfo(backend="cpsat", status="OPTIMAL", objective_seconds=step, bound_seconds=step,
+                          solve_seconds=0.01, plan_seconds=0.05, num_problems=3),
+        candidates=(
+            Candidate(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+                      step_seconds=step, status="chosen", detail="slowest stage 0 <b>"),
+            Candidate(num_stages=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
+                      step_seconds=step * 1.12, status="feasible", detail="slowest stage 3"),
+            Candidate(num_stages=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
+                      step_seconds=None, status="infeasible", detail="stage 0 short by 3.1 GiB"),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- text
+
+def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
+    text = render_text(gpt2_pipeline)
+    assert text.startswith("autopart plan: GPT2LMHeadModel on 4 × H100")
+    assert "pp=4 × tp=1 × dp=1" in text and "devices 0-3 (H100)" in text
+    for stage in gpt2_pipeline.stages:
+        assert f"stage {stage.index} · device {stage.device} (H100)" in text
+    assert "transformer.h.0" in text and "lm_head" in text
+    for label in ("layers:", "parameters:", "FLOPs:", "time:", "sends:", "memory:"):
+        assert text.count(label) >= 4, label
+    for kind in ("params", "grads", "optimizer", "buffers", "activations", "boundary"):
+        assert kind in text
+    assert re.search(r"of 74\.5 GiB \(", text)
+    assert re.search(r"fwd [\d.]+ [µm]s \+ bwd [\d.]+ [µm]s \+ comm", text)
+    assert "MFLOP" in text and "KiB" in text
+    assert "schedule: 1f1b, 4 microbatches, bubble 43%" in text or "schedule: gpipe, 4 microbatches" in text
+    assert "rank 3:" in text and "F3" in text and "B3" in text
+    assert "step time:" in text and "predicted" in text
+    solver = gpt2_pipeline.solver
+    assert f"{solver.backend} {solver.status}: objective" in text and "bound" in text and "ILP" in text
+    assert "tensor parallel: none (tp=1)" in text
+    table = text.split("candidates (")[1].split("\n\n")[0]
+    assert len(table.splitlines()) == len(gpt2_pipeline.candidates) + 2
+    assert re.search(r"^\s+\*\s+4\s+4\s", table, re.M)
+
+
+def test_text_report_explains_the_stage_count_and_idle_devices(gpt2_free: Plan) -> None:
+    text = render_text(gpt2_free)
+    why = text.split(f"why {gpt2_free.num_stages} stage")[1]
+    tried = {c.num_stages for c in gpt2_free.candidates} - {gpt2_free.num_stages}
+    assert tried, "the planner should have tried several stage counts"
+    for count in tried:
+        assert re.search(rf"^  {count} stages?: ", why, re.M)
+    if gpt2_free.idle_devices:  # the tiny model usually runs fastest on fewer devices than it has
+        assert "idle" in why and "data-parallel replica" in why
+    assert re.search(r"^  \*\s+\d", text, re.M)
+
+
+def test_text_report_of_a_cpu_mlp(mlp_plan: Plan) -> None:
+    text = render_text(mlp_plan)
+    assert "on 2 × CPU" in text
+    assert "stage 1 · device 1 (CPU)" in text
+    assert "nothing (last stage)" in text
+
+
+def test_text_report_of_a_long_schedule_is_truncated() -> None:
+    plan = synthetic_plan(num_stages=8, num_microbatches=64)
+    text = render_text(plan)
+    grid_lines = [line for line in text.splitlines() if line.strip().startswith("rank ")]
+    assert len(grid_lines) == 8
+    assert all("…" in line and len(line) < 160 for line in grid_lines)
+    assert "slots not shown" in text
+    assert "model.layers.0 … model.layers.9" in text
+    assert "7 stages: infeasible: stage 0 short by 3.1 GiB" in text
+    assert "9 stages: +12% step time (bubble" in text
+
+
+def test_short_schedule_grid_is_whole(gpt2_pipeline: Plan) -> None:
+    assert "…" not in schedule_grid(gpt2_pipeline)
+
+
+def test_inference_plan_report() -> None:
+    plan = synthetic_plan(num_stages=3, num_microbatches=4, training=False, idle=2)
+    text = render_text(plan)
+    assert "inference (forward only)" in text
+    assert "B0" not in text.split("schedule:")[1].split("solver")[0]
+    assert "2 devices (3-4) idle" in text
+    assert "<svg" in render_html(plan)
+
+
+def test_units() -> None:
+    assert fmt_bytes(0) == "0 B" and fmt_bytes(1536) == "1.50 KiB" and fmt_bytes(3 * 2**30) == "3.00 GiB"
+    assert fmt_seconds(0.000839) == "839 µs" and fmt_seconds(0.0123) == "12.3 ms" and fmt_seconds(2.5) == "2.50 s"
+    assert fmt_seconds(1e-15) == "0 s" and fmt_seconds(0.0009999) == "1.00 ms"
+    assert fmt_flops(28311552) == "28.3 MFLOP" and fmt_flops(1.2e13) == "12.0 TFLOP"
+    assert fmt_count(236928) == "237 K" and fmt_count(1.34e9) == "1.34 B" and fmt_count(12) == "12"
+    assert fmt_percent(0.4567) == "46%" and fmt_percent(1e-7) == "<0.01%" and fmt_percent(0) == "0%"
+    assert fmt_ranges([1, 2, 3, 5]) == "1-3, 5"
+
+
+def test_abbreviate_blocks() -> None:
+    six = [f"transformer.h.{i}" for i in range(6)]
+    assert abbreviate_blocks(six) == "transformer.h.0 … transformer.h.5 (6 blocks)"
+    assert abbreviate_blocks(["a", "b"]) == "a, b"
+    many = [f"x{i}.y" for i in range(20)]
+    assert abbreviate_blocks(many) == "x0.y … x19.y (20 blocks)"
+
+
+# ----------------------------------------------------------------------------- timing
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_played_step_of_equal_stages_is_the_planner_formula(schedule: str) -> None:
+    plan = synthetic_plan(num_stages=4, num_microbatches=6, schedule=schedule)
+    actions = simulate(plan)
+    assert len(actions) == 2 * 4 * 6
+    assert makespan(actions) == pytest.approx(plan.predicted_step_seconds, rel=1e-9)
+    for rank in range(4):  # a rank never runs two actions at once
+        mine = sorted((a for a in actions if a.rank == rank), key=lambda a: a.start)
+        assert all(x.end <= y.start + 1e-15 for x, y in zip(mine, mine[1:]))
+
+
+def test_played_step_respects_dependencies(gpt2_pipeline: Plan) -> None:
+    actions = {(a.kind, a.rank, a.microbatch): a for a in simulate(gpt2_pipeline)}
+    for (kind, s, i), a in actions.items():
+        if kind == "F" and s > 0:
+            assert a.start >= actions[("F", s - 1, i)].end
+        if kind == "B":
+            assert a.start >= actions[("F", s, i)].end
+            if s + 1 < gpt2_pipeline.num_stages:
+                assert a.start >= actions[("B", s + 1, i)].end
+
+
+# ----------------------------------------------------------------------------- html
+
+def _check_html(plan: Plan) -> str:
+    page = render_html(plan)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<html") == 1
+    assert page.count("<svg") >= 3
+    without_xmlns = page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http://" not in without_xmlns and "https://" not in without_xmlns
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    for stage in plan.stages:
+        assert f"stage {stage.index}" in page
+        for block in stage.blocks:
+            assert html.escape(block) in page
+    return page
+
+
+def test_html_of_real_plans(gpt2_pipeline: Plan, gpt2_free: Plan, mlp_plan: Plan) -> None:
+    for plan in (gpt2_pipeline, gpt2_free, mlp_plan):
+        page = _check_html(plan)
+        assert "F3" in page or plan.num_microbatches < 4
+        assert "tensor parallel" in page and "none (tp=1)" in page
+        assert "capacity" in page and "Candidates" in page
+
+
+def test_html_escapes_plan_strings() -> None:
+    page = _check_html(synthetic_plan(num_stages=8, num_microbatches=64))
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "Net&amp;Co" in page and "slowest stage 0 &lt;b&gt;" in page
+
+
+def test_compiled_model_writes_the_html(tmp_path, mlp_plan: Plan) -> None:
+    example = zoo.mlp()
+    compiled = autopart.compile(example.model, 2, example_inputs=example.args)
+    path = tmp_path / "report.html"
+    compiled.save_html(str(path))
+    assert "<svg" in path.read_text(encoding="utf-8")
+    assert compiled.report() == render_text(compiled.plan)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def test_json_round_trip(gpt2_pipeline: Plan, mlp_plan: Plan) -> None:
+    for plan in (gpt2_pipeline, mlp_plan, synthetic_plan()):
+        again = Plan.from_json(plan.to_json())
+        assert again == plan
+        assert render_text(again) == render_text(plan)
+
+
+def test_json_unknown_version_is_an_input_error(mlp_plan: Plan) -> None:
+    data = json.loads(mlp_plan.to_json())
+    data["version"] = 99
+    with pytest.raises(InputError, match=r"version 99 is not supported.*re-plan"):
+        Plan.from_json(json.dumps(data))
+
+
+def test_json_malformed_is_an_input_error(mlp_plan: Plan) -> None:
+    with pytest.raises(InputError, match="not JSON"):
+        Plan.from_json("{not json")
+    with pytest.raises(InputError, match="expected a JSON object"):
+        Plan.from_json("[1, 2]")
+    data = json.loads(mlp_plan.to_json())
+    del data["stages"][0]["memory"]
+    with pytest.raises(InputError, match=r"malformed plan.*memory"):
+        Plan.from_json(json.dumps(data))
