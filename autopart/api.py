@@ -12,7 +12,7 @@ import torch.fx
 
 from autopart import passes
 from autopart.compiled import CompiledModel
-from autopart.cost_models import Cluster
+from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.coarsen import BlockGraph
@@ -46,6 +46,7 @@ def compile(  # noqa: A001 - the public name the project promises
     cluster = resolve_devices(devices)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_model(model)
+    _check_optimizer(optimizer)
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
@@ -100,6 +101,13 @@ def _check_model(model: torch.nn.Module) -> None:
             f"{type(model).__name__} has no parameters: there is nothing to partition; "
             "run it on one device as it is"
         )
+
+
+def _check_optimizer(optimizer: str) -> None:
+    try:
+        optimizer_state_bytes(0, optimizer)
+    except ValueError as error:
+        raise InputError(f"optimizer={optimizer!r}: {error}") from error
 
 
 def _microbatch_call(flat: list[Any], in_spec, batch_size: int, num_microbatches: int) -> tuple[tuple, dict]:

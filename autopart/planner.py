@@ -190,7 +190,7 @@ def _binding(problem: PipelineProblem, solution: PipelineSolution) -> str:
     fullest = int(np.argmax(np.array(solution.stage_memory_bytes) / problem.memory_capacity))
     used = solution.stage_memory_bytes[fullest] / problem.memory_capacity[fullest]
     return (f"slowest stage {slowest} ({solution.stage_seconds[slowest] * 1e3:.3f} ms/microbatch); "
-            f"fullest stage {fullest} at {used:.0%} of memory")
+            f"fullest stage {fullest} at {used:.1%} of memory")
 
 
 def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,

@@ -124,3 +124,8 @@ def test_plan_json_round_trip_of_a_compiled_plan():
     compiled = autopart.compile(_meta_model(4, width=64), "4xH100", example_inputs=(x,))
     again = autopart.Plan.from_json(compiled.plan.to_json())
     assert again == compiled.plan
+
+
+def test_unknown_optimizer_is_refused_at_the_boundary():
+    with pytest.raises(autopart.InputError, match="optimizer='lion'.*adam"):
+        autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), optimizer="lion")
