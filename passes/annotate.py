@@ -49,7 +49,7 @@ class NodeCost:
     fwd_bytes: int
     """Bytes read plus written by the forward; 0 for views."""
     output_bytes: int
-    """Bytes of the tensors the node outputs (0 for views of an input)."""
+    """Bytes of the new storages the node outputs (0 for views of an input and in-place results)."""
     saved_bytes: int
     """Bytes of new storages autograd keeps from this node until backward."""
     param_bytes: int
@@ -175,10 +175,13 @@ class _CostInterpreter(torch.fx.Interpreter):
         } if node.op == "call_function" else set()
         new_outputs = [t for t in outputs if _storage_key(t) not in input_storages]
         output_bytes = sum(_nbytes(t) for t in new_outputs) if node.op == "call_function" else 0
+        # An in-place op (relu_, add_) writes its result into an input's
+        # storage: no new memory, but real traffic, unlike a view.
+        written = [t for t in outputs if _storage_key(t) in input_storages] if _mutates(node.target) else []
         read_bytes = 0
-        if node.op == "call_function" and new_outputs:
+        if node.op == "call_function" and (new_outputs or written):
             read_bytes = sum(_nbytes(t) for t in _tensors(self.fetch_args_kwargs_from_env(node)))
-        fwd_bytes = read_bytes + output_bytes
+        fwd_bytes = read_bytes + output_bytes + sum(_nbytes(t) for t in written)
         saved_bytes = self._new_saved_bytes()
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
         seconds = tuple(
@@ -208,6 +211,12 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.all_saved.extend(self.current_saved)
         self.current_saved = []
         return total
+
+
+def _mutates(target: Any) -> bool:
+    """Whether the op writes into one of its arguments (its schema marks it `Tensor(a!)`)."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

@@ -1,0 +1,229 @@
+"""Peak training memory: the estimate from `passes.annotate` against a measurement on the CPU.
+
+One training step = forward, then backward from the output's gradient, the
+gradients left in `.grad` (no optimizer step). Both sides count parameters,
+buffers, the example inputs, every storage the step allocates, and the
+gradients.
+
+Measured: `TrackingMode`, a TorchDispatchMode that records the storage of
+every op output (keyed by its StorageImpl, `untyped_storage()._cdata`) with
+its bytes, drops it when the storage dies (`weakref.finalize` on the storage:
+torch keeps one Python object per live StorageImpl), and keeps the live total
+and its peak. Parameters, buffers and inputs are live from the start;
+gradients appear during backward. Scratch memory inside a kernel (never an op
+output) is not seen, and the estimate does not price it either. Two runs per
+model: the traced GraphModule (the program autopart executes) and the
+original nn.Module.
+
+Estimated (`estimate_training_peak`): a replay over the annotated graph of
+what autograd holds, from the NodeCost fields and the graph's edges:
+  forward end:   params + buffers + Σ saved_bytes + outputs;
+  backward of node n (graph order reversed, as autograd runs it):
+                 params + buffers + outputs
+               + gradients of the parameters already reached (tied: once)
+               + saved_bytes of the nodes at or before n (a node's saved tensors
+                 die after its backward; a storage is counted on its first
+                 saver, the last backward to need it)
+               + activation gradients in flight: a value's gradient lives from
+                 the backward of its last differentiable reader until its
+                 producer's backward, with the producer's output_bytes; a plain
+                 view's readers count as its base's; select/slice-like views
+                 have gradients of their own and hand their base a base-sized
+                 one (select_backward: zeros + copy), two such summed out of place;
+                 the outputs' gradients come from the loss.
+The peak is the largest of those. The loss is outside the graph: backward
+starts from an output gradient of ones, made inside autograd so it dies like
+a loss's would; a real loss adds its own temporaries. Not modelled: the
+temporaries inside one op's backward formula (pow's grad·2·x¹ makes two); a
+graph input counts only where autograd saves it (then it is in saved_bytes),
+so an unsaved one is missed (nn.TransformerEncoder's x, which attention
+transposes and copies first: the fwd-end column's 2.5%); an output that
+autograd also saves is counted twice (the zoo's are logits, never saved).
+
+`sum_bound` is the coarser params + grads + Σ saved + outputs (each term at
+its largest at once), which is how the planner adds memory per microbatch; the
+table shows how far it is from the peak of one step.
+
+    python benchmarks/memory_estimate.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import autopart
+from autopart import zoo
+from autopart.cost_models import Cluster
+from autopart.passes import annotate
+from autopart.passes.memory import Estimate, estimate_training_peak
+from autopart.trace import flatten_inputs, io_spec
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class TrackingMode(TorchDispatchMode):
+    """Live bytes of every storage created by an op (plus those registered by `track`), and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.total = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata  # the StorageImpl: shared by views, stable while alive
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.total += storage.nbytes()
+        self.peak = max(self.peak, self.total)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.total -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """Bytes live during one measured training step."""
+
+    start: int
+    """Parameters, buffers and inputs before the step."""
+    forward_end: int
+    """Live after the forward (the output still held)."""
+    peak: int
+    """Most live at once during forward and backward."""
+
+
+class _OutputGradient(torch.autograd.Function):
+    """A stand-in loss: a scalar whose backward hands the output a gradient of ones.
+
+    The gradient is made inside backward, so nothing outside autograd holds it
+    and it dies once the output's producer has used it, as a loss's would.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        ctx.shape = out.shape
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.new_ones(ctx.shape)
+
+
+def measure_training_peak(
+    module: torch.nn.Module, args: tuple, kwargs: dict, main_output: Callable[[Any], torch.Tensor],
+) -> Measured:
+    """Run forward and backward under `TrackingMode`; gradients start as None.
+
+    Backward starts from an output gradient of ones (`_OutputGradient`: what a
+    loss hands back, a tensor of the output's size). A real loss adds its own
+    temporaries on top (mean(out²) four output-sized ones, cross-entropy its
+    softmax); they are outside the traced graph and outside the estimate.
+    """
+    module.zero_grad(set_to_none=True)
+    gc.collect()
+    mode = TrackingMode()
+    for tensor in [*module.parameters(), *module.buffers(), *pytree.tree_leaves((args, kwargs))]:
+        if isinstance(tensor, torch.Tensor):
+            mode.track(tensor)
+    start = mode.total
+    with mode, torch.enable_grad():
+        out = main_output(module(*args, **kwargs))
+        forward_end = mode.total
+        _OutputGradient.apply(out).backward()
+        del out
+    module.zero_grad(set_to_none=True)
+    return Measured(start=start, forward_end=forward_end, peak=mode.peak)
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    name: str
+    estimate: Estimate
+    graph: Measured
+    """The traced GraphModule run eagerly: the program autopart executes."""
+    eager: Measured
+    """The original nn.Module run eagerly."""
+
+
+def compare(name: str, z: zoo.ZooModel) -> Row:
+    """Trace and annotate `z`, estimate its peak, and measure the graph and the model."""
+    gm = autopart.trace(z.model, z.args, z.kwargs)
+    annotate(gm, Cluster.cpu(1))
+    estimate = estimate_training_peak(gm)
+    # The same keywords as the trace (it adds use_cache=False: a KV cache would
+    # hold every layer's keys and values, which training does not).
+    kwargs = {**dict(io_spec(gm).default_kwargs), **z.kwargs}
+    flat = tuple(flatten_inputs(gm, z.args, kwargs))
+    z.model.train()
+    graph = measure_training_peak(gm, flat, {}, lambda out: out[0])
+    eager = measure_training_peak(z.model, z.args, kwargs, z.main_output)
+    return Row(name=name, estimate=estimate, graph=graph, eager=eager)
+
+
+CASES: dict[str, Callable[[], zoo.ZooModel]] = {
+    # 1024 tokens per step (the zoo's GPT-2 and Llama have 64 positions).
+    "gpt2 4L d256 b16 s64": lambda: zoo.gpt2(layers=4, d_model=256, batch=16, seq=64),
+    "llama 4L d256 b16 s64": lambda: zoo.llama(layers=4, d_model=256, batch=16, seq=64),
+    "mlp w1024 d4 b256 (params > acts)": lambda: zoo.mlp(width=1024, depth=4, batch=256),
+    "mlp w256 d4 b4096 (acts > params)": lambda: zoo.mlp(width=256, depth=4, batch=4096),
+    "bert 4L d256 b16 s64": lambda: zoo.bert(layers=4, d_model=256, batch=16, seq=64),
+    "transformer_encoder d256 b16 s64": lambda: zoo.transformer_encoder(d_model=256, layers=4, batch=16, seq=64),
+}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:9.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    header = (f"{'model':36s} {'est MiB':>9s} {'graph MiB':>9s} {'ratio':>6s} {'eager MiB':>9s} {'ratio':>6s}"
+              f" {'sum-bound':>9s} {'ratio':>6s} {'fwd-end':>7s}  peak at")
+    print(header)
+    print("-" * len(header))
+    for name, make in CASES.items():
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        row = compare(name, make())
+        e = row.estimate
+        print(f"{name:36s} {_mib(e.peak)} {_mib(row.graph.peak)} {e.peak / row.graph.peak:6.3f}"
+              f" {_mib(row.eager.peak)} {e.peak / row.eager.peak:6.3f}"
+              f" {_mib(e.sum_bound)} {e.sum_bound / row.graph.peak:6.3f}"
+              f" {e.forward_end / row.graph.forward_end:7.4f}  {e.peak_at}"
+              f"  ({time.perf_counter() - started:.1f} s)")
+    print("\nratio = estimate / measured peak; graph = the traced GraphModule, eager = the nn.Module;"
+          "\nsum-bound = params + grads + saved + outputs (every term at its maximum at once);"
+          "\nfwd-end = estimated / measured live bytes when the traced graph's forward ends.")
+
+
+if __name__ == "__main__":
+    main()
