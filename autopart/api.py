@@ -17,7 +17,7 @@ from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.coarsen import BlockGraph
 from autopart.plan import Plan
-from autopart.planner import PlanRequest, microbatch_choices, plan_pipeline
+from autopart.planner import PlanRequest, plan_pipeline, smallest_microbatch
 from autopart.runtime.local import batch_size_of, split_microbatches
 from autopart.trace import io_spec, trace
 
@@ -30,6 +30,7 @@ def compile(  # noqa: A001 - the public name the project promises
     *,
     num_stages: int | None = None,
     num_microbatches: int | None = None,
+    data_parallel: int | None = None,
     schedule: str | None = None,
     optimizer: str = "adam",
     training: bool = True,
@@ -38,8 +39,9 @@ def compile(  # noqa: A001 - the public name the project promises
     """Partition `model` across `devices` and return the plan with one module per rank.
 
     `example_inputs` is one whole batch (dim 0 of each batched tensor); the plan
-    splits it into microbatches. `num_stages`, `num_microbatches` and `schedule`
-    ('gpipe' or '1f1b') fix those choices; None lets the planner choose.
+    splits it among `data_parallel` replicas of the pipeline and each share into
+    microbatches. `num_stages`, `num_microbatches` (per replica), `data_parallel`
+    and `schedule` ('gpipe' or '1f1b') fix those choices; None lets the planner choose.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     """
     log = _Phases(verbose)
@@ -51,21 +53,21 @@ def compile(  # noqa: A001 - the public name the project promises
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
     request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
-                          num_microbatches=num_microbatches, schedule=schedule,
+                          num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
                           optimizer=optimizer, training=training, verbose=verbose)
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
-    traced_m = microbatch_choices(request)[-1]
-    request = dataclasses.replace(request, traced_batch_size=batch_size // traced_m)
-    log("trace", f"tracing at microbatch size {batch_size // traced_m}")
-    gm = trace(model, *_microbatch_call(flat_batch, in_spec, batch_size, traced_m))  # TRACED: ATen graph
+    traced_size = smallest_microbatch(request, cluster)
+    request = dataclasses.replace(request, traced_batch_size=traced_size)
+    log("trace", f"tracing at microbatch size {traced_size}")
+    gm = trace(model, *_first_rows(flat_batch, in_spec, batch_size, traced_size))  # TRACED: ATen graph
     log("annotate", "annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
     blocks = passes.coarsen(gm, cluster, min_blocks=num_stages or 1)        # layers -> blocks
     log("plan", f"planning over {len(blocks.blocks)} blocks")
     plan = plan_pipeline(blocks, cluster, request, io_spec(gm).model_class)  # ILP -> Plan
     log("codegen", f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
-    if plan.num_microbatches != traced_m:                                   # shapes are static: retrace
+    if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
         log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
         gm, plan = _retrace(model, flat_batch, in_spec, plan, blocks, cluster)
         log("codegen", "cutting stages")
@@ -110,9 +112,9 @@ def _check_optimizer(optimizer: str) -> None:
         raise InputError(f"optimizer={optimizer!r}: {error}") from error
 
 
-def _microbatch_call(flat: list[Any], in_spec, batch_size: int, num_microbatches: int) -> tuple[tuple, dict]:
-    """(args, kwargs) of the first of `num_microbatches` microbatches."""
-    micro = split_microbatches(flat, batch_size, num_microbatches)[0]
+def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
+    """(args, kwargs) of the first `size` samples of the batch."""
+    micro = split_microbatches(flat, batch_size, batch_size // size)[0]
     args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
     return tuple(args), dict(kwargs)
 
@@ -125,8 +127,7 @@ def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, block
     of 1 takes other broadcasting paths), so stages carry over by block: the
     same module runs, in the same order, on the same stage.
     """
-    gm = passes.annotate(trace(model, *_microbatch_call(flat, in_spec, plan.batch_size, plan.num_microbatches)),
-                         cluster)
+    gm = passes.annotate(trace(model, *_first_rows(flat, in_spec, plan.batch_size, plan.microbatch_size)), cluster)
     micro_blocks = passes.coarsen(gm, cluster, depth=blocks.depth)
     planned = [b.name for b in blocks.blocks]
     traced = [b.name for b in micro_blocks.blocks]

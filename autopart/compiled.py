@@ -26,7 +26,10 @@ class CompiledModel:
         """Wall time of each compile phase: trace, annotate, plan, retrace, codegen."""
         self._rank_modules = rank_modules
         self._graph = graph  # the traced microbatch graph, for input/output structure
-        self._local = LocalPipeline(rank_modules, plan.schedule, plan.num_microbatches, plan.batch_size)
+        # Data-parallel replicas average their gradients: in one process that is
+        # the same as one pipeline over all dp × m microbatches of the batch.
+        self._local = LocalPipeline(rank_modules, plan.schedule, plan.num_microbatches * plan.mesh.dp,
+                                    plan.batch_size)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -57,6 +60,16 @@ class CompiledModel:
         with open(path, "w", encoding="utf-8") as f:
             f.write(render_html(self.plan))
 
+    def distributed(self, **kwargs: Any):
+        """This process's runner under torchrun (see `autopart.runtime.distributed.DistributedRunner`).
+
+        Keywords: timeout_s (collective timeout, default 300), device, state_dict
+        (a full state dict to load), init_fn(name, tensor) (fills meta-device tensors).
+        """
+        from autopart.runtime.distributed import DistributedRunner
+
+        return DistributedRunner(self, **kwargs)
+
     # ------------------------------------------------------------------ simulation
 
     def simulate(self, *args: Any, **kwargs: Any) -> Any:
@@ -74,7 +87,7 @@ class CompiledModel:
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
         flat = flatten_inputs(self._graph, args, kwargs)
-        targets = _split_target(target, self.plan.batch_size, self.plan.num_microbatches)
+        targets = _split_target(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 
         def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
             return loss_fn(unflatten_output(self._graph, flat_outputs), micro_target)

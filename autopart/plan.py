@@ -17,7 +17,7 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
  "idle_devices": [int],
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
             "plan_seconds", "num_problems"},
- "candidates": [{"num_stages", "num_microbatches", "schedule", "step_seconds" | null,
+ "candidates": [{"data_parallel", "num_stages", "num_microbatches", "schedule", "step_seconds" | null,
                  "status", "detail"}]}
 ```
 """
@@ -133,6 +133,8 @@ class SolverInfo:
 class Candidate:
     """One configuration the planner tried."""
 
+    data_parallel: int
+    """Replicas of the pipeline."""
     num_stages: int
     num_microbatches: int
     schedule: str
@@ -152,6 +154,7 @@ class Plan:
     batch_size: int
     """Samples per step (the example batch)."""
     num_microbatches: int
+    """Microbatches per step of each pipeline (each data-parallel replica)."""
     schedule: str
     optimizer: str
     mesh: Mesh
@@ -173,7 +176,8 @@ class Plan:
 
     @property
     def microbatch_size(self) -> int:
-        return self.batch_size // self.num_microbatches
+        """Samples per microbatch: the batch over dp replicas and m microbatches each."""
+        return self.batch_size // (self.mesh.dp * self.num_microbatches)
 
     def stage_of_node(self) -> dict[str, int]:
         return {name: stage.index for stage in self.stages for name in stage.node_names}

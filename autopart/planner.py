@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopart.cost_models import Cluster, gradient_bytes, optimizer_state_bytes
+from autopart.cost_models import Cluster, all_reduce_seconds, gradient_bytes, optimizer_state_bytes
 from autopart.errors import InputError, PlanError
 from autopart.passes.coarsen import BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
@@ -38,6 +38,9 @@ class PlanRequest:
     """Samples in the batch the costed graph was traced with (one microbatch)."""
     num_stages: int | None = None
     num_microbatches: int | None = None
+    """Microbatches per pipeline (per data-parallel replica)."""
+    data_parallel: int | None = None
+    """Replicas of the pipeline; None lets the planner choose."""
     schedule: str | None = None
     optimizer: str = "adam"
     training: bool = True
@@ -48,77 +51,130 @@ class PlanRequest:
     """Print a line per candidate while searching."""
 
 
-def microbatch_choices(request: PlanRequest) -> list[int]:
-    batch = request.batch_size
+def microbatch_choices(request: PlanRequest, data_parallel: int = 1) -> list[int]:
+    """Microbatch counts that divide one replica's share of the batch."""
+    batch = request.batch_size // data_parallel
     if request.num_microbatches is not None:
         m = request.num_microbatches
         if m < 1 or batch % m:
+            share = (f"the batch of {batch} samples" if data_parallel == 1
+                     else f"the {batch} samples of each of {data_parallel} replicas")
             raise InputError(
-                f"num_microbatches={m} does not divide the batch of {batch} samples; "
+                f"num_microbatches={m} does not divide {share}; "
                 f"choose one of {[d for d in range(1, batch + 1) if batch % d == 0]}"
             )
         return [m]
     return [d for d in range(1, min(batch, request.max_microbatches) + 1) if batch % d == 0]
 
 
+def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
+    """Replica counts that divide both the device count and the batch."""
+    n, batch = cluster.num_devices, request.batch_size
+    if request.num_stages is not None and not 1 <= request.num_stages <= n:
+        raise InputError(f"num_stages={request.num_stages} must be between 1 and the {n} devices of the cluster")
+    if request.data_parallel is not None:
+        dp = request.data_parallel
+        if dp < 1 or n % dp or batch % dp:
+            raise InputError(
+                f"data_parallel={dp} must divide both the {n} devices and the batch of {batch} samples; "
+                f"choose one of {[d for d in range(1, n + 1) if n % d == 0 and batch % d == 0]}"
+            )
+        return [dp]
+    fixed_stages = request.num_stages or 1
+    choices = [d for d in range(1, n + 1) if n % d == 0 and batch % d == 0 and d * fixed_stages <= n]
+    if request.num_microbatches is not None:
+        choices = [d for d in choices if (batch // d) % max(request.num_microbatches, 1) == 0]
+        if not choices:
+            microbatch_choices(request, 1)  # raises the error that names the batch and the divisors
+    return choices
+
+
+def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
+    """Samples in the smallest microbatch any candidate uses: the size to trace at."""
+    return min(request.batch_size // dp // microbatch_choices(request, dp)[-1]
+               for dp in data_parallel_choices(request, cluster))
+
+
 def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str) -> Plan:
-    """The fastest feasible pipeline plan for `graph` on `cluster`."""
+    """The fastest feasible dp × pp plan for `graph` on `cluster`."""
     started = time.perf_counter()
     if request.schedule is not None and request.schedule not in SCHEDULES:
         raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
-    num_blocks = len(graph.blocks)
-    stage_counts = _stage_choices(request, cluster, num_blocks)
     schedules = [request.schedule] if request.schedule else ["1f1b", "gpipe"]
-    best: tuple[PipelineSolution, PipelineProblem] | None = None
+    best: tuple[float, PipelineSolution, PipelineProblem, int] | None = None
     candidates: list[Candidate] = []
     failures: list[tuple[float, str]] = []
     num_problems = 0
-    for num_stages in stage_counts:
-        for m in microbatch_choices(request):
-            for schedule in schedules:
-                problem = build_problem(graph, cluster, request, num_stages, m, schedule)
-                bound = lower_bound(problem)
-                if best is not None and bound >= best[0].step_seconds:
-                    candidates.append(Candidate(num_stages=num_stages, num_microbatches=m, schedule=schedule,
-                                                step_seconds=None, status="pruned",
-                                                detail=f"lower bound {bound:.3g} s >= best {best[0].step_seconds:.3g} s"))
-                    continue
-                num_problems += 1
-                try:
-                    solution = solve_pipeline(problem)
-                except PlanError as error:
-                    short = _shortfall(problem)
-                    failures.append((short, str(error)))
-                    candidates.append(Candidate(num_stages=num_stages, num_microbatches=m, schedule=schedule,
-                                                step_seconds=None, status="infeasible", detail=str(error).splitlines()[0]))
-                    continue
-                detail = _binding(problem, solution)
-                candidates.append(Candidate(num_stages=num_stages, num_microbatches=m, schedule=schedule,
-                                            step_seconds=solution.step_seconds, status="feasible", detail=detail))
-                if request.verbose:
-                    print(f"  S={num_stages} m={m} {schedule}: {solution.step_seconds * 1e3:.3f} ms ({detail})",
-                          file=sys.stderr)
-                if best is None or solution.step_seconds < best[0].step_seconds * (1 - 1e-9):
-                    best = (solution, problem)
+    for dp in data_parallel_choices(request, cluster):
+        for num_stages in _stage_choices(request, cluster, len(graph.blocks), dp):
+            for m in microbatch_choices(request, dp):
+                for schedule in schedules:
+                    tried = dict(data_parallel=dp, num_stages=num_stages, num_microbatches=m, schedule=schedule)
+                    problem = build_problem(graph, cluster, request, num_stages, m, schedule, dp)
+                    bound = lower_bound(problem)
+                    if best is not None and bound >= best[0]:
+                        candidates.append(Candidate(**tried, step_seconds=None, status="pruned",
+                                                    detail=f"lower bound {bound:.3g} s >= best {best[0]:.3g} s"))
+                        continue
+                    num_problems += 1
+                    try:
+                        solution = solve_pipeline(problem)
+                    except PlanError as error:
+                        failures.append((_shortfall(problem), str(error)))
+                        candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",
+                                                    detail=str(error).splitlines()[0]))
+                        continue
+                    step = solution.step_seconds + _gradient_sync_seconds(graph, cluster, request, problem,
+                                                                          solution, dp)
+                    detail = _binding(problem, solution)
+                    candidates.append(Candidate(**tried, step_seconds=step, status="feasible", detail=detail))
+                    if request.verbose:
+                        print(f"  dp={dp} pp={num_stages} m={m} {schedule}: {step * 1e3:.3f} ms ({detail})",
+                              file=sys.stderr)
+                    if best is None or step < best[0] * (1 - 1e-9):
+                        best = (step, solution, problem, dp)
     if best is None:
         raise _infeasible_error(graph, cluster, request, failures)
-    solution, problem = best
-    chosen = (problem.num_stages, problem.num_microbatches, problem.schedule)
+    step, solution, problem, dp = best
+    chosen = (dp, problem.num_stages, problem.num_microbatches, problem.schedule)
     candidates = [
         Candidate(**{**c.__dict__, "status": "chosen"})
-        if (c.num_stages, c.num_microbatches, c.schedule) == chosen and c.status == "feasible" else c
+        if (c.data_parallel, c.num_stages, c.num_microbatches, c.schedule) == chosen and c.status == "feasible"
+        else c
         for c in candidates
     ]
     return _plan(graph, cluster, request, model_class, problem, solution, candidates,
-                 time.perf_counter() - started, num_problems)
+                 time.perf_counter() - started, num_problems, dp, step)
 
 
-def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int) -> list[int]:
-    n = cluster.num_devices
+def _gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
+                           problem: PipelineProblem, solution: PipelineSolution, dp: int) -> float:
+    """Exposed time of the data-parallel gradient all-reduce, the slowest stage's.
+
+    DDP all-reduces in buckets during the last microbatch's backward
+    (PipelineStage skips the sync on the others), so only the part longer
+    than that backward shows: max(0, all-reduce − backward of one microbatch).
+    Ring all-reduce time from cost_models.comm (Thakur et al. 2005).
+    """
+    if dp == 1 or not request.training:
+        return 0.0
+    exposed = 0.0
+    for s in range(problem.num_stages):
+        members = [b for b, stage in enumerate(solution.stage_of_block) if stage == s]
+        grad_bytes = sum(graph.blocks[b].trainable_param_bytes for b in members)
+        replicas = [d * problem.num_stages + s for d in range(dp)]
+        sync = all_reduce_seconds(grad_bytes, dp, cluster.link_for_group(replicas))
+        exposed = max(exposed, sync - float(problem.bwd_seconds[members, s].sum()))
+    return max(0.0, exposed)
+
+
+def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:
+    n = cluster.num_devices // dp
     if request.num_stages is not None:
         s = request.num_stages
         if s < 1 or s > n:
-            raise InputError(f"num_stages={s} must be between 1 and the {n} devices of the cluster")
+            raise InputError(f"num_stages={s} must be between 1 and the {n} devices of each of {dp} "
+                             f"replica(s) ({cluster.num_devices} devices)")
         if s > num_blocks:
             raise PlanError(
                 f"num_stages={s} but the model splits into only {num_blocks} blocks even one op per "
@@ -129,9 +185,9 @@ def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int) -> l
 
 
 def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
-                  num_stages: int, num_microbatches: int, schedule: str) -> PipelineProblem:
-    """The ILP instance for S stages on the first S devices, costs per microbatch."""
-    scale = _scale(request, num_microbatches)
+                  num_stages: int, num_microbatches: int, schedule: str, dp: int = 1) -> PipelineProblem:
+    """The ILP instance for S stages on the first replica's S devices, costs per microbatch."""
+    scale = _scale(request, num_microbatches, dp)
     devices = cluster.devices[:num_stages]
     fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
     if request.training:
@@ -158,9 +214,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     )
 
 
-def _scale(request: PlanRequest, num_microbatches: int) -> float:
+def _scale(request: PlanRequest, num_microbatches: int, dp: int = 1) -> float:
     """Costs of one microbatch relative to the traced batch."""
-    return request.batch_size / num_microbatches / request.traced_batch_size
+    return request.batch_size / dp / num_microbatches / request.traced_batch_size
 
 
 def block_state_bytes(block, request: PlanRequest) -> int:
@@ -238,10 +294,10 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
 
 def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str,
           problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
-          plan_seconds: float, num_problems: int) -> Plan:
+          plan_seconds: float, num_problems: int, dp: int, step_seconds: float) -> Plan:
     num_stages = problem.num_stages
     m = problem.num_microbatches
-    scale = _scale(request, m)
+    scale = _scale(request, m, dp)
     stages = []
     for s in range(num_stages):
         members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]
@@ -281,12 +337,12 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
         num_microbatches=m,
         schedule=problem.schedule,
         optimizer=request.optimizer,
-        mesh=Mesh(pp=num_stages),
+        mesh=Mesh(pp=num_stages, dp=dp),
         cluster=cluster.to_dict(),
         stages=tuple(stages),
-        predicted_step_seconds=solution.step_seconds,
+        predicted_step_seconds=step_seconds,
         bubble_fraction=(num_stages - 1) / (m + num_stages - 1),
-        idle_devices=tuple(range(num_stages, cluster.num_devices)),
+        idle_devices=tuple(range(num_stages * dp, cluster.num_devices)),
         solver=SolverInfo(backend=solution.backend, status=solution.status,
                           objective_seconds=solution.step_seconds, bound_seconds=solution.bound_seconds,
                           solve_seconds=solution.solve_seconds, plan_seconds=plan_seconds,

@@ -14,11 +14,13 @@ dtypes), which later passes use to share decisions between them.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
 from autopart.passes.annotate import NodeCost, node_cost
@@ -146,8 +148,14 @@ def _key(node: torch.fx.Node, depth: int) -> str:
 
 def _runs(nodes: list[torch.fx.Node], depth: int, op_level: bool) -> list[tuple[str, list[torch.fx.Node]]]:
     runs: list[tuple[str, list[torch.fx.Node]]] = []
+    keys: dict[torch.fx.Node, str] = {}
     for node in nodes:
-        key = node.name if op_level else _key(node, depth)
+        if node.target is operator.getitem and node.args[0] in keys:
+            # an element of a multi-output op stays with the op: tuples do not cross stages
+            key = keys[node.args[0]]
+        else:
+            key = node.name if op_level else _key(node, depth)
+        keys[node] = key
         if runs and runs[-1][0] == key:
             runs[-1][1].append(node)
         else:
@@ -216,11 +224,11 @@ def _block_graph(
     values = []
     for node, producer in block_of.items():
         consumers = sorted({block_of[u] for u in node.users if u in block_of and block_of[u] != producer})
-        if consumers and isinstance(node.meta.get("val"), torch.Tensor):
-            val = node.meta["val"]
+        if consumers:  # every data dependency orders blocks, whatever its type
+            tensors = [t for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
             values.append(
                 BlockValue(node_name=node.name, producer=producer, consumers=tuple(consumers),
-                           num_bytes=val.numel() * val.element_size())
+                           num_bytes=sum(t.numel() * t.element_size() for t in tensors))
             )
     values.sort(key=lambda v: (v.producer, v.node_name))
     return BlockGraph(blocks=tuple(blocks), values=tuple(values), depth=depth)

@@ -67,11 +67,11 @@ def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_s
         solver=SolverInfo(backend="cpsat", status="OPTIMAL", objective_seconds=step, bound_seconds=step,
                           solve_seconds=0.01, plan_seconds=0.05, num_problems=3),
         candidates=(
-            Candidate(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=step, status="chosen", detail="slowest stage 0 <b>"),
-            Candidate(num_stages=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, num_stages=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=step * 1.12, status="feasible", detail="slowest stage 3"),
-            Candidate(num_stages=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, num_stages=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=None, status="infeasible", detail="stage 0 short by 3.1 GiB"),
         ),
     )

@@ -1,0 +1,345 @@
+"""Run a plan on torch.distributed: one process per device, started by torchrun.
+
+Every process compiles the same plan (deterministically, or loads it from
+JSON), then `DistributedRunner` keeps only its own rank's stage module. Stages
+run under `torch.distributed.pipelining` (PipelineStage with the GPipe or 1F1B
+schedule the plan names); data-parallel replicas of the pipeline wrap their
+stage in PyTorch's DDP on the dp group, so gradient all-reduce overlaps
+backward (PipelineStage skips DDP's sync on all microbatches but the last).
+A parameter copied into several stages (tied embeddings) has its gradient
+summed over those stages after backward.
+
+Every collective has a timeout (`timeout_s`); a peer that dies or hangs makes
+the others raise `AutopartError` naming this rank and its stage.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autopart.errors import AutopartError, InputError
+from autopart.passes.codegen import StageInterface, stage_interface
+from autopart.runtime.local import batch_size_of
+from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
+from autopart.runtime.state import StateMixin
+from autopart.trace import flatten_inputs, unflatten_output
+
+
+class _StageAdapter(nn.Module):
+    """Calls a stage module with its inputs in the order its placeholders want.
+
+    Stage 0 receives the model's tensor inputs; later stages the previous
+    stage's outputs. Non-tensor model inputs (static at trace time) come from
+    `constants`. The last stage returns the model's flat outputs.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int]) -> None:
+        super().__init__()
+        self.module = module
+        self.interface = interface
+        self.tensor_positions = tensor_positions
+        self.constants: list[Any] = []
+
+    def forward(self, *received: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.interface.stage == 0:
+            flat = list(self.constants)
+            for position, tensor in zip(self.tensor_positions, received):
+                flat[position] = tensor
+            args = [flat[src.index] for src in self.interface.inputs]
+        else:
+            args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
+                    for src in self.interface.inputs]
+        outputs = tuple(self.module(*args))
+        if self.interface.stage == self.interface.num_stages - 1:
+            return tuple(outputs[i] for i in self.interface.model_outputs)
+        return outputs
+
+
+class DistributedRunner(StateMixin):
+    """This process's share of a compiled plan, ready to train or infer."""
+
+    def __init__(self, compiled, *, timeout_s: float = 300.0, device: str | torch.device | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None,
+                 init_fn: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.compiled = compiled
+        self.plan = compiled.plan
+        self.mesh = self.plan.mesh
+        self.timeout_s = timeout_s
+        self.device = torch.device(device) if device is not None else _default_device()
+        _init_process_group(self.device, timeout_s)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        if self.world_size != self.mesh.num_devices:
+            raise InputError(
+                f"the plan's mesh dp={self.mesh.dp} × pp={self.mesh.pp} × tp={self.mesh.tp} needs "
+                f"{self.mesh.num_devices} processes but torchrun started {self.world_size}; run "
+                f"torchrun --nproc_per_node={self.mesh.num_devices} (or re-plan for {self.world_size} devices)"
+            )
+        self.coords = coordinates(self.mesh, self.rank)
+        self.stage_index = self.coords.stage
+        module = compiled.rank_module(self.stage_index)
+        self.interface = stage_interface(module)
+        self.shared_names = _shared_parameters(compiled)
+        self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(set(self.shared_names.values())))
+        module = _materialise(module, self.device, state_dict, init_fn, self.interface)
+        tensor_positions = [i for i, leaf in enumerate(_example_flat(compiled)) if isinstance(leaf, torch.Tensor)]
+        self.adapter = _StageAdapter(module, self.interface, tensor_positions)
+        wrapped: nn.Module = self.adapter
+        if self.mesh.dp > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(self.adapter, process_group=self.groups.dp,
+                                              device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.stage = PipelineStage(wrapped, self.stage_index, self.mesh.pp, self.device, group=self.groups.pp)
+        schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.plan.schedule]
+        self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+        self.schedule = schedule_class(self.stage, n_microbatches=self.plan.num_microbatches,
+                                       loss_fn=self._microbatch_loss)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_index == self.mesh.pp - 1
+
+    @property
+    def module(self) -> torch.fx.GraphModule:
+        """This rank's stage GraphModule (its parameter copies, on its device)."""
+        return self.adapter.module
+
+    def parameters(self):
+        """This rank's parameters: feed them to any torch.optim optimizer."""
+        return self.adapter.module.parameters()
+
+    def describe(self) -> str:
+        return (f"rank {self.rank} (stage {self.stage_index} of {self.mesh.pp}, dp replica "
+                f"{self.coords.dp_index} of {self.mesh.dp})")
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        """Forward and backward of one global batch; returns the step's loss on every rank.
+
+        Pass the same global batch on every rank; each data-parallel replica
+        takes its share. `loss_fn(output, target)` is a mean over the
+        microbatch; gradients are those of the mean loss over the batch.
+        """
+        flat, local_target = self._local_inputs(args, kwargs, target)
+        self.adapter.constants = flat
+        self._loss_fn = loss_fn
+        tensors = [flat[i] for i in self.adapter.tensor_positions]
+        losses: list[torch.Tensor] = []
+        try:
+            if self.is_first_stage and self.is_last_stage:
+                self.schedule.step(*tensors, target=local_target, losses=losses)
+            elif self.is_first_stage:
+                self.schedule.step(*tensors)
+            elif self.is_last_stage:
+                self.schedule.step(target=local_target, losses=losses)
+            else:
+                self.schedule.step()
+            self._sum_shared_gradients()
+            return self._step_loss(losses)
+        except (RuntimeError, dist.DistBackendError) as error:
+            raise self._peer_error("step", error) from error
+
+    def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
+        flat = output if isinstance(output, tuple) else (output,)
+        return self._loss_fn(unflatten_output(self.compiled.graph, flat), target)
+
+    def _step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        loss = torch.stack([x.detach() for x in losses]).mean() if losses else torch.zeros((), device=self.device)
+        loss = loss.to(self.device, torch.float32)
+        if self.mesh.pp > 1:
+            dist.broadcast(loss, src=self.groups.pp_ranks[-1], group=self.groups.pp)
+        if self.mesh.dp > 1:
+            dist.all_reduce(loss, group=self.groups.dp)
+            loss = loss / self.mesh.dp
+        return loss
+
+    def _sum_shared_gradients(self) -> None:
+        for path, name in self.interface.parameters:
+            stages = self.shared_names.get(name)
+            if stages is None:
+                continue
+            param = self.module.get_parameter(path)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=self.groups.shared[stages])
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
+        squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        for path, name in self.interface.parameters:
+            grad = self.module.get_parameter(path).grad
+            first_holder = min(self.shared_names.get(name, (self.stage_index,)))
+            if grad is not None and first_holder == self.stage_index:  # tied copies count once
+                squares += grad.detach().float().pow(2).sum()
+        if self.mesh.pp > 1:
+            dist.all_reduce(squares, group=self.groups.pp)
+        norm = squares.sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
+        return norm
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output for one global batch, on every rank; no activations kept."""
+        flat, _ = self._local_inputs(args, kwargs, None)
+        self.adapter.constants = flat
+        local_batch = self.plan.batch_size // self.mesh.dp
+        size = local_batch // self.plan.num_microbatches
+        chunks = []
+        try:
+            for i in range(self.plan.num_microbatches):
+                micro = [x[i * size:(i + 1) * size] if _batched(x, local_batch) else x for x in flat]
+                chunks.append(self._forward_microbatch(micro))
+            outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
+            if self.mesh.dp > 1:
+                outputs = [_all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
+        except (RuntimeError, dist.DistBackendError) as error:
+            raise self._peer_error("forward", error) from error
+        return unflatten_output(self.compiled.graph, tuple(outputs))
+
+    def _forward_microbatch(self, micro: list[Any]) -> list[torch.Tensor]:
+        pp_ranks = self.groups.pp_ranks
+        if self.is_first_stage:
+            received = [micro[i].to(self.device) for i in self.adapter.tensor_positions]
+        else:
+            received = [torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                        for v in _output_vals(self.compiled.rank_module(self.stage_index - 1))]
+            for tensor in received:
+                dist.recv(tensor, src=pp_ranks[self.stage_index - 1], group=self.groups.pp)
+        outputs = self.adapter(*received)
+        if not self.is_last_stage:
+            for tensor in outputs:
+                dist.send(tensor.contiguous(), dst=pp_ranks[self.stage_index + 1], group=self.groups.pp)
+            final = [torch.empty(v.shape, dtype=v.dtype, device=self.device) for v in self._model_output_vals()]
+        else:
+            final = [t.contiguous() for t in outputs]
+        if self.mesh.pp > 1:
+            for tensor in final:
+                dist.broadcast(tensor, src=pp_ranks[-1], group=self.groups.pp)
+        return final
+
+    def _model_output_vals(self) -> list[torch.Tensor]:
+        last = self.compiled.rank_module(self.mesh.pp - 1)
+        vals = _output_vals(last)
+        return [vals[i] for i in stage_interface(last).model_outputs]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _local_inputs(self, args: tuple, kwargs: dict, target: Any) -> tuple[list[Any], Any]:
+        flat = flatten_inputs(self.compiled.graph, args, kwargs)
+        batch = batch_size_of(flat)
+        if batch != self.plan.batch_size:
+            raise InputError(f"the batch has {batch} samples but the plan was made for {self.plan.batch_size}; "
+                             "pass the same global batch size on every rank, or re-compile")
+        share = batch // self.mesh.dp
+        start = self.coords.dp_index * share
+        local = [x[start:start + share].to(self.device) if _batched(x, batch) else x for x in flat]
+        if target is not None:
+            target = torch.utils._pytree.tree_map(
+                lambda t: t[start:start + share].to(self.device) if _batched(t, batch) else t, target)
+        return local, target
+
+    def _peer_error(self, what: str, error: BaseException) -> AutopartError:
+        return AutopartError(
+            f"{self.describe()}: {what} failed, a peer process died, hung past timeout_s={self.timeout_s:g} "
+            f"or raised: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init_process_group(device: torch.device, timeout_s: float) -> None:
+    if dist.is_initialized():
+        return
+    for variable in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if variable not in os.environ:
+            raise InputError(f"environment variable {variable} is not set: start the script with torchrun, "
+                             "e.g. torchrun --nproc_per_node=4 train.py")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _shared_parameters(compiled) -> dict[str, tuple[int, ...]]:
+    """Original parameter name -> the stages that hold a copy, for names held by several."""
+    holders: dict[str, list[int]] = {}
+    for stage in range(compiled.plan.num_stages):
+        for _, name in stage_interface(compiled.rank_module(stage)).parameters:
+            holders.setdefault(name, []).append(stage)
+    return {name: tuple(stages) for name, stages in holders.items() if len(stages) > 1}
+
+
+def _example_flat(compiled) -> list[Any]:
+    """Flat placeholders' example values of the traced graph (tensors or constants)."""
+    return [n.meta.get("val") for n in compiled.graph.graph.nodes if n.op == "placeholder"]
+
+
+def _output_vals(module: torch.fx.GraphModule) -> list[torch.Tensor]:
+    output = next(n for n in module.graph.nodes if n.op == "output")
+    return [v.meta["val"] for v in output.args[0]]
+
+
+def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict, init_fn,
+                 interface: StageInterface) -> torch.fx.GraphModule:
+    on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if on_meta:
+        if state_dict is None and init_fn is None:
+            raise InputError("the model was compiled on the meta device: pass state_dict= (a full state dict) "
+                             "or init_fn=(name, tensor) to cm.distributed() so each rank fills its own shard")
+        module = module.to_empty(device=device)
+    else:
+        module = module.to(device)
+    if state_dict is not None:
+        from autopart.runtime.state import load_into
+
+        load_into(module, interface, state_dict)
+    elif on_meta:
+        with torch.no_grad():
+            for path, name in [*interface.parameters, *interface.buffers]:
+                init_fn(name, module.get_parameter(path) if (path, name) in interface.parameters
+                        else module.get_buffer(path))
+    return module
+
+
+def _batched(x: Any, batch: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
+
+
+def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+__all__ = ["DistributedRunner", "rank_of"]

@@ -1,0 +1,79 @@
+"""Ranks of a dp × pp (× tp) mesh and the process groups along each axis.
+
+Rank layout (row-major, tp fastest): rank = (dp_index · pp + stage) · tp + tp_index.
+Every rank creates every group in the same order, as `torch.distributed.new_group`
+requires, and keeps the ones it belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from autopart.plan import Mesh
+
+
+@dataclass(frozen=True, kw_only=True)
+class Coordinates:
+    """Where one rank sits in the mesh."""
+
+    rank: int
+    dp_index: int
+    stage: int
+    tp_index: int
+
+
+def coordinates(mesh: Mesh, rank: int) -> Coordinates:
+    tp_index = rank % mesh.tp
+    stage = (rank // mesh.tp) % mesh.pp
+    dp_index = rank // (mesh.tp * mesh.pp)
+    return Coordinates(rank=rank, dp_index=dp_index, stage=stage, tp_index=tp_index)
+
+
+def rank_of(mesh: Mesh, dp_index: int, stage: int, tp_index: int = 0) -> int:
+    return (dp_index * mesh.pp + stage) * mesh.tp + tp_index
+
+
+@dataclass
+class MeshGroups:
+    """This rank's process groups (None where the axis has size 1)."""
+
+    pp: dist.ProcessGroup | None
+    """The ranks of this rank's pipeline (same dp replica and tp index)."""
+    pp_ranks: list[int]
+    """Global ranks of that pipeline, stage 0 first."""
+    dp: dist.ProcessGroup | None
+    """The replicas of this rank's stage (same stage and tp index)."""
+    dp_ranks: list[int]
+    shared: dict[tuple[int, ...], dist.ProcessGroup | None]
+    """Groups of stages (of this pipeline) that hold copies of one parameter, by stage tuple."""
+
+
+def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]) -> MeshGroups:
+    """Create every group of the mesh (collectively) and return this rank's."""
+    me = coordinates(mesh, rank)
+    pp_group = dp_group = None
+    pp_ranks: list[int] = []
+    dp_ranks: list[int] = []
+    for dp_index in range(mesh.dp):
+        for tp_index in range(mesh.tp):
+            ranks = [rank_of(mesh, dp_index, s, tp_index) for s in range(mesh.pp)]
+            group = dist.new_group(ranks) if mesh.pp > 1 else None
+            if dp_index == me.dp_index and tp_index == me.tp_index:
+                pp_group, pp_ranks = group, ranks
+    for stage in range(mesh.pp):
+        for tp_index in range(mesh.tp):
+            ranks = [rank_of(mesh, d, stage, tp_index) for d in range(mesh.dp)]
+            group = dist.new_group(ranks) if mesh.dp > 1 else None
+            if stage == me.stage and tp_index == me.tp_index:
+                dp_group, dp_ranks = group, ranks
+    shared: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+    for stages in shared_stage_sets:
+        for dp_index in range(mesh.dp):
+            for tp_index in range(mesh.tp):
+                ranks = [rank_of(mesh, dp_index, s, tp_index) for s in stages]
+                group = dist.new_group(ranks)
+                if dp_index == me.dp_index and tp_index == me.tp_index and me.stage in stages:
+                    shared[stages] = group
+    return MeshGroups(pp=pp_group, pp_ranks=pp_ranks, dp=dp_group, dp_ranks=dp_ranks, shared=shared)
