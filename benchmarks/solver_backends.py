@@ -2,8 +2,10 @@
 
 Instances: a transformer-shaped chain (embedding, L identical layers with 3%
 noise, head) with a few skip values, cut into 2–8 stages; random DAGs of
-10–100 blocks with branches and skips; parallel towers. Prints blocks, stages, backend, seconds (best of `--repeat`),
-status and objective, then the CP-SAT / MIP speed ratio per instance.
+10–100 blocks with branches and skips; parallel towers. Prints blocks, stages,
+backend (auto shows what it picked), seconds (best of `--repeat`, the whole
+solve_pipeline call), the time relative to the first backend, status and
+objective, then the median/min/max ratio per backend.
 
     python benchmarks/solver_backends.py [--repeat 3] [--hard] [--backends cpsat mip:SCIP ...]
 """
@@ -58,8 +60,10 @@ def random_dag(num_blocks: int, num_stages: int, *, seed: int = 0) -> PipelinePr
         window = list(range(max(0, c - 4), c))
         for p in rng.choice(window, size=min(len(window), int(rng.integers(1, 3))), replace=False):
             readers[int(p)].append(c)
-    values = [ValueFlow(producer=p, consumers=tuple(sorted(r)), num_bytes=int(rng.integers(1, 64)) * 2**20)
-              for p, r in enumerate(readers) if r]
+    values = [
+        ValueFlow(producer=p, consumers=tuple(sorted(r)), num_bytes=int(rng.integers(1, 64)) << 20)
+        for p, r in enumerate(readers) if r
+    ]
     edges = sorted({(v.producer, c) for v in values for c in v.consumers})
     fwd = rng.uniform(1e-3, 5e-3, num_blocks)[:, None] * np.ones(num_stages)
     return PipelineProblem(
@@ -83,7 +87,8 @@ def towers(num_towers: int, depth: int, num_stages: int, *, seed: int = 0) -> Pi
     values = []
     for t in range(num_towers):
         chain = [0, *(index[t, i] for i in range(depth)), n - 1]
-        values += [ValueFlow(producer=a, consumers=(b,), num_bytes=2**20) for a, b in zip(chain, chain[1:])]
+        values += [ValueFlow(producer=a, consumers=(b,), num_bytes=2**20)
+                   for a, b in zip(chain, chain[1:])]
     fwd = rng.uniform(1e-3, 3e-3, n)[:, None] / rng.uniform(1.0, 2.0, num_stages)[None, :]
     return PipelineProblem(
         block_names=tuple(f"b{i}" for i in range(n)), fwd_seconds=fwd, bwd_seconds=2 * fwd,
@@ -114,12 +119,13 @@ def instances(hard: bool = False) -> list[tuple[str, PipelineProblem]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["cpsat", "mip:SCIP", "mip:HIGHS", "mip:CBC", "auto"])
+    parser.add_argument("--backends", nargs="+",
+                        default=["cpsat", "mip:SCIP", "mip:HIGHS", "mip:CBC", "auto"])
     parser.add_argument("--time-limit", type=float, default=20.0)
     parser.add_argument("--hard", action="store_true", help="add the multi-tower DAGs")
     args = parser.parse_args()
-    print(f"{'instance':<14}{'blocks':>7}{'stages':>7}  {'backend':<11}{'seconds':>9}  "
-          f"{'status':<9}{'objective (s)':>15}")
+    print(f"{'instance':<14}{'blocks':>7}{'stages':>7}  {'backend':<14}{'seconds':>9}"
+          f"{'ratio':>8}  {'status':<9}{'objective (s)':>15}")
     ratios: dict[str, list[float]] = {b: [] for b in args.backends[1:]}
     for label, problem in instances(args.hard):
         best: dict[str, float] = {}
@@ -136,15 +142,18 @@ def main() -> None:
             if sol is None:
                 continue
             best[backend] = min(times)
-            print(f"{label:<14}{problem.num_blocks:>7}{problem.num_stages:>7}  {sol.backend:<11}"
-                  f"{best[backend]:>9.4f}  {sol.status:<9}{sol.step_seconds:>15.9f}")
+            ratio = best[backend] / best.get(args.backends[0], best[backend])
+            plain = backend in (sol.backend, "mip") or backend.replace(":", "/") == sol.backend
+            name = sol.backend if plain else f"{backend}/{sol.backend}"
+            print(f"{label:<14}{problem.num_blocks:>7}{problem.num_stages:>7}  {name:<14}"
+                  f"{best[backend]:>9.4f}{ratio:>7.2f}×  {sol.status:<9}{sol.step_seconds:>15.9f}")
         for other in ratios:
             if other in best and args.backends[0] in best:
                 ratios[other].append(best[other] / best[args.backends[0]])
     for other, r in ratios.items():
         if r:
-            print(f"{other} / {args.backends[0]} time: median {statistics.median(r):.1f}×, "
-                  f"min {min(r):.1f}×, max {max(r):.1f}×")
+            print(f"{other} / {args.backends[0]} time: median {statistics.median(r):.2f}×, "
+                  f"min {min(r):.2f}×, max {max(r):.2f}×")
 
 
 if __name__ == "__main__":

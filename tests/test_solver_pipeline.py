@@ -51,7 +51,7 @@ def make_problem(
         activation_bytes=np.zeros(n) if act is None else act,
         edges=tuple(edges),
         values=tuple(values),
-        memory_capacity=np.broadcast_to(np.asarray(capacity, dtype=np.float64), (num_stages,)).copy(),
+        memory_capacity=np.full(num_stages, 1.0) * capacity,
         link_latency=np.full(num_stages - 1, latency),
         link_bandwidth=np.full(num_stages - 1, bandwidth),
         num_microbatches=num_microbatches,
@@ -168,7 +168,8 @@ def test_twice_as_fast_stage_gets_twice_the_work(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_infeasible_names_stage_and_shortfall(backend: str) -> None:
-    """4 blocks of 10 GB on stages of 25 and 16 GB: the best split (2 | 2) is 4 GB short on stage 1."""
+    """4 blocks of 10 GB on stages of 25 and 16 GB: the best split (2 | 2) is 4 GB short
+    on stage 1."""
     problem = make_problem(np.ones((4, 2)), values=chain_values(4, 0), state=np.full(4, 10.0 * GB),
                            capacity=np.array([25.0 * GB, 16.0 * GB]), schedule="gpipe")
     with pytest.raises(PlanError) as err:
@@ -204,7 +205,7 @@ def test_more_stages_than_blocks() -> None:
         ({"schedule": "zb"}, "schedule 'zb'"),
         ({"fwd_seconds": np.ones((3, 3))}, r"fwd_seconds has shape \(3, 3\)"),
         ({"link_bandwidth": np.zeros(1)}, "link_bandwidth"),
-        ({"values": (ValueFlow(producer=2, consumers=(1,), num_bytes=4),)}, "consumers must come after"),
+        ({"values": (ValueFlow(producer=2, consumers=(1,), num_bytes=4),)}, "must come after"),
     ],
 )
 def test_malformed_problem(change: dict, match: str) -> None:

@@ -87,7 +87,9 @@ def pipeline_costs(problem: PipelineProblem) -> PipelineCosts:
             len(problem.values), num_stages - 1
         ),
         block_memory=state[:, None] + in_flight[None, :] * act[:, None],
-        value_memory=(num_bytes[:, None] * in_flight[None, :]).reshape(len(problem.values), num_stages),
+        value_memory=(num_bytes[:, None] * in_flight[None, :]).reshape(
+            len(problem.values), num_stages
+        ),
         capacity=np.asarray(problem.memory_capacity, dtype=np.float64),
         producer=np.array([v.producer for v in problem.values], dtype=np.int64),
         consumers=tuple(tuple(v.consumers) for v in problem.values),

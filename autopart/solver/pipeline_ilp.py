@@ -41,18 +41,19 @@ Choices.
 
 `contiguous_split` (an exact O(S·n²) dynamic program over contiguous runs of
 the topological order) gives the hint and the upper bound T_max ≤ its value;
-for a chain it is the optimum and CP-SAT proves it during presolve. T_max also
-gets the lower bound max(max_b min_s c_b,s, Σ_b min_s c_b,s / S).
+for a chain it is the optimum, which backend='auto' returns without building
+a model (and which CP-SAT proves during presolve). T_max also gets the lower
+bound max(max_b min_s c_b,s, Σ_b min_s c_b,s / S).
 
 Scaling. CP-SAT needs integers: seconds are multiplied by 2^30/UB (UB a
 feasible T_max) and rounded to nearest, so each of a stage's ≤ n + 2·|values|
 terms is off by at most half a unit: the scaled optimum is optimal in seconds
-to about (n + 2·|values|)·2^-31 relative (1e-7 at 100 blocks). Bytes stay exact
-when integral (else rounded up, capacities down), so a returned split never
-exceeds capacity. The MIP backend gets the same model in floating point
-(times / UB, memory rows / capacity) with a 1e-9 relative gap and primal
-tolerance. Reported stage times and memory are recomputed in float64 from the
-assignment.
+to about (n + 2·|values|)·2^-31 relative (1e-7 at 100 blocks). Bytes are
+multiplied by a power of two (exact for integral counts) and rounded up,
+capacities down, so a returned split never exceeds capacity. The MIP backend
+gets the same model in floating point (times / UB, memory rows / capacity)
+with a 1e-9 relative gap and primal tolerance. Reported stage times and
+memory are recomputed in float64 from the assignment.
 """
 
 from __future__ import annotations
@@ -78,19 +79,24 @@ from autopart.solver.problem import SCHEDULES, PipelineProblem, PipelineSolution
 _TIME_UNITS = 2**30
 """CP-SAT integer time units per upper bound of T_max."""
 _MAX_BYTES = 2**52
-"""Largest scaled byte sum kept exact; larger problems count bytes in coarser units."""
+"""CP-SAT counts bytes in the power-of-two unit that brings the largest memory sum (or
+capacity) to about this: fractions of a byte for today's models (so rounding fractional byte counts up
+costs < 1/1000 byte a term), coarser units beyond 4 PiB."""
 _MIP_SOLVERS = ("SCIP", "HIGHS", "CBC")
 """pywraplp solvers tried in order for backend 'mip' (all three ship with OR-Tools 9.15).
-SCIP first: it takes the hint and prints nothing. HiGHS was faster (median 2.3× CP-SAT's
-time against SCIP's 3.2×) but prints a banner on every solve and crashes when given a
-hint; CBC took 1.6–4.8 s on the 100-block instances (up to 128× CP-SAT)."""
+SCIP first: it takes the hint and prints nothing. HiGHS ('mip:HIGHS') was 2–5× faster
+than SCIP on the branching DAGs but prints a banner on every solve and crashes when
+given a hint; CBC took 1.6 s on the 100-block chain and 15 s on the 60-block DAG."""
 DEFAULT_BACKEND = "cpsat"
-"""What backend='auto' means. CP-SAT was the fastest on every instance of
-benchmarks/solver_backends.py but one (2 cores, best of 5, whole solve_pipeline call):
-26-block chain on 8 stages 6.6 ms (SCIP 21 ms, HiGHS 15 ms, CBC 9.7 ms); 100-block chain
-36 ms (354, 197, 1567 ms); 100-block DAG 38 ms (357, 222, 4824 ms); two towers of 12
-blocks on 8 stages 0.33 s (0.34, 1.1, 1.2 s). CP-SAT's presolve proves most chains
-optimal before search; the MIPs must branch."""
+"""The ILP backend of backend='auto' (which answers chains with the exact DP first).
+Measured with benchmarks/solver_backends.py (2 cores, best of 3, whole call), CP-SAT
+against SCIP / HiGHS / CBC: 26-block chain on 8 stages 6.9 ms (21 / 15 / 9.6 ms);
+100-block chain 40 ms (0.50 / 0.25 / 1.6 s); branching DAG of 60 blocks on 8 stages
+0.53 s (11 / 2.1 / 15 s), of 100 blocks 1.2 s (13 / 5.7 / > 20 s); two towers of 12
+blocks 19 ms (0.27 / 0.75 / 1.0 s). Median MIP time over the 13 instances: 3.9× / 3.8× /
+1.7× CP-SAT's; only HiGHS on the 10-block instances was faster (0.8×, 0.3 ms less).
+CP-SAT's presolve proves most chains optimal before any search; the MIPs must branch.
+The DP answers the chains in 0.3–1.6 ms."""
 
 
 def solve_pipeline(
@@ -212,7 +218,9 @@ def validate_problem(problem: PipelineProblem) -> None:
                 f"bytes): consumers must come after the producer, below {n}, bytes ≥ 0"
             )
     if not isinstance(problem.num_microbatches, (int, np.integer)) or problem.num_microbatches < 1:
-        raise InputError(f"num_microbatches must be an integer ≥ 1, got {problem.num_microbatches!r}")
+        raise InputError(
+            f"num_microbatches must be an integer ≥ 1, got {problem.num_microbatches!r}"
+        )
     if problem.schedule not in SCHEDULES:
         raise InputError(f"schedule {problem.schedule!r} is not one of {SCHEDULES}")
     if num_stages > n:
@@ -250,8 +258,10 @@ class _Structure:
             succ[u].append(v)
         reduced = [(u, v) for u, v in sorted(edges)
                    if not any(desc[w] >> v & 1 for w in succ[u] if w != v)]
-        last = tuple(tuple(c for c in v.consumers
-                           if not any(desc[c] >> d & 1 for d in v.consumers)) for v in problem.values)
+        last = tuple(
+            tuple(c for c in v.consumers if not any(desc[c] >> d & 1 for d in v.consumers))
+            for v in problem.values
+        )
         lo = tuple(max(0, num_stages - n + anc[b].bit_count()) for b in range(n))
         hi = tuple(min(num_stages - 1, n - 1 - desc[b].bit_count()) for b in range(n))
         chain = all((b, b + 1) in edges for b in range(n - 1))
@@ -277,8 +287,10 @@ def _scale(
         cap = np.maximum(costs.capacity, 1.0)
         per_byte = 1.0 / (cap if per_stage_bytes else np.full(num_stages, cap.max()))
         return costs.scaled(time_scale, per_byte, integral=False)
-    total = costs.block_memory.max(axis=1).sum() + 2 * costs.value_memory.max(axis=1, initial=0).sum()
-    byte_unit = 1.0 if total <= _MAX_BYTES else 2.0 ** np.floor(np.log2(_MAX_BYTES / total))
+    total = max(costs.block_memory.max(axis=1).sum()
+                + 2 * costs.value_memory.max(axis=1, initial=0).sum(),
+                float(np.abs(costs.capacity).max()), 1.0)
+    byte_unit = 2.0 ** np.floor(np.log2(_MAX_BYTES / total))  # exact on integers
     return costs.scaled(time_scale, np.full(num_stages, byte_unit), integral=True)
 
 
@@ -366,11 +378,10 @@ class _Mip:
 
     integral = False
 
-    def __init__(self, which: str) -> None:
-        self.name, self.which = f"mip/{which}", which
-        self.solver = pywraplp.Solver.CreateSolver(which)
-        if self.solver is None:
+    def __init__(self, which: str, solver: pywraplp.Solver | None) -> None:
+        if solver is None:
             raise InputError(f"this OR-Tools build has no {which} solver; try backend='cpsat'")
+        self.name, self.which, self.solver = f"mip/{which}", which, solver
         self.hint: tuple[list, list[float]] | None = None
 
     def bool_var(self) -> Any:
@@ -400,7 +411,8 @@ class _Mip:
     def solve(self, time_limit_s: float, log: bool) -> tuple[str, float]:
         params = pywraplp.MPSolverParameters()
         params.SetDoubleParam(params.RELATIVE_MIP_GAP, 1e-9)
-        params.SetDoubleParam(params.PRIMAL_TOLERANCE, 1e-9)  # memory rows are ≈ 1: ≤ 1e-9·capacity
+        # Memory rows are ≈ 1, so a split may exceed capacity by at most 1e-9 of it.
+        params.SetDoubleParam(params.PRIMAL_TOLERANCE, 1e-9)
         self.solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
         if log:
             self.solver.EnableOutput()
@@ -418,13 +430,14 @@ class _Mip:
 def _make_backend(name: str) -> _CpSat | _Mip:
     if name == "cpsat":
         return _CpSat()
-    if name == "mip":
-        available = [s for s in _MIP_SOLVERS if pywraplp.Solver.CreateSolver(s) is not None]
-        if not available:
-            raise InputError(f"this OR-Tools build has none of {_MIP_SOLVERS}; use backend='cpsat'")
-        return _Mip(available[0])
     if name.startswith("mip:"):
-        return _Mip(name[4:])
+        return _Mip(name[4:], pywraplp.Solver.CreateSolver(name[4:]))
+    if name == "mip":
+        for which in _MIP_SOLVERS:
+            solver = pywraplp.Solver.CreateSolver(which)
+            if solver is not None:
+                return _Mip(which, solver)
+        raise InputError(f"this OR-Tools build has none of {_MIP_SOLVERS}; use backend='cpsat'")
     raise InputError(f"unknown backend {name!r}: use 'auto', 'cpsat', 'mip' or 'mip:<SOLVER>'")
 
 
@@ -505,7 +518,8 @@ def _build(
                 add(expr, const, p, s, 1)
                 add(expr, const, c, s, -1)
                 solver.add_le(expr, -const[0])
-            expr, const = {var: 1}, [0]  # w ≤ P_p(s), w ≤ Σ_c (1 − P_c(s)): w is exactly "crosses"
+            # w ≤ P_p(s) and w ≤ Σ_c (1 − P_c(s)): w is exactly "v crosses s|s+1"
+            expr, const = {var: 1}, [0]
             add(expr, const, p, s, -1)
             solver.add_le(expr, -const[0])
             expr, const = {var: 1}, [0]
@@ -537,8 +551,11 @@ def _build(
     solver.minimize(top)
     if hint is not None:
         crossed = crossings(costs, hint[None])[0]
-        solver.hints([*y.values(), *w.values()],
-                     [int(hint[b] <= s) for b, s in y] + [int(crossed[v, s]) for v, s in w])
+        seconds, memory = evaluate_assignments(costs, hint)
+        worst = seconds[0].max() if objective == "time" else (memory[0] - costs.capacity).max()
+        solver.hints([*y.values(), *w.values(), top],
+                     [int(hint[b] <= s) for b, s in y] + [int(crossed[v, s]) for v, s in w]
+                     + [min(max(num(worst), bounds[0]), bounds[1])])
     return _Model(y, st)
 
 
@@ -587,7 +604,8 @@ def _explain_memory(
     raise PlanError(
         f"no split of {problem.num_blocks} blocks into {num_stages} pipeline stages fits in "
         f"memory ({problem.schedule}, {m} microbatches): {scope} leaves a stage over capacity, "
-        f"at best stage {s} ({len(on_s)} blocks: {problem.block_names[on_s[0]]} .. "
+        f"at best stage {s} ({len(on_s)} block{'s' * (len(on_s) != 1)}: "
+        f"{problem.block_names[on_s[0]]} .. "
         f"{problem.block_names[on_s[-1]]}) needs "
         f"{_fmt_bytes(memory[s])} but has {_fmt_bytes(costs.capacity[s])}, "
         f"{_fmt_bytes(memory[s] - costs.capacity[s])} short. Try " + ", or ".join(fixes) + "."

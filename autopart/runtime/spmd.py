@@ -1,0 +1,139 @@
+"""All tensor-parallel ranks in one process: the rank modules run node by node in lock step.
+
+Why not `torch.distributed._local_tensor.LocalTensorMode`: it runs *one*
+program on tensors that hold every rank's value, while the rank modules of
+passes/shard.py are different programs (each holds other parameter slices and
+its own rank number), and their collectives are Megatron's autograd pairs, not
+the functional collectives LocalTensorMode intercepts. It is also private and
+differs between torch releases. Running the ranks in lock step is small and
+exact: the modules share one graph structure, ordinary nodes run on each rank
+with `torch.fx.Interpreter`, and each `TPCollective` node runs across all
+ranks' values at once in an autograd Function whose forward and backward
+compute what the distributed one computes (passes/tp_ops.py), counted in
+`collective_log`.
+
+Training: every rank computes the loss on its (replicated) outputs and seeds
+its own backward, as on a real process group; full gradients are rebuilt from
+the slices, and a replicated parameter's gradient must be identical on every
+rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from autopart.errors import PlanError
+from autopart.passes.shard import rank_info
+from autopart.passes.tp_ops import TPCollective, _record, merge_shards, simulated_backward, simulated_forward
+
+
+class _CrossRank(torch.autograd.Function):
+    """One collective over all ranks' tensors: forward and backward as on a process group."""
+
+    @staticmethod
+    def forward(ctx, kind: str, dim: int, groups: int, value: str, *xs: torch.Tensor):
+        ctx.kind, ctx.dim, ctx.groups, ctx.value = kind, dim, groups, value
+        _record(kind, "forward", value)
+        return tuple(simulated_forward(kind, xs, dim, groups))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        _record(ctx.kind, "backward", ctx.value)
+        return (None, None, None, None, *simulated_backward(ctx.kind, grads, ctx.dim, ctx.groups))
+
+
+def _check_lock_step(modules: Sequence[torch.fx.GraphModule]) -> list[list[torch.fx.Node]]:
+    nodes = [list(m.graph.nodes) for m in modules]
+    for r, rank_nodes in enumerate(nodes[1:], start=1):
+        if [(n.op, n.name) for n in rank_nodes] != [(n.op, n.name) for n in nodes[0]]:
+            raise PlanError(f"rank module {r} has a different graph from rank 0; build all ranks with shard_graph")
+    return nodes
+
+
+def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any]) -> list[list[Any]]:
+    """Every rank's flat outputs (autograd recorded if enabled)."""
+    modules = list(rank_modules)
+    if [rank_info(m).rank for m in modules] != list(range(len(modules))):
+        raise PlanError("give the rank modules in rank order 0..tp-1, all of them")
+    interps = [torch.fx.Interpreter(m) for m in modules]
+    for interp in interps:
+        interp.args_iter = iter(flat_inputs)
+        interp.env = {}
+    outputs: list[list[Any]] = []
+    for step in zip(*_check_lock_step(modules)):
+        head = step[0]
+        if head.op == "call_module" and isinstance(modules[0].get_submodule(head.target), TPCollective):
+            coll = modules[0].get_submodule(head.target)
+            xs = [interp.env[node.args[0]] for interp, node in zip(interps, step)]
+            ys = _CrossRank.apply(coll.kind, coll.dim, coll.groups, coll.value, *xs)
+            for interp, node, y in zip(interps, step, ys):
+                interp.env[node] = y
+        elif head.op == "output":
+            for interp, node in zip(interps, step):
+                outputs.append(list(interp.fetch_args_kwargs_from_env(node)[0][0]))
+        else:
+            for interp, node in zip(interps, step):
+                interp.env[node] = interp.run_node(node)
+    return outputs
+
+
+def simulate_tp(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any]) -> list[Any]:
+    """The flat outputs of the sharded model (rank 0's; every rank's must be identical)."""
+    with torch.no_grad():
+        outputs = run_ranks(rank_modules, flat_inputs)
+    for r, outs in enumerate(outputs[1:], start=1):
+        for i, (a, b) in enumerate(zip(outputs[0], outs)):
+            if isinstance(a, torch.Tensor) and not torch.equal(a, b):
+                raise PlanError(f"output {i} differs between rank 0 and rank {r}: outputs must be replicated")
+    return outputs[0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TPStep:
+    """One simulated training step."""
+
+    loss: torch.Tensor
+    """Rank 0's loss (every rank computes the same)."""
+    grads: dict[str, torch.Tensor]
+    """Original parameter name → full gradient, rebuilt from the ranks' slices."""
+    outputs: list[Any]
+    """Rank 0's flat outputs, detached."""
+
+
+def tp_train_step(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any],
+                  loss_fn: Callable[[list[Any]], torch.Tensor]) -> TPStep:
+    """Forward, `loss_fn(flat outputs)` on every rank, backward; gradients keyed by original name."""
+    for m in rank_modules:
+        m.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        outputs = run_ranks(rank_modules, flat_inputs)
+        losses = [loss_fn(outs) for outs in outputs]
+        torch.autograd.backward(losses)
+    return TPStep(loss=losses[0].detach(), grads=gather_gradients(rank_modules),
+                  outputs=[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs[0]])
+
+
+def gather_gradients(rank_modules: Sequence[torch.fx.GraphModule]) -> dict[str, torch.Tensor]:
+    """Full gradient per original parameter: shards concatenated, replicas checked identical."""
+    infos = [rank_info(m) for m in rank_modules]
+    grads: dict[str, torch.Tensor] = {}
+    for i, piece in enumerate(infos[0].params):
+        per_rank = [m.get_parameter(info.params[i].name).grad for m, info in zip(rank_modules, infos)]
+        if any(g is None for g in per_rank):
+            if all(g is None for g in per_rank):
+                continue
+            raise PlanError(f"parameter {piece.name} got a gradient on some ranks only")
+        if piece.dim is None:
+            for r, g in enumerate(per_rank[1:], start=1):
+                if not torch.equal(g, per_rank[0]):
+                    worst = (g - per_rank[0]).abs().max().item()
+                    raise PlanError(f"replicated parameter {piece.name}: rank {r}'s gradient differs from "
+                                    f"rank 0's by up to {worst:.3g}; replicas must get identical gradients")
+            grads[piece.name] = per_rank[0].detach().clone()
+        else:
+            grads[piece.name] = merge_shards([g.detach() for g in per_rank], piece.dim, piece.groups)
+    return grads

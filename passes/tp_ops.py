@@ -1,0 +1,277 @@
+"""What tensor-parallel rank modules call: collectives as modules, and the few ops a split op needs.
+
+Collectives follow Megatron-LM's autograd pairs (Shoeybi et al. 2019, §3;
+megatron/core/tensor_parallel/mappings.py), because the autograd registered
+for `_c10d_functional.all_reduce` all-reduces again in backward, which makes a
+column→row pair's gradients tp× too large (REFERENCES.md). With the gradient
+of a Replicate value being the full gradient on every rank:
+
+=================  ============================  ==============================
+kind               forward                       backward
+=================  ============================  ==============================
+all_reduce (g)     sum over ranks                identity
+grad_all_reduce(f) identity                      sum over ranks
+all_gather         concatenate the shards        keep this rank's shard
+slice              keep this rank's shard        concatenate the shards
+reduce_scatter     this rank's shard of the sum  concatenate the shards
+=================  ============================  ==============================
+
+(all_gather's backward is a local slice, not a reduce-scatter: its output's
+gradient is already the full one on every rank; where a Replicate value also
+feeds split ops, f supplies the sum.)
+
+`TPCollective` runs on a real process group (`attach_process_group`) with
+`torch.distributed` ops inside autograd Functions. The one-process simulation
+(`autopart.runtime.spmd`) runs the same modules across all ranks at once with
+`simulated_forward` / `simulated_backward`, which compute exactly what the
+distributed forward and backward compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter")
+COMMUNICATES = {
+    ("all_reduce", "forward"), ("grad_all_reduce", "backward"), ("all_gather", "forward"),
+    ("slice", "backward"), ("reduce_scatter", "forward"), ("reduce_scatter", "backward"),
+}
+"""(kind, phase) pairs that move data between ranks; the others are identities or local slices."""
+_LOG: list[list[tuple[str, str, str]]] = []
+
+
+@contextlib.contextmanager
+def collective_log() -> Iterator[list[tuple[str, str, str]]]:
+    """Record (kind, 'forward'|'backward', value) of every communicating collective call in the block.
+
+    `value` is the graph node whose value (or gradient) moves. Local halves of a
+    pair (f's forward, g's backward, all_gather's backward slice) are not
+    recorded. A simulated collective counts once per call, not once per rank."""
+    events: list[tuple[str, str, str]] = []
+    _LOG.append(events)
+    try:
+        yield events
+    finally:
+        _LOG.remove(events)
+
+
+def _record(kind: str, phase: str, value: str) -> None:
+    if (kind, phase) in COMMUNICATES:
+        for events in _LOG:
+            events.append((kind, phase, value))
+
+
+# ----------------------------------------------------------------------------- shard layout
+
+
+def take_shard(x: torch.Tensor, dim: int, groups: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s piece of every one of `groups` chunks of `dim` (see tp_placements.Shard)."""
+    size = x.shape[dim]
+    if size % (groups * tp):
+        raise ValueError(f"dim {dim} of shape {tuple(x.shape)} does not split into {groups} groups × {tp} ranks")
+    pieces = x.unflatten(dim, (groups, tp, size // (groups * tp))).select(dim + 1, rank)
+    return pieces.flatten(dim, dim + 1).contiguous()
+
+
+def merge_shards(pieces: Sequence[torch.Tensor], dim: int, groups: int) -> torch.Tensor:
+    """Inverse of `take_shard` over all ranks: the full tensor from every rank's piece."""
+    size = pieces[0].shape[dim]
+    split = [p.unflatten(dim, (groups, size // groups)) for p in pieces]
+    return torch.stack(split, dim=dim + 1).flatten(dim, dim + 2)
+
+
+# ----------------------------------------------------------------------------- simulation semantics
+
+
+def simulated_forward(kind: str, xs: Sequence[torch.Tensor], dim: int, groups: int) -> list[torch.Tensor]:
+    """What every rank gets from a collective's forward, given every rank's input."""
+    tp = len(xs)
+    if kind == "all_reduce":
+        total = _sum(xs)
+        return [total.clone() for _ in xs]
+    if kind == "grad_all_reduce":
+        return [x.clone() for x in xs]
+    if kind == "all_gather":
+        full = merge_shards(xs, dim, groups)
+        return [full.clone() for _ in xs]
+    if kind == "slice":
+        return [take_shard(x, dim, groups, tp, r) for r, x in enumerate(xs)]
+    if kind == "reduce_scatter":
+        total = _sum(xs)
+        return [take_shard(total, dim, groups, tp, r) for r in range(tp)]
+    raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
+
+
+def simulated_backward(kind: str, grads: Sequence[torch.Tensor], dim: int, groups: int) -> list[torch.Tensor]:
+    """What every rank's input gradient is, given every rank's output gradient."""
+    tp = len(grads)
+    if kind == "all_reduce":
+        return [g.clone() for g in grads]
+    if kind == "grad_all_reduce":
+        total = _sum(grads)
+        return [total.clone() for _ in grads]
+    if kind == "all_gather":
+        return [take_shard(g, dim, groups, tp, r) for r, g in enumerate(grads)]
+    if kind in ("slice", "reduce_scatter"):
+        full = merge_shards(grads, dim, groups)
+        return [full.clone() for _ in grads]
+    raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
+
+
+def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    # Rank order, like a reduction every rank receives identically.
+    total = xs[0].clone()
+    for x in xs[1:]:
+        total = total + x
+    return total
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+def _dist_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _dist_all_gather(x: torch.Tensor, dim: int, groups: int, group) -> torch.Tensor:
+    x = x.contiguous()
+    pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, x, group=group)
+    return merge_shards(pieces, dim, groups)
+
+
+def _dist_reduce_scatter(x: torch.Tensor, dim: int, groups: int, group) -> torch.Tensor:
+    # gloo has no reduce-scatter: an all-reduce and a local slice give the same values
+    # (the cost model prices the reduce-scatter NCCL runs).
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if groups == 1 and dist.get_backend(group) == "nccl":
+        moved = x.movedim(dim, 0).contiguous()
+        out = torch.empty((moved.shape[0] // tp, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, moved, group=group)
+        return out.movedim(0, dim).contiguous()
+    return take_shard(_dist_all_reduce(x, group), dim, groups, tp, rank)
+
+
+class _DistCollective(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind: str, dim: int, groups: int, group, value: str):
+        ctx.kind, ctx.dim, ctx.groups, ctx.group, ctx.value = kind, dim, groups, group, value
+        _record(kind, "forward", value)
+        tp, rank = dist.get_world_size(group), dist.get_rank(group)
+        if kind == "all_reduce":
+            return _dist_all_reduce(x, group)
+        if kind == "grad_all_reduce":
+            return x.clone()
+        if kind == "all_gather":
+            return _dist_all_gather(x, dim, groups, group)
+        if kind == "slice":
+            return take_shard(x, dim, groups, tp, rank)
+        if kind == "reduce_scatter":
+            return _dist_reduce_scatter(x, dim, groups, group)
+        raise ValueError(f"unknown collective kind {kind!r}")
+
+    @staticmethod
+    def backward(ctx, grad):
+        kind, dim, groups, group = ctx.kind, ctx.dim, ctx.groups, ctx.group
+        _record(kind, "backward", ctx.value)
+        tp, rank = dist.get_world_size(group), dist.get_rank(group)
+        if kind == "all_reduce":
+            out = grad
+        elif kind == "grad_all_reduce":
+            out = _dist_all_reduce(grad, group)
+        elif kind == "all_gather":
+            out = take_shard(grad, dim, groups, tp, rank)
+        else:
+            out = _dist_all_gather(grad, dim, groups, group)
+        return out, None, None, None, None, None
+
+
+class TPCollective(torch.nn.Module):
+    """A collective node of a rank module (a `call_module`): one of `KINDS` on the tp axis."""
+
+    def __init__(self, kind: str, *, dim: int = 0, groups: int = 1, tp: int, rank: int, value: str = "") -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"TPCollective(kind={kind!r}): known kinds are {KINDS}")
+        self.kind, self.dim, self.groups, self.tp, self.rank = kind, dim, groups, tp, rank
+        self.value = value
+        """Node of the original graph whose value this collective moves."""
+        self.process_group = None
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, dim={self.dim}, groups={self.groups}, rank={self.rank}/{self.tp}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.process_group is None:
+            raise RuntimeError(
+                f"tp collective {self.kind} has no process group: call "
+                "passes.tp_ops.attach_process_group(rank_module, group) before running a rank module on "
+                "torch.distributed, or run all ranks with autopart.runtime.spmd.simulate_tp"
+            )
+        return _DistCollective.apply(x, self.kind, self.dim, self.groups, self.process_group, self.value)
+
+
+def attach_process_group(module: torch.nn.Module, group) -> None:
+    """Make every TPCollective of `module` talk over `group` (its size must be the tp degree)."""
+    for sub in module.modules():
+        if isinstance(sub, TPCollective):
+            size = dist.get_world_size(group)
+            if size != sub.tp:
+                raise ValueError(f"process group has {size} ranks but the module was sharded for tp={sub.tp}")
+            sub.process_group = group
+
+
+# ----------------------------------------------------------------------------- local ops
+
+
+class _ScaleForward(torch.autograd.Function):
+    """x·s forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ScaledBias(torch.nn.Module):
+    """out + bias/tp on each rank of a Partial output; the bias gradient stays the full one.
+
+    Summed over the tp ranks the forward adds the bias once; each rank's bias
+    gradient is the sum of the (replicated) output gradient, as in the unsplit
+    op. A module (a call_module node), not a function: a GraphModule that is
+    pickled is traced again when loaded, which would inline a function's
+    custom autograd into a plain multiplication.
+    """
+
+    def __init__(self, tp: int) -> None:
+        super().__init__()
+        self.tp = tp
+
+    def extra_repr(self) -> str:
+        return f"tp={self.tp}"
+
+    def forward(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return out + _ScaleForward.apply(bias, 1.0 / self.tp)
+
+
+def vocab_parallel_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int,
+                             padding_idx: int = -1) -> torch.Tensor:
+    """This rank's addend of an embedding whose rows [start, start + rows) it holds (Megatron's
+    VocabParallelEmbedding): ids outside the range read zeros; the ranks' outputs sum to the lookup."""
+    rows = weight.shape[0]
+    local = ids - start
+    outside = (local < 0) | (local >= rows)
+    local = local.masked_fill(outside, 0)
+    pad = padding_idx - start if padding_idx >= 0 and 0 <= padding_idx - start < rows else -1
+    out = F.embedding(local, weight, padding_idx=pad if pad >= 0 else None)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
