@@ -28,6 +28,13 @@ from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StageP
 from autopart.solver import SCHEDULES, PipelineProblem, PipelineSolution, ValueFlow, solve_pipeline
 
 
+# The integer program, always: on chains of blocks the solver's exact dynamic
+# program ("auto") is ~10x faster, but the ILP also takes DAGs and is what the
+# joint tensor-parallel model builds on; 24 solves of a 26-block chain take
+# about 0.16 s (benchmarks/solver_backends.py).
+SOLVER_BACKEND = "cpsat"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PlanRequest:
     """What the user fixed (None: the planner chooses)."""
@@ -118,7 +125,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
                         continue
                     num_problems += 1
                     try:
-                        solution = solve_pipeline(problem)
+                        solution = solve_pipeline(problem, backend=SOLVER_BACKEND)
                     except PlanError as error:
                         failures.append((_shortfall(problem), str(error)))
                         candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",

@@ -91,11 +91,11 @@ def vit(layers: int = 2, d_model: int = 64, batch: int = 2, image: int = 32) -> 
 
 
 class _GPTBlock(nn.Module):
-    def __init__(self, d_model: int, heads: int) -> None:
+    def __init__(self, d_model: int, heads: int, attn_bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.ln_1 = nn.LayerNorm(d_model)
-        self.attn_qkv = nn.Linear(d_model, 3 * d_model)
+        self.attn_qkv = nn.Linear(d_model, 3 * d_model, bias=attn_bias)
         self.attn_proj = nn.Linear(d_model, d_model)
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp_fc = nn.Linear(d_model, 4 * d_model)
@@ -113,11 +113,12 @@ class _GPTBlock(nn.Module):
 class GPT(nn.Module):
     """A GPT decoder in plain PyTorch (nanoGPT's shape: pre-norm blocks, tied head)."""
 
-    def __init__(self, layers: int, d_model: int, heads: int, vocab: int, max_seq: int) -> None:
+    def __init__(self, layers: int, d_model: int, heads: int, vocab: int, max_seq: int,
+                 attn_bias: bool = True) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, d_model)
         self.wpe = nn.Embedding(max_seq, d_model)
-        self.blocks = nn.ModuleList(_GPTBlock(d_model, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(_GPTBlock(d_model, heads, attn_bias) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -131,10 +132,15 @@ class GPT(nn.Module):
 
 
 def gpt(layers: int = 4, d_model: int = 64, heads: int = 4, vocab: int = 256, seq: int = 16,
-        batch: int = 4, device: str | torch.device | None = None) -> ZooModel:
-    """A plain-PyTorch GPT; `device="meta"` builds it without memory (for planning only)."""
+        batch: int = 4, device: str | torch.device | None = None, attn_bias: bool = True) -> ZooModel:
+    """A plain-PyTorch GPT; `device="meta"` builds it without memory (for planning only).
+
+    attn_bias=False drops the q/k/v bias; the key bias has an exactly-zero true
+    gradient (softmax is shift invariant), so Adam turns its float noise into
+    full-size steps, which makes it useless for comparing two training runs.
+    """
     with torch.device(device or "cpu"):
-        model = GPT(layers, d_model, heads, vocab, seq)
+        model = GPT(layers, d_model, heads, vocab, seq, attn_bias)
         ids = torch.randint(0, vocab, (batch, seq))
     return ZooModel(name="gpt", model=model, args=(ids,), kwargs={}, main_output=lambda out: out)
 

@@ -27,7 +27,7 @@ from autopart.errors import AutopartError, InputError
 from autopart.passes.codegen import StageInterface, stage_interface
 from autopart.runtime.local import batch_size_of
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
-from autopart.runtime.state import StateMixin
+from autopart.runtime.state import StateMixin, local_tensor
 from autopart.trace import flatten_inputs, unflatten_output
 
 
@@ -94,10 +94,7 @@ class DistributedRunner(StateMixin):
         self.adapter = _StageAdapter(module, self.interface, tensor_positions)
         wrapped: nn.Module = self.adapter
         if self.mesh.dp > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            wrapped = DistributedDataParallel(self.adapter, process_group=self.groups.dp,
-                                              device_ids=[self.device] if self.device.type == "cuda" else None)
+            wrapped = _data_parallel(self.adapter, self.groups.dp, self.device, self.mesh.pp)
         self.stage = PipelineStage(wrapped, self.stage_index, self.mesh.pp, self.device, group=self.groups.pp)
         schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.plan.schedule]
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
@@ -177,7 +174,8 @@ class DistributedRunner(StateMixin):
             param = self.module.get_parameter(path)
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=self.groups.shared[stages])
+            # Under FSDP every copy holds the same dp shard: summing local shards is the sum.
+            dist.all_reduce(local_tensor(param.grad), group=self.groups.shared[stages])
 
     def zero_grad(self) -> None:
         self.module.zero_grad(set_to_none=True)
@@ -185,18 +183,22 @@ class DistributedRunner(StateMixin):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        sharded = False
         for path, name in self.interface.parameters:
             grad = self.module.get_parameter(path).grad
             first_holder = min(self.shared_names.get(name, (self.stage_index,)))
             if grad is not None and first_holder == self.stage_index:  # tied copies count once
-                squares += grad.detach().float().pow(2).sum()
+                sharded |= grad is not local_tensor(grad)
+                squares += local_tensor(grad).detach().float().pow(2).sum()
+        if sharded:  # FSDP: each replica holds a shard of every gradient
+            dist.all_reduce(squares, group=self.groups.dp)
         if self.mesh.pp > 1:
             dist.all_reduce(squares, group=self.groups.pp)
         norm = squares.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in self.parameters():
             if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.dtype))
+                local_tensor(param.grad).mul_(scale.to(param.grad.dtype))
         return norm
 
     # ------------------------------------------------------------------ inference
@@ -270,6 +272,26 @@ class DistributedRunner(StateMixin):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _data_parallel(adapter: nn.Module, group, device: torch.device, num_stages: int) -> nn.Module:
+    """Replicate the stage over the dp group with PyTorch's own data parallelism.
+
+    One stage: DDP. Several stages: FSDP2 (`fully_shard`, parameters kept
+    unsharded between forward and backward, i.e. ZeRO-2), which
+    torch.distributed.pipelining drives across microbatches; DDP's bucket
+    rebuild breaks when a pipeline stage runs several backwards per step.
+    """
+    if num_stages == 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(adapter, process_group=group,
+                                       device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, device.type)
+    return fully_shard(adapter, mesh=mesh, reshard_after_forward=False)
 
 
 def _default_device() -> torch.device:

@@ -39,7 +39,7 @@ def rank_of(mesh: Mesh, dp_index: int, stage: int, tp_index: int = 0) -> int:
 class MeshGroups:
     """This rank's process groups (None where the axis has size 1)."""
 
-    pp: dist.ProcessGroup | None
+    pp: dist.ProcessGroup
     """The ranks of this rank's pipeline (same dp replica and tp index)."""
     pp_ranks: list[int]
     """Global ranks of that pipeline, stage 0 first."""
@@ -59,7 +59,8 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
     for dp_index in range(mesh.dp):
         for tp_index in range(mesh.tp):
             ranks = [rank_of(mesh, dp_index, s, tp_index) for s in range(mesh.pp)]
-            group = dist.new_group(ranks) if mesh.pp > 1 else None
+            # a group even of one stage: PipelineStage would otherwise take the whole world
+            group = dist.new_group(ranks)
             if dp_index == me.dp_index and tp_index == me.tp_index:
                 pp_group, pp_ranks = group, ranks
     for stage in range(mesh.pp):

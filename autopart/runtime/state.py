@@ -23,6 +23,16 @@ from autopart.passes.codegen import StageInterface
 MANIFEST = "autopart_checkpoint.json"
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective over its mesh), else itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def _entries(interface: StageInterface) -> list[tuple[str, str, bool]]:
     """(attribute path, original name, is parameter) of a stage's tensors."""
     return [(p, n, True) for p, n in interface.parameters] + [(p, n, False) for p, n in interface.buffers]
@@ -41,7 +51,12 @@ def load_into(module: torch.nn.Module, interface: StageInterface, state_dict: di
                 raise InputError(f"state dict entry {name!r} has shape {tuple(value.shape)} but the plan's "
                                  f"stage {interface.stage} holds {tuple(target.shape)}; the checkpoint is of "
                                  "another model or configuration")
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+            value = value.to(device=local_tensor(target).device, dtype=target.dtype)
+            if target is not local_tensor(target):  # a DTensor: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, target.device_mesh, target.placements).to_local()
+            local_tensor(target).copy_(value)
 
 
 class StateMixin:
@@ -52,12 +67,13 @@ class StateMixin:
         out: dict[str, torch.Tensor] = {}
         for path, name, is_param in _entries(self.interface):
             tensor = self.module.get_parameter(path) if is_param else self.module.get_buffer(path)
-            out[name] = tensor.detach()
+            out[name] = full_tensor(tensor.detach())
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on rank 0 (CPU tensors); None on other ranks."""
-        local = {k: v.cpu() for k, v in self.state_dict().items()} if self.coords.dp_index == 0 else {}
+        state = self.state_dict()  # every rank: gathering FSDP shards is a collective
+        local = {k: v.cpu() for k, v in state.items()} if self.coords.dp_index == 0 else {}
         gathered: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if self.rank != 0:
@@ -74,8 +90,8 @@ class StateMixin:
     def save(self, directory: str) -> None:
         """Write this rank's tensors to `directory` (one file per pipeline stage, plus a manifest)."""
         os.makedirs(directory, exist_ok=True)
+        state = {k: v.cpu() for k, v in self.state_dict().items()}  # collective under FSDP
         if self.coords.dp_index == 0:
-            state = {k: v.cpu() for k, v in self.state_dict().items()}
             torch.save(state, os.path.join(directory, f"stage{self.interface.stage:03d}.pt"))
         if self.rank == 0:
             manifest = {"format": 1, "num_stages": self.interface.num_stages,

@@ -29,12 +29,14 @@ def main() -> None:
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--model", default="gpt")
+    parser.add_argument("--checkpoint", help="also check a save/load round trip in this directory")
+    parser.add_argument("--fail-rank", type=int, help="this rank dies or hangs in the second step")
+    parser.add_argument("--fail-mode", choices=["exit", "hang"], default="exit")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    entry = zoo.gpt(layers=4, d_model=32, heads=4, vocab=64, seq=8, batch=8) if args.model == "gpt" else \
-        zoo.ALL_FAMILIES[args.model]()
+    # no q/k/v bias: the key bias's true gradient is 0, and Adam would amplify its float noise
+    entry = zoo.gpt(layers=4, d_model=32, heads=4, vocab=64, seq=8, batch=8, attn_bias=False)
     model = entry.model
     reference = copy.deepcopy(model)
     batches = [torch.randint(0, 64, (8, 8)) for _ in range(args.steps)]
@@ -51,6 +53,8 @@ def main() -> None:
     optimizer = make[args.optimizer](runner.parameters())
     ref_optimizer = make[args.optimizer](reference.parameters())
 
+    if args.fail_rank == runner.rank:
+        _fail_in_second_step(runner, args.fail_mode)
     for step in range(args.steps):
         optimizer.zero_grad()
         loss = runner.step(batches[step], target=targets[step], loss_fn=loss_fn)
@@ -66,8 +70,54 @@ def main() -> None:
             torch.testing.assert_close(tensor.cpu(), final[name], **WEIGHTS, msg=lambda m: f"{name}: {m}")
     out = runner(batches[0])
     torch.testing.assert_close(out.cpu(), reference(batches[0]), **FWD)
+    if args.checkpoint:
+        _check_checkpoint(runner, final, args.checkpoint)
     print(f"OK rank {runner.rank} stage {runner.stage_index} loss {loss.item():.6f}", flush=True)
     torch.distributed.destroy_process_group()
+
+
+def _check_checkpoint(runner, final: dict[str, torch.Tensor], directory: str) -> None:
+    """Full state dict on rank 0, save/load bit-exact, and a mismatching checkpoint refused."""
+    full = runner.full_state_dict()
+    if runner.rank == 0:
+        assert set(full) >= set(final), sorted(set(final) - set(full))[:3]
+    saved = {k: v.clone() for k, v in runner.state_dict().items()}
+    runner.save(directory)
+    with torch.no_grad():
+        for param in runner.parameters():
+            param.add_(1.0)
+    runner.load(directory)
+    for name, tensor in runner.state_dict().items():
+        assert torch.equal(tensor, saved[name]), f"{name} not bit-exact after save/load"
+    bad = {k: v.cpu() for k, v in saved.items()}
+    name = next(iter(bad))
+    bad[name] = bad[name][..., :1]
+    try:
+        runner.load_full_state_dict(bad)
+    except autopart.InputError as error:
+        assert name in str(error) and "shape" in str(error), error
+    else:
+        raise AssertionError("a checkpoint of the wrong shape was accepted")
+    print(f"CHECKPOINT OK rank {runner.rank}", flush=True)
+
+
+def _fail_in_second_step(runner, mode: str) -> None:
+    """Make this rank die (exit) or hang (sleep) in its second forward."""
+    import os
+    import time
+
+    calls = {"n": 0}
+    original = runner.adapter.forward
+
+    def forward(*args):
+        calls["n"] += 1
+        if calls["n"] == runner.plan.num_microbatches + 1:
+            if mode == "exit":
+                os._exit(17)
+            time.sleep(3600)
+        return original(*args)
+
+    runner.adapter.forward = forward
 
 
 if __name__ == "__main__":
