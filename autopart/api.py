@@ -17,7 +17,8 @@ from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.coarsen import BlockGraph
 from autopart.plan import Plan
-from autopart.planner import PlanRequest, plan_pipeline, smallest_microbatch
+from autopart.mesh_search import plan_mesh, tensor_parallel_choices
+from autopart.planner import PlanRequest, smallest_microbatch
 from autopart.runtime.local import batch_size_of, split_microbatches
 from autopart.trace import io_spec, trace
 
@@ -31,6 +32,8 @@ def compile(  # noqa: A001 - the public name the project promises
     num_stages: int | None = None,
     num_microbatches: int | None = None,
     data_parallel: int | None = None,
+    tensor_parallel: int | None = None,
+    tp_plan: dict[str, str] | None = None,
     schedule: str | None = None,
     optimizer: str = "adam",
     training: bool = True,
@@ -41,7 +44,9 @@ def compile(  # noqa: A001 - the public name the project promises
     `example_inputs` is one whole batch (dim 0 of each batched tensor); the plan
     splits it among `data_parallel` replicas of the pipeline and each share into
     microbatches. `num_stages`, `num_microbatches` (per replica), `data_parallel`
-    and `schedule` ('gpipe' or '1f1b') fix those choices; None lets the planner choose.
+    `tensor_parallel` (devices per tp group) and `schedule` ('gpipe' or '1f1b') fix
+    those choices; None lets the planner choose. `tp_plan` fixes layers' splits,
+    e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     """
     log = _Phases(verbose)
@@ -64,17 +69,39 @@ def compile(  # noqa: A001 - the public name the project promises
     log("annotate", "annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
     blocks = passes.coarsen(gm, cluster, min_blocks=num_stages or 1)        # layers -> blocks
-    log("plan", f"planning over {len(blocks.blocks)} blocks")
-    plan = plan_pipeline(blocks, cluster, request, io_spec(gm).model_class)  # ILP -> Plan
-    log("codegen", f"plan: {plan.num_stages} stages, {plan.num_microbatches} microbatches, {plan.schedule}")
+    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages)
+    log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
+    plan, assignment = plan_mesh(gm, blocks, cluster, request, io_spec(gm).model_class,  # ILPs -> Plan
+                                 tp_sizes, _tp_fixed(gm, tp_plan))
+    log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
+                   f"{plan.num_microbatches} microbatches, {plan.schedule}")
     if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
         log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
-        gm, plan = _retrace(model, flat_batch, in_spec, plan, blocks, cluster)
+        gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training)
         log("codegen", "cutting stages")
     split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
-    ranks = passes.stage_modules(split, _canonical_names(model))            # one GraphModule per rank
+    stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
+    ranks = [_shard(stage, assignment) for stage in stages]                 # its tp ranks, collectives in
     log("done")
-    return CompiledModel(plan=plan, rank_modules=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
+    return CompiledModel(plan=plan, stages=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
+
+
+def _tp_fixed(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None) -> dict[str, str] | None:
+    if not tp_plan:
+        return None
+    from autopart.passes.tp_plan import plan_placements
+
+    return plan_placements(gm, tp_plan)
+
+
+def _shard(stage: torch.fx.GraphModule, assignment) -> list[torch.fx.GraphModule]:
+    """The stage's tp rank modules (the stage itself when tp = 1), each with the stage's interface."""
+    if assignment is None:
+        return [stage]
+    ranks = passes.shard_graph(stage, assignment, assignment.tp)
+    for rank in ranks:
+        rank.meta[passes.codegen.INTERFACE_META_KEY] = passes.stage_interface(stage)
+    return ranks
 
 
 class _Phases:
@@ -120,7 +147,7 @@ def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[t
 
 
 def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, blocks: BlockGraph,
-             cluster: Cluster) -> tuple[torch.fx.GraphModule, Plan]:
+             cluster: Cluster, tp_plan: dict[str, str] | None, training: bool):
     """The graph at the chosen microbatch size, and the plan restated on its nodes.
 
     Models may trace to slightly different ops at another batch size (a batch
@@ -143,7 +170,14 @@ def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, block
         dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
         for stage in plan.stages
     )
-    return gm, dataclasses.replace(plan, stages=stages)
+    assignment = None
+    if plan.mesh.tp > 1:  # node names may differ at this size: choose the splits again on this graph
+        _, assignment = passes.tensor_parallel_blocks(
+            gm, micro_blocks, cluster, plan.mesh.tp, memory_budget_bytes=min(d.memory_bytes for d in cluster.devices),
+            training=training, fixed=_tp_fixed(gm, tp_plan))
+    plan = dataclasses.replace(plan, stages=stages,
+                               tensor_parallel=assignment.to_dict() if assignment is not None else None)
+    return gm, plan, assignment
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

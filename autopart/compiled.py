@@ -17,19 +17,18 @@ from autopart.trace import flatten_inputs, unflatten_output
 class CompiledModel:
     """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation."""
 
-    def __init__(self, *, plan: Plan, rank_modules: list[torch.fx.GraphModule],
+    def __init__(self, *, plan: Plan, stages: list[list[torch.fx.GraphModule]],
                  graph: torch.fx.GraphModule, cluster: Cluster,
                  phase_seconds: dict[str, float] | None = None) -> None:
         self.plan = plan
         self.cluster = cluster
         self.phase_seconds = dict(phase_seconds or {})
-        """Wall time of each compile phase: trace, annotate, plan, retrace, codegen."""
-        self._rank_modules = rank_modules
+        """Wall time of each compile phase: trace, annotate, plan, tensor-parallel, codegen."""
+        self._stages = stages  # [stage][tp rank] -> GraphModule
         self._graph = graph  # the traced microbatch graph, for input/output structure
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
-        self._local = LocalPipeline(rank_modules, plan.schedule, plan.num_microbatches * plan.mesh.dp,
-                                    plan.batch_size)
+        self._local = LocalPipeline(stages, plan.schedule, plan.num_microbatches * plan.mesh.dp, plan.batch_size)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -38,14 +37,24 @@ class CompiledModel:
 
     @property
     def num_ranks(self) -> int:
-        return len(self._rank_modules)
+        """Processes the plan runs on: dp × pp × tp."""
+        return self.plan.mesh.num_devices
 
     def rank_module(self, rank: int) -> torch.fx.GraphModule:
-        """The GraphModule rank `rank` runs (its stage, its parameter copies)."""
-        if not 0 <= rank < len(self._rank_modules):
-            raise InputError(f"rank={rank} is outside 0..{len(self._rank_modules) - 1} "
-                             f"(the plan uses {len(self._rank_modules)} ranks)")
-        return self._rank_modules[rank]
+        """The GraphModule rank `rank` runs: its stage, its tp slice of the parameters.
+
+        Ranks are laid out (dp, pp, tp) with tp fastest; data-parallel replicas run
+        the same modules.
+        """
+        mesh = self.plan.mesh
+        if not 0 <= rank < mesh.num_devices:
+            raise InputError(f"rank={rank} is outside 0..{mesh.num_devices - 1} "
+                             f"(the plan uses dp={mesh.dp} × pp={mesh.pp} × tp={mesh.tp} ranks)")
+        return self._stages[(rank // mesh.tp) % mesh.pp][rank % mesh.tp]
+
+    def stage_module(self, stage: int, tp_index: int = 0) -> torch.fx.GraphModule:
+        """The GraphModule of pipeline stage `stage`, tensor-parallel rank `tp_index`."""
+        return self._stages[stage][tp_index]
 
     def report(self) -> str:
         """The partition report as text."""

@@ -18,14 +18,17 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
             "plan_seconds", "num_problems"},
  "candidates": [{"data_parallel", "num_stages", "num_microbatches", "schedule", "step_seconds" | null,
-                 "status", "detail"}]}
+                 "status", "detail", "tensor_parallel"}],
+ "tensor_parallel": null | {"tp": int, "nodes": {node: {"strategy", "output", "inputs",
+                            "grad_sync", "scaled_bias"}}, "predicted_seconds", "collectives": [...],
+                            "param_bytes_per_device", "status", "solve_seconds"}}
 ```
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from autopart.errors import InputError
@@ -144,6 +147,8 @@ class Candidate:
     """'chosen', 'feasible', 'infeasible' or 'pruned'."""
     detail: str
     """Why: the binding constraint, the shortfall, or the bound that pruned it."""
+    tensor_parallel: int = 1
+    """Devices per tensor-parallel group."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +173,8 @@ class Plan:
     """Devices the plan leaves unused (faster with fewer stages)."""
     solver: SolverInfo
     candidates: tuple[Candidate, ...]
+    tensor_parallel: dict[str, Any] | None = None
+    """Per-node placements on the tp axis (TPAssignment.to_dict()); None when tp = 1."""
     version: int = PLAN_VERSION
 
     @property
@@ -216,7 +223,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise KeyError(f"{where} has unknown fields {unknown}")
-    missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name != "version")
+    missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
     if missing:
         raise KeyError(f"{where} lacks fields {missing}")
     kwargs: dict[str, Any] = {}

@@ -3,9 +3,12 @@
 from autopart.passes.annotate import COST_META_KEY, NodeCost, annotate, node_cost
 from autopart.passes.coarsen import Block, BlockGraph, BlockValue, coarsen
 from autopart.passes.codegen import InputSource, StageInterface, stage_interface, stage_modules
+from autopart.passes.shard import shard_graph
 from autopart.passes.split import split_stages
+from autopart.passes.tp_blocks import tensor_parallel_blocks
 
 __all__ = [
     "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "InputSource", "NodeCost", "StageInterface",
-    "annotate", "coarsen", "node_cost", "split_stages", "stage_interface", "stage_modules",
+    "annotate", "coarsen", "node_cost", "shard_graph", "split_stages", "stage_interface", "stage_modules",
+    "tensor_parallel_blocks",
 ]

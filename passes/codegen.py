@@ -13,7 +13,6 @@ gradients of a parameter held by several stages.
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -21,6 +20,7 @@ import torch
 import torch.fx
 
 from autopart.errors import PlanError
+from autopart.passes.split import SOURCE_META_KEY
 
 INTERFACE_META_KEY = "autopart_stage"
 
@@ -137,13 +137,12 @@ def _own_attributes(split: torch.fx.GraphModule, sub: torch.fx.GraphModule, owne
         _set_nested(root, target, copy)
         name = canonical_name.get(target, target)
         (params if isinstance(copy, torch.nn.Parameter) else buffers).append((target, name))
-        with graph.inserting_before(placeholder), warnings.catch_warnings():
-            # The attribute lives on `root`, which becomes the graph's owner below.
-            warnings.filterwarnings("ignore", message=".*no underlying reference.*|Failed to fetch module")
-            attr = graph.get_attr(target)
-        attr.meta = dict(placeholder.meta)
-        placeholder.replace_all_uses_with(attr)
-        graph.erase_node(placeholder)
+        # The placeholder becomes the get_attr: same node, same users, and (below) the
+        # whole graph's node name, so per-node decisions (tp placements) still apply.
+        placeholder.op, placeholder.target = "get_attr", target
+        source = placeholder.meta.get(SOURCE_META_KEY)
+        if source is not None and source != placeholder.name:
+            placeholder._rename(source)
     # attributes split_module already reads with get_attr (submodules, constants)
     for node in graph.nodes:
         if node.op == "get_attr" and not _has_nested(root, node.target):

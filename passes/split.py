@@ -27,6 +27,7 @@ from autopart.errors import PlanError
 
 RELAY = torch.ops.aten.alias.default
 STAGE_META_KEY = "autopart_stage_index"
+SOURCE_META_KEY = "autopart_source_node"
 
 
 def split_stages(gm: torch.fx.GraphModule, stage_of_node: Mapping[str, int], num_stages: int) -> torch.fx.GraphModule:
@@ -94,6 +95,7 @@ def _duplicate_shared_attrs(gm: torch.fx.GraphModule, stage: dict[torch.fx.Node,
             with graph.inserting_after(node):
                 copy = graph.get_attr(node.target)
             copy.meta = dict(node.meta)
+            copy.meta[SOURCE_META_KEY] = node.name  # codegen names the stage's copy like the original
             for user in users:
                 user.replace_input_with(node, copy)
 

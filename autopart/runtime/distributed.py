@@ -85,7 +85,7 @@ class DistributedRunner(StateMixin):
             )
         self.coords = coordinates(self.mesh, self.rank)
         self.stage_index = self.coords.stage
-        module = compiled.rank_module(self.stage_index)
+        module = compiled.rank_module(self.rank)
         self.interface = stage_interface(module)
         self.shared_names = _shared_parameters(compiled)
         self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(set(self.shared_names.values())))
@@ -228,7 +228,7 @@ class DistributedRunner(StateMixin):
             received = [micro[i].to(self.device) for i in self.adapter.tensor_positions]
         else:
             received = [torch.empty(v.shape, dtype=v.dtype, device=self.device)
-                        for v in _output_vals(self.compiled.rank_module(self.stage_index - 1))]
+                        for v in _output_vals(self.compiled.stage_module(self.stage_index - 1))]
             for tensor in received:
                 dist.recv(tensor, src=pp_ranks[self.stage_index - 1], group=self.groups.pp)
         outputs = self.adapter(*received)
@@ -244,7 +244,7 @@ class DistributedRunner(StateMixin):
         return final
 
     def _model_output_vals(self) -> list[torch.Tensor]:
-        last = self.compiled.rank_module(self.mesh.pp - 1)
+        last = self.compiled.stage_module(self.mesh.pp - 1)
         vals = _output_vals(last)
         return [vals[i] for i in stage_interface(last).model_outputs]
 
@@ -317,7 +317,7 @@ def _shared_parameters(compiled) -> dict[str, tuple[int, ...]]:
     """Original parameter name -> the stages that hold a copy, for names held by several."""
     holders: dict[str, list[int]] = {}
     for stage in range(compiled.plan.num_stages):
-        for _, name in stage_interface(compiled.rank_module(stage)).parameters:
+        for _, name in stage_interface(compiled.stage_module(stage)).parameters:
             holders.setdefault(name, []).append(stage)
     return {name: tuple(stages) for name, stages in holders.items() if len(stages) > 1}
 

@@ -21,11 +21,11 @@ from autopart.schedules import Action, build_schedule, timeline
 
 @dataclass
 class _Microbatch:
-    """What one stage keeps of one microbatch between its forward and backward."""
+    """What one stage keeps of one microbatch between its forward and backward, per tp rank."""
 
-    inputs: list[Any]
-    outputs: tuple[Any, ...]
-    loss: torch.Tensor | None = None
+    inputs: list[list[Any]]
+    outputs: list[tuple[Any, ...]]
+    losses: list[torch.Tensor] | None = None
 
 
 def split_microbatches(flat_inputs: Sequence[Any], batch_size: int, num_microbatches: int) -> list[list[Any]]:
@@ -56,19 +56,32 @@ def batch_size_of(flat_inputs: Sequence[Any]) -> int:
 
 
 class LocalPipeline:
-    """Runs stage modules in one process, microbatched under a schedule."""
+    """Runs stage modules in one process, microbatched under a schedule.
 
-    def __init__(self, modules: Sequence[torch.fx.GraphModule], schedule: str, num_microbatches: int,
+    `stages[s]` holds the tensor-parallel rank modules of stage s (one module
+    when tp = 1); the ranks of a stage run in lock step (runtime/spmd.py), each
+    with its own copy of what it receives, as separate processes would.
+    """
+
+    def __init__(self, stages: Sequence[Sequence[torch.fx.GraphModule]], schedule: str, num_microbatches: int,
                  batch_size: int) -> None:
-        self.modules = list(modules)
-        self.interfaces: list[StageInterface] = [stage_interface(m) for m in self.modules]
+        self.stages = [list(ranks) for ranks in stages]
+        self.tp = len(self.stages[0])
+        self.interfaces: list[StageInterface] = [stage_interface(ranks[0]) for ranks in self.stages]
         self.schedule = schedule
         self.num_microbatches = num_microbatches
         self.batch_size = batch_size
 
     @property
     def num_stages(self) -> int:
-        return len(self.modules)
+        return len(self.stages)
+
+    def _run_stage(self, s: int, per_rank_inputs: list[list[Any]]) -> list[tuple[Any, ...]]:
+        if self.tp == 1:
+            return [tuple(self.stages[s][0](*per_rank_inputs[0]))]
+        from autopart.runtime.spmd import run_ranks
+
+        return [tuple(out) for out in run_ranks(self.stages[s], per_rank_inputs[0], per_rank_inputs)]
 
     # ------------------------------------------------------------------ forward only
 
@@ -78,8 +91,9 @@ class LocalPipeline:
         outputs = []
         for inputs in self._microbatches(flat_inputs):
             carried: tuple[Any, ...] = ()
-            for module, interface in zip(self.modules, self.interfaces):
-                carried = module(*self._gather(interface, inputs, carried))
+            for s, interface in enumerate(self.interfaces):
+                gathered = self._gather(interface, inputs, carried)
+                carried = self._run_stage(s, [gathered] * self.tp)[0]  # replicated: rank 0's
             outputs.append(tuple(carried[i] for i in self.interfaces[-1].model_outputs))
         return outputs
 
@@ -94,8 +108,8 @@ class LocalPipeline:
         """
         micro_inputs = self._microbatches(flat_inputs)
         m = self.num_microbatches
-        state: list[dict[int, _Microbatch]] = [{} for _ in self.modules]
-        grads_to_send: list[dict[int, list[Any]]] = [{} for _ in self.modules]
+        state: list[dict[int, _Microbatch]] = [{} for _ in self.stages]
+        grads_to_send: list[dict[int, list[list[Any]]]] = [{} for _ in self.stages]
         losses: list[torch.Tensor] = []
         plan = build_schedule(self.schedule, self.num_stages, m, training=True)
         for slot in timeline(plan, m, training=True):
@@ -111,34 +125,38 @@ class LocalPipeline:
     def _forward(self, action: Action, micro_inputs, state, targets, loss_of, losses) -> None:
         s, i = action.stage, action.microbatch
         interface = self.interfaces[s]
-        previous = state[s - 1][i].outputs if s > 0 else ()
-        inputs = [_receive(x) for x in self._gather(interface, micro_inputs[i], previous)]
-        outputs = tuple(self.modules[s](*inputs))
-        record = _Microbatch(inputs=inputs, outputs=outputs)
+        previous = state[s - 1][i].outputs if s > 0 else [()] * self.tp
+        inputs = [[_receive(x) for x in self._gather(interface, micro_inputs[i], previous[r])]
+                  for r in range(self.tp)]
+        record = _Microbatch(inputs=inputs, outputs=self._run_stage(s, inputs))
         if s == self.num_stages - 1:
-            model_outputs = tuple(outputs[k] for k in interface.model_outputs)
-            record.loss = loss_of(model_outputs, targets[i])
-            losses.append(record.loss)
+            # every tp rank computes the loss on its (replicated) output, as processes would
+            record.losses = [loss_of(tuple(outputs[k] for k in interface.model_outputs), targets[i])
+                             for outputs in record.outputs]
+            losses.append(record.losses[0])
         state[s][i] = record
 
     def _backward(self, action: Action, state, grads_to_send) -> None:
         s, i = action.stage, action.microbatch
         record = state[s].pop(i)
         if s == self.num_stages - 1:
-            (record.loss / self.num_microbatches).backward()
+            torch.autograd.backward([loss / self.num_microbatches for loss in record.losses])
         else:
             incoming = grads_to_send[s + 1].pop(i)
-            pairs = [(out, grad) for out, grad in zip(record.outputs, incoming)
+            pairs = [(out, grad) for r in range(self.tp) for out, grad in zip(record.outputs[r], incoming[r])
                      if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad]
             if pairs:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
-        # Gradients of this stage's inputs go back to the previous stage's outputs.
+        # Gradients of this stage's inputs go back to the previous stage's outputs, rank to rank.
         if s > 0:
-            back: list[Any] = [None] * len(self.interfaces[s - 1].output_names)
-            for source, x in zip(self.interfaces[s].inputs, record.inputs):
-                if source.kind == "previous_stage" and isinstance(x, torch.Tensor) and x.grad is not None:
-                    back[source.index] = x.grad if back[source.index] is None else back[source.index] + x.grad
-            grads_to_send[s][i] = back
+            per_rank = []
+            for r in range(self.tp):
+                back: list[Any] = [None] * len(self.interfaces[s - 1].output_names)
+                for source, x in zip(self.interfaces[s].inputs, record.inputs[r]):
+                    if source.kind == "previous_stage" and isinstance(x, torch.Tensor) and x.grad is not None:
+                        back[source.index] = x.grad if back[source.index] is None else back[source.index] + x.grad
+                per_rank.append(back)
+            grads_to_send[s][i] = per_rank
 
     # ------------------------------------------------------------------ helpers
 
@@ -159,17 +177,23 @@ class LocalPipeline:
     def gradients(self) -> dict[str, torch.Tensor]:
         """Gradient of every original parameter, summed over the stages holding a copy."""
         grads: dict[str, torch.Tensor] = {}
-        for module, interface in zip(self.modules, self.interfaces):
-            for path, name in interface.parameters:
-                grad = module.get_parameter(path).grad
-                if grad is None:
-                    continue
-                grads[name] = grad.clone() if name not in grads else grads[name] + grad
+        for ranks, interface in zip(self.stages, self.interfaces):
+            if self.tp > 1:
+                from autopart.runtime.spmd import gather_gradients
+
+                paths = dict(interface.parameters)  # attribute path -> original name (tied weights)
+                stage_grads = {paths.get(k, k): g for k, g in gather_gradients(ranks).items()}
+            else:
+                stage_grads = {name: ranks[0].get_parameter(path).grad for path, name in interface.parameters}
+            for name, grad in stage_grads.items():
+                if grad is not None:
+                    grads[name] = grad.clone() if name not in grads else grads[name] + grad
         return grads
 
     def zero_grad(self) -> None:
-        for module in self.modules:
-            module.zero_grad(set_to_none=True)
+        for ranks in self.stages:
+            for module in ranks:
+                module.zero_grad(set_to_none=True)
 
 
 def _receive(x: Any) -> Any:

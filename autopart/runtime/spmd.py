@@ -54,14 +54,20 @@ def _check_lock_step(modules: Sequence[torch.fx.GraphModule]) -> list[list[torch
     return nodes
 
 
-def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any]) -> list[list[Any]]:
-    """Every rank's flat outputs (autograd recorded if enabled)."""
+def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any],
+              per_rank_inputs: Sequence[Sequence[Any]] | None = None) -> list[list[Any]]:
+    """Every rank's flat outputs (autograd recorded if enabled).
+
+    `per_rank_inputs` gives each rank its own input tensors (as separate
+    processes would have), so gradients of replicated inputs are not summed
+    over ranks; otherwise every rank reads `flat_inputs`.
+    """
     modules = list(rank_modules)
     if [rank_info(m).rank for m in modules] != list(range(len(modules))):
         raise PlanError("give the rank modules in rank order 0..tp-1, all of them")
     interps = [torch.fx.Interpreter(m) for m in modules]
-    for interp in interps:
-        interp.args_iter = iter(flat_inputs)
+    for r, interp in enumerate(interps):
+        interp.args_iter = iter(per_rank_inputs[r] if per_rank_inputs is not None else flat_inputs)
         interp.env = {}
     outputs: list[list[Any]] = []
     for step in zip(*_check_lock_step(modules)):

@@ -1,0 +1,66 @@
+"""Block costs under a tensor-parallel assignment, for the pipeline planner.
+
+For one tp group size, the strategy ILP (passes/strategies.py) chooses every
+op's split with stage boundaries (values that cross blocks) kept Replicate, so
+any pipeline cut between blocks needs no resharding. This pass then restates
+each block's cost per device of the tp group: compute of the chosen
+strategies plus the collectives of the values the block computes, parameter
+bytes of the chosen slices, and saved activations divided by tp where the
+value is sharded. The pipeline planner places these blocks on tp groups as
+it places unsplit blocks on devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+import torch.fx
+
+from autopart.cost_models import Cluster
+from autopart.passes.annotate import node_cost
+from autopart.passes.coarsen import Block, BlockGraph, BlockTimes
+from autopart.passes.strategies import assignment_from_solution, build_tp_problem
+from autopart.passes.tp_placements import R, Placement, TPAssignment
+from autopart.solver.tp_ilp import solve_tp
+
+
+def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,
+                           memory_budget_bytes: float, training: bool = True,
+                           fixed: Mapping[str, Placement | str] | None = None) -> tuple[BlockGraph, TPAssignment]:
+    """Choose op splits for a tp group of `tp` devices; return per-device block costs and the assignment."""
+    pinned: dict[str, Placement | str] = {v.node_name: R for v in blocks.values}
+    pinned.update(fixed or {})
+    index = build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=pinned, training=training)
+    solution = solve_tp(index.problem)
+    assignment = assignment_from_solution(gm, index, solution)
+    chosen = {name: solution.choice[g] for name, g in index.node_group.items()}
+    seconds = {name: float(index.node_seconds[name][k]) for name, k in chosen.items()}
+    param_bytes = {name: int(index.node_param_bytes[name][k]) for name, k in chosen.items()}
+    for collective in assignment.collectives:
+        seconds[collective.value] = seconds.get(collective.value, 0.0) + collective.seconds
+    attr_node = {n.target: n.name for n in gm.graph.nodes if n.op == "get_attr"}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    device = cluster.devices[0].name
+    new_blocks = tuple(_restate(block, nodes, attr_node, seconds, param_bytes, assignment, device)
+                       for block in blocks.blocks)
+    return dataclasses.replace(blocks, blocks=new_blocks), assignment
+
+
+def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:
+    times = block.time_on(device)
+    old = times.fwd(1.0) + times.bwd(1.0)
+    new = sum(seconds.get(name, 0.0) for name in block.node_names)
+    ratio = new / old if old > 0 else 1.0
+    held = sum(param_bytes.get(attr_node[t], 0) for t in block.param_names if t in attr_node)
+    share = held / block.param_bytes if block.param_bytes else 1.0
+    saved = sum(node_cost(nodes[name]).saved_bytes / (1 if assignment.output_placement(name) == R else assignment.tp)
+                for name in block.node_names)
+    # the pipeline planner prices fwd and bwd separately: keep the block's own split of the two
+    scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
+                              bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)
+                   for t in block.times)
+    return dataclasses.replace(block, times=scaled, param_bytes=int(held),
+                               trainable_param_bytes=int(block.trainable_param_bytes * share),
+                               saved_bytes=int(saved))
