@@ -27,7 +27,7 @@ from autopart.errors import AutopartError, InputError
 from autopart.passes.codegen import StageInterface, stage_interface
 from autopart.runtime.local import batch_size_of
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
-from autopart.runtime.state import StateMixin, local_tensor
+from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 from autopart.trace import flatten_inputs, unflatten_output
 
 
@@ -90,6 +90,10 @@ class DistributedRunner(StateMixin):
         self.shared_names = _shared_parameters(compiled)
         self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(set(self.shared_names.values())))
         module = _materialise(module, self.device, state_dict, init_fn, self.interface)
+        if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
+            from autopart.passes.tp_ops import attach_process_group
+
+            attach_process_group(module, self.groups.tp)
         tensor_positions = [i for i, leaf in enumerate(_example_flat(compiled)) if isinstance(leaf, torch.Tensor)]
         self.adapter = _StageAdapter(module, self.interface, tensor_positions)
         wrapped: nn.Module = self.adapter
@@ -121,8 +125,8 @@ class DistributedRunner(StateMixin):
         return self.adapter.module.parameters()
 
     def describe(self) -> str:
-        return (f"rank {self.rank} (stage {self.stage_index} of {self.mesh.pp}, dp replica "
-                f"{self.coords.dp_index} of {self.mesh.dp})")
+        return (f"rank {self.rank} (stage {self.stage_index} of {self.mesh.pp}, tp rank {self.coords.tp_index} "
+                f"of {self.mesh.tp}, dp replica {self.coords.dp_index} of {self.mesh.dp})")
 
     # ------------------------------------------------------------------ training
 
@@ -184,14 +188,21 @@ class DistributedRunner(StateMixin):
         """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
         sharded = False
+        tp_slices = _tp_slices(self.module)
         for path, name in self.interface.parameters:
             grad = self.module.get_parameter(path).grad
             first_holder = min(self.shared_names.get(name, (self.stage_index,)))
-            if grad is not None and first_holder == self.stage_index:  # tied copies count once
-                sharded |= grad is not local_tensor(grad)
-                squares += local_tensor(grad).detach().float().pow(2).sum()
+            if grad is None or first_holder != self.stage_index:  # tied copies count once
+                continue
+            piece = tp_slices.get(path)
+            if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
+                continue  # replicated over tp: rank 0's copy counts
+            sharded |= grad is not local_tensor(grad)
+            squares += local_tensor(grad).detach().float().pow(2).sum()
         if sharded:  # FSDP: each replica holds a shard of every gradient
             dist.all_reduce(squares, group=self.groups.dp)
+        if self.mesh.tp > 1:
+            dist.all_reduce(squares, group=self.groups.tp)
         if self.mesh.pp > 1:
             dist.all_reduce(squares, group=self.groups.pp)
         norm = squares.sqrt()

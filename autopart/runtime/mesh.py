@@ -46,6 +46,8 @@ class MeshGroups:
     dp: dist.ProcessGroup | None
     """The replicas of this rank's stage (same stage and tp index)."""
     dp_ranks: list[int]
+    tp: dist.ProcessGroup | None
+    """The ranks that split this rank's stage (same dp replica and stage)."""
     shared: dict[tuple[int, ...], dist.ProcessGroup | None]
     """Groups of stages (of this pipeline) that hold copies of one parameter, by stage tuple."""
 
@@ -69,6 +71,13 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
             group = dist.new_group(ranks) if mesh.dp > 1 else None
             if stage == me.stage and tp_index == me.tp_index:
                 dp_group, dp_ranks = group, ranks
+    tp_group = None
+    for dp_index in range(mesh.dp):
+        for stage in range(mesh.pp):
+            ranks = [rank_of(mesh, dp_index, stage, t) for t in range(mesh.tp)]
+            group = dist.new_group(ranks) if mesh.tp > 1 else None
+            if dp_index == me.dp_index and stage == me.stage:
+                tp_group = group
     shared: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
     for stages in shared_stage_sets:
         for dp_index in range(mesh.dp):
@@ -77,4 +86,4 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
                 group = dist.new_group(ranks)
                 if dp_index == me.dp_index and tp_index == me.tp_index and me.stage in stages:
                     shared[stages] = group
-    return MeshGroups(pp=pp_group, pp_ranks=pp_ranks, dp=dp_group, dp_ranks=dp_ranks, shared=shared)
+    return MeshGroups(pp=pp_group, pp_ranks=pp_ranks, dp=dp_group, dp_ranks=dp_ranks, tp=tp_group, shared=shared)

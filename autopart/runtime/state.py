@@ -2,9 +2,9 @@
 
 `state_dict()` holds this rank's tensors (its stage's parameters and buffers);
 a full state dict can be gathered on rank 0 and a full state dict can be loaded
-(each rank takes its own names). On disk, each rank writes one file of plain
-tensors (`torch.save`) and rank 0 a JSON manifest; everything is read back with
-`torch.load(weights_only=True)`. (torch.distributed.checkpoint was not used:
+(each rank takes its own names). On disk, rank 0 writes the gathered whole
+model as one file of plain tensors (`torch.save`) and a JSON manifest, so any
+mesh can load it; everything is read back with `torch.load(weights_only=True)`. (torch.distributed.checkpoint was not used:
 its metadata file is read with pickle.)
 """
 
@@ -38,8 +38,19 @@ def _entries(interface: StageInterface) -> list[tuple[str, str, bool]]:
     return [(p, n, True) for p, n in interface.parameters] + [(p, n, False) for p, n in interface.buffers]
 
 
+def _tp_slices(module: torch.nn.Module) -> dict[str, Any]:
+    """Attribute path -> ParamSlice for a tensor-parallel rank module (empty otherwise)."""
+    from autopart.passes.shard import TP_META_KEY
+
+    info = getattr(module, "meta", {}).get(TP_META_KEY)
+    return {piece.name: piece for piece in info.params} if info is not None else {}
+
+
 def load_into(module: torch.nn.Module, interface: StageInterface, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy this stage's tensors out of a full (or partial, covering it) state dict, checking names and shapes."""
+    """Copy this rank's tensors out of a full state dict (its tp slices of it), checking names and shapes."""
+    from autopart.passes.tp_ops import take_shard
+
+    slices = _tp_slices(module)
     with torch.no_grad():
         for path, name, is_param in _entries(interface):
             if name not in state_dict:
@@ -47,6 +58,10 @@ def load_into(module: torch.nn.Module, interface: StageInterface, state_dict: di
                                  "load a checkpoint of this model (names as model.named_parameters() gives them)")
             target = module.get_parameter(path) if is_param else module.get_buffer(path)
             value = state_dict[name]
+            piece = slices.get(path)
+            if piece is not None and piece.dim is not None and value.dim() > piece.dim \
+                    and value.shape[piece.dim] == target.shape[piece.dim] * piece.tp:
+                value = take_shard(value, piece.dim, piece.groups, piece.tp, piece.index)
             if tuple(value.shape) != tuple(target.shape):
                 raise InputError(f"state dict entry {name!r} has shape {tuple(value.shape)} but the plan's "
                                  f"stage {interface.stage} holds {tuple(target.shape)}; the checkpoint is of "
@@ -63,7 +78,7 @@ class StateMixin:
     """Checkpoint methods of DistributedRunner (needs .module, .interface, .rank, .coords)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's tensors under their original names."""
+        """This rank's tensors under their original names (its tp slice of a split parameter)."""
         out: dict[str, torch.Tensor] = {}
         for path, name, is_param in _entries(self.interface):
             tensor = self.module.get_parameter(path) if is_param else self.module.get_buffer(path)
@@ -72,15 +87,33 @@ class StateMixin:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on rank 0 (CPU tensors); None on other ranks."""
+        from autopart.passes.tp_ops import merge_shards
+
         state = self.state_dict()  # every rank: gathering FSDP shards is a collective
-        local = {k: v.cpu() for k, v in state.items()} if self.coords.dp_index == 0 else {}
+        slices = _tp_slices(self.module)
+        paths = {name: path for path, name, _ in _entries(self.interface)}
+        local = {}
+        if self.coords.dp_index == 0:
+            for name, tensor in state.items():
+                piece = slices.get(paths[name])
+                split = (piece.dim, piece.groups, piece.index) if piece is not None and piece.dim is not None else None
+                local[name] = (tensor.cpu(), split)
         gathered: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if self.rank != 0:
             return None
-        full: dict[str, torch.Tensor] = {}
+        pieces: dict[str, list[tuple[torch.Tensor, Any]]] = {}
         for part in gathered:
-            full.update(part)
+            for name, entry in part.items():
+                pieces.setdefault(name, []).append(entry)
+        full: dict[str, torch.Tensor] = {}
+        for name, entries in pieces.items():
+            if entries[0][1] is None:  # whole on every holder (replicas, tied copies): any one
+                full[name] = entries[0][0]
+            else:  # tp slices: one per tp index, merged along the split dim
+                by_index = {split[2]: tensor for tensor, split in entries}
+                dim, groups, _ = entries[0][1]
+                full[name] = merge_shards([by_index[i] for i in sorted(by_index)], dim, groups)
         return full
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -88,14 +121,15 @@ class StateMixin:
         load_into(self.module, self.interface, state_dict)
 
     def save(self, directory: str) -> None:
-        """Write this rank's tensors to `directory` (one file per pipeline stage, plus a manifest)."""
+        """Gather the whole model on rank 0 and write it to `directory` (plain tensors plus a JSON manifest).
+
+        A whole-model file loads into any plan of the same model, whatever its mesh.
+        """
         os.makedirs(directory, exist_ok=True)
-        state = {k: v.cpu() for k, v in self.state_dict().items()}  # collective under FSDP
-        if self.coords.dp_index == 0:
-            torch.save(state, os.path.join(directory, f"stage{self.interface.stage:03d}.pt"))
+        full = self.full_state_dict()  # whole tensors: any later mesh can load them
         if self.rank == 0:
-            manifest = {"format": 1, "num_stages": self.interface.num_stages,
-                        "model_class": self.plan.model_class}
+            torch.save(full, os.path.join(directory, "model.pt"))
+            manifest = {"format": 1, "model_class": self.plan.model_class, "tensors": len(full)}
             with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=2)
         dist.barrier()
@@ -107,8 +141,7 @@ class StateMixin:
             raise InputError(f"{directory!r} holds no autopart checkpoint ({MANIFEST} missing)")
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-        state: dict[str, torch.Tensor] = {}
-        for stage in range(manifest["num_stages"]):
-            state.update(torch.load(os.path.join(directory, f"stage{stage:03d}.pt"), weights_only=True,
-                                    map_location="cpu"))
+        if manifest.get("format") != 1:
+            raise InputError(f"{path}: checkpoint format {manifest.get('format')!r} is not supported")
+        state = torch.load(os.path.join(directory, "model.pt"), weights_only=True, map_location="cpu")
         load_into(self.module, self.interface, state)

@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stages", type=int, required=True)
     parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel group size (Megatron layout)")
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
@@ -45,9 +46,12 @@ def main() -> None:
     def loss_fn(logits, target):
         return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
-    compiled = autopart.compile(model, args.stages * args.dp, example_inputs=(batches[0],),
+    megatron = {"blocks.*.attn_qkv": "colwise", "blocks.*.attn_proj": "rowwise",
+                "blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}
+    compiled = autopart.compile(model, args.stages * args.dp * args.tp, example_inputs=(batches[0],),
                                 num_stages=args.stages, num_microbatches=args.microbatches,
-                                schedule=args.schedule, data_parallel=args.dp)
+                                schedule=args.schedule, data_parallel=args.dp, tensor_parallel=args.tp,
+                                tp_plan=megatron if args.tp > 1 else None)
     runner = compiled.distributed(timeout_s=60)
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
     optimizer = make[args.optimizer](runner.parameters())
@@ -65,9 +69,10 @@ def main() -> None:
         ref_optimizer.step()
         torch.testing.assert_close(loss.cpu(), ref_loss.detach(), **FWD)
     final = {name: p.detach() for name, p in reference.named_parameters()}
-    for name, tensor in runner.state_dict().items():
-        if name in final:
-            torch.testing.assert_close(tensor.cpu(), final[name], **WEIGHTS, msg=lambda m: f"{name}: {m}")
+    full = runner.full_state_dict()  # tp slices merged, on rank 0
+    if runner.rank == 0:
+        for name, tensor in final.items():
+            torch.testing.assert_close(full[name], tensor, **WEIGHTS, msg=lambda m: f"{name}: {m}")
     out = runner(batches[0])
     torch.testing.assert_close(out.cpu(), reference(batches[0]), **FWD)
     if args.checkpoint:
