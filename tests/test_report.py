@@ -101,7 +101,7 @@ def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
     assert "tensor parallel: none (tp=1)" in text
     table = text.split("candidates (")[1].split("\n\n")[0]
     assert len(table.splitlines()) == len(gpt2_pipeline.candidates) + 2
-    assert re.search(r"^\s+\*\s+4\s+4\s", table, re.M)
+    assert re.search(r"^\s+\*\s+1\s+4\s+1\s+4\s", table, re.M)  # dp pp tp m of the chosen row
 
 
 def test_text_report_explains_the_stage_count_and_idle_devices(gpt2_free: Plan) -> None:

@@ -198,13 +198,15 @@ def _stage_table(plan: Plan) -> str:
 
 
 def _candidate_table(plan: Plan) -> str:
-    head = ("<tr><th class=n>stages</th><th class=n>microbatches</th><th>schedule</th>"
+    head = ("<tr><th class=n>dp</th><th class=n>stages</th><th class=n>tp</th><th class=n>microbatches</th>"
+            "<th>schedule</th>"
             "<th class=n>step time</th><th>status</th><th>detail</th></tr>")
     rows = []
     for c in plan.candidates:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "–"
         status = escape(c.status)
-        rows.append(f'<tr class="{status}"><td class=n>{c.num_stages}</td><td class=n>{c.num_microbatches}</td>'
+        rows.append(f'<tr class="{status}"><td class=n>{c.data_parallel}</td><td class=n>{c.num_stages}</td>'
+                    f'<td class=n>{c.tensor_parallel}</td><td class=n>{c.num_microbatches}</td>'
                     f"<td>{escape(c.schedule)}</td><td class=n>{step}</td>"
                     f'<td><span class="pill {status}">{status}</span></td><td>{escape(c.detail)}</td></tr>')
     return f"<table>{head}{''.join(rows)}</table>"

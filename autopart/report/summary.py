@@ -79,16 +79,27 @@ def abbreviate_blocks(blocks: tuple[str, ...] | list[str], max_items: int = 6) -
     return text if len(blocks) <= 2 else f"{text} ({plural(len(blocks), 'block')})"
 
 
-def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
-    """How `block` on `stage` is split across its tensor-parallel group.
+_QUIET_STRATEGIES = {"param", "follow", "replicate", "input"}
 
-    The Plan records no per-layer split yet, so with tp = 1 every layer is
-    'none'; when the Plan gains a per-block field, read it here and both
-    reports show it.
+
+def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
+    """How the ops of `stage` are split across its tensor-parallel group.
+
+    Counts the strategies the tp ILP chose for the stage's ops (colwise,
+    rowwise, heads, vocab, ...); views that follow a split and replicated ops
+    are left out. The Plan keeps placements per node, so the count is per stage.
     """
-    if plan.mesh.tp == 1:
+    if plan.mesh.tp == 1 or not plan.tensor_parallel:
         return "none"
-    return f"tp={plan.mesh.tp} (split not recorded)"
+    nodes = plan.tensor_parallel.get("nodes", {})
+    counts: dict[str, int] = {}
+    for name in stage.node_names:
+        strategy = nodes.get(name, {}).get("strategy", "replicate")
+        if strategy not in _QUIET_STRATEGIES:
+            counts[strategy] = counts.get(strategy, 0) + 1
+    if not counts:
+        return f"replicated on tp={plan.mesh.tp}"
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) + f" (stage {stage.index}, tp={plan.mesh.tp})"
 
 
 def tensor_parallel_summary(plan: Plan) -> str:

@@ -117,16 +117,16 @@ def _solver(plan: Plan) -> str:
 
 
 def _candidates(plan: Plan) -> str:
-    rows = [("", "stages", "m", "schedule", "step", "status", "detail")]
+    rows = [("", "dp", "pp", "tp", "m", "schedule", "step", "status", "detail")]
     for c in plan.candidates:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "-"
-        rows.append(("*" if c.status == "chosen" else "", str(c.num_stages), str(c.num_microbatches),
-                     c.schedule, step, c.status, c.detail))
-    widths = [max(len(r[k]) for r in rows) for k in range(6)]
+        rows.append(("*" if c.status == "chosen" else "", str(c.data_parallel), str(c.num_stages),
+                     str(c.tensor_parallel), str(c.num_microbatches), c.schedule, step, c.status, c.detail))
+    widths = [max(len(r[k]) for r in rows) for k in range(8)]
     lines = [f"candidates ({len(plan.candidates)} tried; * chosen)"]
     for r in rows:
-        cells = [r[k].rjust(widths[k]) if k in (1, 2, 4) else r[k].ljust(widths[k]) for k in range(6)]
-        lines.append("  " + "  ".join(cells) + "  " + r[6])
+        cells = [r[k].rjust(widths[k]) if k in (1, 2, 3, 4, 6) else r[k].ljust(widths[k]) for k in range(8)]
+        lines.append("  " + "  ".join(cells) + "  " + r[8])
     return "\n".join(line.rstrip() for line in lines)
 
 
