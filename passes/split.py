@@ -17,6 +17,8 @@ previous stage's outputs.
 
 from __future__ import annotations
 
+import inspect
+import operator
 from typing import Mapping
 
 import torch
@@ -41,10 +43,34 @@ def split_stages(gm: torch.fx.GraphModule, stage_of_node: Mapping[str, int], num
     for node in work.graph.nodes:
         if node.op == "call_function":
             node.meta[STAGE_META_KEY] = stage[node]
-    return split_module(
-        work, gm, lambda node: stage[node], keep_original_order=True,
-        keep_original_node_name=True, tuple_return=True,
-    )
+    if _HAS_TUPLE_RETURN:
+        return split_module(work, gm, lambda node: stage[node], keep_original_order=True,
+                            keep_original_node_name=True, tuple_return=True)
+    split = split_module(work, gm, lambda node: stage[node], keep_original_order=True,
+                         keep_original_node_name=True)
+    _tuple_returns(split)
+    return split
+
+
+# torch 2.11's split_module has no tuple_return: a stage with one output returns it bare.
+_HAS_TUPLE_RETURN = "tuple_return" in inspect.signature(split_module).parameters
+
+
+def _tuple_returns(split: torch.fx.GraphModule) -> None:
+    """Make every stage return a tuple, as tuple_return=True does on newer torch."""
+    for call in [n for n in split.graph.nodes if n.op == "call_module" and n.target.startswith("submod_")]:
+        sub: torch.fx.GraphModule = getattr(split, call.target)
+        output = next(n for n in sub.graph.nodes if n.op == "output")
+        if isinstance(output.args[0], (tuple, list)):
+            continue
+        output.args = ((output.args[0],),)
+        sub.recompile()
+        users = list(call.users)
+        with split.graph.inserting_after(call):
+            first = split.graph.call_function(operator.getitem, (call, 0))
+        for user in users:
+            user.replace_input_with(call, first)
+    split.recompile()
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

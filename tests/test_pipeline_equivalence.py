@@ -120,3 +120,13 @@ def test_buffers_stay_with_their_users():
                                          autopart.passes.stage_interface(compiled.rank_module(r)).buffers)]
     assert len(owners) == 1
     assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)
+
+
+def test_split_without_tuple_return_as_on_torch_2_11(monkeypatch):
+    """torch 2.11's split_module returns a lone output bare; the pass restores tuples."""
+    import autopart.passes.split as split_pass
+
+    monkeypatch.setattr(split_pass, "_HAS_TUPLE_RETURN", False)
+    entry = zoo.gpt2(layers=2)
+    compiled = autopart.compile(entry.model, 3, example_inputs=entry.args, num_stages=3, num_microbatches=2)
+    assert_plan_matches_model(entry.model, entry.args, {}, compiled, entry.main_output)
