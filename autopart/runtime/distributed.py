@@ -353,6 +353,7 @@ def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict,
         module = module.to_empty(device=device)
     else:
         module = module.to(device)
+    _retarget_devices(module, device)
     if state_dict is not None:
         from autopart.runtime.state import load_into
 
@@ -363,6 +364,17 @@ def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict,
                 init_fn(name, module.get_parameter(path) if (path, name) in interface.parameters
                         else module.get_buffer(path))
     return module
+
+
+def _retarget_devices(module: torch.fx.GraphModule, device: torch.device) -> None:
+    """Point tensors the graph creates (arange, zeros, ... traced with device=cpu) at `device`."""
+    changed = False
+    for node in module.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
+            node.kwargs = {**node.kwargs, "device": device}
+            changed = True
+    if changed:
+        module.recompile()
 
 
 def _batched(x: Any, batch: int) -> bool:
