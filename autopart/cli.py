@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     choices.add_argument("--num-microbatches", type=_positive_int, metavar="M",
                          help="microbatches per step; must divide the batch size")
     choices.add_argument("--schedule", choices=sorted(SCHEDULE_BUILDERS), help="pipeline schedule")
+    choices.add_argument("--data-parallel", type=_positive_int, metavar="D",
+                         help="replicas of the pipeline (must divide the devices and the batch)")
+    choices.add_argument("--tensor-parallel", type=_positive_int, metavar="T",
+                         help="devices per tensor-parallel group (must divide the devices)")
     choices.add_argument("--optimizer", default="adam", metavar="NAME",
                          help="optimizer whose state is priced: sgd, momentum, adam (default), adamw, ...")
     choices.add_argument("--inference", action="store_true",
@@ -100,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = plan.add_argument_group("output")
     output.add_argument("--html", metavar="PATH", help="write the report as one self-contained HTML file")
     output.add_argument("--json", metavar="PATH", help="write the plan as JSON (autopart.Plan.from_json reads it)")
+    output.add_argument("--check", action="store_true",
+                        help="run every rank of the plan on this CPU and compare outputs, loss and every "
+                             "gradient with the single-device model (float32: rtol 1e-5, atol 1e-5 / 4e-5)")
     output.add_argument("--quiet", "-q", action="store_true",
                         help="no progress lines on stderr (the report still goes to stdout)")
     report = commands.add_parser("report", help="print (and optionally draw) the report of a saved plan.json",
@@ -145,6 +152,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     compiled = autopart.compile(
         workload.model, devices, example_inputs=workload.args, example_kwargs=workload.kwargs or None,
         num_stages=args.num_stages, num_microbatches=args.num_microbatches, schedule=args.schedule,
+        data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
         optimizer=args.optimizer, training=not args.inference, verbose=not args.quiet)
     sys.stdout.write(compiled.report())
     sys.stdout.flush()
@@ -156,7 +164,22 @@ def _run_plan(args: argparse.Namespace) -> int:
 
         _write(args.html, render_html(compiled.plan), "--html")
         _say(args, f"wrote the HTML report to {args.html}")
+    if args.check:
+        _check(compiled, workload)
     return 0
+
+
+def _check(compiled: Any, workload: Any) -> None:
+    from autopart.verify import verify
+
+    print("\nchecking the plan on this CPU against the single-device model ...", flush=True)
+    if any(t.is_meta for t in workload.model.parameters()):
+        raise CliError("--check needs real weights; the model was built on the meta device")
+    result = verify(compiled, workload.model, tuple(workload.args), workload.kwargs)
+    print(f"  forward equal (rtol 1e-5, atol 1e-5): max |diff| {result.max_output_diff:.2e}")
+    print(f"  loss equal: {result.loss:.6f} vs {result.reference_loss:.6f}")
+    print(f"  gradients of all {result.num_grads} parameters equal (rtol 1e-5, atol 4e-5): "
+          f"max |diff| {result.max_grad_diff:.2e}")
 
 
 def _run_report(args: argparse.Namespace) -> int:

@@ -13,10 +13,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import autopart
+from autopart.verify import verify
 
 
 def main() -> None:
@@ -42,29 +42,12 @@ def main() -> None:
     print(f"\nHTML report: {args.html}")
 
     print("\nChecking the plan on the CPU (all ranks in this process) against the single-device model:")
-    model.eval()
     started = time.perf_counter()
-    expected = model(ids).logits
-    got = compiled.simulate(ids).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    print(f"  forward logits equal (rtol 1e-5, atol 1e-5); max |diff| {(got - expected).abs().max():.2e}")
-
-    labels = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-
-    def loss_fn(output, target):
-        return F.cross_entropy(output.logits.flatten(0, 1), target.flatten())
-
-    loss, grads = compiled.simulate_train_step(ids, target=labels, loss_fn=loss_fn)
-    model.zero_grad()
-    reference = loss_fn(model(ids), labels)
-    reference.backward()
-    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-5)
-    worst = 0.0
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=4e-5, msg=name)
-        worst = max(worst, (grads[name] - param.grad).abs().max().item())
-    print(f"  loss equal: {loss.item():.6f} vs {reference.item():.6f}")
-    print(f"  gradients of all {len(grads)} parameters equal (rtol 1e-5, atol 4e-5); max |diff| {worst:.2e}")
+    result = verify(compiled, model, (ids,))
+    print(f"  forward equal (rtol 1e-5, atol 1e-5); max |diff| {result.max_output_diff:.2e}")
+    print(f"  loss equal: {result.loss:.6f} vs {result.reference_loss:.6f}")
+    print(f"  gradients of all {result.num_grads} parameters equal (rtol 1e-5, atol 4e-5); "
+          f"max |diff| {result.max_grad_diff:.2e}")
     print(f"  checked in {time.perf_counter() - started:.1f} s")
 
 

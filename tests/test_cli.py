@@ -136,3 +136,11 @@ def test_report_command_rerenders_a_saved_plan(capsys, models_file, tmp_path) ->
     assert "<svg" in page.read_text()
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_check_proves_the_plan_on_the_cpu():
+    result = _run("plan", "autopart.zoo:gpt2", "--devices", "4", "--num-stages", "2", "--tensor-parallel", "2",
+                  "--check", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "forward equal" in result.stdout and "gradients of all" in result.stdout
+    assert "mesh:            pp=2 × tp=2" in result.stdout

@@ -81,7 +81,7 @@ def _stage(plan: Plan, stage: StagePlan) -> str:
     ]
     split = _tensor_parallel_lines(plan, stage)
     if split:
-        lines.append(_kv("tensor parallel", split[0], "  "))
+        lines.append(_kv("tp split", split[0], "  "))
         lines += [_kv("", line, "  ") for line in split[1:]]
     return "\n".join(lines)
 
