@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
 from typing import Any, Callable
 
 import torch
@@ -142,19 +144,20 @@ class DistributedRunner(StateMixin):
         self._loss_fn = loss_fn
         tensors = [flat[i] for i in self.adapter.tensor_positions]
         losses: list[torch.Tensor] = []
-        try:
-            if self.is_first_stage and self.is_last_stage:
-                self.schedule.step(*tensors, target=local_target, losses=losses)
-            elif self.is_first_stage:
-                self.schedule.step(*tensors)
-            elif self.is_last_stage:
-                self.schedule.step(target=local_target, losses=losses)
-            else:
-                self.schedule.step()
-            self._sum_shared_gradients()
-            return self._step_loss(losses)
-        except (RuntimeError, dist.DistBackendError) as error:
-            raise self._peer_error("step", error) from error
+        with _Watchdog(self.timeout_s, self.describe(), "step"):
+            try:
+                if self.is_first_stage and self.is_last_stage:
+                    self.schedule.step(*tensors, target=local_target, losses=losses)
+                elif self.is_first_stage:
+                    self.schedule.step(*tensors)
+                elif self.is_last_stage:
+                    self.schedule.step(target=local_target, losses=losses)
+                else:
+                    self.schedule.step()
+                self._sum_shared_gradients()
+                return self._step_loss(losses)
+            except (RuntimeError, dist.DistBackendError) as error:
+                raise self._peer_error("step", error) from error
 
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         flat = output if isinstance(output, tuple) else (output,)
@@ -222,15 +225,16 @@ class DistributedRunner(StateMixin):
         local_batch = self.plan.batch_size // self.mesh.dp
         size = local_batch // self.plan.num_microbatches
         chunks = []
-        try:
-            for i in range(self.plan.num_microbatches):
-                micro = [x[i * size:(i + 1) * size] if _batched(x, local_batch) else x for x in flat]
-                chunks.append(self._forward_microbatch(micro))
-            outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
-            if self.mesh.dp > 1:
-                outputs = [_all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
-        except (RuntimeError, dist.DistBackendError) as error:
-            raise self._peer_error("forward", error) from error
+        with _Watchdog(self.timeout_s, self.describe(), "forward"):
+            try:
+                for i in range(self.plan.num_microbatches):
+                    micro = [x[i * size:(i + 1) * size] if _batched(x, local_batch) else x for x in flat]
+                    chunks.append(self._forward_microbatch(micro))
+                outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
+                if self.mesh.dp > 1:
+                    outputs = [_all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
+            except (RuntimeError, dist.DistBackendError) as error:
+                raise self._peer_error("forward", error) from error
         return unflatten_output(self.compiled.graph, tuple(outputs))
 
     def _forward_microbatch(self, micro: list[Any]) -> list[torch.Tensor]:
@@ -283,6 +287,34 @@ class DistributedRunner(StateMixin):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class _Watchdog:
+    """Abort this process, naming it, if a step outlives `timeout_s`.
+
+    Collectives honour the process group's timeout, but a point-to-point
+    receive on gloo waits for ever when its peer hangs; like NCCL's own
+    watchdog, this ends the process (exit code 3) with a message instead.
+    """
+
+    def __init__(self, timeout_s: float, who: str, what: str) -> None:
+        self.timeout_s, self.who, self.what = timeout_s, who, what
+        self.timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        print(f"autopart: {self.who}: {self.what} did not finish within timeout_s={self.timeout_s:g}; "
+              "a peer process died or hangs. Aborting this process.", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    def __enter__(self) -> "_Watchdog":
+        self.timer = threading.Timer(self.timeout_s, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def _data_parallel(adapter: nn.Module, group, device: torch.device, num_stages: int) -> nn.Module:

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="also check a save/load round trip in this directory")
     parser.add_argument("--fail-rank", type=int, help="this rank dies or hangs in the second step")
     parser.add_argument("--fail-mode", choices=["exit", "hang"], default="exit")
+    parser.add_argument("--timeout", type=float, default=60.0, help="the runner's timeout_s")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def main() -> None:
                                 num_stages=args.stages, num_microbatches=args.microbatches,
                                 schedule=args.schedule, data_parallel=args.dp, tensor_parallel=args.tp,
                                 tp_plan=megatron if args.tp > 1 else None)
-    runner = compiled.distributed(timeout_s=60)
+    runner = compiled.distributed(timeout_s=args.timeout)
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
     optimizer = make[args.optimizer](runner.parameters())
     ref_optimizer = make[args.optimizer](reference.parameters())
