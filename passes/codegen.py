@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from autopart.errors import PlanError
+from autopart.passes.attrs import fetch_attr
 from autopart.passes.split import SOURCE_META_KEY
 
 INTERFACE_META_KEY = "autopart_stage"
@@ -133,7 +134,7 @@ def _own_attributes(split: torch.fx.GraphModule, sub: torch.fx.GraphModule, owne
         if position not in owned:
             continue
         target = owned[position]
-        copy = _clone(_fetch(split, target))
+        copy = _clone(fetch_attr(split, target))
         _set_nested(root, target, copy)
         name = canonical_name.get(target, target)
         (params if isinstance(copy, torch.nn.Parameter) else buffers).append((target, name))
@@ -146,22 +147,15 @@ def _own_attributes(split: torch.fx.GraphModule, sub: torch.fx.GraphModule, owne
     # attributes split_module already reads with get_attr (submodules, constants)
     for node in graph.nodes:
         if node.op == "get_attr" and not _has_nested(root, node.target):
-            _set_nested(root, node.target, _clone(_fetch(sub, node.target)))
+            _set_nested(root, node.target, _clone(fetch_attr(sub, node.target)))
     module = torch.fx.GraphModule(root, graph, class_name=f"Stage{type(sub).__name__}")
     module.meta.update(sub.meta)
     return module, tuple(params), tuple(buffers)
 
 
-def _fetch(module: torch.nn.Module, target: str):
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _has_nested(module: torch.nn.Module, target: str) -> bool:
     try:
-        _fetch(module, target)
+        fetch_attr(module, target)
         return True
     except AttributeError:
         return False

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from autopart.errors import PlanError
+from autopart.passes.attrs import fetch_attr, is_parameter
 from autopart.passes.tp_ops import ScaledBias, TPCollective, take_shard, vocab_parallel_embedding
 from autopart.passes.tp_placements import P, Placement, R, Replicate, Shard, TPAssignment, local_shape
 
@@ -112,7 +113,7 @@ class _RankBuilder:
         return self.a.output_placement(node.name)
 
     def _attr(self, node: torch.fx.Node) -> torch.fx.Node:
-        value = self.gm.get_parameter(node.target) if _has_param(self.gm, node.target) else _get(self.gm, node.target)
+        value = self.gm.get_parameter(node.target) if is_parameter(self.gm, node.target) else fetch_attr(self.gm, node.target)
         place = self.placement(node)
         if isinstance(value, torch.Tensor):
             data = value.detach()
@@ -239,21 +240,6 @@ class _RankBuilder:
 
 def _arg_node(node: torch.fx.Node, name: str) -> torch.fx.Node:
     return next(a for a in node.all_input_nodes if a.name == name)
-
-
-def _has_param(gm: torch.nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
-
-
-def _get(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def count_collectives(modules: list[torch.fx.GraphModule] | torch.fx.GraphModule) -> dict[str, int]:

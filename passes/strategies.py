@@ -33,6 +33,7 @@ import torch.fx
 from autopart.cost_models import Cluster, Link, all_gather_seconds, all_reduce_seconds, reduce_scatter_seconds
 from autopart.errors import InputError
 from autopart.passes.annotate import node_cost
+from autopart.passes.attrs import is_parameter
 from autopart.passes.coarsen import coarsen
 from autopart.passes.tp_placements import (
     P, Collective, NodePlacement, Placement, R, Replicate, Shard, Strategy, TPAssignment, can_shard,
@@ -88,20 +89,12 @@ def _param_strategies(node: torch.fx.Node, gm: torch.fx.GraphModule, tp: int, gr
     """A parameter is held whole or split on any dim that divides; buffers and constants stay whole."""
     out = [Strategy(name="param", output=R, inputs=())]
     shape = shape_of(node.meta["val"])
-    if tp > 1 and _is_param(gm, node.target):
+    if tp > 1 and is_parameter(gm, node.target):
         for d in range(len(shape)):
             for g in sorted(groups):
                 if can_shard(shape, d, g, tp):
                     out.append(Strategy(name="param", output=Shard(d, g), inputs=()))
     return out
-
-
-def _is_param(gm: torch.fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def graph_strategies(gm: torch.fx.GraphModule, tp: int,
@@ -129,7 +122,7 @@ def graph_strategies(gm: torch.fx.GraphModule, tp: int,
             needs_grad[node.name] = False
         elif node.op == "get_attr":
             options = _param_strategies(node, gm, tp, groups)
-            needs_grad[node.name] = _is_param(gm, node.target) and gm.get_parameter(node.target).requires_grad
+            needs_grad[node.name] = is_parameter(gm, node.target) and gm.get_parameter(node.target).requires_grad
         else:
             options = op_strategies(node, tp, groups, cands) if tp > 1 else [replicate(node)]
             float_out = any(getattr(v, "dtype", torch.int64).is_floating_point
