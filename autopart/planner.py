@@ -326,7 +326,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
             comm_seconds=max(0.0, solution.stage_seconds[s] - fwd - bwd),
             fwd_flops=int(sum(b.fwd_flops for b in blocks) * scale),
             bwd_flops=int(sum(b.bwd_flops for b in blocks) * scale) if request.training else 0,
-            num_params=int(sum(b.param_bytes for b in blocks) // 4),
+            num_params=int(sum(b.num_params for b in blocks)),
             send_bytes=int(send),
             memory=StageMemory(
                 params=int(sum(b.param_bytes for b in blocks)),

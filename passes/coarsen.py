@@ -67,6 +67,8 @@ class Block:
     bwd_flops: int
     param_bytes: int
     """Bytes of the parameters the block reads."""
+    num_params: int
+    """Elements of those parameters."""
     trainable_param_bytes: int
     """Of which require grad (gradients and optimizer state follow them)."""
     buffer_bytes: int
@@ -214,6 +216,8 @@ def _block_graph(
                 fwd_flops=sum(c.fwd_flops for c in costs),
                 bwd_flops=sum(c.bwd_flops for c in costs),
                 param_bytes=_unique_sum(attrs, lambda c: c.param_bytes),
+                num_params=sum({a.target: a.meta["val"].numel() for a in attrs
+                                if node_cost(a).param_bytes > 0}.values()),
                 trainable_param_bytes=_unique_sum(attrs, lambda c: c.param_bytes if c.trainable else 0),
                 buffer_bytes=_unique_sum(attrs, lambda c: c.buffer_bytes),
                 saved_bytes=sum(c.saved_bytes for c in costs) + sum(c.saved_bytes for c in attr_costs),

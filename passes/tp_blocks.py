@@ -61,6 +61,6 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
     scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
                               bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)
                    for t in block.times)
-    return dataclasses.replace(block, times=scaled, param_bytes=int(held),
+    return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
                                trainable_param_bytes=int(block.trainable_param_bytes * share),
                                saved_bytes=int(saved))
