@@ -110,6 +110,10 @@ class _RankBuilder:
     # ------------------------------------------------------------------ values
 
     def placement(self, node: torch.fx.Node) -> Placement:
+        # Inputs arrive whole: model inputs are, and a pipeline stage's outputs are made
+        # Replicate by the output rule below, whatever the value's placement inside the graph.
+        if node.op == "placeholder":
+            return R
         return self.a.output_placement(node.name)
 
     def _attr(self, node: torch.fx.Node) -> torch.fx.Node:

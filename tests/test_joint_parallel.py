@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import autopart
 from autopart import zoo
 from autopart.cost_models import Cluster, DeviceSpec, Link
 from autopart.passes.shard import count_collectives
+from random_models import build, programs
 from test_pipeline_equivalence import assert_plan_matches_model
 
 GPT_MEGATRON = {"blocks.*.attn_qkv": "colwise", "blocks.*.attn_proj": "rowwise",
@@ -88,3 +91,22 @@ def test_joint_plan_round_trips_through_json():
                                 tp_plan=GPT_MEGATRON)
     again = autopart.Plan.from_json(compiled.plan.to_json())
     assert again == compiled.plan
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(min_layers=2, max_layers=5), num_stages=st.integers(1, 2),
+       num_microbatches=st.sampled_from([1, 2]), megatron=st.booleans())
+def test_random_models_pp_by_tp_match_single_device(program, num_stages, num_microbatches, megatron):
+    model = build(program)
+    x = torch.randn(2 * num_microbatches, 4, 8)
+    plan = {"layers.*.qkv": "colwise", "layers.*.out": "rowwise"} if megatron else None
+    if megatron and not any(kind == "attention" for kind, _ in program):
+        plan = None
+    try:
+        compiled = autopart.compile(model, 2 * num_stages, example_inputs=(x,), num_stages=num_stages,
+                                    tensor_parallel=2, num_microbatches=num_microbatches, tp_plan=plan)
+    except autopart.PlanError as error:  # fewer blocks than stages: the planner says so
+        assert "blocks" in str(error)
+        return
+    assert compiled.plan.mesh.tp == 2
+    assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)

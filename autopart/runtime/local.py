@@ -90,11 +90,10 @@ class LocalPipeline:
         """Flat model outputs of each microbatch."""
         outputs = []
         for inputs in self._microbatches(flat_inputs):
-            carried: tuple[Any, ...] = ()
+            carried: list[tuple[Any, ...]] = [()] * self.tp  # per tp rank: a boundary value may be partial
             for s, interface in enumerate(self.interfaces):
-                gathered = self._gather(interface, inputs, carried)
-                carried = self._run_stage(s, [gathered] * self.tp)[0]  # replicated: rank 0's
-            outputs.append(tuple(carried[i] for i in self.interfaces[-1].model_outputs))
+                carried = self._run_stage(s, [self._gather(interface, inputs, carried[r]) for r in range(self.tp)])
+            outputs.append(tuple(carried[0][i] for i in self.interfaces[-1].model_outputs))  # outputs replicated
         return outputs
 
     # ------------------------------------------------------------------ training
