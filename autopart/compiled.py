@@ -10,7 +10,7 @@ import torch.fx
 from autopart.cost_models import Cluster
 from autopart.errors import InputError
 from autopart.plan import Plan
-from autopart.runtime.local import LocalPipeline
+from autopart.runtime.local import LocalPipeline, take_rows
 from autopart.trace import flatten_inputs, unflatten_output
 
 
@@ -110,13 +110,7 @@ class CompiledModel:
 
 def _split_target(target: Any, batch_size: int, num_microbatches: int) -> list[Any]:
     size = batch_size // num_microbatches
-    leaves, spec = torch.utils._pytree.tree_flatten(target)
-    chunks = []
-    for i in range(num_microbatches):
-        part = [x[i * size:(i + 1) * size] if isinstance(x, torch.Tensor) and x.dim() > 0
-                and x.shape[0] == batch_size else x for x in leaves]
-        chunks.append(torch.utils._pytree.tree_unflatten(part, spec))
-    return chunks
+    return [take_rows(target, batch_size, i * size, (i + 1) * size) for i in range(num_microbatches)]
 
 
 def _concat_microbatches(per_microbatch: list[tuple[Any, ...]], microbatch_size: int) -> tuple[Any, ...]:

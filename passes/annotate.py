@@ -170,9 +170,8 @@ class _CostInterpreter(torch.fx.Interpreter):
                 param_bytes, trainable = _nbytes(attr), attr.requires_grad
             else:
                 buffer_bytes = _nbytes(attr)
-        input_storages = {
-            _storage_key(t) for t in _tensors(self.fetch_args_kwargs_from_env(node))
-        } if node.op == "call_function" else set()
+        inputs = list(_tensors(self.fetch_args_kwargs_from_env(node))) if node.op == "call_function" else []
+        input_storages = {_storage_key(t) for t in inputs}
         new_outputs = [t for t in outputs if _storage_key(t) not in input_storages]
         output_bytes = sum(_nbytes(t) for t in new_outputs) if node.op == "call_function" else 0
         # An in-place op (relu_, add_) writes its result into an input's
@@ -180,7 +179,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         written = [t for t in outputs if _storage_key(t) in input_storages] if _mutates(node.target) else []
         read_bytes = 0
         if node.op == "call_function" and (new_outputs or written):
-            read_bytes = sum(_nbytes(t) for t in _tensors(self.fetch_args_kwargs_from_env(node)))
+            read_bytes = sum(_nbytes(t) for t in inputs)
         fwd_bytes = read_bytes + output_bytes + sum(_nbytes(t) for t in written)
         saved_bytes = self._new_saved_bytes()
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""

@@ -27,7 +27,7 @@ from torch import nn
 
 from autopart.errors import AutopartError, InputError
 from autopart.passes.codegen import StageInterface, stage_interface
-from autopart.runtime.local import batch_size_of
+from autopart.runtime.local import batch_size_of, take_rows
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 from autopart.trace import flatten_inputs, unflatten_output
@@ -228,7 +228,7 @@ class DistributedRunner(StateMixin):
         with _Watchdog(self.timeout_s, self.describe(), "forward"):
             try:
                 for i in range(self.plan.num_microbatches):
-                    micro = [x[i * size:(i + 1) * size] if _batched(x, local_batch) else x for x in flat]
+                    micro = take_rows(flat, local_batch, i * size, (i + 1) * size)
                     chunks.append(self._forward_microbatch(micro))
                 outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
                 if self.mesh.dp > 1:
@@ -273,10 +273,10 @@ class DistributedRunner(StateMixin):
                              "pass the same global batch size on every rank, or re-compile")
         share = batch // self.mesh.dp
         start = self.coords.dp_index * share
-        local = [x[start:start + share].to(self.device) if _batched(x, batch) else x for x in flat]
+        to_device = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        local = [to_device(x) for x in take_rows(flat, batch, start, start + share)]
         if target is not None:
-            target = torch.utils._pytree.tree_map(
-                lambda t: t[start:start + share].to(self.device) if _batched(t, batch) else t, target)
+            target = torch.utils._pytree.tree_map(to_device, take_rows(target, batch, start, start + share))
         return local, target
 
     def _peer_error(self, what: str, error: BaseException) -> AutopartError:
@@ -407,10 +407,6 @@ def _retarget_devices(module: torch.fx.GraphModule, device: torch.device) -> Non
             changed = True
     if changed:
         module.recompile()
-
-
-def _batched(x: Any, batch: int) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
 
 
 def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:

@@ -36,16 +36,16 @@ def split_microbatches(flat_inputs: Sequence[Any], batch_size: int, num_microbat
             "pass a batch that is a multiple of the planned microbatch count"
         )
     size = batch_size // num_microbatches
-    chunks = []
-    for i in range(num_microbatches):
-        chunks.append([
-            x[i * size:(i + 1) * size] if _is_batched(x, batch_size) else x for x in flat_inputs
-        ])
-    return chunks
+    return [take_rows(list(flat_inputs), batch_size, i * size, (i + 1) * size) for i in range(num_microbatches)]
 
 
-def _is_batched(x: Any, batch_size: int) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch_size
+def take_rows(tree: Any, batch_size: int, start: int, stop: int) -> Any:
+    """Rows start..stop of every tensor in `tree` whose dim 0 is the batch; other leaves as they are."""
+    def rows(x: Any) -> Any:
+        batched = isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch_size
+        return x[start:stop] if batched else x
+
+    return torch.utils._pytree.tree_map(rows, tree)
 
 
 def batch_size_of(flat_inputs: Sequence[Any]) -> int:
