@@ -35,6 +35,8 @@ def compile(  # noqa: A001 - the public name the project promises
     tensor_parallel: int | None = None,
     tp_plan: dict[str, str] | None = None,
     schedule: str | None = None,
+    virtual_stages: int | None = None,
+    data_parallel_mode: str | None = None,
     optimizer: str = "adam",
     training: bool = True,
     verbose: bool = False,
@@ -43,8 +45,10 @@ def compile(  # noqa: A001 - the public name the project promises
 
     `example_inputs` is one whole batch (dim 0 of each batched tensor); the plan
     splits it among `data_parallel` replicas of the pipeline and each share into
-    microbatches. `num_stages`, `num_microbatches` (per replica), `data_parallel`
-    `tensor_parallel` (devices per tp group) and `schedule` ('gpipe' or '1f1b') fix
+    microbatches. `num_stages` (pipeline ranks), `num_microbatches` (per replica),
+    `data_parallel`, `tensor_parallel` (devices per tp group), `schedule` ('gpipe',
+    '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages` (stages per
+    pipeline rank, for the last two) and `data_parallel_mode` ('ddp' or 'fsdp') fix
     those choices; None lets the planner choose. `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
@@ -59,7 +63,7 @@ def compile(  # noqa: A001 - the public name the project promises
     batch_size = batch_size_of(flat_batch)
     request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
                           num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
-                          optimizer=optimizer, training=training, verbose=verbose)
+                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode, optimizer=optimizer, training=training, verbose=verbose)
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
@@ -68,13 +72,14 @@ def compile(  # noqa: A001 - the public name the project promises
     gm = trace(model, *_first_rows(flat_batch, in_spec, batch_size, traced_size))  # TRACED: ATen graph
     log("annotate", "annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
-    blocks = passes.coarsen(gm, cluster, min_blocks=num_stages or 1)        # layers -> blocks
-    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages)
+    blocks = passes.coarsen(gm, cluster, min_blocks=(num_stages or 1) * (virtual_stages or 1))  # -> blocks
+    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
     log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
     plan, assignment = plan_mesh(gm, blocks, cluster, request, io_spec(gm).model_class,  # ILPs -> Plan
                                  tp_sizes, _tp_fixed(gm, tp_plan))
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
-                   f"{plan.num_microbatches} microbatches, {plan.schedule}")
+                   f"{plan.num_microbatches} microbatches, {plan.schedule}"
+                   + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
     if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
         log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
         gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training)

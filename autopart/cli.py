@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from autopart.schedules import SCHEDULE_BUILDERS
+from autopart.schedules import SCHEDULES
 
 _EPILOG = """\
 examples:
@@ -89,10 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--input-dtype", default="float32", metavar="DTYPE",
                         help="dtype of the --input-shape tensor: float32 (default), bfloat16, float16, int64, ...")
     choices = plan.add_argument_group("planner choices (default: the planner chooses)")
-    choices.add_argument("--num-stages", type=_positive_int, metavar="S", help="pipeline stages to use")
+    choices.add_argument("--num-stages", type=_positive_int, metavar="S",
+                         help="pipeline ranks (devices per pipeline) to use")
     choices.add_argument("--num-microbatches", type=_positive_int, metavar="M",
                          help="microbatches per step; must divide the batch size")
-    choices.add_argument("--schedule", choices=sorted(SCHEDULE_BUILDERS), help="pipeline schedule")
+    choices.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
+    choices.add_argument("--virtual-stages", type=_positive_int, metavar="V",
+                         help="stages per pipeline rank (interleaved_1f1b, zero_bubble)")
+    choices.add_argument("--data-parallel-mode", choices=("ddp", "fsdp"),
+                         help="how replicas synchronise: ddp (all-reduce) or fsdp (sharded state)")
     choices.add_argument("--data-parallel", type=_positive_int, metavar="D",
                          help="replicas of the pipeline (must divide the devices and the batch)")
     choices.add_argument("--tensor-parallel", type=_positive_int, metavar="T",
@@ -152,6 +157,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     compiled = autopart.compile(
         workload.model, devices, example_inputs=workload.args, example_kwargs=workload.kwargs or None,
         num_stages=args.num_stages, num_microbatches=args.num_microbatches, schedule=args.schedule,
+        virtual_stages=args.virtual_stages, data_parallel_mode=args.data_parallel_mode,
         data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
         optimizer=args.optimizer, training=not args.inference, verbose=not args.quiet)
     sys.stdout.write(compiled.report())

@@ -28,7 +28,8 @@ class CompiledModel:
         self._graph = graph  # the traced microbatch graph, for input/output structure
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
-        self._local = LocalPipeline(stages, plan.schedule, plan.num_microbatches * plan.mesh.dp, plan.batch_size)
+        self._local = LocalPipeline(stages, plan.schedule, plan.num_microbatches * plan.mesh.dp, plan.batch_size,
+                                    virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -46,11 +47,19 @@ class CompiledModel:
         Ranks are laid out (dp, pp, tp) with tp fastest; data-parallel replicas run
         the same modules.
         """
+        modules = self.rank_modules(rank)
+        if len(modules) > 1:
+            raise InputError(f"rank {rank} runs {len(modules)} stages (virtual_stages={self.plan.virtual_stages}); "
+                             "use rank_modules(rank)")
+        return modules[0]
+
+    def rank_modules(self, rank: int) -> list[torch.fx.GraphModule]:
+        """The GraphModules of every stage rank `rank` runs (several with virtual stages), first to last."""
         mesh = self.plan.mesh
         if not 0 <= rank < mesh.num_devices:
             raise InputError(f"rank={rank} is outside 0..{mesh.num_devices - 1} "
                              f"(the plan uses dp={mesh.dp} × pp={mesh.pp} × tp={mesh.tp} ranks)")
-        return self._stages[(rank // mesh.tp) % mesh.pp][rank % mesh.tp]
+        return [self._stages[s][rank % mesh.tp] for s in self.plan.stages_of_rank((rank // mesh.tp) % mesh.pp)]
 
     def stage_module(self, stage: int, tp_index: int = 0) -> torch.fx.GraphModule:
         """The GraphModule of pipeline stage `stage`, tensor-parallel rank `tp_index`."""

@@ -24,8 +24,10 @@ from autopart.plan import Plan
 from autopart.planner import PlanRequest, plan_pipeline
 
 
-def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: int | None) -> list[int]:
-    """tp sizes that divide the devices and stay within one host (tp traffic needs the fast link)."""
+def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: int | None,
+                            fixed_replicas: int | None = None) -> list[int]:
+    """tp sizes that divide the devices and stay within one host (tp traffic needs the fast link),
+    leaving room for the stages and replicas the user fixed."""
     n = cluster.num_devices
     if fixed is not None:
         if fixed < 1 or n % fixed:
@@ -33,7 +35,7 @@ def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: i
                              f"{[t for t in range(1, n + 1) if n % t == 0]}")
         return [fixed]
     per_host = sum(1 for node in cluster.node_of_device if node == cluster.node_of_device[0])
-    stages = fixed_stages or 1
+    stages = (fixed_stages or 1) * (fixed_replicas or 1)
     return [t for t in range(1, per_host + 1) if n % t == 0 and t * stages <= n]
 
 

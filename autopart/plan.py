@@ -5,8 +5,9 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
 
 ```
 {"version": 1, "model_class": str, "batch_size": int, "num_microbatches": int,
- "schedule": "gpipe" | "1f1b", "optimizer": str,
- "mesh": {"pp": int, "tp": int, "dp": int},
+ "schedule": "gpipe" | "1f1b" | "interleaved_1f1b" | "zero_bubble", "optimizer": str,
+ "mesh": {"pp": int, "tp": int, "dp": int}, "virtual_stages": int (default 1),
+ "data_parallel_mode": "ddp" | "fsdp" (default "ddp"),
  "cluster": Cluster.to_dict(),
  "stages": [{"index", "device", "device_name", "blocks": [str], "node_names": [str],
              "fwd_seconds", "bwd_seconds", "comm_seconds", "fwd_flops", "bwd_flops",
@@ -18,7 +19,7 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
             "plan_seconds", "num_problems"},
  "candidates": [{"data_parallel", "num_stages", "num_microbatches", "schedule", "step_seconds" | null,
-                 "status", "detail", "tensor_parallel"}],
+                 "status", "detail", "tensor_parallel", "virtual_stages", "data_parallel_mode"}],
  "tensor_parallel": null | {"tp": int, "nodes": {node: {"strategy", "output", "inputs",
                             "grad_sync", "scaled_bias"}}, "predicted_seconds", "collectives": [...],
                             "param_bytes_per_device", "status", "solve_seconds"}}
@@ -67,7 +68,7 @@ class StagePlan:
     index: int
     """Position in the pipeline, 0 first."""
     device: int
-    """Index of its device in the cluster (its rank)."""
+    """Its pipeline rank: index % mesh.pp (the device within one pipeline replica)."""
     device_name: str
     """DeviceSpec name of that device."""
     blocks: tuple[str, ...]
@@ -101,7 +102,7 @@ class Mesh:
     """Device mesh shape: dp × pp × tp devices."""
 
     pp: int
-    """Pipeline stages."""
+    """Pipeline ranks (each runs Plan.virtual_stages stages)."""
     tp: int = 1
     """Tensor-parallel group size."""
     dp: int = 1
@@ -149,6 +150,10 @@ class Candidate:
     """Why: the binding constraint, the shortfall, or the bound that pruned it."""
     tensor_parallel: int = 1
     """Devices per tensor-parallel group."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank (num_stages counts ranks)."""
+    data_parallel_mode: str = "ddp"
+    """'ddp' or 'fsdp'."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,18 +173,28 @@ class Plan:
     stages: tuple[StagePlan, ...]
     predicted_step_seconds: float
     bubble_fraction: float
-    """Share of the step a device idles: (S - 1) / (m + S - 1) for GPipe and 1F1B."""
+    """Share of the step a device idles with equal stages: (R - 1) / (m + R - 1) for GPipe and 1F1B,
+    (R - 1) / (m·v + R - 1) interleaved (`schedules.bubble_fraction`)."""
     idle_devices: tuple[int, ...]
     """Devices the plan leaves unused (faster with fewer stages)."""
     solver: SolverInfo
     candidates: tuple[Candidate, ...]
     tensor_parallel: dict[str, Any] | None = None
     """Per-node placements on the tp axis (TPAssignment.to_dict()); None when tp = 1."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank: stage s runs on pipeline rank s % mesh.pp."""
+    data_parallel_mode: str = "ddp"
+    """How replicas synchronise: 'ddp' (all-reduce) or 'fsdp' (sharded state, FSDP2)."""
     version: int = PLAN_VERSION
 
     @property
     def num_stages(self) -> int:
+        """Model stages: mesh.pp × virtual_stages."""
         return len(self.stages)
+
+    def stages_of_rank(self, pp_rank: int) -> list[int]:
+        """The stages pipeline rank `pp_rank` runs, first to last."""
+        return list(range(pp_rank, self.num_stages, self.mesh.pp))
 
     @property
     def microbatch_size(self) -> int:

@@ -1,8 +1,9 @@
-"""Search over pipeline configurations: stage counts, microbatch counts, schedules.
+"""Search over pipeline configurations: replicas, pipeline ranks, virtual stages,
+microbatch counts, schedules, and how the replicas synchronise (DDP or FSDP).
 
-For each candidate (S stages, m microbatches, schedule) the block graph becomes a
-`PipelineProblem` (costs scaled to one microbatch) and the ILP places the
-blocks. Candidates whose lower bound cannot beat the best found are pruned
+For each candidate (dp replicas, R ranks × v stages each, m microbatches,
+schedule, dp mode) the block graph becomes a `PipelineProblem` (costs scaled to
+one microbatch) and the ILP places the blocks. Candidates whose lower bound cannot beat the best found are pruned
 without a solve. The best candidate becomes the `Plan`.
 
 Scaling to a microbatch: the graph is traced at one microbatch size
@@ -21,10 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopart.cost_models import Cluster, all_reduce_seconds, gradient_bytes, optimizer_state_bytes
+from autopart.cost_models import (
+    Cluster,
+    all_gather_seconds,
+    all_reduce_seconds,
+    gradient_bytes,
+    optimizer_state_bytes,
+    reduce_scatter_seconds,
+)
 from autopart.errors import InputError, PlanError
 from autopart.passes.coarsen import BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
+from autopart.schedules import VIRTUAL_SCHEDULES, bubble_fraction, microbatches_per_round
 from autopart.solver import SCHEDULES, PipelineProblem, PipelineSolution, ValueFlow, solve_pipeline
 
 
@@ -33,6 +42,14 @@ from autopart.solver import SCHEDULES, PipelineProblem, PipelineSolution, ValueF
 # joint tensor-parallel model builds on; 24 solves of a 26-block chain take
 # about 0.16 s (benchmarks/solver_backends.py).
 SOLVER_BACKEND = "cpsat"
+
+MAX_VIRTUAL_STAGES = 4
+"""Most stages per rank the search tries: each one more adds a boundary per microbatch."""
+
+DATA_PARALLEL_MODES = ("ddp", "fsdp")
+"""'ddp': every replica holds the whole state, gradients are all-reduced (DDP). 'fsdp':
+optimizer state and master weights sharded over the replicas (FSDP2 `fully_shard`,
+parameters gathered once per step and kept until the last backward: ZeRO-2)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +66,10 @@ class PlanRequest:
     data_parallel: int | None = None
     """Replicas of the pipeline; None lets the planner choose."""
     schedule: str | None = None
+    virtual_stages: int | None = None
+    """Stages per pipeline rank (interleaved schedules); None lets the planner choose."""
+    data_parallel_mode: str | None = None
+    """'ddp' or 'fsdp' (`DATA_PARALLEL_MODES`); None lets the planner choose."""
     optimizer: str = "adam"
     training: bool = True
     """False plans inference: no backward, gradients or optimizer state."""
@@ -105,73 +126,133 @@ def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
 def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str) -> Plan:
     """The fastest feasible dp × pp plan for `graph` on `cluster`."""
     started = time.perf_counter()
-    if request.schedule is not None and request.schedule not in SCHEDULES:
-        raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
-    schedules = [request.schedule] if request.schedule else ["1f1b", "gpipe"]
-    best: tuple[float, PipelineSolution, PipelineProblem, int] | None = None
+    schedules = schedule_choices(request)
+    best: tuple[float, PipelineSolution, PipelineProblem, int, str] | None = None
     candidates: list[Candidate] = []
     failures: list[tuple[float, str]] = []
     num_problems = 0
     for dp in data_parallel_choices(request, cluster):
-        for num_stages in _stage_choices(request, cluster, len(graph.blocks), dp):
+        for num_ranks in _stage_choices(request, cluster, len(graph.blocks), dp):
             for m in microbatch_choices(request, dp):
                 for schedule in schedules:
-                    tried = dict(data_parallel=dp, num_stages=num_stages, num_microbatches=m, schedule=schedule)
-                    problem = build_problem(graph, cluster, request, num_stages, m, schedule, dp)
-                    bound = lower_bound(problem)
-                    if best is not None and bound >= best[0]:
-                        candidates.append(Candidate(**tried, step_seconds=None, status="pruned",
-                                                    detail=f"lower bound {bound:.3g} s >= best {best[0]:.3g} s"))
-                        continue
-                    num_problems += 1
-                    try:
-                        solution = solve_pipeline(problem, backend=SOLVER_BACKEND)
-                    except PlanError as error:
-                        failures.append((_shortfall(problem), str(error)))
-                        candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",
-                                                    detail=str(error).splitlines()[0]))
-                        continue
-                    step = solution.step_seconds + _gradient_sync_seconds(graph, cluster, request, problem,
-                                                                          solution, dp)
-                    detail = _binding(problem, solution)
-                    candidates.append(Candidate(**tried, step_seconds=step, status="feasible", detail=detail))
-                    if request.verbose:
-                        print(f"  dp={dp} pp={num_stages} m={m} {schedule}: {step * 1e3:.3f} ms ({detail})",
-                              file=sys.stderr)
-                    if best is None or step < best[0] * (1 - 1e-9):
-                        best = (step, solution, problem, dp)
+                    for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks)):
+                        for mode in data_parallel_mode_choices(request, dp, num_ranks * v):
+                            tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
+                                         schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
+                            problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
+                                                    virtual_stages=v, data_parallel_mode=mode)
+                            bound = lower_bound(problem)
+                            if best is not None and bound >= best[0]:
+                                candidates.append(Candidate(
+                                    **tried, step_seconds=None, status="pruned",
+                                    detail=f"lower bound {bound:.3g} s >= best {best[0]:.3g} s"))
+                                continue
+                            num_problems += 1
+                            try:
+                                solution = solve_pipeline(problem, backend=SOLVER_BACKEND)
+                            except PlanError as error:
+                                failures.append((_shortfall(problem), str(error)))
+                                candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",
+                                                            detail=str(error).splitlines()[0]))
+                                continue
+                            step = solution.step_seconds + data_parallel_sync_seconds(
+                                graph, cluster, request, problem, solution, dp, mode)
+                            detail = _binding(problem, solution)
+                            candidates.append(Candidate(**tried, step_seconds=step, status="feasible",
+                                                        detail=detail))
+                            if request.verbose:
+                                print(f"  dp={dp} ({mode}) pp={num_ranks}×v{v} m={m} {schedule}: "
+                                      f"{step * 1e3:.3f} ms ({detail})", file=sys.stderr)
+                            if best is None or step < best[0] * (1 - 1e-9):
+                                best = (step, solution, problem, dp, mode)
     if best is None:
         raise _infeasible_error(graph, cluster, request, failures)
-    step, solution, problem, dp = best
-    chosen = (dp, problem.num_stages, problem.num_microbatches, problem.schedule)
+    step, solution, problem, dp, mode = best
+    chosen = (dp, problem.num_ranks, problem.num_microbatches, problem.schedule, problem.virtual_stages, mode)
     candidates = [
         Candidate(**{**c.__dict__, "status": "chosen"})
-        if (c.data_parallel, c.num_stages, c.num_microbatches, c.schedule) == chosen and c.status == "feasible"
+        if (c.data_parallel, c.num_stages, c.num_microbatches, c.schedule, c.virtual_stages,
+            c.data_parallel_mode) == chosen and c.status == "feasible"
         else c
         for c in candidates
     ]
     return _plan(graph, cluster, request, model_class, problem, solution, candidates,
-                 time.perf_counter() - started, num_problems, dp, step)
+                 time.perf_counter() - started, num_problems, dp, step, mode)
 
 
-def _gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
-                           problem: PipelineProblem, solution: PipelineSolution, dp: int) -> float:
-    """Exposed time of the data-parallel gradient all-reduce, the slowest stage's.
+def schedule_choices(request: PlanRequest) -> list[str]:
+    """The schedules to try: the one fixed, else all (forward-only plans: GPipe and 1F1B)."""
+    if request.schedule is not None:
+        if request.schedule not in SCHEDULES:
+            raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
+        if not request.training and request.schedule in VIRTUAL_SCHEDULES:
+            raise InputError(f"schedule={request.schedule!r} is a training schedule; plan inference with "
+                             "'1f1b' or 'gpipe'")
+        return [request.schedule]
+    if request.virtual_stages is not None and request.virtual_stages > 1:
+        return list(VIRTUAL_SCHEDULES)
+    return list(SCHEDULES) if request.training else ["1f1b", "gpipe"]
 
-    DDP all-reduces in buckets during the last microbatch's backward
-    (PipelineStage skips the sync on the others), so only the part longer
-    than that backward shows: max(0, all-reduce − backward of one microbatch).
-    Ring all-reduce time from cost_models.comm (Thakur et al. 2005).
+
+def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, num_microbatches: int,
+                          num_blocks: int) -> list[int]:
+    """Stages per rank for `schedule`: 1 for GPipe and 1F1B; for interleaved 1F1B 2 to
+    MAX_VIRTUAL_STAGES (v = 1 is 1F1B), for zero bubble 1 to MAX_VIRTUAL_STAGES; only with
+    at least 2 ranks, R·v ≤ blocks, and m in whole rounds (`schedules.microbatches_per_round`)."""
+    fixed = request.virtual_stages
+    if fixed is not None and fixed < 1:
+        raise InputError(f"virtual_stages={fixed} must be ≥ 1 (stages per pipeline rank)")
+    if schedule not in VIRTUAL_SCHEDULES:
+        return [1] if fixed in (None, 1) else []
+    if num_ranks < 2:
+        return []
+    try:
+        microbatches_per_round(num_ranks, num_microbatches)
+    except PlanError:
+        return []
+    lowest = 2 if schedule == "interleaved_1f1b" else 1
+    choices = [fixed] if fixed is not None else range(lowest, MAX_VIRTUAL_STAGES + 1)
+    return [v for v in choices if v >= lowest and num_ranks * v <= num_blocks]
+
+
+def data_parallel_mode_choices(request: PlanRequest, dp: int, num_stages: int) -> list[str]:
+    """'ddp' alone without replicas or training; both otherwise, unless the user fixed one."""
+    mode = request.data_parallel_mode
+    if mode is not None and mode not in DATA_PARALLEL_MODES:
+        raise InputError(f"data_parallel_mode={mode!r} is not known; use one of {DATA_PARALLEL_MODES} or None")
+    if dp == 1 or not request.training:
+        return ["ddp"]
+    return [mode] if mode is not None else list(DATA_PARALLEL_MODES)
+
+
+def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
+                               problem: PipelineProblem, solution: PipelineSolution, dp: int,
+                               mode: str = "ddp") -> float:
+    """Exposed time of the data-parallel synchronisation, the slowest rank's.
+
+    'ddp': gradients are all-reduced in buckets during the last microbatch's
+    backward (PipelineStage skips the sync on the others), so only the part
+    longer than that backward shows: max(0, all-reduce − backward of one
+    microbatch through the rank's stages). 'fsdp': each rank's stages form one
+    FSDP unit, so the all-gather of its parameters before the first forward
+    and the reduce-scatter of its gradients after the last backward are both
+    exposed. Ring collective times from cost_models.comm (Thakur et al. 2005).
     """
     if dp == 1 or not request.training:
         return 0.0
     exposed = 0.0
-    for s in range(problem.num_stages):
-        members = [b for b, stage in enumerate(solution.stage_of_block) if stage == s]
+    for rank in range(problem.num_ranks):
+        stages = range(rank, problem.num_stages, problem.num_ranks)
+        members = [b for b, stage in enumerate(solution.stage_of_block) if stage in stages]
         grad_bytes = sum(graph.blocks[b].trainable_param_bytes for b in members)
-        replicas = [d * problem.num_stages + s for d in range(dp)]
-        sync = all_reduce_seconds(grad_bytes, dp, cluster.link_for_group(replicas))
-        exposed = max(exposed, sync - float(problem.bwd_seconds[members, s].sum()))
+        param_bytes = sum(graph.blocks[b].param_bytes for b in members)
+        link = cluster.link_for_group([d * problem.num_ranks + rank for d in range(dp)])
+        if mode == "fsdp":
+            sync = all_gather_seconds(param_bytes, dp, link) + reduce_scatter_seconds(grad_bytes, dp, link)
+        else:
+            backward = sum(float(problem.bwd_seconds[b, solution.stage_of_block[b]]) for b in members)
+            sync = all_reduce_seconds(grad_bytes, dp, link) - backward
+        exposed = max(exposed, sync)
     return max(0.0, exposed)
 
 
@@ -192,18 +273,25 @@ def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: 
 
 
 def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
-                  num_stages: int, num_microbatches: int, schedule: str, dp: int = 1) -> PipelineProblem:
-    """The ILP instance for S stages on the first replica's S devices, costs per microbatch."""
+                  num_stages: int, num_microbatches: int, schedule: str, dp: int = 1, *,
+                  virtual_stages: int = 1, data_parallel_mode: str = "ddp") -> PipelineProblem:
+    """The ILP instance for S stages on the first replica's R = S / v devices, costs per microbatch.
+
+    Stage s runs on device s % R. With v > 1 each stage gets 1/v of its device's
+    memory: a linear stand-in for the device's sum that keeps the ILP per stage
+    (conservative; balanced stages use about that share anyway).
+    """
     scale = _scale(request, num_microbatches, dp)
-    devices = cluster.devices[:num_stages]
+    num_ranks = num_stages // virtual_stages
+    devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
     fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
     if request.training:
         bwd = np.array([[b.time_on(d.name).bwd(scale) for d in devices] for b in graph.blocks])
     else:
         bwd = np.zeros_like(fwd)
-    state = np.array([block_state_bytes(b, request) for b in graph.blocks], dtype=float)
+    state = np.array([block_state_bytes(b, request, dp, data_parallel_mode) for b in graph.blocks], dtype=float)
     activations = np.array([b.saved_bytes * scale if request.training else 0.0 for b in graph.blocks])
-    links = [cluster.link(s, s + 1) for s in range(num_stages - 1)]
+    links = [cluster.link(s % num_ranks, (s + 1) % num_ranks) for s in range(num_stages - 1)]
     return PipelineProblem(
         block_names=tuple(b.name for b in graph.blocks),
         fwd_seconds=fwd,
@@ -213,11 +301,12 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         edges=graph.edges,
         values=tuple(ValueFlow(producer=v.producer, consumers=v.consumers,
                                num_bytes=int(math.ceil(v.num_bytes * scale))) for v in graph.values),
-        memory_capacity=np.array([d.memory_bytes for d in devices], dtype=float),
+        memory_capacity=np.array([d.memory_bytes / virtual_stages for d in devices], dtype=float),
         link_latency=np.array([link.latency_s for link in links]),
         link_bandwidth=np.array([link.bandwidth for link in links]),
         num_microbatches=num_microbatches,
         schedule=schedule,
+        virtual_stages=virtual_stages,
     )
 
 
@@ -226,12 +315,22 @@ def _scale(request: PlanRequest, num_microbatches: int, dp: int = 1) -> float:
     return request.batch_size / dp / num_microbatches / request.traced_batch_size
 
 
-def block_state_bytes(block, request: PlanRequest) -> int:
-    """Parameters + gradients + optimizer state + buffers of a block (bytes)."""
-    state = block.param_bytes + block.buffer_bytes
+def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
+    """Parameters + gradients + optimizer state + buffers of a block (bytes).
+
+    Under 'fsdp' the optimizer state lives in 1/dp shards, next to 1/dp shards of
+    the parameters and gradients; the full parameters and the accumulated full
+    gradients exist during the step (FSDP2 without resharding between
+    microbatches).
+    """
+    state = float(block.param_bytes + block.buffer_bytes)
     if request.training:
-        state += gradient_bytes(block.trainable_param_bytes)
-        state += optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
+        grads = gradient_bytes(block.trainable_param_bytes)
+        optimizer = optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
+        if mode == "fsdp" and dp > 1:
+            state += grads + (optimizer + block.param_bytes + grads) / dp
+        else:
+            state += grads + optimizer
     return state
 
 
@@ -301,15 +400,16 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
 
 def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str,
           problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
-          plan_seconds: float, num_problems: int, dp: int, step_seconds: float) -> Plan:
-    num_stages = problem.num_stages
+          plan_seconds: float, num_problems: int, dp: int, step_seconds: float, mode: str = "ddp") -> Plan:
+    num_stages, num_ranks = problem.num_stages, problem.num_ranks
+    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1  # FSDP adds 1/dp shards
     m = problem.num_microbatches
     scale = _scale(request, m, dp)
     stages = []
     for s in range(num_stages):
         members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]
         blocks = [graph.blocks[i] for i in members]
-        device = cluster.devices[s]
+        device = cluster.devices[s % num_ranks]
         in_flight = problem.in_flight(s)
         trainable = sum(b.trainable_param_bytes for b in blocks) if request.training else 0
         send = sum(v.num_bytes for v in problem.values
@@ -319,7 +419,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
         fwd = float(problem.fwd_seconds[members, s].sum())
         bwd = float(problem.bwd_seconds[members, s].sum())
         stages.append(StagePlan(
-            index=s, device=s, device_name=device.name,
+            index=s, device=s % num_ranks, device_name=device.name,
             blocks=tuple(b.name for b in blocks),
             node_names=tuple(n for b in blocks for n in b.node_names),
             fwd_seconds=fwd, bwd_seconds=bwd,
@@ -329,9 +429,10 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
             num_params=int(sum(b.num_params for b in blocks)),
             send_bytes=int(send),
             memory=StageMemory(
-                params=int(sum(b.param_bytes for b in blocks)),
-                grads=int(gradient_bytes(trainable)),
-                optimizer=int(optimizer_state_bytes(trainable, request.optimizer)) if request.training else 0,
+                params=int(sum(b.param_bytes for b in blocks) * (1 + (shards > 1) / shards)),
+                grads=int(gradient_bytes(trainable) * (1 + (shards > 1) / shards)),
+                optimizer=int(optimizer_state_bytes(trainable, request.optimizer) / shards)
+                if request.training else 0,
                 buffers=int(sum(b.buffer_bytes for b in blocks)),
                 activations=int(float(problem.activation_bytes[members].sum()) * in_flight),
                 boundary=int((send + recv) * in_flight),
@@ -344,12 +445,14 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
         num_microbatches=m,
         schedule=problem.schedule,
         optimizer=request.optimizer,
-        mesh=Mesh(pp=num_stages, dp=dp),
+        mesh=Mesh(pp=num_ranks, dp=dp),
+        virtual_stages=problem.virtual_stages,
+        data_parallel_mode=mode,
         cluster=cluster.to_dict(),
         stages=tuple(stages),
         predicted_step_seconds=step_seconds,
-        bubble_fraction=(num_stages - 1) / (m + num_stages - 1),
-        idle_devices=tuple(range(num_stages * dp, cluster.num_devices)),
+        bubble_fraction=bubble_fraction(problem.schedule, num_ranks, m, problem.virtual_stages, request.training),
+        idle_devices=tuple(range(num_ranks * dp, cluster.num_devices)),
         solver=SolverInfo(backend=solution.backend, status=solution.status,
                           objective_seconds=solution.step_seconds, bound_seconds=solution.bound_seconds,
                           solve_seconds=solution.solve_seconds, plan_seconds=plan_seconds,

@@ -1,26 +1,42 @@
-"""Pipeline schedules as data: per-rank action lists, a checker, a text grid.
+"""Pipeline schedules as data: per-rank action lists, a player, a text grid.
 
-An action is a forward (F) or backward (B) of one microbatch on one stage; its
-short form is "F3" / "B3". `timeline` plays a schedule in lock-step (every
-rank runs its next action once its inputs exist, one action per time slot)
-and fails on a deadlock or a missing action, so a schedule is checked before
-anything runs it (in the manner of torch/distributed/pipelining/schedules.py).
+A model is cut into S stages placed on R pipeline ranks, stage s on rank
+s % R ("loop" placement, Narayanan et al. 2021); S = R·v with v virtual
+stages per rank, v = 1 for GPipe and 1F1B. An action is one microbatch through
+one stage: F (forward), B (full backward), or, for zero-bubble schedules, the
+backward split into I (gradient of the stage's inputs, which the previous
+stage waits for) and W (gradient of its weights, which nobody waits for;
+Qi et al. 2024). Its short form is "F3" / "B3".
+
+`play` runs a schedule with given durations: every rank runs its actions in
+order, each as soon as the rank is free and its inputs exist. It fails on a
+deadlock or a missing action, so a schedule is checked before anything runs
+it. The orders of the interleaved and zero-bubble schedules are those of
+torch.distributed.pipelining's ScheduleInterleaved1F1B and
+ScheduleInterleavedZeroBubble (tests/test_schedules.py compares them), so the
+in-flight counts and bubbles the planner charges are those the runtime sees.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 from autopart.errors import PlanError
 
 Schedule = tuple[tuple["Action", ...], ...]
-"""One tuple of actions per stage (rank of the pipeline), in execution order."""
+"""One tuple of actions per pipeline rank, in execution order."""
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+VIRTUAL_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
+"""Schedules that run several stages per rank (virtual_stages > 1)."""
 
 
 @dataclass(frozen=True)
 class Action:
     kind: str
-    """'F' (forward) or 'B' (backward)."""
+    """'F' (forward), 'B' (full backward), 'I' (input gradient), 'W' (weight gradient)."""
     stage: int
     microbatch: int
 
@@ -28,10 +44,12 @@ class Action:
         return f"{self.kind}{self.microbatch}"
 
 
-def gpipe(num_stages: int, num_microbatches: int, training: bool = True) -> Schedule:
+# ----------------------------------------------------------------------------- builders
+
+def gpipe(num_ranks: int, num_microbatches: int, training: bool = True) -> Schedule:
     """All forwards, then all backwards (Huang et al. 2019). Keeps m microbatches in flight."""
     ranks = []
-    for s in range(num_stages):
+    for s in range(num_ranks):
         actions = [Action("F", s, i) for i in range(num_microbatches)]
         if training:
             actions += [Action("B", s, i) for i in range(num_microbatches)]
@@ -39,14 +57,14 @@ def gpipe(num_stages: int, num_microbatches: int, training: bool = True) -> Sche
     return tuple(ranks)
 
 
-def one_f_one_b(num_stages: int, num_microbatches: int, training: bool = True) -> Schedule:
+def one_f_one_b(num_ranks: int, num_microbatches: int, training: bool = True) -> Schedule:
     """1F1B (Narayanan et al. 2021, PipeDream-Flush): stage s warms up with S - s - 1
     forwards, then alternates one forward and one backward; at most S - s in flight."""
     if not training:
-        return gpipe(num_stages, num_microbatches, training=False)
+        return gpipe(num_ranks, num_microbatches, training=False)
     ranks = []
-    for s in range(num_stages):
-        warmup = min(num_stages - s - 1, num_microbatches)
+    for s in range(num_ranks):
+        warmup = min(num_ranks - s - 1, num_microbatches)
         actions = [Action("F", s, i) for i in range(warmup)]
         for i in range(num_microbatches - warmup):
             actions.append(Action("F", s, warmup + i))
@@ -56,79 +74,224 @@ def one_f_one_b(num_stages: int, num_microbatches: int, training: bool = True) -
     return tuple(ranks)
 
 
-SCHEDULE_BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def microbatches_per_round(num_ranks: int, num_microbatches: int) -> int:
+    """Interleaved schedules walk the microbatches in rounds of about R (PyTorch's "flexible"
+    interleaving); m must split into max(1, m // R) equal rounds."""
+    rounds = max(1, num_microbatches // num_ranks)
+    if num_microbatches % rounds:
+        raise PlanError(
+            f"interleaved schedules on {num_ranks} pipeline ranks need the microbatch count to be a "
+            f"multiple of {rounds} (rounds of about {num_ranks}), got {num_microbatches}; use "
+            f"{rounds * (num_microbatches // rounds)} or a multiple of {num_ranks}"
+        )
+    return num_microbatches // rounds
 
 
-def build_schedule(name: str, num_stages: int, num_microbatches: int, training: bool = True) -> Schedule:
-    if name not in SCHEDULE_BUILDERS:
-        raise PlanError(f"schedule {name!r} is not known; use one of {sorted(SCHEDULE_BUILDERS)}")
-    return SCHEDULE_BUILDERS[name](num_stages, num_microbatches, training)
+def interleaved(num_ranks: int, num_microbatches: int, virtual_stages: int, training: bool = True,
+                zero_bubble: bool = False) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021) or, with zero_bubble, ZB1P (Qi et al. 2024).
 
-
-def timeline(schedule: Schedule, num_microbatches: int, training: bool = True) -> list[list[Action | None]]:
-    """Play `schedule` in lock-step; slot t holds what each rank runs at time t.
-
-    F(s, i) needs F(s-1, i) done in an earlier slot; B(s, i) needs F(s, i) and
-    B(s+1, i) (the last stage's B needs only its own F). Raises PlanError on
-    deadlock, duplicates, or when a rank misses an action.
+    Rank r holds stages r, r + R, ..., r + (v-1)·R. It visits its stages in
+    rounds of `microbatches_per_round` microbatches each: forwards go through
+    its stages in increasing order, backwards in decreasing order. Warm-up:
+    (v - 1)·rounds forwards plus 2 per hop to the last rank (1 for zero
+    bubble), then one forward and one backward alternate, then the remaining
+    backwards drain. Zero bubble replaces B by I and schedules each W
+    once rank r has done r input gradients in the steady phase (the last
+    ones at the end), filling the bubble 1F1B leaves with weight work.
     """
-    num_stages = len(schedule)
-    expected = {(k, s, i) for s in range(num_stages) for i in range(num_microbatches)
-                for k in (("F", "B") if training else ("F",))}
+    m, v = num_microbatches, virtual_stages
+    if not training:  # forward only: every stage's microbatches in turn
+        return tuple(tuple(Action("F", j * num_ranks + r, i) for j in range(v) for i in range(m))
+                     for r in range(num_ranks))
+    per_round = microbatches_per_round(num_ranks, m)
+    total = v * m  # forwards (and backwards) per rank
+    grad_kind = "I" if zero_bubble else "B"
+    ranks = []
+    for r in range(num_ranks):
+        warmup = min((v - 1) * per_round + (1 if zero_bubble else 2) * (num_ranks - 1 - r), total)
+        next_forward = [0] * v
+        next_backward = [0] * v
+        backward_stages: list[int] = []
+        weights_done = 0
+        actions: list[Action] = []
+
+        def emit(kind: str, local: int, counters: list[int]) -> None:
+            actions.append(Action(kind, local * num_ranks + r, counters[local]))
+            counters[local] += 1
+
+        next_weight = [0] * v
+        for op in range(total + warmup):
+            if op < total:
+                emit("F", (op // per_round) % v, next_forward)
+            if op >= warmup:
+                local = v - 1 - ((op - warmup) // per_round) % v
+                emit(grad_kind, local, next_backward)
+                backward_stages.append(local)
+                if zero_bubble and op - warmup >= r:
+                    emit("W", backward_stages[weights_done], next_weight)
+                    weights_done += 1
+        while zero_bubble and weights_done < len(backward_stages):
+            emit("W", backward_stages[weights_done], next_weight)
+            weights_done += 1
+        ranks.append(tuple(actions))
+    return tuple(ranks)
+
+
+def build_schedule(name: str, num_ranks: int, num_microbatches: int, training: bool = True,
+                   virtual_stages: int = 1) -> Schedule:
+    """The action lists of schedule `name` for `num_ranks` pipeline ranks of `virtual_stages` stages each."""
+    if name not in SCHEDULES:
+        raise PlanError(f"schedule {name!r} is not known; use one of {list(SCHEDULES)}")
+    if virtual_stages != 1 and name not in VIRTUAL_SCHEDULES:
+        raise PlanError(f"schedule {name!r} runs one stage per rank but virtual_stages={virtual_stages}; "
+                        f"use one of {list(VIRTUAL_SCHEDULES)} or virtual_stages=1")
+    if name == "gpipe":
+        return gpipe(num_ranks, num_microbatches, training)
+    if name == "1f1b":
+        return one_f_one_b(num_ranks, num_microbatches, training)
+    return interleaved(num_ranks, num_microbatches, virtual_stages, training, zero_bubble=name == "zero_bubble")
+
+
+# ----------------------------------------------------------------------------- playing
+
+def _done_key(action: Action) -> tuple[str, int, int]:
+    """What finishing `action` makes available: B and I both deliver the input gradient ("G")."""
+    return ("G" if action.kind in "BI" else action.kind, action.stage, action.microbatch)
+
+
+def dependencies(action: Action, num_stages: int) -> list[tuple[str, int, int]]:
+    """Keys (as `_done_key` makes them) that must exist before `action` starts.
+
+    F(s, i) needs F(s-1, i); B or I (s, i) need F(s, i) and the input gradient
+    of stage s+1 (the last stage's backward needs only its own F); W(s, i)
+    needs I(s, i).
+    """
+    s, i = action.stage, action.microbatch
+    if action.kind == "F":
+        return [("F", s - 1, i)] if s > 0 else []
+    if action.kind == "W":
+        return [("G", s, i)]
+    return [("F", s, i)] + ([("G", s + 1, i)] if s < num_stages - 1 else [])
+
+
+def check(schedule: Schedule, num_microbatches: int, training: bool = True) -> int:
+    """Raise PlanError unless `schedule` lists each action once on the rank that holds its stage.
+
+    Returns the number of stages.
+    """
+    num_ranks = len(schedule)
     listed = [(a.kind, a.stage, a.microbatch) for rank in schedule for a in rank]
-    if len(listed) != len(set(listed)) or set(listed) != expected:
+    num_stages = max((a.stage for rank in schedule for a in rank), default=num_ranks - 1) + 1
+    split = any(a.kind == "I" for rank in schedule for a in rank)
+    kinds = ("F", "I", "W") if split else ("F", "B") if training else ("F",)
+    expected = {(k, s, i) for s in range(num_stages) for i in range(num_microbatches) for k in kinds}
+    if len(listed) != len(set(listed)) or set(listed) != expected or num_stages % num_ranks:
         missing = sorted(expected - set(listed))[:3]
         raise PlanError(f"schedule lists the wrong actions (missing {missing}, {len(listed)} listed, "
                         f"{len(expected)} expected)")
-    for s, rank in enumerate(schedule):
-        if any(a.stage != s for a in rank):
-            raise PlanError(f"rank {s} of the schedule holds actions of another stage")
-    done: set[tuple[str, int, int]] = set()
-    cursor = [0] * num_stages
-    slots: list[list[Action | None]] = []
-    while any(c < len(rank) for c, rank in zip(cursor, schedule)):
-        slot: list[Action | None] = []
-        for s, rank in enumerate(schedule):
-            action = rank[cursor[s]] if cursor[s] < len(rank) else None
-            slot.append(action if action is not None and _ready(action, done, num_stages) else None)
-        if all(a is None for a in slot):
-            waiting = [str(schedule[s][cursor[s]]) + f"@{s}" for s in range(num_stages) if cursor[s] < len(schedule[s])]
+    for r, rank in enumerate(schedule):
+        if any(a.stage % num_ranks != r for a in rank):
+            raise PlanError(f"rank {r} of the schedule holds actions of a stage placed on another rank")
+    return num_stages
+
+
+def play(schedule: Schedule, duration: Callable[[Action], float]) -> dict[Action, tuple[float, float]]:
+    """(start, end) of every action when each rank runs its list in order, starting an action
+    once the rank is free and its `dependencies` have ended. Raises PlanError on deadlock."""
+    num_stages = max((a.stage for rank in schedule for a in rank), default=0) + 1
+    finished: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * len(schedule)
+    cursor = [0] * len(schedule)
+    placed: dict[Action, tuple[float, float]] = {}
+    remaining = sum(len(rank) for rank in schedule)
+    while remaining:
+        progressed = False
+        for r, rank in enumerate(schedule):
+            while cursor[r] < len(rank):
+                action = rank[cursor[r]]
+                needs = dependencies(action, num_stages)
+                if any(key not in finished for key in needs):
+                    break
+                start = max([free[r], *(finished[key] for key in needs)])
+                end = start + duration(action)
+                placed[action] = (start, end)
+                finished[_done_key(action)] = end
+                free[r] = end
+                cursor[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            waiting = [f"{schedule[r][cursor[r]]}@stage{schedule[r][cursor[r]].stage}"
+                       for r in range(len(schedule)) if cursor[r] < len(schedule[r])]
             raise PlanError(f"schedule deadlocks: ranks wait on {waiting}")
-        for s, action in enumerate(slot):
-            if action is not None:
-                done.add((action.kind, action.stage, action.microbatch))
-                cursor[s] += 1
-        slots.append(slot)
+    return placed
+
+
+def timeline(schedule: Schedule, num_microbatches: int, training: bool = True) -> list[list[Action | None]]:
+    """Play `schedule` in lock-step (every action one time slot); slot t holds what each rank runs."""
+    check(schedule, num_microbatches, training)
+    times = play(schedule, lambda action: 1.0)
+    length = int(max((end for _, end in times.values()), default=0))
+    slots: list[list[Action | None]] = [[None] * len(schedule) for _ in range(length)]
+    for r, rank in enumerate(schedule):
+        for action in rank:
+            slots[int(times[action][0])][r] = action
     return slots
 
 
-def _ready(action: Action, done: set[tuple[str, int, int]], num_stages: int) -> bool:
-    s, i = action.stage, action.microbatch
-    if action.kind == "F":
-        return s == 0 or ("F", s - 1, i) in done
-    return ("F", s, i) in done and (s == num_stages - 1 or ("B", s + 1, i) in done)
+# Relative costs of the passes of one stage for the factors below: backward = 2 × forward
+# (two matmuls per forward one), split evenly into input and weight gradients (Qi et al. 2024).
+_UNIT_COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
 
 
-def peak_in_flight(schedule: Schedule) -> list[int]:
-    """Most microbatches whose activations each rank holds at once (forwarded, not yet backwarded)."""
-    peaks = []
+@lru_cache(maxsize=4096)
+def step_factor(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1,
+                training: bool = True) -> float:
+    """A step's length in slots of the slowest stage (one microbatch's F + B through it).
+
+    The schedule is played with every stage equal (backward = 2 forwards); GPipe
+    and 1F1B give m + R - 1 (Huang et al. 2019), interleaved 1F1B
+    m·v + R - 1 (bubble (R-1)/(m·v), Narayanan et al. 2021), and zero bubble
+    less, as its weight gradients fill the 1F1B bubble (Qi et al. 2024).
+    """
+    schedule = build_schedule(name, num_ranks, num_microbatches, training, virtual_stages)
+    slot = _UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0)
+    ends = play(schedule, lambda action: _UNIT_COSTS[action.kind]).values()
+    return max(end for _, end in ends) / slot
+
+
+def bubble_fraction(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1,
+                    training: bool = True) -> float:
+    """Share of a step a rank idles with equal stages: 1 - m·v / step_factor."""
+    factor = step_factor(name, num_ranks, num_microbatches, virtual_stages, training)
+    return 1.0 - num_microbatches * virtual_stages / factor
+
+
+def peak_in_flight(schedule: Schedule) -> dict[int, int]:
+    """Per stage, the most microbatches whose activations it holds at once: counted from
+    its F until its B (or W, which still needs them)."""
+    live: dict[int, int] = {}
+    peak: dict[int, int] = {}
     for rank in schedule:
-        live = peak = 0
         for action in rank:
-            live += 1 if action.kind == "F" else -1
-            peak = max(peak, live)
-        peaks.append(peak)
-    return peaks
+            if action.kind == "I":
+                continue
+            live[action.stage] = live.get(action.stage, 0) + (1 if action.kind == "F" else -1)
+            peak[action.stage] = max(peak.get(action.stage, 0), live[action.stage])
+    return dict(sorted(peak.items()))
 
 
-def grid(slots: list[list[Action | None]]) -> str:
-    """A text grid: one row per rank, one column per time slot ('.' idle)."""
+def grid(slots: list[list[Action | None]], show_stage: bool = False) -> str:
+    """A text grid: one row per rank, one column per time slot ('.' idle); with show_stage,
+    cells read "F3s5" (microbatch 3 on stage 5)."""
     if not slots:
         return ""
     num_ranks = len(slots[0])
-    width = max(len(str(a)) for slot in slots for a in slot if a is not None)
+    label = (lambda a: f"{a}s{a.stage}") if show_stage else str
+    width = max(len(label(a)) for slot in slots for a in slot if a is not None)
     lines = []
-    for s in range(num_ranks):
-        cells = [(str(slot[s]) if slot[s] is not None else ".").rjust(width) for slot in slots]
-        lines.append(f"rank {s}: " + " ".join(cells))
+    for r in range(num_ranks):
+        cells = [(label(slot[r]) if slot[r] is not None else ".").rjust(width) for slot in slots]
+        lines.append(f"rank {r}: " + " ".join(cells))
     return "\n".join(lines)

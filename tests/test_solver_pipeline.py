@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autopart.errors import InputError, PlanError
+from autopart.schedules import VIRTUAL_SCHEDULES
 from autopart.solver import (
     SCHEDULES,
     PipelineProblem,
@@ -38,6 +39,7 @@ def make_problem(
     bandwidth: float = 1e12,
     num_microbatches: int = 4,
     schedule: str = "1f1b",
+    virtual_stages: int = 1,
 ) -> PipelineProblem:
     """A problem with defaults that make memory and links irrelevant unless given."""
     n, num_stages = fwd.shape
@@ -56,6 +58,7 @@ def make_problem(
         link_bandwidth=np.full(num_stages - 1, bandwidth),
         num_microbatches=num_microbatches,
         schedule=schedule,
+        virtual_stages=virtual_stages,
     )
 
 
@@ -86,6 +89,12 @@ def small_problems(draw: st.DrawFn) -> PipelineProblem:
     act = np.array(draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), dtype=float) * 1e5
     num_microbatches = draw(st.integers(1, 6))
     schedule = draw(st.sampled_from(SCHEDULES))
+    virtual_stages = 1
+    if schedule in VIRTUAL_SCHEDULES:  # stage s on rank s % R; m in whole rounds of about R
+        virtual_stages = draw(st.sampled_from([v for v in (1, 2) if num_stages % v == 0]))
+        ranks = num_stages // virtual_stages
+        rounds = max(1, num_microbatches // ranks)
+        num_microbatches = rounds * (num_microbatches // rounds)
     total = state.sum() + num_microbatches * act.sum()
     capacity = [draw(st.floats(0.6, 3.0)) * total // num_stages + 1e4 for _ in range(num_stages)]
     return make_problem(
@@ -93,7 +102,7 @@ def small_problems(draw: st.DrawFn) -> PipelineProblem:
         state=state, act=act, capacity=np.array(capacity),
         latency=draw(st.sampled_from([0.0, 1e-4, 2e-3])),
         bandwidth=draw(st.sampled_from([1e6, 1e7, 1e9])),
-        num_microbatches=num_microbatches, schedule=schedule,
+        num_microbatches=num_microbatches, schedule=schedule, virtual_stages=virtual_stages,
     )
 
 

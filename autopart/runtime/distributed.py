@@ -1,13 +1,15 @@
 """Run a plan on torch.distributed: one process per device, started by torchrun.
 
 Every process compiles the same plan (deterministically, or loads it from
-JSON), then `DistributedRunner` keeps only its own rank's stage module. Stages
-run under `torch.distributed.pipelining` (PipelineStage with the GPipe or 1F1B
-schedule the plan names); data-parallel replicas of the pipeline wrap their
-stage in PyTorch's DDP on the dp group, so gradient all-reduce overlaps
-backward (PipelineStage skips DDP's sync on all microbatches but the last).
-A parameter copied into several stages (tied embeddings) has its gradient
-summed over those stages after backward.
+JSON), then `DistributedRunner` keeps only its own rank's stage modules (one,
+or v with virtual stages: stage s on pipeline rank s % pp). Stages run under
+`torch.distributed.pipelining`: a PipelineStage each, driven by the schedule
+the plan names (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or
+ScheduleInterleavedZeroBubble). Data-parallel replicas of the pipeline wrap
+each stage in PyTorch's DDP or FSDP2 on the dp group, as the plan says, so
+gradient communication overlaps backward (PipelineStage skips the sync on all
+microbatches but the last). A parameter copied into several stages (tied
+embeddings) has its gradient summed over those stages after backward.
 
 Every collective has a timeout (`timeout_s`); a peer that dies or hangs makes
 the others raise `AutopartError` naming this rank and its stage.
@@ -69,7 +71,7 @@ class DistributedRunner(StateMixin):
     def __init__(self, compiled, *, timeout_s: float = 300.0, device: str | torch.device | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None,
                  init_fn: Callable[[str, torch.Tensor], None] | None = None) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage
 
         self.compiled = compiled
         self.plan = compiled.plan
@@ -86,49 +88,65 @@ class DistributedRunner(StateMixin):
                 f"torchrun --nproc_per_node={self.mesh.num_devices} (or re-plan for {self.world_size} devices)"
             )
         self.coords = coordinates(self.mesh, self.rank)
-        self.stage_index = self.coords.stage
-        module = compiled.rank_module(self.rank)
-        self.interface = stage_interface(module)
+        self.pp_rank = self.coords.stage
+        self.stage_indices = self.plan.stages_of_rank(self.pp_rank)
         self.shared_names = _shared_parameters(compiled)
-        self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(set(self.shared_names.values())))
-        module = _materialise(module, self.device, state_dict, init_fn, self.interface)
-        if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
-            from autopart.passes.tp_ops import attach_process_group
-
-            attach_process_group(module, self.groups.tp)
+        self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(
+            {ranks for ranks in self.shared_names.values() if len(ranks) > 1}))
         tensor_positions = [i for i, leaf in enumerate(_example_flat(compiled)) if isinstance(leaf, torch.Tensor)]
-        self.adapter = _StageAdapter(module, self.interface, tensor_positions)
-        wrapped: nn.Module = self.adapter
-        if self.mesh.dp > 1:
-            wrapped = _data_parallel(self.adapter, self.groups.dp, self.device, self.mesh.pp)
-        self.stage = PipelineStage(wrapped, self.stage_index, self.mesh.pp, self.device, group=self.groups.pp)
-        schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.plan.schedule]
+        self.adapters: list[_StageAdapter] = []
+        for module in compiled.rank_modules(self.rank):
+            interface = stage_interface(module)
+            module = _materialise(module, self.device, state_dict, init_fn, interface)
+            if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
+                from autopart.passes.tp_ops import attach_process_group
+
+                attach_process_group(module, self.groups.tp)
+            self.adapters.append(_StageAdapter(module, interface, tensor_positions))
+        self.pipeline_stages = [
+            PipelineStage(self._data_parallel(adapter), adapter.interface.stage, self.plan.num_stages, self.device,
+                          group=self.groups.pp)
+            for adapter in self.adapters]
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-        self.schedule = schedule_class(self.stage, n_microbatches=self.plan.num_microbatches,
-                                       loss_fn=self._microbatch_loss)
+        self.schedule = _make_schedule(self.plan, self.pipeline_stages, self._microbatch_loss)
 
     # ------------------------------------------------------------------ properties
 
     @property
     def is_first_stage(self) -> bool:
-        return self.stage_index == 0
+        """Whether this rank runs the model's first stage (it feeds the inputs)."""
+        return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.stage_index == self.mesh.pp - 1
+        """Whether this rank runs the model's last stage (it computes the loss)."""
+        return self.pp_rank == self.mesh.pp - 1
+
+    @property
+    def local_stages(self) -> list[tuple[torch.fx.GraphModule, StageInterface]]:
+        """(stage GraphModule, its interface) of every stage this rank runs, on its device."""
+        return [(adapter.module, adapter.interface) for adapter in self.adapters]
 
     @property
     def module(self) -> torch.fx.GraphModule:
-        """This rank's stage GraphModule (its parameter copies, on its device)."""
-        return self.adapter.module
+        """This rank's stage GraphModule (the first of them with virtual stages)."""
+        return self.adapters[0].module
 
     def parameters(self):
-        """This rank's parameters: feed them to any torch.optim optimizer."""
-        return self.adapter.module.parameters()
+        """This rank's parameters (all its stages'): feed them to any torch.optim optimizer."""
+        for adapter in self.adapters:
+            yield from adapter.module.parameters()
 
     def describe(self) -> str:
-        return (f"rank {self.rank} (stage {self.stage_index} of {self.mesh.pp}, tp rank {self.coords.tp_index} "
+        stages = "stage" + (f"s {self.stage_indices}" if len(self.stage_indices) > 1 else f" {self.stage_indices[0]}")
+        return (f"rank {self.rank} ({stages} of {self.plan.num_stages}, tp rank {self.coords.tp_index} "
                 f"of {self.mesh.tp}, dp replica {self.coords.dp_index} of {self.mesh.dp})")
+
+    def _data_parallel(self, adapter: nn.Module) -> nn.Module:
+        """The stage replicated over the dp group as the plan says (unchanged without replicas)."""
+        if self.mesh.dp == 1:
+            return adapter
+        return _data_parallel(adapter, self.groups.dp, self.device, self.plan.data_parallel_mode)
 
     # ------------------------------------------------------------------ training
 
@@ -140,9 +158,10 @@ class DistributedRunner(StateMixin):
         microbatch; gradients are those of the mean loss over the batch.
         """
         flat, local_target = self._local_inputs(args, kwargs, target)
-        self.adapter.constants = flat
+        for adapter in self.adapters:
+            adapter.constants = flat
         self._loss_fn = loss_fn
-        tensors = [flat[i] for i in self.adapter.tensor_positions]
+        tensors = [flat[i] for i in self.adapters[0].tensor_positions]
         losses: list[torch.Tensor] = []
         with _Watchdog(self.timeout_s, self.describe(), "step"):
             try:
@@ -174,34 +193,47 @@ class DistributedRunner(StateMixin):
         return loss
 
     def _sum_shared_gradients(self) -> None:
-        for path, name in self.interface.parameters:
-            stages = self.shared_names.get(name)
-            if stages is None:
-                continue
-            param = self.module.get_parameter(path)
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
+        """Every copy of a tied parameter gets the sum of all copies' gradients (this rank's
+        copies added here, other ranks' through the group of the ranks holding one)."""
+        copies: dict[str, list[torch.nn.Parameter]] = {}
+        for module, interface in self.local_stages:
+            for path, name in interface.parameters:
+                if name in self.shared_names:
+                    copies.setdefault(name, []).append(module.get_parameter(path))
+        for name, params in copies.items():
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
             # Under FSDP every copy holds the same dp shard: summing local shards is the sum.
-            dist.all_reduce(local_tensor(param.grad), group=self.groups.shared[stages])
+            total = local_tensor(params[0].grad)
+            for param in params[1:]:
+                total += local_tensor(param.grad)
+            ranks = self.shared_names[name]
+            if len(ranks) > 1:
+                dist.all_reduce(total, group=self.groups.shared[ranks])
+            for param in params[1:]:
+                local_tensor(param.grad).copy_(total)
 
     def zero_grad(self) -> None:
-        self.module.zero_grad(set_to_none=True)
+        for adapter in self.adapters:
+            adapter.module.zero_grad(set_to_none=True)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
         sharded = False
-        tp_slices = _tp_slices(self.module)
-        for path, name in self.interface.parameters:
-            grad = self.module.get_parameter(path).grad
-            first_holder = min(self.shared_names.get(name, (self.stage_index,)))
-            if grad is None or first_holder != self.stage_index:  # tied copies count once
-                continue
-            piece = tp_slices.get(path)
-            if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
-                continue  # replicated over tp: rank 0's copy counts
-            sharded |= grad is not local_tensor(grad)
-            squares += local_tensor(grad).detach().float().pow(2).sum()
+        first_holder = _first_holders(self.compiled)
+        for module, interface in self.local_stages:
+            tp_slices = _tp_slices(module)
+            for path, name in interface.parameters:
+                grad = module.get_parameter(path).grad
+                if grad is None or first_holder[name] != interface.stage:  # tied copies count once
+                    continue
+                piece = tp_slices.get(path)
+                if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
+                    continue  # replicated over tp: rank 0's copy counts
+                sharded |= grad is not local_tensor(grad)
+                squares += local_tensor(grad).detach().float().pow(2).sum()
         if sharded:  # FSDP: each replica holds a shard of every gradient
             dist.all_reduce(squares, group=self.groups.dp)
         if self.mesh.tp > 1:
@@ -221,7 +253,8 @@ class DistributedRunner(StateMixin):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output for one global batch, on every rank; no activations kept."""
         flat, _ = self._local_inputs(args, kwargs, None)
-        self.adapter.constants = flat
+        for adapter in self.adapters:
+            adapter.constants = flat
         local_batch = self.plan.batch_size // self.mesh.dp
         size = local_batch // self.plan.num_microbatches
         chunks = []
@@ -238,28 +271,34 @@ class DistributedRunner(StateMixin):
         return unflatten_output(self.compiled.graph, tuple(outputs))
 
     def _forward_microbatch(self, micro: list[Any]) -> list[torch.Tensor]:
-        pp_ranks = self.groups.pp_ranks
-        if self.is_first_stage:
-            received = [micro[i].to(self.device) for i in self.adapter.tensor_positions]
-        else:
-            received = [torch.empty(v.shape, dtype=v.dtype, device=self.device)
-                        for v in _output_vals(self.compiled.stage_module(self.stage_index - 1))]
-            for tensor in received:
-                dist.recv(tensor, src=pp_ranks[self.stage_index - 1], group=self.groups.pp)
-        outputs = self.adapter(*received)
-        if not self.is_last_stage:
-            for tensor in outputs:
-                dist.send(tensor.contiguous(), dst=pp_ranks[self.stage_index + 1], group=self.groups.pp)
+        """One microbatch through this rank's stages in order, with blocking sends and receives
+        to the ranks of the neighbouring stages (a chain: no cycle to deadlock on)."""
+        pp_ranks, num_stages = self.groups.pp_ranks, self.plan.num_stages
+        final: list[torch.Tensor] | None = None
+        for adapter in self.adapters:
+            s = adapter.interface.stage
+            if s == 0:
+                received = [micro[i].to(self.device) for i in adapter.tensor_positions]
+            else:
+                received = [torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                            for v in _output_vals(self.compiled.stage_module(s - 1))]
+                for tensor in received:
+                    dist.recv(tensor, src=pp_ranks[(s - 1) % self.mesh.pp], group=self.groups.pp)
+            outputs = adapter(*received)
+            if s < num_stages - 1:
+                for tensor in outputs:
+                    dist.send(tensor.contiguous(), dst=pp_ranks[(s + 1) % self.mesh.pp], group=self.groups.pp)
+            else:
+                final = [t.contiguous() for t in outputs]
+        if final is None:
             final = [torch.empty(v.shape, dtype=v.dtype, device=self.device) for v in self._model_output_vals()]
-        else:
-            final = [t.contiguous() for t in outputs]
         if self.mesh.pp > 1:
             for tensor in final:
                 dist.broadcast(tensor, src=pp_ranks[-1], group=self.groups.pp)
         return final
 
     def _model_output_vals(self) -> list[torch.Tensor]:
-        last = self.compiled.stage_module(self.mesh.pp - 1)
+        last = self.compiled.stage_module(self.plan.num_stages - 1)
         vals = _output_vals(last)
         return [vals[i] for i in stage_interface(last).model_outputs]
 
@@ -317,15 +356,33 @@ class _Watchdog:
             self.timer.cancel()
 
 
-def _data_parallel(adapter: nn.Module, group, device: torch.device, num_stages: int) -> nn.Module:
+def _make_schedule(plan, stages: list, loss_fn: Callable[[Any, Any], torch.Tensor]):
+    """The torch.distributed.pipelining schedule the plan names, over this rank's stages."""
+    from torch.distributed.pipelining import (
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+    )
+
+    m = plan.num_microbatches
+    if plan.schedule in ("gpipe", "1f1b"):
+        return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[plan.schedule](stages[0], n_microbatches=m,
+                                                                             loss_fn=loss_fn)
+    classes = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}
+    if plan.schedule not in classes:
+        raise InputError(f"the plan's schedule {plan.schedule!r} is not known to this runtime; re-plan")
+    return classes[plan.schedule](stages, n_microbatches=m, loss_fn=loss_fn)
+
+
+def _data_parallel(adapter: nn.Module, group, device: torch.device, mode: str) -> nn.Module:
     """Replicate the stage over the dp group with PyTorch's own data parallelism.
 
-    One stage: DDP. Several stages: FSDP2 (`fully_shard`, parameters kept
-    unsharded between forward and backward, i.e. ZeRO-2), which
-    torch.distributed.pipelining drives across microbatches; DDP's bucket
-    rebuild breaks when a pipeline stage runs several backwards per step.
+    'ddp': DistributedDataParallel. 'fsdp': FSDP2 (`fully_shard`, parameters
+    kept unsharded between forward and backward, i.e. ZeRO-2), which
+    torch.distributed.pipelining drives across microbatches.
     """
-    if num_stages == 1:
+    if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(adapter, process_group=group,
@@ -356,13 +413,26 @@ def _init_process_group(device: torch.device, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def _shared_parameters(compiled) -> dict[str, tuple[int, ...]]:
-    """Original parameter name -> the stages that hold a copy, for names held by several."""
+def _holders(compiled) -> dict[str, list[int]]:
+    """Original parameter name -> the stages that hold a copy."""
     holders: dict[str, list[int]] = {}
     for stage in range(compiled.plan.num_stages):
         for _, name in stage_interface(compiled.stage_module(stage)).parameters:
             holders.setdefault(name, []).append(stage)
-    return {name: tuple(stages) for name, stages in holders.items() if len(stages) > 1}
+    return holders
+
+
+def _shared_parameters(compiled) -> dict[str, tuple[int, ...]]:
+    """Original parameter name -> the pipeline ranks that hold a copy, for names held by
+    several stages (one rank may hold several copies, with virtual stages)."""
+    pp = compiled.plan.mesh.pp
+    return {name: tuple(sorted({s % pp for s in stages}))
+            for name, stages in _holders(compiled).items() if len(stages) > 1}
+
+
+def _first_holders(compiled) -> dict[str, int]:
+    """Original parameter name -> the first stage holding it (whose copy counts in norms)."""
+    return {name: min(stages) for name, stages in _holders(compiled).items()}
 
 
 def _example_flat(compiled) -> list[Any]:

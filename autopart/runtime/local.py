@@ -64,13 +64,16 @@ class LocalPipeline:
     """
 
     def __init__(self, stages: Sequence[Sequence[torch.fx.GraphModule]], schedule: str, num_microbatches: int,
-                 batch_size: int) -> None:
+                 batch_size: int, *, virtual_stages: int = 1, replicas: int = 1) -> None:
         self.stages = [list(ranks) for ranks in stages]
         self.tp = len(self.stages[0])
         self.interfaces: list[StageInterface] = [stage_interface(ranks[0]) for ranks in self.stages]
         self.schedule = schedule
         self.num_microbatches = num_microbatches
+        """All replicas' microbatches: each replica plays the schedule on its own num_microbatches / replicas."""
         self.batch_size = batch_size
+        self.virtual_stages = virtual_stages
+        self.replicas = replicas
 
     @property
     def num_stages(self) -> int:
@@ -110,15 +113,20 @@ class LocalPipeline:
         state: list[dict[int, _Microbatch]] = [{} for _ in self.stages]
         grads_to_send: list[dict[int, list[list[Any]]]] = [{} for _ in self.stages]
         losses: list[torch.Tensor] = []
-        plan = build_schedule(self.schedule, self.num_stages, m, training=True)
-        for slot in timeline(plan, m, training=True):
-            for action in slot:
-                if action is None:
-                    continue
-                if action.kind == "F":
-                    self._forward(action, micro_inputs, state, targets, loss_of, losses)
-                else:
-                    self._backward(action, state, grads_to_send)
+        per_replica = m // self.replicas
+        plan = build_schedule(self.schedule, self.num_stages // self.virtual_stages, per_replica, training=True,
+                              virtual_stages=self.virtual_stages)
+        slots = timeline(plan, per_replica, training=True)
+        for replica in range(self.replicas):  # the replicas one after another, as the gradients add up alike
+            for slot in slots:
+                for action in slot:
+                    if action is None or action.kind == "W":  # W: its gradients came with I (full backward)
+                        continue
+                    action = Action(action.kind, action.stage, action.microbatch + replica * per_replica)
+                    if action.kind == "F":
+                        self._forward(action, micro_inputs, state, targets, loss_of, losses)
+                    else:
+                        self._backward(action, state, grads_to_send)
         return torch.stack([loss.detach() for loss in losses]).mean()
 
     def _forward(self, action: Action, micro_inputs, state, targets, loss_of, losses) -> None:

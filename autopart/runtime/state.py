@@ -75,14 +75,15 @@ def load_into(module: torch.nn.Module, interface: StageInterface, state_dict: di
 
 
 class StateMixin:
-    """Checkpoint methods of DistributedRunner (needs .module, .interface, .rank, .coords)."""
+    """Checkpoint methods of DistributedRunner (needs .local_stages: [(module, interface)], .rank, .coords)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's tensors under their original names (its tp slice of a split parameter)."""
         out: dict[str, torch.Tensor] = {}
-        for path, name, is_param in _entries(self.interface):
-            tensor = self.module.get_parameter(path) if is_param else self.module.get_buffer(path)
-            out[name] = full_tensor(tensor.detach())
+        for module, interface in self.local_stages:
+            for path, name, is_param in _entries(interface):
+                tensor = module.get_parameter(path) if is_param else module.get_buffer(path)
+                out[name] = full_tensor(tensor.detach())
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -90,12 +91,12 @@ class StateMixin:
         from autopart.passes.tp_ops import merge_shards
 
         state = self.state_dict()  # every rank: gathering FSDP shards is a collective
-        slices = _tp_slices(self.module)
-        paths = {name: path for path, name, _ in _entries(self.interface)}
+        piece_of = {name: _tp_slices(module).get(path) for module, interface in self.local_stages
+                    for path, name, _ in _entries(interface)}
         local = {}
         if self.coords.dp_index == 0:
             for name, tensor in state.items():
-                piece = slices.get(paths[name])
+                piece = piece_of[name]
                 split = (piece.dim, piece.groups, piece.index) if piece is not None and piece.dim is not None else None
                 local[name] = (tensor.cpu(), split)
         gathered: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
@@ -118,7 +119,8 @@ class StateMixin:
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a full state dict (the same on every rank); each rank takes its own tensors."""
-        load_into(self.module, self.interface, state_dict)
+        for module, interface in self.local_stages:
+            load_into(module, interface, state_dict)
 
     def save(self, directory: str) -> None:
         """Gather the whole model on rank 0 and write it to `directory` (plain tensors plus a JSON manifest).
@@ -144,4 +146,4 @@ class StateMixin:
         if manifest.get("format") != 1:
             raise InputError(f"{path}: checkpoint format {manifest.get('format')!r} is not supported")
         state = torch.load(os.path.join(directory, "model.pt"), weights_only=True, map_location="cpu")
-        load_into(self.module, self.interface, state)
+        self.load_full_state_dict(state)

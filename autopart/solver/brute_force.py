@@ -17,7 +17,7 @@ crosses boundary s (between stages s and s+1) iff its producer sits on a stage
     M_s = Σ_{b on s} (state_b + k_s·act_b) + k_s·Σ_{v crossing s-1 or s} bytes_v
 
 with d = 2 in training (activation forward, gradient back), 1 in inference,
-k_s = `problem.in_flight(s)`; step = (m + S − 1)·max_s T_s.
+k_s = `problem.in_flight(s)`; step = `problem.step_factor()`·max_s T_s.
 """
 
 from __future__ import annotations

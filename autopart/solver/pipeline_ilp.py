@@ -17,7 +17,7 @@ gradients of the same size come back left) and d = 1 when every bwd is 0.
     T_s ≤ T_max                                                          (5)
     M_s = Σ_b x[b,s]·(state_b + k_s·act_b)
           + k_s·Σ_v bytes_v·(w[v,s-1] + w[v,s]) ≤ capacity_s             (6)
-    minimise T_max;   step = (m + S − 1)·T_max
+    minimise T_max;   step = factor·T_max  (m + S − 1 for GPipe and 1F1B; problem.step_factor)
 
 Choices.
 - Latency α is paid per crossing value (each tensor is its own point-to-point
@@ -73,6 +73,7 @@ from autopart.solver.brute_force import (
     evaluate_assignments,
     pipeline_costs,
 )
+from autopart.schedules import VIRTUAL_SCHEDULES
 from autopart.solver.problem import SCHEDULES, PipelineProblem, PipelineSolution
 
 _TIME_UNITS = 2**30
@@ -217,6 +218,12 @@ def validate_problem(problem: PipelineProblem) -> None:
         )
     if problem.schedule not in SCHEDULES:
         raise InputError(f"schedule {problem.schedule!r} is not one of {SCHEDULES}")
+    v = problem.virtual_stages
+    if v < 1 or num_stages % v or (v > 1 and problem.schedule not in VIRTUAL_SCHEDULES):
+        raise InputError(
+            f"virtual_stages={v} must be ≥ 1 and divide the {num_stages} stages, and above 1 needs an "
+            f"interleaved schedule ({VIRTUAL_SCHEDULES}), not {problem.schedule!r}"
+        )
     if num_stages > n:
         raise PlanError(
             f"cannot cut {n} blocks into {num_stages} pipeline stages: every stage needs at "

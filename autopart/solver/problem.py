@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEDULES = ("gpipe", "1f1b")
+from autopart.schedules import SCHEDULES, build_schedule, peak_in_flight, step_factor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,10 @@ class PipelineProblem:
     num_microbatches: int
     """m: microbatches per step."""
     schedule: str
-    """'gpipe' or '1f1b': fixes how many microbatches each stage keeps in flight."""
+    """One of `schedules.SCHEDULES`: fixes how many microbatches each stage keeps in flight."""
+    virtual_stages: int = 1
+    """v: stages per pipeline rank (interleaved schedules); stage s runs on rank s % (S / v). The
+    arrays' stage columns then hold rank s % R's device, `memory_capacity` that device's bytes / v."""
 
     @property
     def num_blocks(self) -> int:
@@ -67,18 +70,23 @@ class PipelineProblem:
     def num_stages(self) -> int:
         return int(self.memory_capacity.shape[0])
 
+    @property
+    def num_ranks(self) -> int:
+        """R = S / v: pipeline ranks (devices of one pipeline)."""
+        return self.num_stages // self.virtual_stages
+
     def in_flight(self, stage: int) -> int:
-        """Microbatches whose activations stage `stage` holds at its peak.
+        """Microbatches whose activations stage `stage` holds at its peak, counted on the
+        schedule's action lists: GPipe keeps all m, 1F1B at most S - s (REFERENCES.md,
+        Narayanan et al. 2021); interleaved and zero-bubble schedules as they run."""
+        return _in_flight(self.schedule, self.num_ranks, self.num_microbatches, self.virtual_stages,
+                          bool(np.any(self.bwd_seconds)))[stage]
 
-        GPipe keeps all m; 1F1B keeps at most S - s (REFERENCES.md, Narayanan et al. 2021).
-        """
-        if self.schedule == "gpipe":
-            return self.num_microbatches
-        return min(self.num_microbatches, self.num_stages - stage)
-
-    def step_factor(self) -> int:
-        """(m + S - 1): a GPipe or 1F1B step lasts this many slowest-stage slots."""
-        return self.num_microbatches + self.num_stages - 1
+    def step_factor(self) -> float:
+        """A step lasts this many slowest-stage slots: m + S - 1 for GPipe and 1F1B,
+        m·v + R - 1 interleaved, less for zero bubble (`schedules.step_factor`)."""
+        return step_factor(self.schedule, self.num_ranks, self.num_microbatches, self.virtual_stages,
+                           bool(np.any(self.bwd_seconds)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,3 +109,18 @@ class PipelineSolution:
     """Wall time spent in the solver."""
     backend: str
     """Which OR-Tools backend produced it."""
+
+
+_in_flight_cache: dict[tuple, dict[int, int]] = {}
+
+
+def _in_flight(schedule: str, num_ranks: int, m: int, virtual_stages: int, training: bool) -> dict[int, int]:
+    key = (schedule, num_ranks, m, virtual_stages, training)
+    if key not in _in_flight_cache:
+        actions = build_schedule(schedule, num_ranks, m, training, virtual_stages)
+        if training:
+            _in_flight_cache[key] = peak_in_flight(actions)
+        else:  # forward only: activations are dropped; boundary buffers as 1F1B / GPipe would keep them
+            stages = num_ranks * virtual_stages
+            _in_flight_cache[key] = {s: m if schedule == "gpipe" else min(m, stages - s) for s in range(stages)}
+    return _in_flight_cache[key]

@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel group size (Megatron layout)")
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--virtual-stages", type=int, default=1, help="stages per pipeline rank")
+    parser.add_argument("--dp-mode", choices=["ddp", "fsdp"], help="how replicas synchronise (None: planner)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpoint", help="also check a save/load round trip in this directory")
@@ -51,7 +53,8 @@ def main() -> None:
                 "blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}
     compiled = autopart.compile(model, args.stages * args.dp * args.tp, example_inputs=(batches[0],),
                                 num_stages=args.stages, num_microbatches=args.microbatches,
-                                schedule=args.schedule, data_parallel=args.dp, tensor_parallel=args.tp,
+                                schedule=args.schedule, virtual_stages=args.virtual_stages,
+                                data_parallel=args.dp, data_parallel_mode=args.dp_mode, tensor_parallel=args.tp,
                                 tp_plan=megatron if args.tp > 1 else None)
     runner = compiled.distributed(timeout_s=args.timeout)
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
@@ -78,7 +81,8 @@ def main() -> None:
     torch.testing.assert_close(out.cpu(), reference(batches[0]), **FWD)
     if args.checkpoint:
         _check_checkpoint(runner, final, args.checkpoint)
-    print(f"OK rank {runner.rank} stage {runner.stage_index} loss {loss.item():.6f}", flush=True)
+    print(f"OK rank {runner.rank} stages {runner.stage_indices} {compiled.plan.schedule} "
+          f"{compiled.plan.data_parallel_mode} loss {loss.item():.6f}", flush=True)
     torch.distributed.destroy_process_group()
 
 
@@ -113,7 +117,8 @@ def _fail_in_second_step(runner, mode: str) -> None:
     import time
 
     calls = {"n": 0}
-    original = runner.adapter.forward
+    adapter = runner.adapters[0]
+    original = adapter.forward
 
     def forward(*args):
         calls["n"] += 1
@@ -123,7 +128,7 @@ def _fail_in_second_step(runner, mode: str) -> None:
             time.sleep(3600)
         return original(*args)
 
-    runner.adapter.forward = forward
+    adapter.forward = forward
 
 
 if __name__ == "__main__":
