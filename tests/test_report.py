@@ -28,10 +28,18 @@ def gpt2_free() -> Plan:
 
 @pytest.fixture(scope="module")
 def gpt2_pipeline() -> Plan:
-    """The same model cut into 4 stages with 4 microbatches."""
+    """The same model cut into 4 stages with 4 microbatches, 1F1B."""
     example = zoo.gpt2(layers=4, batch=8)
     return autopart.compile(example.model, "4xH100", example_inputs=example.args, num_stages=4,
-                            num_microbatches=4).plan
+                            num_microbatches=4, schedule="1f1b").plan
+
+
+@pytest.fixture(scope="module")
+def gpt2_interleaved() -> Plan:
+    """GPT-2 on 2 ranks × 2 virtual stages, interleaved 1F1B."""
+    example = zoo.gpt2(layers=4, batch=8)
+    return autopart.compile(example.model, "2xH100", example_inputs=example.args, num_stages=2,
+                            num_microbatches=4, schedule="interleaved_1f1b", virtual_stages=2).plan
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,7 @@ def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
     assert re.search(r"of 74\.5 GiB \(", text)
     assert re.search(r"fwd [\d.]+ [µm]s \+ bwd [\d.]+ [µm]s \+ comm", text)
     assert "MFLOP" in text and "KiB" in text
-    assert "schedule: 1f1b, 4 microbatches, bubble 43%" in text or "schedule: gpipe, 4 microbatches" in text
+    assert "schedule: 1f1b, 4 microbatches, bubble 43%" in text
     assert "rank 3:" in text and "F3" in text and "B3" in text
     assert "step time:" in text and "predicted" in text
     solver = gpt2_pipeline.solver
@@ -102,6 +110,20 @@ def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
     table = text.split("candidates (")[1].split("\n\n")[0]
     assert len(table.splitlines()) == len(gpt2_pipeline.candidates) + 2
     assert re.search(r"^\s+\*\s+1\s+4\s+1\s+4\s", table, re.M)  # dp pp tp m of the chosen row
+
+
+def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
+    """Stages 0 and 2 on rank 0, 1 and 3 on rank 1; the grid names stages; bubble (R-1)/(m·v+R-1)."""
+    plan = gpt2_interleaved
+    assert plan.num_stages == 4 and plan.mesh.pp == 2 and [s.device for s in plan.stages] == [0, 1, 0, 1]
+    assert plan.bubble_fraction == pytest.approx(1 / 9)
+    text = render_text(plan)
+    assert "schedule: interleaved_1f1b, 4 microbatches, bubble 11%" in text and "2 stages per rank" in text
+    grid_rows = [line for line in text.splitlines() if line.strip().startswith("rank ")]
+    assert "F0s0" in grid_rows[0] and "F0s2" in grid_rows[0] and "F0s3" in grid_rows[1]
+    html = render_html(plan)
+    assert html.count("stage 2 on rank 0") >= 4  # tooltips of its F and B boxes
+    assert "1/2 of the device" in html
 
 
 def test_text_report_explains_the_stage_count_and_idle_devices(gpt2_free: Plan) -> None:

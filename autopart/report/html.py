@@ -151,7 +151,8 @@ def _legend(items: list[tuple[str, str]]) -> str:
 def _timeline_legend() -> str:
     return _legend([
         (f'<i class="sw" style="background:{ACTION_COLOURS["F"]}"></i>', "forward (F microbatch)"),
-        (f'<i class="sw" style="background:{ACTION_COLOURS["B"]}"></i>', "backward (B microbatch)"),
+        (f'<i class="sw" style="background:{ACTION_COLOURS["B"]}"></i>', "backward (B, or I: input gradient)"),
+        (f'<i class="sw" style="background:{ACTION_COLOURS["W"]}"></i>', "weight gradient (W, zero bubble)"),
         ('<i class="sw comm"></i>', "boundary transfer"),
         ('<i class="sw idle"></i>', "idle (bubble)"),
         ('<i class="sw line" style="border-color:#7b1e1e"></i>', "planner's step estimate"),

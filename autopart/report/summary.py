@@ -114,23 +114,27 @@ def tensor_parallel_summary(plan: Plan) -> str:
 def schedule_slots(plan: Plan) -> list[list[Action | None]]:
     """The plan's schedule played in lock-step (one action per slot)."""
     training = is_training(plan)
-    schedule = build_schedule(plan.schedule, plan.num_stages, plan.num_microbatches, training)
-    return timeline(schedule, plan.num_microbatches, training)
+    return timeline(_schedule(plan, training), plan.num_microbatches, training)
+
+
+def _schedule(plan: Plan, training: bool):
+    return build_schedule(plan.schedule, plan.mesh.pp, plan.num_microbatches, training, plan.virtual_stages)
 
 
 def in_flight(plan: Plan) -> list[int]:
     """Per stage, the most microbatches whose activations it holds at once under the schedule."""
-    training = is_training(plan)
-    return peak_in_flight(build_schedule(plan.schedule, plan.num_stages, plan.num_microbatches, training))
+    counts = peak_in_flight(_schedule(plan, is_training(plan)))
+    return [counts.get(s, 0) for s in range(plan.num_stages)]
 
 
 def schedule_grid(plan: Plan, max_slots: int = 28, tail_slots: int = 6) -> str:
     """The text grid of the schedule; long ones keep the first and last slots with '…' between."""
     slots = schedule_slots(plan)
+    show_stage = plan.virtual_stages > 1
     if len(slots) <= max_slots:
-        return grid(slots)
-    head = grid(slots[:max_slots - tail_slots]).splitlines()
-    tail = grid(slots[-tail_slots:]).splitlines()
+        return grid(slots, show_stage)
+    head = grid(slots[:max_slots - tail_slots], show_stage).splitlines()
+    tail = grid(slots[-tail_slots:], show_stage).splitlines()
     hidden = len(slots) - max_slots
     lines = [f"{h}  …  {t.split(': ', 1)[1]}" for h, t in zip(head, tail)]
     return "\n".join(lines) + f"\n({hidden} of {len(slots)} slots not shown)"

@@ -17,7 +17,8 @@ from autopart.report.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_second
 
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
                  "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
-ACTION_COLOURS = {"F": "#4e79a7", "B": "#f28e2b"}
+ACTION_COLOURS = {"F": "#4e79a7", "B": "#f28e2b", "I": "#f28e2b", "W": "#59a14f"}
+_ACTION_NAMES = {"F": "forward", "B": "backward", "I": "input-gradient backward", "W": "weight-gradient backward"}
 MEMORY_COLOURS = {"params": "#4e79a7", "grads": "#76b7b2", "optimizer": "#edc948",
                   "buffers": "#b07aa1", "activations": "#f28e2b", "boundary": "#e15759"}
 CAPACITY_COLOUR = "#c0392b"
@@ -90,13 +91,13 @@ def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> s
     predicted = plan.predicted_step_seconds
     axis_max = max(played, predicted, 1e-12) * 1.02
     scale = plot / axis_max
-    rows_h = plan.num_stages * (row + gap) - gap
+    rows_h = plan.mesh.pp * (row + gap) - gap
     height = top + rows_h + 52
     body = [_DEFS]
     body += _axis(left, top + rows_h + 6, plot, top - 6, axis_max, fmt_seconds)
     narrowest = min(((a.compute_end - a.start) * scale for a in actions), default=0.0)
     box = 'class="box dense"' if narrowest < 8 else 'class="box"'  # thin outlines keep small boxes visible
-    for stage in plan.stages:
+    for stage in plan.stages[:plan.mesh.pp]:  # stage r is the first one of pipeline rank r
         y = top + stage.index * (row + gap)
         busy = busy_fraction(actions, stage.index)
         body.append(_text(left - 10, y + 13, f"rank {stage.index} · dev {stage.device}", "label", "end"))
@@ -106,8 +107,8 @@ def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> s
     for a in actions:
         y = top + a.rank * (row + gap)
         x, w = left + a.start * scale, (a.compute_end - a.start) * scale
-        what = "forward" if a.kind == "F" else "backward"
-        tip = (f"{what} of microbatch {a.microbatch} on rank {a.rank}: {fmt_seconds(a.start)} → "
+        what = _ACTION_NAMES[a.kind]
+        tip = (f"{what} of microbatch {a.microbatch}, stage {a.stage} on rank {a.rank}: {fmt_seconds(a.start)} → "
                f"{fmt_seconds(a.compute_end)} ({fmt_seconds(a.compute_end - a.start)})")
         body.append(_rect(x, y, w, row, ACTION_COLOURS[a.kind], tip, box))
         if a.end > a.compute_end:
@@ -168,16 +169,19 @@ def memory_svg(plan: Plan, width: int = 1080, max_idle_rows: int = 4) -> str:
 def _memory_rows(plan: Plan, max_idle_rows: int) -> list[tuple[str, str, StagePlan | None, int, str]]:
     """(label, sub-label, stage or None, capacity, summary) per row of the memory chart."""
     devices = plan.cluster["devices"]
-    by_device = {s.device: s for s in plan.stages}
+    by_device: dict[int, list[StagePlan]] = {}
+    for s in plan.stages:  # with virtual stages a device holds several, each against its share
+        by_device.setdefault(s.device, []).append(s)
+    share = "" if plan.virtual_stages == 1 else f" (1/{plan.virtual_stages} of the device)"
     idle = [d for d in range(len(devices)) if d not in by_device]
     rows = []
     for d in range(len(devices)):
-        stage = by_device.get(d)
-        if stage is not None:
+        for stage in by_device.get(d, []):
             mem = stage.memory
             rows.append((f"device {d}", f"stage {stage.index} · {stage.device_name}", stage, mem.capacity,
-                         f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)} ({fmt_percent(mem.total / mem.capacity)})"))
-        elif len(idle) <= max_idle_rows:
+                         f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)}{share} "
+                         f"({fmt_percent(mem.total / mem.capacity)})"))
+        if d not in by_device and len(idle) <= max_idle_rows:
             capacity = int(devices[d]["memory_bytes"])
             rows.append((f"device {d}", f"idle · {devices[d]['name']}", None, capacity,
                          f"unused · {fmt_bytes(capacity)} free"))

@@ -98,8 +98,15 @@ def _tensor_parallel_lines(plan: Plan, stage: StagePlan) -> list[str]:
 
 def _schedule(plan: Plan) -> str:
     micro = plural(plan.num_microbatches, "microbatch")
-    head = (f"schedule: {plan.schedule}, {micro}, bubble {fmt_percent(plan.bubble_fraction)} "
-            f"((S - 1) / (m + S - 1) with S = {plan.num_stages}, m = {plan.num_microbatches})")
+    if plan.virtual_stages > 1:
+        formula = (f"{plan.virtual_stages} stages per rank; bubble (R - 1) / (m·v + R - 1) for interleaved 1F1B "
+                   f"with R = {plan.mesh.pp}, m = {plan.num_microbatches}, v = {plan.virtual_stages}")
+    else:
+        formula = f"(R - 1) / (m + R - 1) with R = {plan.mesh.pp}, m = {plan.num_microbatches}"
+    if plan.schedule == "zero_bubble":
+        formula = "played with F = I = W: weight gradients fill the 1F1B bubble; " + formula.replace(
+            "for interleaved 1F1B ", "for interleaved 1F1B, less here ")
+    head = f"schedule: {plan.schedule}, {micro}, bubble {fmt_percent(plan.bubble_fraction)} ({formula})"
     return head + "\n" + _indent(schedule_grid(plan))
 
 
@@ -120,8 +127,10 @@ def _candidates(plan: Plan) -> str:
     rows = [("", "dp", "pp", "tp", "m", "schedule", "step", "status", "detail")]
     for c in plan.candidates:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "-"
-        rows.append(("*" if c.status == "chosen" else "", str(c.data_parallel), str(c.num_stages),
-                     str(c.tensor_parallel), str(c.num_microbatches), c.schedule, step, c.status, c.detail))
+        schedule = c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else "")
+        dp = str(c.data_parallel) + (f" {c.data_parallel_mode}" if c.data_parallel > 1 else "")
+        rows.append(("*" if c.status == "chosen" else "", dp, str(c.num_stages),
+                     str(c.tensor_parallel), str(c.num_microbatches), schedule, step, c.status, c.detail))
     widths = [max(len(r[k]) for r in rows) for k in range(8)]
     lines = [f"candidates ({len(plan.candidates)} tried; * chosen)"]
     for r in rows:

@@ -1,25 +1,23 @@
 """Play the plan's pipeline schedule with its predicted durations.
 
 `schedules.timeline` plays a schedule in unit slots; the picture of a step needs
-real times. Here every rank runs its actions in schedule order and starts one
-as soon as the rank is free and its inputs exist: F(s, i) after F(s-1, i),
-B(s, i) after F(s, i) and B(s+1, i) (the dependencies `schedules.timeline`
-checks). An action lasts its stage's compute time plus its share of the
-stage's boundary communication (`comm_seconds` covers the sends and receives
-of both passes, so forward and backward each carry half in training). With
-equal stages the step this yields is (m + S - 1) times the stage time, the
-planner's formula, which charges every slot at the slowest stage; with unequal
-stages the played step is usually shorter.
+real times. `schedules.play` runs every rank's actions in schedule order, each
+as soon as the rank is free and its inputs exist. An action lasts its stage's
+compute time plus its share of the stage's boundary communication
+(`comm_seconds` covers the sends and receives of both passes, so forward and
+backward each carry half in training); zero-bubble schedules split a backward
+into equal input-gradient (I, carrying the transfer) and weight-gradient (W)
+halves. With equal stages the step this yields is the planner's step factor
+times the stage time; with unequal stages the played step is usually shorter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autopart.errors import PlanError
 from autopart.plan import Plan
 from autopart.report.summary import is_training
-from autopart.schedules import build_schedule
+from autopart.schedules import build_schedule, play
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,9 +25,11 @@ class TimedAction:
     """One forward or backward of one microbatch on one rank, placed in time (seconds)."""
 
     rank: int
-    """Pipeline stage index (the rank that runs it)."""
+    """Pipeline rank that runs it."""
+    stage: int
+    """Stage (rank + k·pp with virtual stages)."""
     kind: str
-    """'F' or 'B'."""
+    """'F', 'B', 'I' or 'W'."""
     microbatch: int
     start: float
     """When the rank starts computing it."""
@@ -42,35 +42,12 @@ class TimedAction:
 def simulate(plan: Plan) -> list[TimedAction]:
     """Every action of one step of `plan`, with start and end times from the stage costs."""
     training = is_training(plan)
-    m = plan.num_microbatches
-    schedule = build_schedule(plan.schedule, plan.num_stages, m, training)
+    schedule = build_schedule(plan.schedule, plan.mesh.pp, plan.num_microbatches, training, plan.virtual_stages)
     durations = [_durations(plan, s, training) for s in range(plan.num_stages)]
-    finished: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * plan.num_stages
-    cursor = [0] * plan.num_stages
-    placed: list[TimedAction] = []
-    remaining = sum(len(rank) for rank in schedule)
-    while remaining:
-        progressed = False
-        for s, rank in enumerate(schedule):
-            while cursor[s] < len(rank):
-                action = rank[cursor[s]]
-                needs = _inputs(action.kind, s, action.microbatch, plan.num_stages)
-                if any(key not in finished for key in needs):
-                    break
-                start = max([free[s], *(finished[key] for key in needs)])
-                compute, comm = durations[s][action.kind]
-                timed = TimedAction(rank=s, kind=action.kind, microbatch=action.microbatch, start=start,
-                                    compute_end=start + compute, end=start + compute + comm)
-                placed.append(timed)
-                finished[(action.kind, s, action.microbatch)] = timed.end
-                free[s] = timed.end
-                cursor[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise PlanError(f"schedule {plan.schedule!r} deadlocks for {plan.num_stages} stages and "
-                            f"{m} microbatches; the plan is inconsistent")
+    times = play(schedule, lambda a: sum(durations[a.stage][a.kind]))
+    placed = [TimedAction(rank=a.stage % plan.mesh.pp, stage=a.stage, kind=a.kind, microbatch=a.microbatch,
+                          start=start, compute_end=start + durations[a.stage][a.kind][0], end=end)
+              for a, (start, end) in times.items()]
     return sorted(placed, key=lambda a: (a.rank, a.start))
 
 
@@ -87,13 +64,10 @@ def busy_fraction(actions: list[TimedAction], rank: int) -> float:
 
 
 def _durations(plan: Plan, s: int, training: bool) -> dict[str, tuple[float, float]]:
+    """(compute, transfer) seconds of each kind of action on stage s."""
     stage = plan.stages[s]
     comm = stage.comm_seconds if plan.num_stages > 1 else 0.0
     share = comm / 2 if training else comm
-    return {"F": (stage.fwd_seconds, share), "B": (stage.bwd_seconds, comm - share if training else 0.0)}
-
-
-def _inputs(kind: str, s: int, i: int, num_stages: int) -> list[tuple[str, int, int]]:
-    if kind == "F":
-        return [("F", s - 1, i)] if s > 0 else []
-    return [("F", s, i)] + ([("B", s + 1, i)] if s < num_stages - 1 else [])
+    backward = comm - share if training else 0.0
+    return {"F": (stage.fwd_seconds, share), "B": (stage.bwd_seconds, backward),
+            "I": (stage.bwd_seconds / 2, backward), "W": (stage.bwd_seconds / 2, 0.0)}
