@@ -191,7 +191,8 @@ def schedule_choices(request: PlanRequest) -> list[str]:
         return [request.schedule]
     if request.virtual_stages is not None and request.virtual_stages > 1:
         return list(VIRTUAL_SCHEDULES)
-    return list(SCHEDULES) if request.training else ["1f1b", "gpipe"]
+    # 1F1B first: on a tie (one stage) it keeps fewer microbatches in flight than GPipe
+    return ["1f1b", "gpipe", *VIRTUAL_SCHEDULES] if request.training else ["1f1b", "gpipe"]
 
 
 def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, num_microbatches: int,
@@ -230,13 +231,15 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request: Pla
                                mode: str = "ddp") -> float:
     """Exposed time of the data-parallel synchronisation, the slowest rank's.
 
-    'ddp': gradients are all-reduced in buckets during the last microbatch's
-    backward (PipelineStage skips the sync on the others), so only the part
-    longer than that backward shows: max(0, all-reduce − backward of one
-    microbatch through the rank's stages). 'fsdp': each rank's stages form one
-    FSDP unit, so the all-gather of its parameters before the first forward
-    and the reduce-scatter of its gradients after the last backward are both
-    exposed. Ring collective times from cost_models.comm (Thakur et al. 2005).
+    'ddp' without a pipeline (one stage): DistributedDataParallel all-reduces
+    in buckets during the last microbatch's backward, so only the part longer
+    than that backward shows: max(0, all-reduce − one microbatch's backward).
+    'ddp' with a pipeline: FSDP2's replicate, which torch.distributed.pipelining
+    reduces once after the last backward: the all-reduce is exposed. 'fsdp':
+    each stage is one FSDP unit, so the all-gather of its parameters before the
+    first forward and the reduce-scatter of its gradients after the last
+    backward are exposed. Ring collective times from cost_models.comm
+    (Thakur et al. 2005).
     """
     if dp == 1 or not request.training:
         return 0.0
@@ -249,8 +252,10 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request: Pla
         link = cluster.link_for_group([d * problem.num_ranks + rank for d in range(dp)])
         if mode == "fsdp":
             sync = all_gather_seconds(param_bytes, dp, link) + reduce_scatter_seconds(grad_bytes, dp, link)
+        elif problem.num_stages > 1:
+            sync = all_reduce_seconds(grad_bytes, dp, link)
         else:
-            backward = sum(float(problem.bwd_seconds[b, solution.stage_of_block[b]]) for b in members)
+            backward = sum(float(problem.bwd_seconds[b, 0]) for b in members)
             sync = all_reduce_seconds(grad_bytes, dp, link) - backward
         exposed = max(exposed, sync)
     return max(0.0, exposed)

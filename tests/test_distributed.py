@@ -67,15 +67,28 @@ def _kill_group(process: subprocess.Popen) -> None:
     (2, ["--stages", "1", "--dp", "2", "--optimizer", "adam"]),
     (2, ["--stages", "1", "--tp", "2", "--optimizer", "sgd"]),
     (4, ["--stages", "2", "--tp", "2", "--optimizer", "adam"]),
+    (2, ["--stages", "2", "--schedule", "interleaved_1f1b", "--virtual-stages", "2", "--microbatches", "4",
+         "--optimizer", "adam"]),
+    (2, ["--stages", "2", "--schedule", "zero_bubble", "--optimizer", "adam"]),
+    (4, ["--stages", "2", "--tp", "2", "--schedule", "zero_bubble", "--virtual-stages", "2"]),
+    (4, ["--stages", "2", "--dp", "2", "--schedule", "interleaved_1f1b", "--virtual-stages", "2",
+         "--dp-mode", "fsdp", "--optimizer", "adam"]),
+    (4, ["--stages", "2", "--dp", "2", "--schedule", "zero_bubble", "--virtual-stages", "2", "--dp-mode", "ddp"]),
+    (2, ["--stages", "1", "--dp", "2", "--schedule", "gpipe", "--dp-mode", "ddp", "--optimizer", "adam"]),
+    (2, ["--stages", "1", "--dp", "2", "--dp-mode", "fsdp", "--optimizer", "adam"]),
 ], ids=["pp2-sgd", "pp2-adam-gpipe", "pp4-sgd", "dp2xpp2-sgd", "dp2xpp2-adam", "dp2-adam", "tp2-sgd",
-        "pp2xtp2-adam"])
+        "pp2xtp2-adam", "pp2v2-interleaved-adam", "pp2-zero-bubble-adam", "pp2v2xtp2-zero-bubble-sgd",
+        "dp2-fsdp-x-pp2v2-interleaved-adam", "dp2-ddp-x-pp2v2-zero-bubble-sgd", "dp2-ddp-gpipe-adam",
+        "dp2-fsdp-adam"])
 def test_training_matches_single_device(nproc, args):
     code, out = _finish(_torchrun(nproc, *args))
     assert code == 0, out[-4000:]
     assert out.count("OK rank") == nproc, out[-4000:]
 
 
-@pytest.mark.parametrize("layout", [["--dp", "2"], ["--tp", "2"]], ids=["dp2xpp2", "pp2xtp2"])
+@pytest.mark.parametrize("layout", [["--dp", "2"], ["--tp", "2"],
+                                    ["--tp", "2", "--schedule", "interleaved_1f1b", "--virtual-stages", "2"]],
+                         ids=["dp2xpp2", "pp2xtp2", "pp2v2xtp2-interleaved"])
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, layout):
     code, out = _finish(_torchrun(4, "--stages", "2", *layout, "--checkpoint", str(tmp_path / "ckpt")))
     assert code == 0, out[-4000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -39,8 +41,35 @@ def _blocks_per_stage(plan) -> list[int]:
 def test_identical_blocks_balance_on_identical_devices(num_blocks, num_devices):
     x = torch.randn(64, 256, 512, device="meta")
     compiled = autopart.compile(_meta_model(num_blocks), f"{num_devices}xH100", example_inputs=(x,),
-                                num_stages=num_devices, num_microbatches=8)
+                                num_stages=num_devices, num_microbatches=8, schedule="1f1b")
     assert _blocks_per_stage(compiled.plan) == [num_blocks // num_devices] * num_devices
+
+
+def test_identical_blocks_balance_over_virtual_stages():
+    """12 blocks on 3 ranks × 2 virtual stages: 2 blocks a stage, stage s on rank s % 3."""
+    x = torch.randn(64, 256, 512, device="meta")
+    compiled = autopart.compile(_meta_model(12), "3xH100", example_inputs=(x,), num_stages=3, num_microbatches=8,
+                                schedule="interleaved_1f1b", virtual_stages=2)
+    assert _blocks_per_stage(compiled.plan) == [2] * 6
+    assert [s.device for s in compiled.plan.stages] == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("memory_gib,mode", [(0.25, "fsdp"), (80, "ddp")])
+def test_fsdp_is_chosen_when_replicated_state_does_not_fit(memory_gib, mode):
+    """8 blocks of 2.1M parameters with Adam on 4 replicas: 268 MB of state per replica under DDP,
+    201 MB under FSDP (optimizer state and master copies / 4). On 0.25 GiB devices only FSDP
+    fits; with room for both, DDP wins the tie (same bytes moved, no sharding)."""
+    h100 = get_preset("H100")
+    cluster = Cluster.from_devices([dataclasses.replace(h100, memory_bytes=int(memory_gib * 2**30))] * 4)
+    x = torch.randn(8, 16, 512, device="meta")
+    plan = autopart.compile(_meta_model(8), cluster, example_inputs=(x,), data_parallel=4, num_stages=1,
+                            num_microbatches=1, tensor_parallel=1).plan
+    assert plan.data_parallel_mode == mode
+    statuses = {c.data_parallel_mode: c.status for c in plan.candidates if c.schedule == plan.schedule}
+    assert statuses == {"ddp": "infeasible", "fsdp": "chosen"} if mode == "fsdp" else statuses["ddp"] == "chosen"
+    stage = plan.stages[0]
+    if mode == "fsdp":  # Adam's 2 × params of state, sharded 4 ways
+        assert stage.memory.optimizer == pytest.approx(2 * stage.num_params * 4 / 4, rel=1e-6)
 
 
 def test_twice_as_fast_device_gets_twice_the_work():
@@ -50,7 +79,8 @@ def test_twice_as_fast_device_gets_twice_the_work():
                       launch_overhead_s=h100.launch_overhead_s / 2)
     cluster = Cluster.from_devices([fast, h100])
     x = torch.randn(64, 256, 512, device="meta")
-    compiled = autopart.compile(_meta_model(12), cluster, example_inputs=(x,), num_stages=2, num_microbatches=8)
+    compiled = autopart.compile(_meta_model(12), cluster, example_inputs=(x,), num_stages=2, num_microbatches=8,
+                                schedule="1f1b")
     assert _blocks_per_stage(compiled.plan) == [8, 4]
     fast_stage, slow_stage = compiled.plan.stages
     assert fast_stage.fwd_flops == pytest.approx(2 * slow_stage.fwd_flops, rel=0.01)

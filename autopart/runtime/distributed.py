@@ -17,6 +17,7 @@ the others raise `AutopartError` naming this rank and its stage.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -146,7 +147,7 @@ class DistributedRunner(StateMixin):
         """The stage replicated over the dp group as the plan says (unchanged without replicas)."""
         if self.mesh.dp == 1:
             return adapter
-        return _data_parallel(adapter, self.groups.dp, self.device, self.plan.data_parallel_mode)
+        return _data_parallel(adapter, self.groups.dp, self.device, self.plan)
 
     # ------------------------------------------------------------------ training
 
@@ -165,7 +166,9 @@ class DistributedRunner(StateMixin):
         losses: list[torch.Tensor] = []
         with _Watchdog(self.timeout_s, self.describe(), "step"):
             try:
-                if self.is_first_stage and self.is_last_stage:
+                if isinstance(self.pipeline_stages[0].submod, torch.nn.parallel.DistributedDataParallel):
+                    self._accumulate_under_ddp(flat, local_target, losses)
+                elif self.is_first_stage and self.is_last_stage:
                     self.schedule.step(*tensors, target=local_target, losses=losses)
                 elif self.is_first_stage:
                     self.schedule.step(*tensors)
@@ -177,6 +180,23 @@ class DistributedRunner(StateMixin):
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
                 raise self._peer_error("step", error) from error
+
+    def _accumulate_under_ddp(self, flat: list[Any], target: Any, losses: list[torch.Tensor]) -> None:
+        """One stage under DDP: microbatches accumulate the way DDP documents, in `no_sync` but
+        the last, whose backward all-reduces in buckets. (PipelineStage's shape inference would
+        call DDP outside `no_sync`, and DDP's bucket rebuild then fails under GPipe.)"""
+        ddp = self.pipeline_stages[0].submod
+        m = self.plan.num_microbatches
+        local_batch = self.plan.batch_size // self.mesh.dp
+        size = local_batch // m
+        for i in range(m):
+            micro = take_rows(flat, local_batch, i * size, (i + 1) * size)
+            micro_target = take_rows(target, local_batch, i * size, (i + 1) * size)
+            with ddp.no_sync() if i < m - 1 else contextlib.nullcontext():
+                loss = self._microbatch_loss(ddp(*[micro[k] for k in self.adapters[0].tensor_positions]),
+                                             micro_target)
+                (loss / m).backward()
+            losses.append(loss.detach())
 
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         flat = output if isinstance(output, tuple) else (output,)
@@ -375,23 +395,43 @@ def _make_schedule(plan, stages: list, loss_fn: Callable[[Any, Any], torch.Tenso
     return classes[plan.schedule](stages, n_microbatches=m, loss_fn=loss_fn)
 
 
-def _data_parallel(adapter: nn.Module, group, device: torch.device, mode: str) -> nn.Module:
-    """Replicate the stage over the dp group with PyTorch's own data parallelism.
+def _data_parallel(adapter: nn.Module, group, device: torch.device, plan) -> nn.Module:
+    """Replicate the stage over the dp group with PyTorch's own data parallelism, as the plan says.
 
-    'ddp': DistributedDataParallel. 'fsdp': FSDP2 (`fully_shard`, parameters
-    kept unsharded between forward and backward, i.e. ZeRO-2), which
-    torch.distributed.pipelining drives across microbatches.
+    'fsdp': FSDP2 `fully_shard`, parameters kept unsharded between forward
+    and backward (ZeRO-2). 'ddp' with one stage per replica (pp = 1):
+    DistributedDataParallel, whose bucketed all-reduce overlaps the last
+    backward. 'ddp' with several stages: FSDP2's `replicate`, the DDP that
+    torch.distributed.pipelining drives (it triggers the reduction once per
+    step). DistributedDataParallel is not used there: its bucket order is
+    recorded twice when the pipeline's shape inference calls it outside
+    `no_sync` (reducer assert), and the zero-bubble weight pass writes
+    `.grad` past its hooks, so gradients would silently not be averaged.
     """
-    if mode == "ddp":
+    if plan.data_parallel_mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(adapter, mesh=_device_mesh(group, device), reshard_after_forward=False)
+    if plan.data_parallel_mode != "ddp":
+        raise InputError(f"the plan's data_parallel_mode {plan.data_parallel_mode!r} is not known; "
+                         "use 'ddp' or 'fsdp'")
+    if plan.num_stages == 1:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(adapter, process_group=group,
                                        device_ids=[device] if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+    except ImportError as error:
+        raise InputError(f"this torch {torch.__version__} lacks FSDP2's replicate, which data parallelism "
+                         "of a pipeline needs in 'ddp' mode; re-plan with data_parallel_mode='fsdp'") from error
+    return replicate(adapter, mesh=_device_mesh(group, device))
 
-    mesh = DeviceMesh.from_group(group, device.type)
-    return fully_shard(adapter, mesh=mesh, reshard_after_forward=False)
+
+def _device_mesh(group, device: torch.device):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, device.type)
 
 
 def _default_device() -> torch.device:
