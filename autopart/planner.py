@@ -136,7 +136,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
             for m in microbatch_choices(request, dp):
                 for schedule in schedules:
                     for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks)):
-                        for mode in data_parallel_mode_choices(request, dp, num_ranks * v):
+                        for mode in data_parallel_mode_choices(request, dp):
                             tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
                                          schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
                             problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
@@ -182,14 +182,23 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
 
 def schedule_choices(request: PlanRequest) -> list[str]:
     """The schedules to try: the one fixed, else all (forward-only plans: GPipe and 1F1B)."""
+    v = request.virtual_stages
+    if v is not None and v > 1 and request.num_stages == 1:
+        raise InputError(
+            f"virtual_stages={v} needs at least 2 pipeline ranks, but num_stages=1: PyTorch's interleaved "
+            "schedules send between consecutive stages, which cannot share a rank; use num_stages >= 2 or "
+            "virtual_stages=1")
     if request.schedule is not None:
         if request.schedule not in SCHEDULES:
             raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
         if not request.training and request.schedule in VIRTUAL_SCHEDULES:
             raise InputError(f"schedule={request.schedule!r} is a training schedule; plan inference with "
                              "'1f1b' or 'gpipe'")
+        if v is not None and v > 1 and request.schedule not in VIRTUAL_SCHEDULES:
+            raise InputError(f"schedule={request.schedule!r} runs one stage per rank but virtual_stages={v}; "
+                             f"use one of {VIRTUAL_SCHEDULES}")
         return [request.schedule]
-    if request.virtual_stages is not None and request.virtual_stages > 1:
+    if v is not None and v > 1:
         return list(VIRTUAL_SCHEDULES)
     # 1F1B first: on a tie (one stage) it keeps fewer microbatches in flight than GPipe
     return ["1f1b", "gpipe", *VIRTUAL_SCHEDULES] if request.training else ["1f1b", "gpipe"]
@@ -205,7 +214,7 @@ def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, n
         raise InputError(f"virtual_stages={fixed} must be ≥ 1 (stages per pipeline rank)")
     if schedule not in VIRTUAL_SCHEDULES:
         return [1] if fixed in (None, 1) else []
-    if num_ranks < 2:
+    if num_ranks < 2:  # consecutive stages on one rank: PyTorch's schedules would send to themselves
         return []
     try:
         microbatches_per_round(num_ranks, num_microbatches)
@@ -216,7 +225,7 @@ def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, n
     return [v for v in choices if v >= lowest and num_ranks * v <= num_blocks]
 
 
-def data_parallel_mode_choices(request: PlanRequest, dp: int, num_stages: int) -> list[str]:
+def data_parallel_mode_choices(request: PlanRequest, dp: int) -> list[str]:
     """'ddp' alone without replicas or training; both otherwise, unless the user fixed one."""
     mode = request.data_parallel_mode
     if mode is not None and mode not in DATA_PARALLEL_MODES:

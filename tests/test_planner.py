@@ -125,6 +125,18 @@ def test_num_stages_outside_the_cluster():
         autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), num_stages=5)
 
 
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(num_stages=1, virtual_stages=2), "needs at least 2 pipeline ranks"),
+    (dict(schedule="1f1b", virtual_stages=2), "runs one stage per rank but virtual_stages=2"),
+    (dict(data_parallel_mode="zero3"), "data_parallel_mode='zero3' is not known"),
+    (dict(schedule="dualpipe"), "schedule='dualpipe' is not known"),
+])
+def test_schedule_choices_that_make_no_sense(kwargs, pattern):
+    with pytest.raises(autopart.InputError, match=pattern):
+        autopart.compile(_meta_model(4, width=64), 2, example_inputs=(torch.randn(8, 64, device="meta"),),
+                         data_parallel=kwargs.pop("data_parallel", None), **kwargs)
+
+
 def test_model_without_parameters_is_refused():
     with pytest.raises(autopart.InputError, match="ReLU has no parameters"):
         autopart.compile(nn.ReLU(), 2, example_inputs=(torch.randn(2, 4),))
