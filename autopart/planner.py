@@ -131,17 +131,22 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     candidates: list[Candidate] = []
     failures: list[tuple[float, str]] = []
     num_problems = 0
-    for dp in data_parallel_choices(request, cluster):
+    # Most replicas first: the plans that data parallelism alone makes fast are found early,
+    # so the lower bound prunes the deeper pipelines without solving them.
+    for dp in sorted(data_parallel_choices(request, cluster), reverse=True):
         for num_ranks in _stage_choices(request, cluster, len(graph.blocks), dp):
             for m in microbatch_choices(request, dp):
                 for schedule in schedules:
+                    if schedule == "gpipe" and num_ranks == 1 and "1f1b" in schedules:
+                        continue  # one stage: GPipe is 1F1B with more in flight
                     for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks)):
                         for mode in data_parallel_mode_choices(request, dp):
                             tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
                                          schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
                             problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
                                                     virtual_stages=v, data_parallel_mode=mode)
-                            bound = lower_bound(problem)
+                            bound = lower_bound(problem) + sync_lower_bound(graph, cluster, request, problem, dp,
+                                                                            mode)
                             if best is not None and bound >= best[0]:
                                 candidates.append(Candidate(
                                     **tried, step_seconds=None, status="pruned",
@@ -268,6 +273,20 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request: Pla
             sync = all_reduce_seconds(grad_bytes, dp, link) - backward
         exposed = max(exposed, sync)
     return max(0.0, exposed)
+
+
+def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request: PlanRequest, problem: PipelineProblem,
+                     dp: int, mode: str) -> float:
+    """A bound on `data_parallel_sync_seconds` before solving: the slowest rank moves at least
+    the average rank's bytes (1/R of the model); latency left out."""
+    if dp == 1 or not request.training or (mode == "ddp" and problem.num_stages == 1):
+        return 0.0
+    grad_bytes = sum(b.trainable_param_bytes for b in graph.blocks) / problem.num_ranks
+    param_bytes = sum(b.param_bytes for b in graph.blocks) / problem.num_ranks
+    fastest = max((cluster.link_for_group([d * problem.num_ranks + r for d in range(dp)]).bandwidth
+                   for r in range(problem.num_ranks)))
+    moved = (param_bytes + grad_bytes) if mode == "fsdp" else 2 * grad_bytes  # AG + RS, or AR = RS + AG
+    return (dp - 1) / dp * moved / fastest
 
 
 def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:

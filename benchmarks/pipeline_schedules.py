@@ -1,0 +1,114 @@
+"""Pipeline schedules side by side: measured step time against the planner's prediction.
+
+    torchrun --nproc_per_node=2 benchmarks/pipeline_schedules.py [--layers 8] [--microbatches 4]
+
+One GPT (float32, SGD) cut over every rank of the world (pp = world size),
+trained with each schedule in turn: GPipe, 1F1B, interleaved 1F1B (v = 2) and
+zero bubble (v = 1 and 2). Rank 0 prints seconds per step (median of --steps
+after --warmup) and, per schedule, the ratio to 1F1B measured and predicted:
+the planner says interleaving and zero bubble shorten the step by shrinking the
+bubble, (R - 1)/(m + R - 1) → (R - 1)/(m·v + R - 1) for interleaving. On GPUs
+(NCCL) the cost model is the GPU's; on CPUs (gloo) the devices are this
+machine's cores, so only the ratios mean anything. --json writes the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import autopart
+from autopart import zoo
+
+CONFIGS = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1), ("zero_bubble", 2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--devices", help="cluster to plan for (default: the world's GPUs or CPU cores)")
+    parser.add_argument("--json", help="write the results here (rank 0)")
+    args = parser.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = torch.cuda.is_available()
+    devices = args.devices or (f"{world}x{_gpu_preset()}" if gpu else world)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    torch.manual_seed(0)
+    entry = zoo.gpt(layers=args.layers, d_model=args.d_model, heads=8, vocab=8192, seq=args.seq,
+                    batch=args.batch, attn_bias=False)
+    ids = torch.randint(0, 8192, (args.batch, args.seq))
+    target = torch.randint(0, 8192, (args.batch, args.seq))
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    rows = []
+    for schedule, v in CONFIGS:
+        compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), num_stages=world,
+                                    num_microbatches=args.microbatches, schedule=schedule, virtual_stages=v,
+                                    data_parallel=1, tensor_parallel=1, optimizer="sgd")
+        runner = compiled.distributed(timeout_s=600)
+        optimizer = torch.optim.SGD(runner.parameters(), lr=1e-3)
+
+        def step():
+            optimizer.zero_grad()
+            runner.step(ids, target=target, loss_fn=loss_fn)
+            optimizer.step()
+
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.steps):
+            sync()
+            dist.barrier()
+            started = time.perf_counter()
+            step()
+            sync()
+            dist.barrier()
+            times.append(time.perf_counter() - started)
+        rows.append(dict(schedule=schedule, virtual_stages=v, measured_s=statistics.median(times),
+                         predicted_s=compiled.plan.predicted_step_seconds,
+                         bubble=compiled.plan.bubble_fraction))
+        if dist.get_rank() == 0:
+            print(f"  {schedule} v={v}: {rows[-1]['measured_s']:.4f} s/step", flush=True)
+    if dist.get_rank() == 0:
+        _print(rows, world, args, devices)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(dict(world=world, devices=str(devices), args=vars(args), rows=rows), f, indent=2)
+    dist.destroy_process_group()
+
+
+def _gpu_preset() -> str:
+    name = torch.cuda.get_device_name(0)
+    return "H200" if "H200" in name else "H100"
+
+
+def _print(rows: list[dict], world: int, args, devices) -> None:
+    base = next(r for r in rows if r["schedule"] == "1f1b")
+    print(f"\nGPT {args.layers} × {args.d_model}, batch {args.batch} × {args.seq}, {args.microbatches} microbatches, "
+          f"pp = {world} ({devices})")
+    print(f"{'schedule':>18} {'v':>2} {'bubble':>7} {'measured':>10} {'predicted':>10} {'meas/1F1B':>10} "
+          f"{'pred/1F1B':>10}")
+    for r in rows:
+        print(f"{r['schedule']:>18} {r['virtual_stages']:>2} {r['bubble']:>7.1%} {r['measured_s']:>9.4f}s "
+              f"{r['predicted_s']:>9.4f}s {r['measured_s'] / base['measured_s']:>10.3f} "
+              f"{r['predicted_s'] / base['predicted_s']:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
