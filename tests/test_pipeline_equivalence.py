@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import autopart
 from autopart import zoo
+from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
 from random_models import build, programs
 
 FWD = dict(rtol=1e-5, atol=1e-5)
@@ -57,15 +58,22 @@ def test_random_models_match_single_device(program, num_devices, num_microbatche
     batch = num_microbatches * microbatch_size
     x = torch.randn(batch, 4, 8)
     num_stages = data.draw(st.integers(1, num_devices), label="num_stages")
-    schedule = data.draw(st.sampled_from(["gpipe", "1f1b"]), label="schedule")
+    schedule = data.draw(st.sampled_from(SCHEDULES), label="schedule")
     num_ops = sum(1 for n in autopart.trace(model, (x,)).graph.nodes if n.op == "call_function")
+    virtual_stages = 1
+    if schedule in VIRTUAL_SCHEDULES:  # stage s on rank s % R, m in whole rounds of about R
+        virtual_stages = data.draw(st.integers(2 if schedule == "interleaved_1f1b" else 1, 3), label="v")
+        rounds = max(1, num_microbatches // num_stages)
+        if num_stages < 2 or num_stages * virtual_stages > num_ops or num_microbatches % rounds:
+            schedule, virtual_stages = "1f1b", 1
     if num_stages > num_ops:  # more stages than ops: the planner must say why it cannot
         with pytest.raises(autopart.PlanError, match=f"num_stages={num_stages}.*only {num_ops} blocks"):
             autopart.compile(model, num_devices, example_inputs=(x,), num_stages=num_stages)
         return
     compiled = autopart.compile(model, num_devices, example_inputs=(x,), num_stages=num_stages,
-                                num_microbatches=num_microbatches, schedule=schedule)
-    assert compiled.plan.num_stages == num_stages
+                                num_microbatches=num_microbatches, schedule=schedule,
+                                virtual_stages=virtual_stages)
+    assert compiled.plan.num_stages == num_stages * virtual_stages and compiled.plan.mesh.pp == num_stages
     assert compiled.plan.num_microbatches == num_microbatches
     assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)
 
