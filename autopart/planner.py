@@ -323,7 +323,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     else:
         bwd = np.zeros_like(fwd)
     state = np.array([block_state_bytes(b, request, dp, data_parallel_mode) for b in graph.blocks], dtype=float)
-    activations = np.array([b.saved_bytes * scale if request.training else 0.0 for b in graph.blocks])
+    if request.training:  # the last stage keeps every microbatch's output until the step returns them all
+        state += np.array([b.model_output_bytes * scale * num_microbatches for b in graph.blocks])
+    activations = np.array([activation_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
     links = [cluster.link(s % num_ranks, (s + 1) % num_ranks) for s in range(num_stages - 1)]
     return PipelineProblem(
         block_names=tuple(b.name for b in graph.blocks),
@@ -346,6 +348,13 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
 def _scale(request: PlanRequest, num_microbatches: int, dp: int = 1) -> float:
     """Costs of one microbatch relative to the traced batch."""
     return request.batch_size / dp / num_microbatches / request.traced_batch_size
+
+
+def activation_bytes(block) -> int:
+    """Bytes a block keeps per microbatch in flight (traced batch): what autograd saves, plus,
+    for the block computing the model's outputs, as much as those outputs for the loss
+    (cross-entropy saves the log-softmax of its logits; the loss function is not traced)."""
+    return block.saved_bytes + block.model_output_bytes
 
 
 def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
@@ -410,8 +419,9 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     """
     capacity = cluster.devices[0].memory_bytes
     m = microbatch_choices(request)[-1]
-    state = [block_state_bytes(b, request) for b in graph.blocks]
-    acts = [b.saved_bytes * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
+    state = [block_state_bytes(b, request) + (b.model_output_bytes * _scale(request, m) * m if request.training else 0)
+             for b in graph.blocks]
+    acts = [activation_bytes(b) * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
     for count in range(1, 8 * cluster.num_devices + 1):
         stage, used_state, used_acts = 0, 0.0, 0.0
         fits = True
@@ -467,7 +477,8 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
                 optimizer=int(optimizer_state_bytes(trainable, request.optimizer) / shards)
                 if request.training else 0,
                 buffers=int(sum(b.buffer_bytes for b in blocks)),
-                activations=int(float(problem.activation_bytes[members].sum()) * in_flight),
+                activations=int(float(problem.activation_bytes[members].sum()) * in_flight
+                                + (sum(b.model_output_bytes for b in blocks) * scale * m if request.training else 0)),
                 boundary=int((send + recv) * in_flight),
                 capacity=int(problem.memory_capacity[s]),
             ),

@@ -10,6 +10,13 @@ the planner says interleaving and zero bubble shorten the step by shrinking the
 bubble, (R - 1)/(m + R - 1) → (R - 1)/(m·v + R - 1) for interleaving. On GPUs
 (NCCL) the cost model is the GPU's; on CPUs (gloo) the devices are this
 machine's cores, so only the ratios mean anything. --json writes the table.
+
+Memory: one more step per schedule runs under a tracking allocator (every
+storage an op creates, live until it dies: benchmarks/memory_estimate.py) and
+each rank's peak of step-time bytes (activations kept for backward, received
+boundary tensors, gradients, temporaries) is set against the plan's
+activations + boundary + gradients of that rank's stages, which the planner
+derives from each schedule's in-flight counts.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 
 import autopart
 from autopart import zoo
+from memory_estimate import TrackingMode  # benchmarks/ is the script's directory
 
 CONFIGS = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1), ("zero_bubble", 2)]
 
@@ -56,7 +64,9 @@ def main() -> None:
     def loss_fn(logits, y):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
-    rows = []
+    # Every schedule is built first, then timed in rounds (one step of each per round) so that
+    # drift of the machine during the run falls on all of them alike.
+    runs = []
     for schedule, v in CONFIGS:
         compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), num_stages=world,
                                     num_microbatches=args.microbatches, schedule=schedule, virtual_stages=v,
@@ -64,33 +74,50 @@ def main() -> None:
         runner = compiled.distributed(timeout_s=600)
         optimizer = torch.optim.SGD(runner.parameters(), lr=1e-3)
 
-        def step():
+        def step(runner=runner, optimizer=optimizer):
             optimizer.zero_grad()
             runner.step(ids, target=target, loss_fn=loss_fn)
             optimizer.step()
 
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.steps):
+        runs.append((schedule, v, compiled, runner, step))
+    times: dict[int, list[float]] = {k: [] for k in range(len(runs))}
+    for round_index in range(args.warmup + args.steps):
+        for k, (_, _, _, _, step) in enumerate(runs):
             sync()
             dist.barrier()
             started = time.perf_counter()
             step()
             sync()
             dist.barrier()
-            times.append(time.perf_counter() - started)
-        rows.append(dict(schedule=schedule, virtual_stages=v, measured_s=statistics.median(times),
+            if round_index >= args.warmup:
+                times[k].append(time.perf_counter() - started)
+    rows = []
+    for k, (schedule, v, compiled, runner, step) in enumerate(runs):
+        measured_peak, predicted_peak = _step_memory(runner, compiled.plan, step)
+        rows.append(dict(schedule=schedule, virtual_stages=v, measured_s=statistics.median(times[k]),
                          predicted_s=compiled.plan.predicted_step_seconds,
-                         bubble=compiled.plan.bubble_fraction))
-        if dist.get_rank() == 0:
-            print(f"  {schedule} v={v}: {rows[-1]['measured_s']:.4f} s/step", flush=True)
+                         bubble=compiled.plan.bubble_fraction,
+                         measured_peak_bytes=measured_peak, predicted_peak_bytes=predicted_peak))
     if dist.get_rank() == 0:
         _print(rows, world, args, devices)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(dict(world=world, devices=str(devices), args=vars(args), rows=rows), f, indent=2)
     dist.destroy_process_group()
+
+
+def _step_memory(runner, plan, step) -> tuple[list[int], list[int]]:
+    """Per pipeline rank: peak bytes created during one step (measured) and the plan's
+    activations + boundary + gradients of its stages (predicted)."""
+    runner.zero_grad()  # gradients are created inside the step, as in training
+    with TrackingMode() as tracker:
+        step()
+    stages = plan.stages_of_rank(runner.pp_rank)
+    predicted = sum(plan.stages[s].memory.activations + plan.stages[s].memory.boundary + plan.stages[s].memory.grads
+                    for s in stages)
+    both: list = [None] * dist.get_world_size()
+    dist.all_gather_object(both, (tracker.peak, predicted))
+    return [b[0] for b in both], [b[1] for b in both]
 
 
 def _gpu_preset() -> str:
@@ -103,11 +130,13 @@ def _print(rows: list[dict], world: int, args, devices) -> None:
     print(f"\nGPT {args.layers} × {args.d_model}, batch {args.batch} × {args.seq}, {args.microbatches} microbatches, "
           f"pp = {world} ({devices})")
     print(f"{'schedule':>18} {'v':>2} {'bubble':>7} {'measured':>10} {'predicted':>10} {'meas/1F1B':>10} "
-          f"{'pred/1F1B':>10}")
+          f"{'pred/1F1B':>10}   step memory per rank, MiB measured / predicted")
     for r in rows:
+        memory = "  ".join(f"{m / 2**20:.1f}/{p / 2**20:.1f}"
+                           for m, p in zip(r["measured_peak_bytes"], r["predicted_peak_bytes"]))
         print(f"{r['schedule']:>18} {r['virtual_stages']:>2} {r['bubble']:>7.1%} {r['measured_s']:>9.4f}s "
               f"{r['predicted_s']:>9.4f}s {r['measured_s'] / base['measured_s']:>10.3f} "
-              f"{r['predicted_s'] / base['predicted_s']:>10.3f}")
+              f"{r['predicted_s'] / base['predicted_s']:>10.3f}   {memory}")
 
 
 if __name__ == "__main__":

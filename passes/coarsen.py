@@ -76,6 +76,9 @@ class Block:
     """Activations kept for backward at the traced batch size (bytes)."""
     times: tuple[BlockTimes, ...]
     """One entry per distinct device of the cluster."""
+    model_output_bytes: int = 0
+    """Bytes of the model outputs the block computes (traced batch): the pipeline keeps them
+    for every microbatch in flight until its backward."""
 
     def time_on(self, device: str) -> BlockTimes:
         for entry in self.times:
@@ -202,8 +205,14 @@ def _block_graph(
             block_of[node] = 0
 
     devices = {d.name: d for d in cluster.devices}
+    output_bytes = [0] * len(runs)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for node in dict.fromkeys(a for a in pytree.tree_leaves(output.args) if isinstance(a, torch.fx.Node)):
+        if node in block_of:
+            output_bytes[block_of[node]] += sum(t.numel() * t.element_size() for t in
+                                                pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor))
     blocks = []
-    for name, members in runs:
+    for index, (name, members) in enumerate(runs):
         attrs = _attrs_read(members)
         costs = [node_cost(n) for n in members]
         attr_costs = [node_cost(a) for a in attrs]
@@ -222,6 +231,7 @@ def _block_graph(
                 buffer_bytes=_unique_sum(attrs, lambda c: c.buffer_bytes),
                 saved_bytes=sum(c.saved_bytes for c in costs) + sum(c.saved_bytes for c in attr_costs),
                 times=tuple(_times(costs, device) for device in devices.values()),
+                model_output_bytes=output_bytes[index],
             )
         )
 

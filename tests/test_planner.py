@@ -72,6 +72,20 @@ def test_fsdp_is_chosen_when_replicated_state_does_not_fit(memory_gib, mode):
         assert stage.memory.optimizer == pytest.approx(2 * stage.num_params * 4 / 4, rel=1e-6)
 
 
+def test_last_stage_holds_every_microbatch_output_and_the_loss():
+    """torch.distributed.pipelining keeps each microbatch's output on the last stage until the step
+    returns them (m × output), and the loss saves about one output per microbatch in flight."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1024))
+    plan = autopart.compile(model, 2, example_inputs=(torch.randn(8, 16),), num_stages=2, num_microbatches=4,
+                            schedule="1f1b").plan
+    output_bytes = 2 * 1024 * 4  # one microbatch of 2 samples
+    first, last = plan.stages
+    in_flight = 1  # 1F1B, last stage
+    assert last.memory.activations - 4 * output_bytes - in_flight * output_bytes >= 0
+    assert last.memory.activations - 4 * output_bytes - in_flight * output_bytes < output_bytes  # its own saves
+    assert first.memory.activations < output_bytes
+
+
 def test_twice_as_fast_device_gets_twice_the_work():
     h100 = get_preset("H100")
     fast = DeviceSpec(name="H100x2", memory_bytes=h100.memory_bytes, memory_bandwidth=2 * h100.memory_bandwidth,
