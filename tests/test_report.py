@@ -119,6 +119,7 @@ def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
     assert plan.bubble_fraction == pytest.approx(1 / 9)
     text = render_text(plan)
     assert "schedule: interleaved_1f1b, 4 microbatches, bubble 11%" in text and "2 stages per rank" in text
+    assert "pp=2 (2 stages each) × tp=1 × dp=1" in text
     grid_rows = [line for line in text.splitlines() if line.strip().startswith("rank ")]
     assert "F0s0" in grid_rows[0] and "F0s2" in grid_rows[0] and "F0s3" in grid_rows[1]
     html = render_html(plan)

@@ -42,10 +42,13 @@ def model_name(plan: Plan) -> str:
 
 
 def mesh_label(plan: Plan) -> str:
-    """'pp=4 × tp=1 × dp=1 (4 of 8 devices)'."""
+    """'pp=4 × tp=1 × dp=1 (4 of 8 devices)', with the stages per rank and the dp mode when they matter:
+    'pp=2 (2 stages each) × tp=1 × dp=2 fsdp (4 of 4 devices)'."""
     mesh = plan.mesh
     total = len(plan.cluster["devices"])
-    return f"pp={mesh.pp} × tp={mesh.tp} × dp={mesh.dp} ({mesh.num_devices} of {plural(total, 'device')})"
+    pp = f"pp={mesh.pp}" + (f" ({plan.virtual_stages} stages each)" if plan.virtual_stages > 1 else "")
+    dp = f"dp={mesh.dp}" + (f" {plan.data_parallel_mode}" if mesh.dp > 1 else "")
+    return f"{pp} × tp={mesh.tp} × {dp} ({mesh.num_devices} of {plural(total, 'device')})"
 
 
 # ----------------------------------------------------------------------------- blocks
