@@ -9,6 +9,7 @@ from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
     cluster_label,
+    depth_label,
     idle_notes,
     is_training,
     model_name,
@@ -84,7 +85,8 @@ def render_html(plan: Plan) -> str:
                  f"One step of {escape(plan.schedule)} with {plural(plan.num_microbatches, 'microbatch')}, "
                  f"played with each stage's predicted times: a rank starts an action when it is free and "
                  f"its input has arrived. Played: {fmt_seconds(makespan(actions))}; the planner's "
-                 f"(m + S − 1) × slowest-stage estimate: {fmt_seconds(plan.predicted_step_seconds)}.",
+                 f"estimate (the schedule's step in slots × the slowest stage): "
+                 f"{fmt_seconds(plan.predicted_step_seconds)}.",
                  timeline_svg(plan, actions) + _timeline_legend()),
         _section("Memory per device",
                  "Peak bytes each device holds under the schedule, stacked by kind; the dashed red line "
@@ -122,7 +124,9 @@ def _cards(plan: Plan) -> str:
     cards = [
         _card("step time", fmt_seconds(plan.predicted_step_seconds), f"predicted, {mode}"),
         _card("pipeline", plural(plan.num_stages, "stage"),
-              f"pp={plan.mesh.pp} × tp={plan.mesh.tp} × dp={plan.mesh.dp}"),
+              f"pp={plan.mesh.pp} × tp={plan.mesh.tp} × dp={plan.mesh.dp}"
+              + (f" {plan.data_parallel_mode}" if plan.mesh.dp > 1 else "")
+              + (f", {plan.virtual_stages} per rank" if plan.virtual_stages > 1 else "")),
         _card("microbatches", str(plan.num_microbatches), f"of {plan.microbatch_size} (batch {plan.batch_size})"),
         _card("schedule", plan.schedule, f"bubble {fmt_percent(plan.bubble_fraction)}"),
         _card("fullest device", fmt_percent(fullest.memory.total / fullest.memory.capacity),
@@ -140,7 +144,7 @@ def _why(plan: Plan) -> str:
     if not notes:
         return ""
     items = "".join(f"<li>{note}</li>" for note in notes)
-    return (f"<section><h2>Why {plural(plan.num_stages, 'stage')}</h2>"
+    return (f"<section><h2>Why {depth_label(plan)}</h2>"
             f'<ul class="why">{items}</ul></section>')
 
 

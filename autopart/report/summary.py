@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from autopart.plan import Candidate, Plan, StagePlan
 from autopart.report.units import fmt_bytes, fmt_percent, fmt_ranges, plural
-from autopart.schedules import Action, build_schedule, grid, peak_in_flight, timeline
+from autopart.schedules import Action, bubble_fraction, build_schedule, grid, peak_in_flight, timeline
 
 MEMORY_KINDS = ("params", "grads", "optimizer", "buffers", "activations", "boundary")
 """StageMemory fields, in the order reports stack them."""
@@ -143,9 +143,9 @@ def schedule_grid(plan: Plan, max_slots: int = 28, tail_slots: int = 6) -> str:
     return "\n".join(lines) + f"\n({hidden} of {len(slots)} slots not shown)"
 
 
-def bubble(num_stages: int, num_microbatches: int) -> float:
-    """(S - 1) / (m + S - 1): the share of a GPipe or 1F1B step a device idles."""
-    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+def depth_label(plan: Plan) -> str:
+    """'4 stages', or '2 pipeline ranks' when each rank runs several (virtual) stages."""
+    return plural(plan.mesh.pp, "stage" if plan.virtual_stages == 1 else "pipeline rank")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -161,7 +161,7 @@ def stage_count_notes(plan: Plan) -> list[tuple[int, str]]:
         by_count[c.num_stages].append(c)
     notes = []
     for count in sorted(by_count):
-        if count == plan.num_stages:
+        if count == plan.mesh.pp:
             continue
         notes.append((count, _reason(plan, count, by_count[count], chosen_step)))
     return notes
@@ -174,8 +174,9 @@ def _reason(plan: Plan, count: int, tried: list[Candidate], chosen_step: float) 
     if feasible:
         best = min(feasible, key=lambda c: c.step_seconds)
         slower = best.step_seconds / chosen_step - 1 if chosen_step > 0 else 0.0
-        if count > plan.num_stages:
-            why = (f"bubble {fmt_percent(bubble(count, best.num_microbatches))} vs "
+        if count > plan.mesh.pp:
+            bubble = bubble_fraction(best.schedule, count, best.num_microbatches, best.virtual_stages)
+            why = (f"bubble {fmt_percent(bubble)} vs "
                    f"{fmt_percent(plan.bubble_fraction)}, more boundary traffic")
         else:
             why = f"less parallelism; {best.detail.split(';')[0]}"
@@ -195,17 +196,17 @@ def idle_notes(plan: Plan) -> list[str]:
     if not idle:
         return []
     counts = {c.num_stages for c in plan.candidates}
-    pipeline = plan.num_stages * plan.mesh.tp
+    pipeline = plan.mesh.pp * plan.mesh.tp
     replicas = len(idle) // pipeline if pipeline else 0
     head = f"{plural(len(idle), 'device')} ({fmt_ranges(idle)}) idle"
     num_blocks = sum(len(s.blocks) for s in plan.stages)
-    if counts == {plan.num_stages}:
-        why = f"the stage count was fixed at {plan.num_stages}"
+    if counts == {plan.mesh.pp}:
+        why = f"the stage count was fixed at {plan.mesh.pp}"
     elif max(counts, default=0) >= num_blocks and plan.num_stages == num_blocks:
         why = f"the model splits into only {plural(num_blocks, 'block')}, one per stage"
     else:
-        why = f"a faster plan uses {plural(plan.num_stages, 'stage')}"
-    shape = f"{plan.num_stages}-stage pipeline"
+        why = f"a faster plan uses {depth_label(plan)}"
+    shape = f"{plan.mesh.pp}-rank pipeline" if plan.virtual_stages > 1 else f"{plan.mesh.pp}-stage pipeline"
     if replicas >= 1:
         could = f"they could hold {plural(replicas, 'more data-parallel replica')} of this {shape}"
     else:

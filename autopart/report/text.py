@@ -7,6 +7,7 @@ from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
     cluster_label,
+    depth_label,
     idle_notes,
     in_flight,
     is_training,
@@ -144,7 +145,7 @@ def _why(plan: Plan) -> str:
     idle = idle_notes(plan)
     if not notes and not idle:
         return ""
-    lines = [f"why {plural(plan.num_stages, 'stage')}"]
+    lines = [f"why {depth_label(plan)}"]
     lines += [f"  {plural(count, 'stage')}: {reason}" for count, reason in notes]
     lines += [f"  {note}" for note in idle]
     return "\n".join(lines)
