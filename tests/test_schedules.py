@@ -69,7 +69,8 @@ def test_every_schedule_plays_without_deadlock_and_respects_dependencies(name: s
 
 def test_step_factors_match_the_literature() -> None:
     """GPipe and 1F1B: m + R - 1 (Huang et al. 2019); interleaved: m·v + R - 1 when m ≥ R
-    (bubble (R-1)/(m·v), Narayanan et al. 2021); zero bubble never above 1F1B's."""
+    (bubble (R-1)/(m·v), Narayanan et al. 2021); zero bubble below 1F1B where the bubble is big,
+    above it where its dearer split backward (I = 1.25 F, measured) outweighs a small bubble."""
     for num_ranks, v, m in CASES:
         if v == 1:
             assert step_factor("gpipe", num_ranks, m) == m + num_ranks - 1
@@ -77,11 +78,14 @@ def test_step_factors_match_the_literature() -> None:
             assert bubble_fraction("1f1b", num_ranks, m) == pytest.approx((num_ranks - 1) / (m + num_ranks - 1))
         elif m >= num_ranks:
             assert step_factor("interleaved_1f1b", num_ranks, m, v) == m * v + num_ranks - 1
-        if m >= num_ranks:
+        if m >= num_ranks:  # the split costs 0.25 F more per action: at most that much longer
             baseline = m * v + num_ranks - 1
-            assert step_factor("zero_bubble", num_ranks, m, v) <= baseline
-    # ZB1P on 4 ranks, 8 microbatches: 9 slots against 1F1B's 11 (F = I = W).
-    assert step_factor("zero_bubble", 4, 8) == 9.0
+            assert step_factor("zero_bubble", num_ranks, m, v) <= baseline + m * v * 0.25 / 3
+    # ZB1P on 4 ranks, 8 microbatches: 9.92 slots against 1F1B's 11 (bubble 12.6% against 27.3%)
+    assert step_factor("zero_bubble", 4, 8) == pytest.approx(9.9167, abs=1e-4)
+    assert bubble_fraction("zero_bubble", 4, 8) == pytest.approx(0.1261, abs=1e-4)
+    # on 2 ranks with 12 microbatches the bubble is small and 1F1B is the faster
+    assert step_factor("zero_bubble", 2, 12) > step_factor("1f1b", 2, 12)
 
 
 def test_in_flight_counts() -> None:

@@ -105,7 +105,7 @@ def _schedule(plan: Plan) -> str:
     else:
         formula = f"(R - 1) / (m + R - 1) with R = {plan.mesh.pp}, m = {plan.num_microbatches}"
     if plan.schedule == "zero_bubble":
-        formula = "played with F = I = W: weight gradients fill the 1F1B bubble; " + formula.replace(
+        formula = "played with I = 1.25 F, W = F: weight gradients fill the 1F1B bubble; " + formula.replace(
             "for interleaved 1F1B ", "for interleaved 1F1B, less here ")
     head = f"schedule: {plan.schedule}, {micro}, bubble {fmt_percent(plan.bubble_fraction)} ({formula})"
     return head + "\n" + _indent(schedule_grid(plan))
