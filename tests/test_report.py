@@ -254,11 +254,19 @@ def test_compiled_model_writes_the_html(tmp_path, mlp_plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------- JSON
 
-def test_json_round_trip(gpt2_pipeline: Plan, mlp_plan: Plan) -> None:
-    for plan in (gpt2_pipeline, mlp_plan, synthetic_plan()):
+def test_json_round_trip(gpt2_pipeline: Plan, mlp_plan: Plan, gpt2_interleaved: Plan) -> None:
+    for plan in (gpt2_pipeline, mlp_plan, gpt2_interleaved, synthetic_plan()):
         again = Plan.from_json(plan.to_json())
         assert again == plan
         assert render_text(again) == render_text(plan)
+    # a version-1 plan written before virtual stages and dp modes existed reads with their defaults
+    data = json.loads(gpt2_pipeline.to_json())
+    for key in ("virtual_stages", "data_parallel_mode"):
+        del data[key]
+        for candidate in data["candidates"]:
+            del candidate[key]
+    old = Plan.from_json(json.dumps(data))
+    assert old.virtual_stages == 1 and old.data_parallel_mode == "ddp"
 
 
 def test_json_unknown_version_is_an_input_error(mlp_plan: Plan) -> None:
