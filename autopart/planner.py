@@ -130,6 +130,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     best: tuple[float, PipelineSolution, PipelineProblem, int, str] | None = None
     candidates: list[Candidate] = []
     failures: list[tuple[float, str]] = []
+    skipped: list[str] = []  # why fixed choices left a (schedule, ranks, microbatches) without any plan
     num_problems = 0
     # Most replicas first: the plans that data parallelism alone makes fast are found early,
     # so the lower bound prunes the deeper pipelines without solving them.
@@ -139,7 +140,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
                 for schedule in schedules:
                     if schedule == "gpipe" and num_ranks == 1 and "1f1b" in schedules:
                         continue  # one stage: GPipe is 1F1B with more in flight
-                    for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks)):
+                    for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks), skipped):
                         for mode in data_parallel_mode_choices(request, dp):
                             tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
                                          schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
@@ -170,6 +171,8 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
                                       f"{step * 1e3:.3f} ms ({detail})", file=sys.stderr)
                             if best is None or step < best[0] * (1 - 1e-9):
                                 best = (step, solution, problem, dp, mode)
+    if not candidates and skipped:
+        raise InputError(f"no plan satisfies the choices fixed: {skipped[0]}")
     if best is None:
         raise _infeasible_error(graph, cluster, request, failures)
     step, solution, problem, dp, mode = best
@@ -210,24 +213,36 @@ def schedule_choices(request: PlanRequest) -> list[str]:
 
 
 def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, num_microbatches: int,
-                          num_blocks: int) -> list[int]:
+                          num_blocks: int, skipped: list[str] | None = None) -> list[int]:
     """Stages per rank for `schedule`: 1 for GPipe and 1F1B; for interleaved 1F1B 2 to
     MAX_VIRTUAL_STAGES (v = 1 is 1F1B), for zero bubble 1 to MAX_VIRTUAL_STAGES; only with
-    at least 2 ranks, R·v ≤ blocks, and m in whole rounds (`schedules.microbatches_per_round`)."""
+    at least 2 ranks, R·v ≤ blocks, and m in whole rounds (`schedules.microbatches_per_round`).
+    Why a (schedule, R, m) gets none is appended to `skipped`."""
     fixed = request.virtual_stages
     if fixed is not None and fixed < 1:
         raise InputError(f"virtual_stages={fixed} must be ≥ 1 (stages per pipeline rank)")
     if schedule not in VIRTUAL_SCHEDULES:
         return [1] if fixed in (None, 1) else []
+    why = None
     if num_ranks < 2:  # consecutive stages on one rank: PyTorch's schedules would send to themselves
-        return []
-    try:
-        microbatches_per_round(num_ranks, num_microbatches)
-    except PlanError:
-        return []
+        why = f"{schedule} needs at least 2 pipeline ranks (num_stages), not {num_ranks}"
+    else:
+        try:
+            microbatches_per_round(num_ranks, num_microbatches)
+        except PlanError as error:
+            why = str(error)
     lowest = 2 if schedule == "interleaved_1f1b" else 1
     choices = [fixed] if fixed is not None else range(lowest, MAX_VIRTUAL_STAGES + 1)
-    return [v for v in choices if v >= lowest and num_ranks * v <= num_blocks]
+    fitting = [v for v in choices if v >= lowest and num_ranks * v <= num_blocks]
+    if why is None and not fitting:
+        need = num_ranks * (fixed or lowest)
+        why = (f"{schedule} with {num_ranks} ranks × {fixed or lowest} virtual stages needs {need} blocks, "
+               f"but the model has {num_blocks}; use fewer ranks or virtual stages")
+    if why is not None:
+        if skipped is not None:
+            skipped.append(why)
+        return []
+    return fitting
 
 
 def data_parallel_mode_choices(request: PlanRequest, dp: int) -> list[str]:

@@ -144,11 +144,16 @@ def test_num_stages_outside_the_cluster():
     (dict(schedule="1f1b", virtual_stages=2), "runs one stage per rank but virtual_stages=2"),
     (dict(data_parallel_mode="zero3"), "data_parallel_mode='zero3' is not known"),
     (dict(schedule="dualpipe"), "schedule='dualpipe' is not known"),
+    (dict(num_stages=2, schedule="interleaved_1f1b", virtual_stages=2, num_microbatches=5, batch=10),
+     "multiple of 2"),
+    (dict(num_stages=2, schedule="interleaved_1f1b", virtual_stages=50), "needs 100 blocks, but the model has"),
+    (dict(num_stages=1, schedule="zero_bubble"), "zero_bubble needs at least 2 pipeline ranks"),
 ])
 def test_schedule_choices_that_make_no_sense(kwargs, pattern):
     with pytest.raises(autopart.InputError, match=pattern):
-        autopart.compile(_meta_model(4, width=64), 2, example_inputs=(torch.randn(8, 64, device="meta"),),
-                         data_parallel=kwargs.pop("data_parallel", None), **kwargs)
+        batch = kwargs.pop("batch", 8)
+        autopart.compile(_meta_model(4, width=64), 2, example_inputs=(torch.randn(batch, 64, device="meta"),),
+                         **kwargs)
 
 
 def test_model_without_parameters_is_refused():
