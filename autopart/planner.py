@@ -46,6 +46,12 @@ SOLVER_BACKEND = "cpsat"
 MAX_VIRTUAL_STAGES = 4
 """Most stages per rank the search tries: each one more adds a boundary per microbatch."""
 
+DEFAULT_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+"""What the planner searches when the user names no schedule; 1F1B first, as on a tie (one
+stage) it keeps fewer microbatches in flight than GPipe. Zero bubble only when asked for:
+PyTorch's split weight pass (stage_backward_weight) fails on some graphs, e.g. T5's
+("Trying to backward through the graph a second time"), which no plan-time check catches."""
+
 DATA_PARALLEL_MODES = ("ddp", "fsdp")
 """'ddp': every replica holds the whole state, gradients are all-reduced (DDP). 'fsdp':
 optimizer state and master weights sharded over the replicas (FSDP2 `fully_shard`,
@@ -207,9 +213,8 @@ def schedule_choices(request: PlanRequest) -> list[str]:
                              f"use one of {VIRTUAL_SCHEDULES}")
         return [request.schedule]
     if v is not None and v > 1:
-        return list(VIRTUAL_SCHEDULES)
-    # 1F1B first: on a tie (one stage) it keeps fewer microbatches in flight than GPipe
-    return ["1f1b", "gpipe", *VIRTUAL_SCHEDULES] if request.training else ["1f1b", "gpipe"]
+        return [s for s in DEFAULT_SCHEDULES if s in VIRTUAL_SCHEDULES]
+    return list(DEFAULT_SCHEDULES) if request.training else ["1f1b", "gpipe"]
 
 
 def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, num_microbatches: int,

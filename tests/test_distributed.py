@@ -20,6 +20,7 @@ import pytest
 pytestmark = pytest.mark.multiprocess
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "train_equivalence.py")
+FAMILY_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "family_step.py")
 
 
 def _free_port() -> int:
@@ -29,10 +30,10 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
-              timeout: float = 240) -> subprocess.Popen:
+              timeout: float = 240, script: str = SCRIPT) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
-               f"--master_port={port or _free_port()}", SCRIPT, *args]
+               f"--master_port={port or _free_port()}", script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # its own process group, so every worker can be killed with it, even orphaned ones
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -84,6 +85,27 @@ def test_training_matches_single_device(nproc, args):
     code, out = _finish(_torchrun(nproc, *args))
     assert code == 0, out[-4000:]
     assert out.count("OK rank") == nproc, out[-4000:]
+
+
+@pytest.mark.parametrize("family,schedule,virtual_stages", [
+    ("gpt2", "interleaved_1f1b", 2), ("llama", "interleaved_1f1b", 2), ("t5", "interleaved_1f1b", 2),
+    ("bert", "1f1b", 1), ("vit", "gpipe", 1), ("gpt2", "zero_bubble", 2), ("bert", "zero_bubble", 1),
+])
+def test_model_families_train_on_two_ranks(family, schedule, virtual_stages):
+    """Real models through PipelineStage: integer ids, masks and skips crossing stages, views and
+    strided tensors at boundaries, tied embeddings; one step's loss and every gradient."""
+    code, out = _finish(_torchrun(2, "--family", family, "--schedule", schedule,
+                                  "--virtual-stages", str(virtual_stages), script=FAMILY_SCRIPT))
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == 2, out[-4000:]
+
+
+def test_zero_bubble_names_the_fix_where_pytorch_cannot_split_the_backward():
+    """T5's graph breaks PyTorch's split weight pass; the rank says so and how to re-plan."""
+    code, out = _finish(_torchrun(2, "--family", "t5", "--schedule", "zero_bubble", "--virtual-stages", "2",
+                                  script=FAMILY_SCRIPT))
+    assert code != 0
+    assert "re-plan with schedule='interleaved_1f1b'" in out, out[-4000:]
 
 
 @pytest.mark.parametrize("layout", [["--dp", "2"], ["--tp", "2"],

@@ -41,7 +41,10 @@ class _StageAdapter(nn.Module):
 
     Stage 0 receives the model's tensor inputs; later stages the previous
     stage's outputs. Non-tensor model inputs (static at trace time) come from
-    `constants`. The last stage returns the model's flat outputs.
+    `constants`. The last stage returns the model's flat outputs. Point-to-point
+    sends need contiguous tensors: outputs are made contiguous, and so are the
+    gradients that flow back to the received inputs. Outputs are not views
+    either: the zero-bubble input-gradient pass detaches them in place.
     """
 
     def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int]) -> None:
@@ -58,12 +61,39 @@ class _StageAdapter(nn.Module):
                 flat[position] = tensor
             args = [flat[src.index] for src in self.interface.inputs]
         else:
+            received = tuple(_ContiguousGradient.apply(x) if x.requires_grad else x for x in received)
             args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
                     for src in self.interface.inputs]
         outputs = tuple(self.module(*args))
         if self.interface.stage == self.interface.num_stages - 1:
-            return tuple(outputs[i] for i in self.interface.model_outputs)
-        return outputs
+            outputs = tuple(outputs[i] for i in self.interface.model_outputs)
+        return tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
+
+
+def _chain(error: BaseException) -> str:
+    """The messages of an exception and its causes."""
+    parts = []
+    while error is not None and len(parts) < 8:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+def _sendable(x: torch.Tensor) -> torch.Tensor:
+    """`x` as its own contiguous storage (a copy only for views and strided tensors)."""
+    return x.clone(memory_format=torch.contiguous_format) if x._is_view() or not x.is_contiguous() else x
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (it is sent to the previous stage)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class DistributedRunner(StateMixin):
@@ -104,11 +134,16 @@ class DistributedRunner(StateMixin):
 
                 attach_process_group(module, self.groups.tp)
             self.adapters.append(_StageAdapter(module, interface, tensor_positions))
+        # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
+        # would run stages on uninitialised inputs (token ids out of range) and call DDP outside no_sync.
         self.pipeline_stages = [
             PipelineStage(self._data_parallel(adapter), adapter.interface.stage, self.plan.num_stages, self.device,
+                          input_args=_example_inputs(compiled, adapter, self.device),
+                          output_args=_example_outputs(compiled, adapter.interface, self.device),
                           group=self.groups.pp)
             for adapter in self.adapters]
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+        self._no_target = False
         self.schedule = _make_schedule(self.plan, self.pipeline_stages, self._microbatch_loss)
 
     # ------------------------------------------------------------------ properties
@@ -157,11 +192,15 @@ class DistributedRunner(StateMixin):
         Pass the same global batch on every rank; each data-parallel replica
         takes its share. `loss_fn(output, target)` is a mean over the
         microbatch; gradients are those of the mean loss over the batch.
+        `target` may be None for a loss that needs none (it then gets None).
         """
         flat, local_target = self._local_inputs(args, kwargs, target)
         for adapter in self.adapters:
             adapter.constants = flat
         self._loss_fn = loss_fn
+        self._no_target = target is None
+        if self._no_target:  # the schedules split a target into microbatches: give them rows to split
+            local_target = torch.zeros(self.plan.batch_size // self.mesh.dp, device=self.device)
         tensors = [flat[i] for i in self.adapters[0].tensor_positions]
         losses: list[torch.Tensor] = []
         with _Watchdog(self.timeout_s, self.describe(), "step"):
@@ -179,6 +218,11 @@ class DistributedRunner(StateMixin):
                 self._sum_shared_gradients()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
+                if self.plan.schedule == "zero_bubble" and "backward through the graph a second time" in _chain(error):
+                    raise AutopartError(
+                        f"{self.describe()}: zero bubble's split weight-gradient pass (PyTorch's "
+                        "stage_backward_weight) fails on this model's graph; re-plan with "
+                        "schedule='interleaved_1f1b' or '1f1b'") from error
                 raise self._peer_error("step", error) from error
 
     def _accumulate_under_ddp(self, flat: list[Any], target: Any, losses: list[torch.Tensor]) -> None:
@@ -200,7 +244,7 @@ class DistributedRunner(StateMixin):
 
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         flat = output if isinstance(output, tuple) else (output,)
-        return self._loss_fn(unflatten_output(self.compiled.graph, flat), target)
+        return self._loss_fn(unflatten_output(self.compiled.graph, flat), None if self._no_target else target)
 
     def _step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         loss = torch.stack([x.detach() for x in losses]).mean() if losses else torch.zeros((), device=self.device)
@@ -478,6 +522,28 @@ def _first_holders(compiled) -> dict[str, int]:
 def _example_flat(compiled) -> list[Any]:
     """Flat placeholders' example values of the traced graph (tensors or constants)."""
     return [n.meta.get("val") for n in compiled.graph.graph.nodes if n.op == "placeholder"]
+
+
+def _like(value: torch.Tensor, device: torch.device, requires_grad: bool) -> torch.Tensor:
+    tensor = torch.empty(value.shape, dtype=value.dtype, device=device)
+    return tensor.requires_grad_(requires_grad and (tensor.is_floating_point() or tensor.is_complex()))
+
+
+def _example_inputs(compiled, adapter: _StageAdapter, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What a stage receives for one microbatch: the model's tensor inputs for stage 0 (the graph
+    is traced at the microbatch size), else the previous stage's outputs (gradients flow back)."""
+    s = adapter.interface.stage
+    if s == 0:
+        flat = _example_flat(compiled)
+        return tuple(_like(flat[i], device, requires_grad=False) for i in adapter.tensor_positions)
+    return tuple(_like(v, device, requires_grad=True) for v in _output_vals(compiled.stage_module(s - 1)))
+
+
+def _example_outputs(compiled, interface: StageInterface, device: torch.device) -> tuple[torch.Tensor, ...]:
+    vals = _output_vals(compiled.stage_module(interface.stage))
+    if interface.stage == interface.num_stages - 1:
+        vals = [vals[i] for i in interface.model_outputs]
+    return tuple(_like(v, device, requires_grad=True) for v in vals)
 
 
 def _output_vals(module: torch.fx.GraphModule) -> list[torch.Tensor]:
