@@ -45,13 +45,22 @@ class _StageAdapter(nn.Module):
     sends need contiguous tensors: outputs are made contiguous, and so are the
     gradients that flow back to the received inputs. Outputs are not views
     either: the zero-bubble input-gradient pass detaches them in place.
+
+    Integer and boolean tensors cross stages as float64 (exact below 2**53):
+    torch 2.11's PipelineStage makes every received buffer require grad, which
+    only floating tensors can. The receiver casts them back, and a zero-valued
+    term ties them to an output so that every buffer expecting a gradient gets
+    one (of zeros).
     """
 
-    def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int]) -> None:
+    def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int],
+                 received_dtypes: list[torch.dtype]) -> None:
         super().__init__()
         self.module = module
         self.interface = interface
         self.tensor_positions = tensor_positions
+        self.received_dtypes = received_dtypes
+        """dtype of each tensor a later stage receives, as the previous stage computes it."""
         self.constants: list[Any] = []
 
     def forward(self, *received: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -61,13 +70,16 @@ class _StageAdapter(nn.Module):
                 flat[position] = tensor
             args = [flat[src.index] for src in self.interface.inputs]
         else:
-            received = tuple(_ContiguousGradient.apply(x) if x.requires_grad else x for x in received)
+            cast = [x for x, dtype in zip(received, self.received_dtypes) if x.requires_grad and x.dtype != dtype]
+            received = tuple(_from_wire(x, dtype) for x, dtype in zip(received, self.received_dtypes))
             args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
                     for src in self.interface.inputs]
         outputs = tuple(self.module(*args))
         if self.interface.stage == self.interface.num_stages - 1:
             outputs = tuple(outputs[i] for i in self.interface.model_outputs)
-        return tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
+        else:
+            outputs = tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
+        return _with_zero_gradients(outputs, cast) if self.interface.stage > 0 and cast else outputs
 
 
 def _chain(error: BaseException) -> str:
@@ -79,9 +91,37 @@ def _chain(error: BaseException) -> str:
     return "\n".join(parts)
 
 
+_WIRE_DTYPE = torch.float64
+"""How integer and boolean tensors travel between stages."""
+
+
+def _wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype.is_floating_point or dtype.is_complex else _WIRE_DTYPE
+
+
 def _sendable(x: torch.Tensor) -> torch.Tensor:
-    """`x` as its own contiguous storage (a copy only for views and strided tensors)."""
+    """`x` as it travels: its own contiguous storage (a copy only for views and strided tensors);
+    integers and booleans as float64."""
+    if _wire_dtype(x.dtype) != x.dtype:
+        return x.to(_WIRE_DTYPE)
     return x.clone(memory_format=torch.contiguous_format) if x._is_view() or not x.is_contiguous() else x
+
+
+def _from_wire(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A received tensor as the stage reads it: cast back, or with a contiguous gradient."""
+    if dtype != x.dtype or not x.requires_grad:
+        return x.detach().to(dtype)
+    return _ContiguousGradient.apply(x)
+
+
+def _with_zero_gradients(outputs: tuple, cast: list[torch.Tensor]) -> tuple:
+    """Add 0 · Σ(cast inputs) to the first output that carries gradients: values unchanged,
+    and backward gives each cast input a gradient of zeros for the previous stage."""
+    for i, out in enumerate(outputs):
+        if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
+            zero = sum(_ContiguousGradient.apply(x).sum() for x in cast) * 0  # the zeros get sent: contiguous
+            return (*outputs[:i], out + zero.to(out.dtype), *outputs[i + 1:])
+    return outputs
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -133,7 +173,9 @@ class DistributedRunner(StateMixin):
                 from autopart.passes.tp_ops import attach_process_group
 
                 attach_process_group(module, self.groups.tp)
-            self.adapters.append(_StageAdapter(module, interface, tensor_positions))
+            received = [] if interface.stage == 0 else [
+                v.dtype for v in _output_vals(compiled.stage_module(interface.stage - 1))]
+            self.adapters.append(_StageAdapter(module, interface, tensor_positions, received))
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
         # would run stages on uninitialised inputs (token ids out of range) and call DDP outside no_sync.
         self.pipeline_stages = [
@@ -344,7 +386,7 @@ class DistributedRunner(StateMixin):
             if s == 0:
                 received = [micro[i].to(self.device) for i in adapter.tensor_positions]
             else:
-                received = [torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                received = [torch.empty(v.shape, dtype=_wire_dtype(v.dtype), device=self.device)
                             for v in _output_vals(self.compiled.stage_module(s - 1))]
                 for tensor in received:
                     dist.recv(tensor, src=pp_ranks[(s - 1) % self.mesh.pp], group=self.groups.pp)
@@ -524,8 +566,10 @@ def _example_flat(compiled) -> list[Any]:
     return [n.meta.get("val") for n in compiled.graph.graph.nodes if n.op == "placeholder"]
 
 
-def _like(value: torch.Tensor, device: torch.device, requires_grad: bool) -> torch.Tensor:
-    tensor = torch.empty(value.shape, dtype=value.dtype, device=device)
+def _like(value: torch.Tensor, device: torch.device, requires_grad: bool, wire: bool = True) -> torch.Tensor:
+    """An empty tensor shaped like `value`, in the dtype it travels in between stages (`wire`)."""
+    dtype = _wire_dtype(value.dtype) if wire else value.dtype
+    tensor = torch.empty(value.shape, dtype=dtype, device=device)
     return tensor.requires_grad_(requires_grad and (tensor.is_floating_point() or tensor.is_complex()))
 
 
@@ -535,15 +579,16 @@ def _example_inputs(compiled, adapter: _StageAdapter, device: torch.device) -> t
     s = adapter.interface.stage
     if s == 0:
         flat = _example_flat(compiled)
-        return tuple(_like(flat[i], device, requires_grad=False) for i in adapter.tensor_positions)
+        return tuple(_like(flat[i], device, requires_grad=False, wire=False) for i in adapter.tensor_positions)
     return tuple(_like(v, device, requires_grad=True) for v in _output_vals(compiled.stage_module(s - 1)))
 
 
 def _example_outputs(compiled, interface: StageInterface, device: torch.device) -> tuple[torch.Tensor, ...]:
     vals = _output_vals(compiled.stage_module(interface.stage))
-    if interface.stage == interface.num_stages - 1:
+    last = interface.stage == interface.num_stages - 1
+    if last:
         vals = [vals[i] for i in interface.model_outputs]
-    return tuple(_like(v, device, requires_grad=True) for v in vals)
+    return tuple(_like(v, device, requires_grad=True, wire=not last) for v in vals)
 
 
 def _output_vals(module: torch.fx.GraphModule) -> list[torch.Tensor]:
