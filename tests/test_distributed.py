@@ -23,6 +23,12 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "train_equivalen
 FAMILY_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "family_step.py")
 
 
+def _torch_before(major: int, minor: int) -> bool:
+    import torch
+
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +100,9 @@ def test_training_matches_single_device(nproc, args):
 def test_model_families_train_on_two_ranks(family, schedule, virtual_stages):
     """Real models through PipelineStage: integer ids, masks and skips crossing stages, views and
     strided tensors at boundaries, tied embeddings; one step's loss and every gradient."""
+    if (family, schedule) == ("gpt2", "zero_bubble") and _torch_before(2, 13):
+        pytest.skip("torch < 2.13's split backward cannot take GPT-2's integer tensors between stages "
+                    "(the runner says so and names the fix)")
     code, out = _finish(_torchrun(2, "--family", family, "--schedule", schedule,
                                   "--virtual-stages", str(virtual_stages), script=FAMILY_SCRIPT))
     assert code == 0, out[-4000:]

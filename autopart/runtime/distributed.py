@@ -82,6 +82,13 @@ class _StageAdapter(nn.Module):
         return _with_zero_gradients(outputs, cast) if self.interface.stage > 0 and cast else outputs
 
 
+_SPLIT_FAILURES = (
+    "backward through the graph a second time",  # T5: weight groups that share a path (torch 2.11, 2.13)
+    "does not require grad and does not have a grad_fn",  # torch 2.11: integer tensors crossing stages
+)
+"""What PyTorch raises where zero bubble's split backward cannot handle a graph."""
+
+
 def _chain(error: BaseException) -> str:
     """The messages of an exception and its causes."""
     parts = []
@@ -260,11 +267,11 @@ class DistributedRunner(StateMixin):
                 self._sum_shared_gradients()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
-                if self.plan.schedule == "zero_bubble" and "backward through the graph a second time" in _chain(error):
+                if self.plan.schedule == "zero_bubble" and any(sign in _chain(error) for sign in _SPLIT_FAILURES):
                     raise AutopartError(
-                        f"{self.describe()}: zero bubble's split weight-gradient pass (PyTorch's "
-                        "stage_backward_weight) fails on this model's graph; re-plan with "
-                        "schedule='interleaved_1f1b' or '1f1b'") from error
+                        f"{self.describe()}: zero bubble's split backward (PyTorch's stage_backward_input / "
+                        f"stage_backward_weight, torch {torch.__version__}) fails on this model's graph; "
+                        "re-plan with schedule='interleaved_1f1b' or '1f1b'") from error
                 raise self._peer_error("step", error) from error
 
     def _accumulate_under_ddp(self, flat: list[Any], target: Any, losses: list[torch.Tensor]) -> None:
