@@ -10,7 +10,7 @@ import torch.fx
 from autopart.cost_models import Cluster
 from autopart.errors import InputError
 from autopart.plan import Plan
-from autopart.runtime.local import LocalPipeline, take_rows
+from autopart.runtime.local import LocalPipeline, split_rows
 from autopart.trace import flatten_inputs, unflatten_output
 
 
@@ -105,7 +105,7 @@ class CompiledModel:
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
         flat = flatten_inputs(self._graph, args, kwargs)
-        targets = _split_target(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
+        targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 
         def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
             return loss_fn(unflatten_output(self._graph, flat_outputs), micro_target)
@@ -115,11 +115,6 @@ class CompiledModel:
         grads = self._local.gradients()
         self._local.zero_grad()
         return loss, grads
-
-
-def _split_target(target: Any, batch_size: int, num_microbatches: int) -> list[Any]:
-    size = batch_size // num_microbatches
-    return [take_rows(target, batch_size, i * size, (i + 1) * size) for i in range(num_microbatches)]
 
 
 def _concat_microbatches(per_microbatch: list[tuple[Any, ...]], microbatch_size: int) -> tuple[Any, ...]:

@@ -35,8 +35,13 @@ def split_microbatches(flat_inputs: Sequence[Any], batch_size: int, num_microbat
             f"a batch of {batch_size} samples does not divide into {num_microbatches} microbatches; "
             "pass a batch that is a multiple of the planned microbatch count"
         )
+    return split_rows(list(flat_inputs), batch_size, num_microbatches)
+
+
+def split_rows(tree: Any, batch_size: int, num_microbatches: int) -> list[Any]:
+    """`tree` once per microbatch, each batched tensor (dim 0 = batch_size) cut to its rows."""
     size = batch_size // num_microbatches
-    return [take_rows(list(flat_inputs), batch_size, i * size, (i + 1) * size) for i in range(num_microbatches)]
+    return [take_rows(tree, batch_size, i * size, (i + 1) * size) for i in range(num_microbatches)]
 
 
 def take_rows(tree: Any, batch_size: int, start: int, stop: int) -> Any:
