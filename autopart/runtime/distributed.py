@@ -30,7 +30,7 @@ from torch import nn
 
 from autopart.errors import AutopartError, InputError
 from autopart.passes.codegen import StageInterface, stage_interface
-from autopart.runtime.local import batch_size_of, take_rows
+from autopart.runtime.local import batch_size_of, split_rows, take_rows
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 from autopart.trace import flatten_inputs, unflatten_output
@@ -54,24 +54,28 @@ class _StageAdapter(nn.Module):
     """
 
     def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int],
-                 received_dtypes: list[torch.dtype]) -> None:
+                 received_vals: list[torch.Tensor], output_vals: list[torch.Tensor]) -> None:
         super().__init__()
         self.module = module
         self.interface = interface
         self.tensor_positions = tensor_positions
-        self.received_dtypes = received_dtypes
-        """dtype of each tensor a later stage receives, as the previous stage computes it."""
+        self.received_vals = received_vals
+        """Example (traced) values of what the stage receives for one microbatch: the model's tensor
+        inputs for stage 0, else the previous stage's outputs as that stage computes them."""
+        self.output_vals = output_vals
+        """Example values of what it returns (the model's outputs for the last stage)."""
         self.constants: list[Any] = []
 
     def forward(self, *received: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast: list[torch.Tensor] = []  # received integer tensors that travelled as float64 with a gradient
         if self.interface.stage == 0:
             flat = list(self.constants)
             for position, tensor in zip(self.tensor_positions, received):
                 flat[position] = tensor
             args = [flat[src.index] for src in self.interface.inputs]
         else:
-            cast = [x for x, dtype in zip(received, self.received_dtypes) if x.requires_grad and x.dtype != dtype]
-            received = tuple(_from_wire(x, dtype) for x, dtype in zip(received, self.received_dtypes))
+            cast = [x for x, v in zip(received, self.received_vals) if x.requires_grad and x.dtype != v.dtype]
+            received = tuple(_from_wire(x, v.dtype) for x, v in zip(received, self.received_vals))
             args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
                     for src in self.interface.inputs]
         outputs = tuple(self.module(*args))
@@ -79,7 +83,7 @@ class _StageAdapter(nn.Module):
             outputs = tuple(outputs[i] for i in self.interface.model_outputs)
         else:
             outputs = tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
-        return _with_zero_gradients(outputs, cast) if self.interface.stage > 0 and cast else outputs
+        return _with_zero_gradients(outputs, cast) if cast else outputs
 
 
 _SPLIT_FAILURES = (
@@ -168,7 +172,10 @@ class DistributedRunner(StateMixin):
         self.coords = coordinates(self.mesh, self.rank)
         self.pp_rank = self.coords.stage
         self.stage_indices = self.plan.stages_of_rank(self.pp_rank)
-        self.shared_names = _shared_parameters(compiled)
+        holders = _holders(compiled)
+        self.shared_names = _shared_parameters(holders, self.mesh.pp)
+        self.first_holder = {name: min(stages) for name, stages in holders.items()}
+        """Original parameter name -> the first stage holding it (whose copy counts in norms)."""
         self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(
             {ranks for ranks in self.shared_names.values() if len(ranks) > 1}))
         tensor_positions = [i for i, leaf in enumerate(_example_flat(compiled)) if isinstance(leaf, torch.Tensor)]
@@ -180,15 +187,16 @@ class DistributedRunner(StateMixin):
                 from autopart.passes.tp_ops import attach_process_group
 
                 attach_process_group(module, self.groups.tp)
-            received = [] if interface.stage == 0 else [
-                v.dtype for v in _output_vals(compiled.stage_module(interface.stage - 1))]
-            self.adapters.append(_StageAdapter(module, interface, tensor_positions, received))
+            self.adapters.append(_StageAdapter(module, interface, tensor_positions,
+                                               _received_vals(compiled, interface, tensor_positions),
+                                               _stage_output_vals(compiled, interface.stage)))
+        self._model_output_vals = _stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
         # would run stages on uninitialised inputs (token ids out of range) and call DDP outside no_sync.
         self.pipeline_stages = [
             PipelineStage(self._data_parallel(adapter), adapter.interface.stage, self.plan.num_stages, self.device,
-                          input_args=_example_inputs(compiled, adapter, self.device),
-                          output_args=_example_outputs(compiled, adapter.interface, self.device),
+                          input_args=_example_inputs(adapter, self.device),
+                          output_args=_example_outputs(adapter, self.device),
                           group=self.groups.pp)
             for adapter in self.adapters]
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
@@ -281,10 +289,8 @@ class DistributedRunner(StateMixin):
         ddp = self.pipeline_stages[0].submod
         m = self.plan.num_microbatches
         local_batch = self.plan.batch_size // self.mesh.dp
-        size = local_batch // m
-        for i in range(m):
-            micro = take_rows(flat, local_batch, i * size, (i + 1) * size)
-            micro_target = take_rows(target, local_batch, i * size, (i + 1) * size)
+        for i, (micro, micro_target) in enumerate(zip(split_rows(flat, local_batch, m),
+                                                      split_rows(target, local_batch, m))):
             with ddp.no_sync() if i < m - 1 else contextlib.nullcontext():
                 loss = self._microbatch_loss(ddp(*[micro[k] for k in self.adapters[0].tensor_positions]),
                                              micro_target)
@@ -335,12 +341,11 @@ class DistributedRunner(StateMixin):
         """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
         sharded = False
-        first_holder = _first_holders(self.compiled)
         for module, interface in self.local_stages:
             tp_slices = _tp_slices(module)
             for path, name in interface.parameters:
                 grad = module.get_parameter(path).grad
-                if grad is None or first_holder[name] != interface.stage:  # tied copies count once
+                if grad is None or self.first_holder[name] != interface.stage:  # tied copies count once
                     continue
                 piece = tp_slices.get(path)
                 if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
@@ -369,13 +374,10 @@ class DistributedRunner(StateMixin):
         for adapter in self.adapters:
             adapter.constants = flat
         local_batch = self.plan.batch_size // self.mesh.dp
-        size = local_batch // self.plan.num_microbatches
-        chunks = []
         with _Watchdog(self.timeout_s, self.describe(), "forward"):
             try:
-                for i in range(self.plan.num_microbatches):
-                    micro = take_rows(flat, local_batch, i * size, (i + 1) * size)
-                    chunks.append(self._forward_microbatch(micro))
+                chunks = [self._forward_microbatch(micro)
+                          for micro in split_rows(flat, local_batch, self.plan.num_microbatches)]
                 outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
                 if self.mesh.dp > 1:
                     outputs = [_all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
@@ -394,7 +396,7 @@ class DistributedRunner(StateMixin):
                 received = [micro[i].to(self.device) for i in adapter.tensor_positions]
             else:
                 received = [torch.empty(v.shape, dtype=_wire_dtype(v.dtype), device=self.device)
-                            for v in _output_vals(self.compiled.stage_module(s - 1))]
+                            for v in adapter.received_vals]
                 for tensor in received:
                     dist.recv(tensor, src=pp_ranks[(s - 1) % self.mesh.pp], group=self.groups.pp)
             outputs = adapter(*received)
@@ -404,16 +406,11 @@ class DistributedRunner(StateMixin):
             else:
                 final = [t.contiguous() for t in outputs]
         if final is None:
-            final = [torch.empty(v.shape, dtype=v.dtype, device=self.device) for v in self._model_output_vals()]
+            final = [torch.empty(v.shape, dtype=v.dtype, device=self.device) for v in self._model_output_vals]
         if self.mesh.pp > 1:
             for tensor in final:
                 dist.broadcast(tensor, src=pp_ranks[-1], group=self.groups.pp)
         return final
-
-    def _model_output_vals(self) -> list[torch.Tensor]:
-        last = self.compiled.stage_module(self.plan.num_stages - 1)
-        vals = _output_vals(last)
-        return [vals[i] for i in stage_interface(last).model_outputs]
 
     # ------------------------------------------------------------------ helpers
 
@@ -555,17 +552,10 @@ def _holders(compiled) -> dict[str, list[int]]:
     return holders
 
 
-def _shared_parameters(compiled) -> dict[str, tuple[int, ...]]:
+def _shared_parameters(holders: dict[str, list[int]], pp: int) -> dict[str, tuple[int, ...]]:
     """Original parameter name -> the pipeline ranks that hold a copy, for names held by
     several stages (one rank may hold several copies, with virtual stages)."""
-    pp = compiled.plan.mesh.pp
-    return {name: tuple(sorted({s % pp for s in stages}))
-            for name, stages in _holders(compiled).items() if len(stages) > 1}
-
-
-def _first_holders(compiled) -> dict[str, int]:
-    """Original parameter name -> the first stage holding it (whose copy counts in norms)."""
-    return {name: min(stages) for name, stages in _holders(compiled).items()}
+    return {name: tuple(sorted({s % pp for s in stages})) for name, stages in holders.items() if len(stages) > 1}
 
 
 def _example_flat(compiled) -> list[Any]:
@@ -580,22 +570,35 @@ def _like(value: torch.Tensor, device: torch.device, requires_grad: bool, wire: 
     return tensor.requires_grad_(requires_grad and (tensor.is_floating_point() or tensor.is_complex()))
 
 
-def _example_inputs(compiled, adapter: _StageAdapter, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _received_vals(compiled, interface: StageInterface, tensor_positions: list[int]) -> list[torch.Tensor]:
     """What a stage receives for one microbatch: the model's tensor inputs for stage 0 (the graph
-    is traced at the microbatch size), else the previous stage's outputs (gradients flow back)."""
-    s = adapter.interface.stage
-    if s == 0:
+    is traced at the microbatch size), else the previous stage's outputs."""
+    if interface.stage == 0:
         flat = _example_flat(compiled)
-        return tuple(_like(flat[i], device, requires_grad=False, wire=False) for i in adapter.tensor_positions)
-    return tuple(_like(v, device, requires_grad=True) for v in _output_vals(compiled.stage_module(s - 1)))
+        return [flat[i] for i in tensor_positions]
+    return _output_vals(compiled.stage_module(interface.stage - 1))
 
 
-def _example_outputs(compiled, interface: StageInterface, device: torch.device) -> tuple[torch.Tensor, ...]:
-    vals = _output_vals(compiled.stage_module(interface.stage))
-    last = interface.stage == interface.num_stages - 1
-    if last:
-        vals = [vals[i] for i in interface.model_outputs]
-    return tuple(_like(v, device, requires_grad=True, wire=not last) for v in vals)
+def _stage_output_vals(compiled, stage: int) -> list[torch.Tensor]:
+    """What stage `stage` returns: its outputs, or the model's outputs for the last stage."""
+    module = compiled.stage_module(stage)
+    vals = _output_vals(module)
+    if stage == compiled.plan.num_stages - 1:
+        return [vals[i] for i in stage_interface(module).model_outputs]
+    return vals
+
+
+def _example_inputs(adapter: _StageAdapter, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty tensors as the stage receives them; past stage 0 in their travelling dtype, and
+    gradients flow back to them."""
+    later = adapter.interface.stage > 0
+    return tuple(_like(v, device, requires_grad=later, wire=later) for v in adapter.received_vals)
+
+
+def _example_outputs(adapter: _StageAdapter, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty tensors as the stage returns them (sent in their travelling dtype, unless last)."""
+    last = adapter.interface.stage == adapter.interface.num_stages - 1
+    return tuple(_like(v, device, requires_grad=True, wire=not last) for v in adapter.output_vals)
 
 
 def _output_vals(module: torch.fx.GraphModule) -> list[torch.Tensor]:
