@@ -342,9 +342,8 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         bwd = np.array([[b.time_on(d.name).bwd(scale) for d in devices] for b in graph.blocks])
     else:
         bwd = np.zeros_like(fwd)
-    state = np.array([block_state_bytes(b, request, dp, data_parallel_mode) for b in graph.blocks], dtype=float)
-    if request.training:  # the last stage keeps every microbatch's output until the step returns them all
-        state += np.array([b.model_output_bytes * scale * num_microbatches for b in graph.blocks])
+    state = np.array([block_state_bytes(b, request, dp, data_parallel_mode)
+                      + returned_output_bytes(b, request, num_microbatches, scale) for b in graph.blocks])
     activations = np.array([activation_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
     links = [cluster.link(s % num_ranks, (s + 1) % num_ranks) for s in range(num_stages - 1)]
     return PipelineProblem(
@@ -375,6 +374,12 @@ def activation_bytes(block) -> int:
     for the block computing the model's outputs, as much as those outputs for the loss
     (cross-entropy saves the log-softmax of its logits; the loss function is not traced)."""
     return block.saved_bytes + block.model_output_bytes
+
+
+def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, scale: float) -> float:
+    """Model outputs of every microbatch, which the last stage keeps until the training step
+    returns them all (torch.distributed.pipelining merges them at the end); 0 for inference."""
+    return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
 
 
 def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
@@ -439,7 +444,7 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     """
     capacity = cluster.devices[0].memory_bytes
     m = microbatch_choices(request)[-1]
-    state = [block_state_bytes(b, request) + (b.model_output_bytes * _scale(request, m) * m if request.training else 0)
+    state = [block_state_bytes(b, request) + returned_output_bytes(b, request, m, _scale(request, m))
              for b in graph.blocks]
     acts = [activation_bytes(b) * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
     for count in range(1, 8 * cluster.num_devices + 1):
@@ -498,7 +503,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
                 if request.training else 0,
                 buffers=int(sum(b.buffer_bytes for b in blocks)),
                 activations=int(float(problem.activation_bytes[members].sum()) * in_flight
-                                + (sum(b.model_output_bytes for b in blocks) * scale * m if request.training else 0)),
+                                + sum(returned_output_bytes(b, request, m, scale) for b in blocks)),
                 boundary=int((send + recv) * in_flight),
                 capacity=int(problem.memory_capacity[s]),
             ),
