@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from autopart.solver.brute_force import brute_force_pipeline
 from autopart.solver.pipeline_ilp import solve_pipeline
-from autopart.solver.problem import SCHEDULES, PipelineProblem, PipelineSolution, ValueFlow
+from autopart.schedules import SCHEDULES
+from autopart.solver.problem import PipelineProblem, PipelineSolution, ValueFlow
 
 __all__ = [
     "SCHEDULES",

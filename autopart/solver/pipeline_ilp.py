@@ -73,8 +73,8 @@ from autopart.solver.brute_force import (
     evaluate_assignments,
     pipeline_costs,
 )
-from autopart.schedules import VIRTUAL_SCHEDULES
-from autopart.solver.problem import SCHEDULES, PipelineProblem, PipelineSolution
+from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
+from autopart.solver.problem import PipelineProblem, PipelineSolution
 
 _TIME_UNITS = 2**30
 """CP-SAT integer time units per upper bound of T_max."""

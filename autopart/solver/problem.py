@@ -8,10 +8,11 @@ turn a costed graph into a `PipelineProblem`; the solver returns a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-from autopart.schedules import SCHEDULES, build_schedule, peak_in_flight, step_factor
+from autopart.schedules import build_schedule, peak_in_flight, step_factor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,16 +112,11 @@ class PipelineSolution:
     """Which OR-Tools backend produced it."""
 
 
-_in_flight_cache: dict[tuple, dict[int, int]] = {}
-
-
+@lru_cache(maxsize=4096)
 def _in_flight(schedule: str, num_ranks: int, m: int, virtual_stages: int, training: bool) -> dict[int, int]:
-    key = (schedule, num_ranks, m, virtual_stages, training)
-    if key not in _in_flight_cache:
-        actions = build_schedule(schedule, num_ranks, m, training, virtual_stages)
-        if training:
-            _in_flight_cache[key] = peak_in_flight(actions)
-        else:  # forward only: activations are dropped; boundary buffers as 1F1B / GPipe would keep them
-            stages = num_ranks * virtual_stages
-            _in_flight_cache[key] = {s: m if schedule == "gpipe" else min(m, stages - s) for s in range(stages)}
-    return _in_flight_cache[key]
+    """Peak in-flight microbatches per stage, from the schedule's action lists (cached: the
+    planner asks for every stage of every candidate)."""
+    if not training:  # forward only: activations are dropped; boundary buffers as 1F1B / GPipe would keep them
+        stages = num_ranks * virtual_stages
+        return {s: m if schedule == "gpipe" else min(m, stages - s) for s in range(stages)}
+    return peak_in_flight(build_schedule(schedule, num_ranks, m, training, virtual_stages))
