@@ -16,7 +16,7 @@ from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.coarsen import BlockGraph
-from autopart.plan import Plan
+from autopart.plan import Plan, autocast_dtype
 from autopart.mesh_search import plan_mesh, tensor_parallel_choices
 from autopart.planner import PlanRequest, smallest_microbatch
 from autopart.runtime.local import batch_size_of, split_microbatches
@@ -38,6 +38,7 @@ def compile(  # noqa: A001 - the public name the project promises
     virtual_stages: int | None = None,
     data_parallel_mode: str | None = None,
     optimizer: str = "adam",
+    mixed_precision: str | None = None,
     training: bool = True,
     verbose: bool = False,
 ) -> CompiledModel:
@@ -52,18 +53,22 @@ def compile(  # noqa: A001 - the public name the project promises
     those choices; None lets the planner choose. `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
+    `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
+    gradients and optimizer state; the runtimes enable it and the planner prices it.
     """
     log = _Phases(verbose)
     cluster = resolve_devices(devices)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_model(model)
     _check_optimizer(optimizer)
+    compute_dtype = _check_mixed_precision(mixed_precision)
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
     request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
                           num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
-                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode, optimizer=optimizer, training=training, verbose=verbose)
+                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode, optimizer=optimizer,
+                          mixed_precision=mixed_precision, training=training, verbose=verbose)
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
@@ -71,7 +76,7 @@ def compile(  # noqa: A001 - the public name the project promises
     log("trace", f"tracing at microbatch size {traced_size}")
     gm = trace(model, *_first_rows(flat_batch, in_spec, batch_size, traced_size))  # TRACED: ATen graph
     log("annotate", "annotating costs")
-    gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
+    gm = _annotate(gm, cluster, compute_dtype)                              # COSTED: NodeCost per node
     blocks = passes.coarsen(gm, cluster, min_blocks=(num_stages or 1) * (virtual_stages or 1))  # -> blocks
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
     log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
@@ -82,13 +87,21 @@ def compile(  # noqa: A001 - the public name the project promises
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
     if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
         log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
-        gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training)
+        gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training,
+                                        compute_dtype)
         log("codegen", "cutting stages")
     split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
     stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
     ranks = [_shard(stage, assignment) for stage in stages]                 # its tp ranks, collectives in
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
+
+
+def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
+    """Costs of the graph as it runs: under autocast, values re-propagated in their autocast dtypes first."""
+    if compute_dtype is not None:
+        gm = passes.autocast_values(gm, compute_dtype)
+    return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
 
 
 def _tp_fixed(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None) -> dict[str, str] | None:
@@ -144,6 +157,13 @@ def _check_optimizer(optimizer: str) -> None:
         raise InputError(f"optimizer={optimizer!r}: {error}") from error
 
 
+def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:
+    try:
+        return autocast_dtype(mixed_precision)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
 def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
     """(args, kwargs) of the first `size` samples of the batch."""
     micro = split_microbatches(flat, batch_size, batch_size // size)[0]
@@ -152,14 +172,15 @@ def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[t
 
 
 def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, blocks: BlockGraph,
-             cluster: Cluster, tp_plan: dict[str, str] | None, training: bool):
+             cluster: Cluster, tp_plan: dict[str, str] | None, training: bool, compute_dtype: torch.dtype | None):
     """The graph at the chosen microbatch size, and the plan restated on its nodes.
 
     Models may trace to slightly different ops at another batch size (a batch
     of 1 takes other broadcasting paths), so stages carry over by block: the
     same module runs, in the same order, on the same stage.
     """
-    gm = passes.annotate(trace(model, *_first_rows(flat, in_spec, plan.batch_size, plan.microbatch_size)), cluster)
+    gm = _annotate(trace(model, *_first_rows(flat, in_spec, plan.batch_size, plan.microbatch_size)), cluster,
+                   compute_dtype)
     micro_blocks = passes.coarsen(gm, cluster, depth=blocks.depth)
     planned = [b.name for b in blocks.blocks]
     traced = [b.name for b in micro_blocks.blocks]

@@ -11,6 +11,7 @@ from autopart.cost_models import Cluster
 from autopart.errors import InputError
 from autopart.plan import Plan
 from autopart.runtime.local import LocalPipeline, split_rows
+from autopart.runtime.precision import check_caller_autocast
 from autopart.trace import flatten_inputs, unflatten_output
 
 
@@ -29,7 +30,8 @@ class CompiledModel:
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
         self._local = LocalPipeline(stages, plan.schedule, plan.num_microbatches * plan.mesh.dp, plan.batch_size,
-                                    virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp)
+                                    virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
+                                    mixed_precision=plan.mixed_precision)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -92,6 +94,7 @@ class CompiledModel:
 
     def simulate(self, *args: Any, **kwargs: Any) -> Any:
         """Forward over all ranks in one process, microbatched as planned; the model's own output."""
+        self._check_caller_autocast()
         flat = flatten_inputs(self._graph, args, kwargs)
         per_microbatch = self._local.forward(flat)
         return unflatten_output(self._graph, _concat_microbatches(per_microbatch, self.plan.microbatch_size))
@@ -104,6 +107,7 @@ class CompiledModel:
         `torch.nn.functional.cross_entropy`'s default); the step's loss is the mean
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
+        self._check_caller_autocast()
         flat = flatten_inputs(self._graph, args, kwargs)
         targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 
@@ -115,6 +119,11 @@ class CompiledModel:
         grads = self._local.gradients()
         self._local.zero_grad()
         return loss, grads
+
+
+    def _check_caller_autocast(self) -> None:
+        for device_type in ("cpu", "cuda"):
+            check_caller_autocast(device_type, self.plan.mixed_precision)
 
 
 def _concat_microbatches(per_microbatch: list[tuple[Any, ...]], microbatch_size: int) -> tuple[Any, ...]:

@@ -8,6 +8,7 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
  "schedule": "gpipe" | "1f1b" | "interleaved_1f1b" | "zero_bubble", "optimizer": str,
  "mesh": {"pp": int, "tp": int, "dp": int}, "virtual_stages": int (default 1),
  "data_parallel_mode": "ddp" | "fsdp" (default "ddp"),
+ "mixed_precision": null | "bf16" (default null: the model's own dtypes),
  "cluster": Cluster.to_dict(),
  "stages": [{"index", "device", "device_name", "blocks": [str], "node_names": [str],
              "fwd_seconds", "bwd_seconds", "comm_seconds", "fwd_flops", "bwd_flops",
@@ -32,9 +33,25 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+import torch
+
 from autopart.errors import InputError
 
 PLAN_VERSION = 1
+
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
+"""`Plan.mixed_precision` names and the autocast dtype each runs. float16 would also need a
+gradient scaler (its range underflows gradients), which the runtimes do not provide."""
+
+
+def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
+    """The autocast dtype of a `mixed_precision` setting (None: full precision)."""
+    if mixed_precision is None:
+        return None
+    if mixed_precision not in MIXED_PRECISION_DTYPES:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not known; use one of "
+                         f"{sorted(MIXED_PRECISION_DTYPES)} or None")
+    return MIXED_PRECISION_DTYPES[mixed_precision]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +202,9 @@ class Plan:
     """Stages per pipeline rank: stage s runs on pipeline rank s % mesh.pp."""
     data_parallel_mode: str = "ddp"
     """How replicas synchronise: 'ddp' (all-reduce) or 'fsdp' (sharded state, FSDP2)."""
+    mixed_precision: str | None = None
+    """'bf16': float32 parameters, gradients and optimizer state, every stage's forward and the loss
+    under torch.autocast(bfloat16); None: the model computes in its own dtypes."""
     version: int = PLAN_VERSION
 
     @property

@@ -77,6 +77,8 @@ class PlanRequest:
     data_parallel_mode: str | None = None
     """'ddp' or 'fsdp' (`DATA_PARALLEL_MODES`); None lets the planner choose."""
     optimizer: str = "adam"
+    mixed_precision: str | None = None
+    """'bf16' or None (passes/precision.py); the graph's costs are already priced for it."""
     training: bool = True
     """False plans inference: no backward, gradients or optimizer state."""
     max_microbatches: int = 64
@@ -517,6 +519,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
         mesh=Mesh(pp=num_ranks, dp=dp),
         virtual_stages=problem.virtual_stages,
         data_parallel_mode=mode,
+        mixed_precision=request.mixed_precision,
         cluster=cluster.to_dict(),
         stages=tuple(stages),
         predicted_step_seconds=step_seconds,

@@ -12,7 +12,9 @@ tracing can. The result is normalised so every later pass sees the same shape:
   `named_parameters()` / `named_buffers()` names;
 - every value node has ``meta["val"]`` (a fake tensor) and call nodes have
   ``meta["nn_module_stack"]``;
-- export's `_guards_fn` call is dropped, and `wrap_with_set_grad_enabled(False, …)`
+- export's `_guards_fn` call and its `_assert_tensor_metadata` checks of the
+  trace-time dtype and device are dropped (stages run on other devices, and
+  under autocast with other dtypes), and `wrap_with_set_grad_enabled(False, …)`
   regions (Llama-style rotary embeddings run under ``torch.no_grad``) are inlined
   with their inputs detached, which keeps gradients identical while leaving a
   flat graph that `split_module` can cut.
@@ -186,6 +188,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph
     # flat graph we return is called with flat placeholders instead.
     gm._forward_pre_hooks.clear()
     _drop_guards_call(gm)
+    _drop_metadata_asserts(gm)
     _inline_no_grad_regions(gm)
     gm.graph.eliminate_dead_code()
     _delete_unused_submodules(gm)
@@ -198,6 +201,15 @@ def _drop_guards_call(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+
+
+def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
+    """Erase `aten._assert_tensor_metadata` checks: they return nothing and pin the trace's
+    device and dtype, which a stage on `cuda:1` or under bf16 autocast legitimately differs from."""
+    check = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and check is not None and node.target is check.default and not node.users:
+            gm.graph.erase_node(node)
 
 
 def _inline_no_grad_regions(gm: torch.fx.GraphModule) -> None:

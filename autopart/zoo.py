@@ -68,6 +68,26 @@ def llama(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, voc
                     kwargs={}, main_output=lambda out: out.logits)
 
 
+def mistral(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=64, sliding_window=None)
+    return ZooModel(name="mistral", model=MistralForCausalLM(config),
+                    args=(torch.randint(0, vocab, (batch, seq)),), kwargs={}, main_output=lambda out: out.logits)
+
+
+def qwen2(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    return ZooModel(name="qwen2", model=Qwen2ForCausalLM(config),
+                    args=(torch.randint(0, vocab, (batch, seq)),), kwargs={}, main_output=lambda out: out.logits)
+
+
 def t5(layers: int = 2, d_model: int = 64, batch: int = 2, seq: int = 8, vocab: int = 256) -> ZooModel:
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -146,7 +166,7 @@ def gpt(layers: int = 4, d_model: int = 64, heads: int = 4, vocab: int = 256, se
 
 
 TRANSFORMERS_FAMILIES: dict[str, Callable[[], ZooModel]] = {
-    "gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "vit": vit,
+    "gpt2": gpt2, "bert": bert, "llama": llama, "mistral": mistral, "qwen2": qwen2, "t5": t5, "vit": vit,
 }
 ALL_FAMILIES: dict[str, Callable[[], ZooModel]] = {
     "mlp": mlp, "gpt": gpt, "transformer_encoder": transformer_encoder, **TRANSFORMERS_FAMILIES,

@@ -14,11 +14,18 @@ What it measures per node, and how:
   `torch.autograd.graph.saved_tensors_hooks` while the node runs; each storage
   is counted once, on the node that first saves it, parameters excluded;
 - parameter and buffer bytes on the `get_attr` nodes that read them;
-- time: `cost_models.op_seconds` (roofline) on each distinct device of the cluster.
+- time: `cost_models.op_seconds` (roofline) on each distinct device of the cluster,
+  at the dtype the op computes in.
+
+With `autocast_dtype` (mixed precision) the graph runs under `torch.autocast`
+on fake CPU tensors (passes/precision.py): matmuls compute and are priced in
+bf16, and what autograd saves is what autocast makes — the bf16 activations,
+and each microbatch's bf16 copy of every weight a matmul reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -30,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.cost_models import Cluster, op_flops, op_seconds
 from autopart.errors import MissingAnnotationError
+from autopart.passes.precision import AUTOCAST_DEVICE_TYPE, fake_like
 
 COST_META_KEY = "autopart"
 
@@ -80,9 +88,13 @@ class NodeCost:
         )
 
 
-def annotate(gm: torch.fx.GraphModule, cluster: Cluster) -> torch.fx.GraphModule:
-    """Write a `NodeCost` into ``node.meta["autopart"]`` of every node; return `gm`."""
-    _CostInterpreter(gm, cluster).run_on_fakes()
+def annotate(gm: torch.fx.GraphModule, cluster: Cluster, *,
+             autocast_dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
+    """Write a `NodeCost` into ``node.meta["autopart"]`` of every node; return `gm`.
+
+    `autocast_dtype` prices the graph as it runs under `torch.autocast(autocast_dtype)`.
+    """
+    _CostInterpreter(gm, cluster, autocast_dtype).run_on_fakes()
     return gm
 
 
@@ -95,8 +107,9 @@ def node_cost(node: torch.fx.Node) -> NodeCost:
 
 
 class _CostInterpreter(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, cluster: Cluster) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, cluster: Cluster, autocast_dtype: torch.dtype | None) -> None:
         super().__init__(gm, garbage_collect_values=True)
+        self.autocast_dtype = autocast_dtype
         self.devices = {d.name: d for d in cluster.devices}
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
         self.fake_attrs: dict[str, torch.Tensor] = {}
@@ -113,14 +126,24 @@ class _CostInterpreter(torch.fx.Interpreter):
         with self.mode:
             inputs = [self._fake_placeholder(n) for n in self.graph.nodes if n.op == "placeholder"]
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        with self.mode, hooks, torch.enable_grad():
+        autocast = (torch.autocast(AUTOCAST_DEVICE_TYPE, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with self.mode, hooks, torch.enable_grad(), autocast:
             self.run(*inputs)
 
     def _fake_placeholder(self, node: torch.fx.Node) -> Any:
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             return val
+        if self.autocast_dtype is not None:  # autocast acts on CPU tensors: price on fake CPU ones
+            return fake_like(val)
         return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if self.autocast_dtype is not None:  # the graph's device literals follow the fakes to the CPU
+            args, kwargs = pytree.tree_map(lambda a: torch.device("cpu") if isinstance(a, torch.device) else a,
+                                           (args, kwargs))
+        return super().call_function(target, args, kwargs)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         self.current_saved.append(tensor)
@@ -133,7 +156,11 @@ class _CostInterpreter(torch.fx.Interpreter):
             real = super().fetch_attr(target)
             if not isinstance(real, torch.Tensor):
                 return real
-            fake = self.mode.from_tensor(real)
+            if self.autocast_dtype is not None:
+                with self.mode:
+                    fake = fake_like(real)
+            else:
+                fake = self.mode.from_tensor(real)
             if real.requires_grad:
                 fake = fake.detach().requires_grad_(True)
             self.param_storages.add(_storage_key(fake))

@@ -31,6 +31,9 @@ from torch import nn
 from autopart.errors import AutopartError, InputError
 from autopart.passes.codegen import StageInterface, stage_interface
 from autopart.runtime.local import batch_size_of, split_rows, take_rows
+from autopart.passes.device import move_to_device
+from autopart.plan import autocast_dtype
+from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 from autopart.trace import flatten_inputs, unflatten_output
@@ -54,8 +57,11 @@ class _StageAdapter(nn.Module):
     """
 
     def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int],
-                 received_vals: list[torch.Tensor], output_vals: list[torch.Tensor]) -> None:
+                 received_vals: list[torch.Tensor], output_vals: list[torch.Tensor],
+                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
         super().__init__()
+        self.autocast = autocast
+        """The plan's precision: a new torch.autocast context (or a null one) per call."""
         self.module = module
         self.interface = interface
         self.tensor_positions = tensor_positions
@@ -78,10 +84,12 @@ class _StageAdapter(nn.Module):
             received = tuple(_from_wire(x, v.dtype) for x, v in zip(received, self.received_vals))
             args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
                     for src in self.interface.inputs]
-        outputs = tuple(self.module(*args))
+        with self.autocast():
+            outputs = tuple(self.module(*args))
         if self.interface.stage == self.interface.num_stages - 1:
             outputs = tuple(outputs[i] for i in self.interface.model_outputs)
-        else:
+        outputs = tuple(cast_like(x, v) for x, v in zip(outputs, self.output_vals))  # the planned dtypes
+        if self.interface.stage < self.interface.num_stages - 1:
             outputs = tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
         return _with_zero_gradients(outputs, cast) if cast else outputs
 
@@ -189,7 +197,7 @@ class DistributedRunner(StateMixin):
                 attach_process_group(module, self.groups.tp)
             self.adapters.append(_StageAdapter(module, interface, tensor_positions,
                                                _received_vals(compiled, interface, tensor_positions),
-                                               _stage_output_vals(compiled, interface.stage)))
+                                               _stage_output_vals(compiled, interface.stage), self._autocast))
         self._model_output_vals = _stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
         # would run stages on uninitialised inputs (token ids out of range) and call DDP outside no_sync.
@@ -251,6 +259,7 @@ class DistributedRunner(StateMixin):
         microbatch; gradients are those of the mean loss over the batch.
         `target` may be None for a loss that needs none (it then gets None).
         """
+        check_caller_autocast(self.device.type, self.plan.mixed_precision)
         flat, local_target = self._local_inputs(args, kwargs, target)
         for adapter in self.adapters:
             adapter.constants = flat
@@ -297,9 +306,13 @@ class DistributedRunner(StateMixin):
                 (loss / m).backward()
             losses.append(loss.detach())
 
+    def _autocast(self):
+        return stage_autocast(self.device.type, self.plan.mixed_precision)
+
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         flat = output if isinstance(output, tuple) else (output,)
-        return self._loss_fn(unflatten_output(self.compiled.graph, flat), None if self._no_target else target)
+        with self._autocast():  # the loss computes as it would in the user's autocast region
+            return self._loss_fn(unflatten_output(self.compiled.graph, flat), None if self._no_target else target)
 
     def _step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         loss = torch.stack([x.detach() for x in losses]).mean() if losses else torch.zeros((), device=self.device)
@@ -370,6 +383,7 @@ class DistributedRunner(StateMixin):
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output for one global batch, on every rank; no activations kept."""
+        check_caller_autocast(self.device.type, self.plan.mixed_precision)
         flat, _ = self._local_inputs(args, kwargs, None)
         for adapter in self.adapters:
             adapter.constants = flat
@@ -499,9 +513,14 @@ def _data_parallel(adapter: nn.Module, group, device: torch.device, plan) -> nn.
     `.grad` past its hooks, so gradients would silently not be averaged.
     """
     if plan.data_parallel_mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        return fully_shard(adapter, mesh=_device_mesh(group, device), reshard_after_forward=False)
+        # Mixed precision: bf16 parameters for compute and the all-gather, gradients reduced in
+        # float32; boundary inputs keep their planned dtypes (no forward-input cast).
+        policy = (MixedPrecisionPolicy(param_dtype=autocast_dtype(plan.mixed_precision), reduce_dtype=torch.float32,
+                                       cast_forward_inputs=False)
+                  if plan.mixed_precision else MixedPrecisionPolicy())
+        return fully_shard(adapter, mesh=_device_mesh(group, device), reshard_after_forward=False, mp_policy=policy)
     if plan.data_parallel_mode != "ddp":
         raise InputError(f"the plan's data_parallel_mode {plan.data_parallel_mode!r} is not known; "
                          "use 'ddp' or 'fsdp'")
@@ -630,14 +649,8 @@ def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict,
 
 
 def _retarget_devices(module: torch.fx.GraphModule, device: torch.device) -> None:
-    """Point tensors the graph creates (arange, zeros, ... traced with device=cpu) at `device`."""
-    changed = False
-    for node in module.graph.nodes:
-        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
-            node.kwargs = {**node.kwargs, "device": device}
-            changed = True
-    if changed:
-        module.recompile()
+    """Point every device the graph carries (factory ops, `to(device)`, traced on the CPU) at `device`."""
+    move_to_device(module, device, move_state=False)
 
 
 def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.fx
 
 from autopart.errors import InputError
 from autopart.passes.codegen import StageInterface, stage_interface
+from autopart.runtime.precision import stage_autocast
 from autopart.schedules import Action, build_schedule, timeline
 
 
@@ -69,8 +70,11 @@ class LocalPipeline:
     """
 
     def __init__(self, stages: Sequence[Sequence[torch.fx.GraphModule]], schedule: str, num_microbatches: int,
-                 batch_size: int, *, virtual_stages: int = 1, replicas: int = 1) -> None:
+                 batch_size: int, *, virtual_stages: int = 1, replicas: int = 1,
+                 mixed_precision: str | None = None) -> None:
         self.stages = [list(ranks) for ranks in stages]
+        self.mixed_precision = mixed_precision
+        """The plan's precision: stages and the loss run under its autocast (runtime/precision.py)."""
         self.tp = len(self.stages[0])
         self.interfaces: list[StageInterface] = [stage_interface(ranks[0]) for ranks in self.stages]
         self.schedule = schedule
@@ -84,12 +88,16 @@ class LocalPipeline:
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def _run_stage(self, s: int, per_rank_inputs: list[list[Any]]) -> list[tuple[Any, ...]]:
-        if self.tp == 1:
-            return [tuple(self.stages[s][0](*per_rank_inputs[0]))]
-        from autopart.runtime.spmd import run_ranks
+    def _autocast(self):
+        return stage_autocast(_device_type(self.stages[0][0]), self.mixed_precision)
 
-        return [tuple(out) for out in run_ranks(self.stages[s], per_rank_inputs[0], per_rank_inputs)]
+    def _run_stage(self, s: int, per_rank_inputs: list[list[Any]]) -> list[tuple[Any, ...]]:
+        with self._autocast():
+            if self.tp == 1:
+                return [tuple(self.stages[s][0](*per_rank_inputs[0]))]
+            from autopart.runtime.spmd import run_ranks
+
+            return [tuple(out) for out in run_ranks(self.stages[s], per_rank_inputs[0], per_rank_inputs)]
 
     # ------------------------------------------------------------------ forward only
 
@@ -143,8 +151,9 @@ class LocalPipeline:
         record = _Microbatch(inputs=inputs, outputs=self._run_stage(s, inputs))
         if s == self.num_stages - 1:
             # every tp rank computes the loss on its (replicated) output, as processes would
-            record.losses = [loss_of(tuple(outputs[k] for k in interface.model_outputs), targets[i])
-                             for outputs in record.outputs]
+            with self._autocast():
+                record.losses = [loss_of(tuple(outputs[k] for k in interface.model_outputs), targets[i])
+                                 for outputs in record.outputs]
             losses.append(record.losses[0])
         state[s][i] = record
 
@@ -206,6 +215,11 @@ class LocalPipeline:
         for ranks in self.stages:
             for module in ranks:
                 module.zero_grad(set_to_none=True)
+
+
+def _device_type(module: torch.nn.Module) -> str:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device.type if tensor is not None else "cpu"
 
 
 def _receive(x: Any) -> Any:
