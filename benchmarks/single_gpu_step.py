@@ -1,19 +1,38 @@
-"""One GPU: a training step through autopart's runner against the plain PyTorch loop,
-and the planner's predicted step time against the measured one.
+"""One GPU: training steps through autopart's runner against the plain PyTorch loop, and the
+planner's predicted step time and peak memory against the measured ones.
 
-    torchrun --nproc_per_node=1 benchmarks/single_gpu_step.py [--layers 12] [--d-model 1024]
+    torchrun --nproc_per_node=1 benchmarks/single_gpu_step.py [--cases all] [--out results.json]
 
-Both run the same GPT (float32, AdamW) on the same batches; the table gives
-seconds per step (median of --steps after --warmup), the ratio autopart / eager,
-and predicted / measured. Run on a GPU machine; on a CPU it measures the CPU.
+Cases (sequence 1024; `--cases` takes a comma-separated subset of the names):
+
+| name | model | precision | optimizer | batch |
+|---|---|---|---|---|
+| gpt12-fp32 | zoo GPT 12×1024 | float32 | AdamW | 8 |
+| gpt24-fp32 | zoo GPT 24×2048 | float32 | AdamW | 4 |
+| gpt24-bf16 | zoo GPT 24×2048 | model.to(bfloat16) | SGD | 16 |
+| gpt24-mixed | zoo GPT 24×2048 | float32 weights, bf16 autocast | AdamW | 8 |
+| llama-bf16 | HF Llama 16×2048 (1.1B) | model.to(bfloat16) | AdamW | 8 |
+| llama-mixed | HF Llama 16×2048 (1.1B) | float32 weights, bf16 autocast | AdamW | 8 |
+
+Eager runs the model as a user would (`torch.autocast("cuda", bfloat16)` around forward and
+loss for the mixed cases); autopart compiles it for this one device (`mixed_precision="bf16"`
+for the mixed cases) and runs `cm.distributed()`. Each side: `--warmup` steps, then the median
+of `--steps` timed steps (synchronised), and `torch.cuda.max_memory_allocated` over all of
+them. The table gives seconds per step, autopart / eager tokens/s, and predicted / measured
+step time and peak memory. On a CPU it measures the CPU (tiny shapes with `--tiny`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
+import json
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +41,59 @@ import autopart
 from autopart import zoo
 
 
-def _timed(step, steps: int, warmup: int, sync) -> float:
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    """'gpt' (autopart.zoo.gpt) or 'llama' (transformers' LlamaForCausalLM)."""
+    layers: int
+    d_model: int
+    batch: int
+    optimizer: str
+    precision: str
+    """'fp32', 'bf16' (the model cast to bfloat16) or 'mixed' (float32 weights, bf16 autocast)."""
+
+
+CASES = [
+    Case("gpt12-fp32", "gpt", 12, 1024, 8, "adamw", "fp32"),
+    Case("gpt24-fp32", "gpt", 24, 2048, 4, "adamw", "fp32"),
+    Case("gpt24-bf16", "gpt", 24, 2048, 16, "sgd", "bf16"),
+    Case("gpt24-mixed", "gpt", 24, 2048, 8, "adamw", "mixed"),
+    Case("llama-bf16", "llama", 16, 2048, 8, "adamw", "bf16"),
+    Case("llama-mixed", "llama", 16, 2048, 8, "adamw", "mixed"),
+]
+VOCAB = {"gpt": 50304, "llama": 32000}
+
+
+def build(case: Case, seq: int) -> torch.nn.Module:
+    if case.family == "gpt":
+        model = zoo.gpt(layers=case.layers, d_model=case.d_model, heads=16, vocab=VOCAB["gpt"], seq=seq,
+                        batch=1, attn_bias=False).model
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=VOCAB["llama"], hidden_size=case.d_model, intermediate_size=5632,
+                             num_hidden_layers=case.layers, num_attention_heads=32, num_key_value_heads=4,
+                             max_position_embeddings=seq, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16) if case.precision == "bf16" else model
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def loss_fn(output: Any, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_of(output).flatten(0, 1).float(), target.flatten())
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
+
+
+def timed(step: Callable[[], None], steps: int, warmup: int, sync: Callable[[], None]) -> float:
     for _ in range(warmup):
         step()
     sync()
@@ -35,63 +106,114 @@ def _timed(step, steps: int, warmup: int, sync) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
+def free_memory(gpu: bool) -> None:
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
+    peak = (lambda: torch.cuda.max_memory_allocated()) if gpu else (lambda: 0)
     torch.manual_seed(0)
-    entry = zoo.gpt(layers=args.layers, d_model=args.d_model, heads=16, vocab=50304, seq=args.seq,
-                    batch=args.batch, attn_bias=False)
-    eager = copy.deepcopy(entry.model).to(device)
-    ids = torch.randint(0, 50304, (args.batch, args.seq))
-    target = torch.randint(0, 50304, (args.batch, args.seq))
+    model = build(case, args.seq)
+    vocab = VOCAB[case.family]
+    ids = torch.randint(0, vocab, (case.batch, args.seq))
+    target = torch.randint(0, vocab, (case.batch, args.seq))
+    mixed = case.precision == "mixed"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mixed else contextlib.nullcontext
 
-    def loss_fn(logits, y):
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    optimizer = torch.optim.AdamW(eager.parameters(), lr=1e-4)
+    free_memory(gpu)
+    eager = copy.deepcopy(model).to(device)
+    optimizer = make_optimizer(case.optimizer, eager.parameters())
     ids_d, target_d = ids.to(device), target.to(device)
 
     def eager_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(eager(ids_d), target_d).backward()
+        with autocast():
+            loss = loss_fn(eager(ids_d), target_d)
+        loss.backward()
         optimizer.step()
 
-    eager_s = _timed(eager_step, args.steps, args.warmup, sync)
+    eager_s = timed(eager_step, args.steps, args.warmup, sync)
+    eager_peak = peak()
     del eager, optimizer
-    if gpu:
-        torch.cuda.empty_cache()
+    free_memory(gpu)
 
-    devices = ["cuda:0"] if gpu else 1
-    compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), optimizer="adamw", num_microbatches=1)
-    runner = compiled.distributed(timeout_s=600)
-    runner_optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-4)
+    started = time.perf_counter()
+    compiled = autopart.compile(model, [device] if gpu else 1, example_inputs=(ids,), optimizer=case.optimizer,
+                                num_microbatches=1, mixed_precision="bf16" if mixed else None)
+    compile_s = time.perf_counter() - started
+    runner = compiled.distributed(timeout_s=900)
+    runner_optimizer = make_optimizer(case.optimizer, runner.parameters())
 
     def autopart_step() -> None:
         runner_optimizer.zero_grad(set_to_none=True)
         runner.step(ids, target=target, loss_fn=loss_fn)
         runner_optimizer.step()
 
-    autopart_s = _timed(autopart_step, args.steps, args.warmup, sync)
-    predicted = compiled.plan.predicted_step_seconds
-    name = torch.cuda.get_device_name(0) if gpu else "CPU"
-    params = sum(p.numel() for p in entry.model.parameters()) / 1e6
-    print(f"GPT {args.layers} layers, d_model {args.d_model}, {params:.0f}M parameters, batch {args.batch} x "
-          f"{args.seq}, float32, AdamW, on {name}")
-    print(f"{'what':<34}{'s/step':>10}{'ratio':>8}")
-    print(f"{'eager PyTorch (forward+backward)':<34}{eager_s:>10.4f}{1.0:>8.2f}")
-    print(f"{'autopart runner (1 rank)':<34}{autopart_s:>10.4f}{autopart_s / eager_s:>8.2f}")
-    print(f"{'planner prediction (fwd+bwd)':<34}{predicted:>10.4f}{predicted / autopart_s:>8.2f}  (predicted / measured)")
-    torch.distributed.destroy_process_group()
+    autopart_s = timed(autopart_step, args.steps, args.warmup, sync)
+    autopart_peak = peak()
+    stage = compiled.plan.stages[0]
+    result = {
+        "case": case.name, "params": sum(p.numel() for p in model.parameters()), "batch": case.batch,
+        "seq": args.seq, "optimizer": case.optimizer, "precision": case.precision,
+        "eager_s": eager_s, "autopart_s": autopart_s, "speed_ratio": eager_s / autopart_s,
+        "predicted_s": compiled.plan.predicted_step_seconds,
+        "predicted_over_measured_s": compiled.plan.predicted_step_seconds / autopart_s,
+        "eager_peak_bytes": eager_peak, "autopart_peak_bytes": autopart_peak,
+        "predicted_peak_bytes": stage.memory.total,
+        "predicted_over_measured_peak": stage.memory.total / autopart_peak if autopart_peak else None,
+        "predicted_memory": {k: getattr(stage.memory, k) for k in
+                             ("params", "grads", "optimizer", "buffers", "activations", "boundary")},
+        "compile_s": compile_s, "plan": {"mesh": str(compiled.plan.mesh), "schedule": compiled.plan.schedule},
+    }
+    del runner, runner_optimizer, compiled, model
+    free_memory(gpu)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="all", help="comma-separated case names, or 'all'")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="2-layer d 128 models, sequence 64 (CPU smoke run)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    cases = CASES if args.cases == "all" else [c for c in CASES if c.name in args.cases.split(",")]
+    if args.tiny:
+        cases = [Case(c.name, c.family, 2, 128, 2, c.optimizer, c.precision) for c in cases]
+        args.seq = 64
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    results = []
+    for case in cases:
+        try:
+            results.append(run_case(case, args, device))
+        except Exception as error:  # noqa: BLE001 - a failing case is reported, the others still run
+            results.append({"case": case.name, "error": f"{type(error).__name__}: {str(error)[:500]}"})
+            free_memory(device.type == "cuda")
+        print(json.dumps(results[-1]), flush=True)
+    print(f"\n{name}, torch {torch.__version__}, sequence {args.seq}")
+    print(f"{'case':<13}{'params':>8}{'eager s':>9}{'autopart s':>11}{'speed':>7}{'pred/meas s':>12}"
+          f"{'peak GiB':>9}{'pred/meas mem':>14}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['case']:<13} failed: {r['error'][:100]}")
+            continue
+        ratio = r["predicted_over_measured_peak"]
+        ratio = "-" if ratio is None else f"{ratio:.3f}"
+        print(f"{r['case']:<13}{r['params'] / 1e6:>7.0f}M{r['eager_s']:>9.4f}{r['autopart_s']:>11.4f}"
+              f"{r['speed_ratio']:>7.3f}{r['predicted_over_measured_s']:>12.3f}{r['autopart_peak_bytes'] / 2**30:>9.2f}"
+              f"{ratio:>14}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"device": name, "torch": torch.__version__, "results": results}, f, indent=2)
+    torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One lent GPU, in one call: install autopart (and carried wheels), then every model family's
+# training step through cm.distributed() in float32 and bf16 mixed precision against eager on
+# the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
+#
+#     OUT=results bash benchmarks/gpu_checks.sh [family|bench|all]
+set -u
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # packages the GPU image lacks (ortools), carried as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
+python3 -c "import torch, transformers, ortools; print('torch', torch.__version__, 'transformers', transformers.__version__, 'ortools', ortools.__version__, torch.cuda.get_device_name(0))"
+what=${1:-all}
+
+if [ "$what" = family ] || [ "$what" = all ]; then
+    pids=()
+    for family in gpt2 llama mistral qwen2 bert t5 vit; do
+        for precision in fp32 bf16; do
+            flag=""; [ "$precision" = bf16 ] && flag="--mixed-precision bf16"
+            python3 -m torch.distributed.run --standalone --nproc_per_node=1 tests/distributed/family_step.py \
+                --family "$family" --stages 1 $flag >"$OUT/family_${family}_${precision}.log" 2>&1 &
+            pids+=($!)
+        done
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    for log in "$OUT"/family_*.log; do
+        line=$(grep -h "^OK rank" "$log" || true)
+        echo "$(basename "$log" .log): ${line:-FAILED: $(grep -h -m1 -E 'Error|error' "$log")}"
+    done | tee "$OUT/family_summary.txt"
+fi
+
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/single_gpu_step.py \
+        --out "$OUT/single_gpu_step.json" 2>&1 | tee "$OUT/single_gpu_step.log" | grep -v '^{'
+fi
