@@ -109,6 +109,26 @@ def test_model_families_train_on_two_ranks(family, schedule, virtual_stages):
     assert out.count("OK rank") == 2, out[-4000:]
 
 
+@pytest.mark.parametrize("nproc,args", [
+    (1, ["--stages", "1"]),
+    (2, ["--stages", "2", "--schedule", "interleaved_1f1b", "--virtual-stages", "2", "--microbatches", "4"]),
+    (2, ["--stages", "1", "--tp", "2"]),
+    (2, ["--stages", "1", "--dp", "2", "--dp-mode", "fsdp"]),
+], ids=["one-rank", "pp2v2-interleaved", "tp2", "dp2-fsdp"])
+def test_mixed_precision_training_matches_eager_autocast(nproc, args):
+    """bf16 autocast over float32 weights: 3 SGD steps against eager torch.autocast (tolerances in the script)."""
+    code, out = _finish(_torchrun(nproc, *args, "--mixed-precision", "bf16"))
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == nproc, out[-4000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_rotary_families_train_in_mixed_precision(family):
+    code, out = _finish(_torchrun(2, "--family", family, "--mixed-precision", "bf16", script=FAMILY_SCRIPT))
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == 2, out[-4000:]
+
+
 def test_zero_bubble_names_the_fix_where_pytorch_cannot_split_the_backward():
     """T5's graph breaks PyTorch's split weight pass; the rank says so and how to re-plan."""
     code, out = _finish(_torchrun(2, "--family", "t5", "--schedule", "zero_bubble", "--virtual-stages", "2",

@@ -13,6 +13,7 @@ from autopart.report.summary import (
     idle_notes,
     is_training,
     model_name,
+    precision_label,
     stage_count_notes,
     tensor_parallel_summary,
 )
@@ -119,6 +120,7 @@ def _card(key: str, value: str, detail: str = "") -> str:
 
 def _cards(plan: Plan) -> str:
     mode = f"training, {plan.optimizer}" if is_training(plan) else "inference"
+    mode += f", {precision_label(plan)}"
     fullest = max(plan.stages, key=lambda s: s.memory.total / s.memory.capacity)
     idle = plan.idle_devices
     cards = [

@@ -19,6 +19,13 @@ MEMORY_KINDS = ("params", "grads", "optimizer", "buffers", "activations", "bound
 """StageMemory fields, in the order reports stack them."""
 
 
+def precision_label(plan: Plan) -> str:
+    """How the plan computes: 'bf16 autocast over float32 state' or the model's own dtypes."""
+    if plan.mixed_precision == "bf16":
+        return "bf16 mixed precision (autocast over float32 parameters and optimizer state)"
+    return "model's own precision"
+
+
 def is_training(plan: Plan) -> bool:
     """True when the plan prices a backward pass (inference plans have no bwd work)."""
     return any(s.bwd_seconds > 0 or s.bwd_flops > 0 for s in plan.stages)

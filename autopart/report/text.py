@@ -14,6 +14,7 @@ from autopart.report.summary import (
     memory_line,
     mesh_label,
     model_name,
+    precision_label,
     schedule_grid,
     stage_count_notes,
     tensor_parallel_split,
@@ -48,6 +49,7 @@ def _header(plan: Plan) -> str:
     used = sorted(s.device for s in plan.stages)
     names = sorted({s.device_name for s in plan.stages})
     mode = f"training, optimizer {plan.optimizer}" if is_training(plan) else "inference (forward only)"
+    mode += f", {precision_label(plan)}"
     micro = plural(plan.num_microbatches, "microbatch")
     return "\n".join([
         title,
