@@ -188,8 +188,8 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph
     # flat graph we return is called with flat placeholders instead.
     gm._forward_pre_hooks.clear()
     _drop_guards_call(gm)
+    _inline_no_grad_regions(gm)  # first: torch 2.11 keeps asserts inside the no-grad regions' bodies
     _drop_metadata_asserts(gm)
-    _inline_no_grad_regions(gm)
     gm.graph.eliminate_dead_code()
     _delete_unused_submodules(gm)
     return gm
