@@ -69,6 +69,10 @@ def calibrate(device: torch.device | str | None = None, *, dtypes: Sequence[str 
         + (f"the {datasheet.name} preset" if datasheet else "none, the measured rates are the peaks"))
     repeats = 5 if quick else 10
     names = ["float32"] + [n for n in dict.fromkeys(_dtype_name(d) for d in dtypes) if n != "float32"]
+    unknown = [n for n in names if not isinstance(getattr(torch, n, None), torch.dtype)]
+    if unknown:
+        raise InputError(f"calibrate(dtypes={tuple(dtypes)}): {unknown} are not torch dtype names; "
+                         "use e.g. 'float32', 'bfloat16', 'float16'")
     shapes = measure.default_matmul_shapes(dev, quick=quick)
     rates: dict[str, float] = {}
     for dtype in names:
