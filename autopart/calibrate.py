@@ -22,9 +22,10 @@ from autopart.devices import gpu_preset
 from autopart.errors import InputError
 
 
-def calibrate(device: torch.device | str | None = None, *, dtypes: Sequence[str | torch.dtype] = ("float32", "bfloat16"),
-              quick: bool = False, num_devices: int | None = None, name: str | None = None,
-              gpus_per_node: int | None = None, verbose: bool = True) -> Cluster:
+def calibrate(device: torch.device | str | None = None, *,
+              dtypes: Sequence[str | torch.dtype] = ("float32", "bfloat16"), quick: bool = False,
+              num_devices: int | None = None, name: str | None = None, gpus_per_node: int | None = None,
+              verbose: bool = True) -> Cluster:
     """Measure this process's device, and the links between ranks when several run, into a `Cluster`.
 
     Measures (see `autopart.cost_models.calibrate` for how): the matmul rate
@@ -38,7 +39,7 @@ def calibrate(device: torch.device | str | None = None, *, dtypes: Sequence[str 
     ranks (capacity: the smallest), link figures are rank 0's.
 
     device: default the current CUDA device if there is one, else the CPU.
-    quick: fewer repetitions and smaller CPU shapes (about a second on a CPU).
+    quick: fewer repetitions and smaller CPU shapes (about two seconds on a CPU).
     num_devices: devices in the Cluster, all with the measured spec (default:
     the world size under torch.distributed, else the CUDA device count, else 1).
     name: the spec's name (default: the GPU's preset or name, or "CPU", plus
@@ -54,6 +55,10 @@ def calibrate(device: torch.device | str | None = None, *, dtypes: Sequence[str 
     result with `cluster.save("cluster.json")`; `autopart.compile(model,
     "cluster.json", ...)` and `autopart plan ... --devices cluster.json` read it.
     """
+    if num_devices is not None and num_devices < 1:
+        raise InputError(f"calibrate(num_devices={num_devices}): needs at least one device")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise InputError(f"calibrate(gpus_per_node={gpus_per_node}): must be >= 1")
     dist = _distributed()
     world = dist.get_world_size() if dist is not None else 1
     dev = _pick_device(device)
@@ -101,14 +106,11 @@ def calibrate(device: torch.device | str | None = None, *, dtypes: Sequence[str 
         memory_bandwidth=bandwidth, launch_overhead_s=floor, datasheet=datasheet)
 
     count = num_devices if num_devices is not None else (world if dist is not None else _local_count(dev))
-    if count < 1:
-        raise InputError(f"calibrate(num_devices={num_devices}): needs at least one device")
-    per_node = gpus_per_node or _per_node(dist, world, dev)
-    if per_node < 1:
-        raise InputError(f"calibrate(gpus_per_node={gpus_per_node}): must be >= 1")
+    ranks_per_host = _per_node(dist, world, dev)  # how the ranks that run now sit on hosts
+    per_node = gpus_per_node if gpus_per_node is not None else ranks_per_host
     intra, inter = _preset_links(datasheet or spec)
     if dist is not None:
-        intra, inter = _measure_links(dist, world, per_node, intra, inter, quick, say)
+        intra, inter = _measure_links(dist, world, ranks_per_host, intra, inter, quick, say)
     node_of_device = tuple(0 if dev.type == "cpu" and dist is None else i // per_node for i in range(count))
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # give back the buffers the measurements took

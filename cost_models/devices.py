@@ -451,7 +451,9 @@ class Cluster:
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError) as error:
-            raise ValueError(f"Cluster.from_json: malformed cluster ({error!r}); write it with Cluster.to_json()") from None
+            raise ValueError(
+                f"Cluster.from_json: malformed cluster ({error!r}); write it with Cluster.to_json()"
+            ) from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write `to_json()` to `path` (e.g. the cluster `autopart.calibrate()` measured)."""

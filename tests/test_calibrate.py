@@ -90,6 +90,10 @@ def test_cli_plan_reads_a_calibrated_cluster(calibrated: Cluster, tmp_path, caps
 def test_calibrate_refuses_a_device_it_cannot_measure() -> None:
     with pytest.raises(InputError, match="only 'cuda' and 'cpu'"):
         autopart.calibrate("meta", quick=True, verbose=False)
+    with pytest.raises(InputError, match="num_devices=0"):
+        autopart.calibrate("cpu", num_devices=0)
+    with pytest.raises(InputError, match="gpus_per_node=0"):
+        autopart.calibrate("cpu", gpus_per_node=0)
     with pytest.raises(InputError, match=r"\['float33'\] are not torch dtype names"):
         autopart.calibrate("cpu", dtypes=("float33",), quick=True, verbose=False)
     if not torch.cuda.is_available():
