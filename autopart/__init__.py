@@ -1,6 +1,7 @@
 """autopart: partition a PyTorch model across devices with one call."""
 
 from autopart.api import compile
+from autopart.calibrate import calibrate
 from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, DeviceSpec
 from autopart.errors import AutopartError, InputError, MissingAnnotationError, PlanError, TraceError
@@ -17,6 +18,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "TraceError",
+    "calibrate",
     "compile",
     "trace",
 ]

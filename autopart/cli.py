@@ -29,6 +29,7 @@ examples:
       --html report.html --json plan.json
   autopart plan models.py:make_model --devices 2x8xH100 --seq-len 1024 --batch-size 16
   autopart plan models.py:make_mlp --devices 4 --input-shape 64,512 --input-dtype float32
+  autopart plan autopart.zoo:gpt2 --devices cluster.json   (saved by autopart.calibrate().save(...))
   autopart report plan.json --html report.html
 
 MODULE_OR_FILE:FACTORY names a dotted module importable from here (autopart.zoo:gpt2)
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the model comes from, e.g. autopart.zoo:gpt2 or models.py:make_model")
     plan.add_argument("--devices", required=True, metavar="DEVICES",
                       help="the cluster: '8xH100' (8 GPUs on one host), '2x8xH100' (2 hosts of 8), "
-                           "'2xH100+2xA100-80GB', or a number of CPU devices such as '4'")
+                           "'2xH100+2xA100-80GB', a number of CPU devices such as '4', or a cluster saved as "
+                           "JSON, e.g. by autopart.calibrate().save('cluster.json')")
     plan.add_argument("--batch-size", type=_positive_int, metavar="N",
                       help="samples per step: the batch dimension of the inputs autopart builds, or passed to "
                            "the factory as batch_size= / batch= (default: the factory's own; 8 when autopart "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, Union
 
 import torch
@@ -9,15 +10,18 @@ import torch
 from autopart.cost_models import Cluster, DeviceSpec, get_preset
 from autopart.errors import InputError
 
-DevicesArg = Union[int, str, Sequence[Union[str, torch.device]], Cluster]
+DevicesArg = Union[int, str, os.PathLike, Sequence[Union[str, torch.device]], Cluster]
 
 _GPU_NAMES = {"H200": "H200", "H100": "H100", "A100": "A100-80GB"}
 
 
 def resolve_devices(devices: DevicesArg) -> Cluster:
-    """int: that many CPU devices; "8xH100": a preset cluster; ["cuda:0", ...]: the local devices."""
+    """int: that many CPU devices; "8xH100": a preset cluster; "cluster.json": a saved Cluster
+    (`autopart.calibrate().save(path)`); ["cuda:0", ...]: the local devices."""
     if isinstance(devices, Cluster):
         return devices
+    if isinstance(devices, os.PathLike) or (isinstance(devices, str) and devices.strip().lower().endswith(".json")):
+        return _load_cluster(os.fspath(devices))
     if isinstance(devices, bool) or devices is None:
         raise InputError(f"devices={devices!r} makes no sense; pass a count (4), a cluster string "
                          "('8xH100'), a list of torch devices (['cuda:0', 'cuda:1']) or a Cluster")
@@ -42,6 +46,24 @@ def resolve_devices(devices: DevicesArg) -> Cluster:
                      "like '8xH100', a list of torch devices or a Cluster")
 
 
+def _load_cluster(path: str) -> Cluster:
+    try:
+        return Cluster.load(path)
+    except OSError as error:
+        raise InputError(f"devices={path!r}: cannot read it ({error.strerror}); pass a file written by "
+                         "Cluster.save(), e.g. autopart.calibrate().save('cluster.json')") from None
+    except ValueError as error:
+        raise InputError(f"devices={path!r}: {error}") from None
+
+
+def gpu_preset(name: str) -> DeviceSpec | None:
+    """The datasheet preset of a GPU called `name` (as torch.cuda.get_device_name prints it), or None."""
+    for key, preset in _GPU_NAMES.items():
+        if key in name:
+            return get_preset(preset)
+    return None
+
+
 def _spec_of(device: torch.device) -> DeviceSpec:
     if device.type == "cpu":
         return get_preset("CPU")
@@ -50,8 +72,8 @@ def _spec_of(device: torch.device) -> DeviceSpec:
             raise InputError(f"device {device} named but CUDA is not available here; plan with a "
                              "preset string instead, e.g. devices='2xH100'")
         name = torch.cuda.get_device_name(device)
-        for key, preset in _GPU_NAMES.items():
-            if key in name:
-                return get_preset(preset)
+        preset = gpu_preset(name)
+        if preset is not None:
+            return preset
         raise InputError(f"no preset for GPU {name!r}; pass a Cluster of DeviceSpecs for it")
     raise InputError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda' devices")

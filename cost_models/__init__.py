@@ -1,7 +1,8 @@
 """Cost models: devices and links, FLOPs, memory, communication and op time.
 
 Pure functions of shapes and specs; nothing here walks a graph. Units:
-FLOPs, bytes, bytes/s, FLOP/s, seconds.
+FLOPs, bytes, bytes/s, FLOP/s, seconds. `calibrate` (imported on its own)
+measures the machine at hand for `autopart.calibrate()`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ figure first, twice the dense one). Presets are starting points:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -26,9 +28,40 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
+# Fraction of datasheet peak a large matmul reaches. meta-pytorch/autoparallel
+# prices compute at 70% of peak (REFERENCES.md); on two H200s a bf16 GEMM
+# measured about 750 of 989 TFLOP/s, 76% (REFERENCES.md). 0.7 keeps the
+# conservative figure until `autopart.calibrate()` measures it.
+MATMUL_EFFICIENCY = 0.7
+
+# Fraction of datasheet memory bandwidth a streaming (elementwise) kernel
+# reaches. Rule of thumb: STREAM-style copy kernels reach 80–90% of the
+# datasheet bandwidth on HBM GPUs; 0.8 is the conservative end until
+# `autopart.calibrate()` measures it.
+MEMORY_EFFICIENCY = 0.8
+
+
+def _check_fraction(where: str, field: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+        raise ValueError(
+            f"{where}: {field}={value!r} must be a fraction in (0, 1] of the peak it scales; "
+            "a device measured faster than its datasheet should carry the measured figure as its peak"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeviceSpec:
-    """One device (a GPU, or the host CPU) as the cost model sees it."""
+    """One device (a GPU, or the host CPU) as the cost model sees it.
+
+    Rates come in two parts: the peaks (datasheet figures) and the fractions
+    of them that real kernels reach (the efficiencies). `achieved_flops` and
+    `achieved_bandwidth` are their products; `roofline.op_seconds` prices with
+    those, `peak_flops` is the denominator of MFU. A spec from
+    `autopart.calibrate()` keeps the datasheet peaks of the matching preset
+    and stores the measured fractions; for a device with no datasheet preset
+    (the CPU, an unlisted GPU) the measured rates are the peaks and the
+    efficiencies are 1.0.
+    """
 
     name: str
     """Preset or user-chosen name, e.g. "H100"."""
@@ -45,6 +78,12 @@ class DeviceSpec:
     """Fixed seconds per kernel (launch and tail), the floor of every op's time."""
     device_type: str = "cuda"
     """torch device type the spec describes: "cuda" or "cpu"."""
+    matmul_efficiency: float = MATMUL_EFFICIENCY
+    """Fraction of peak_flops a large matmul reaches, for dtypes not in matmul_efficiency_by_dtype."""
+    matmul_efficiency_by_dtype: tuple[tuple[str, float], ...] = ()
+    """Measured fraction of peak_flops per dtype name (calibrate() fills it); overrides matmul_efficiency."""
+    memory_efficiency: float = MEMORY_EFFICIENCY
+    """Fraction of memory_bandwidth a streaming kernel reaches (bytes read + written per second)."""
 
     def __post_init__(self) -> None:
         table = self.peak_flops_by_dtype
@@ -52,6 +91,11 @@ class DeviceSpec:
             table = tuple(table.items())
         table = tuple((str(k), float(v)) for k, v in table)
         object.__setattr__(self, "peak_flops_by_dtype", table)
+        fractions = self.matmul_efficiency_by_dtype
+        if isinstance(fractions, dict):
+            fractions = tuple(fractions.items())
+        fractions = tuple((str(k), float(v)) for k, v in fractions)
+        object.__setattr__(self, "matmul_efficiency_by_dtype", fractions)
         names = [k for k, _ in table]
         where = f"DeviceSpec(name={self.name!r})"
         if "float32" not in names:
@@ -71,6 +115,12 @@ class DeviceSpec:
             raise ValueError(f"{where}: launch_overhead_s={self.launch_overhead_s} must be >= 0 (seconds)")
         if self.device_type not in ("cuda", "cpu"):
             raise ValueError(f"{where}: device_type={self.device_type!r}; use 'cuda' or 'cpu'")
+        _check_fraction(where, "matmul_efficiency", self.matmul_efficiency)
+        _check_fraction(where, "memory_efficiency", self.memory_efficiency)
+        for dtype, fraction in fractions:
+            _check_fraction(where, f"matmul_efficiency_by_dtype[{dtype!r}]", fraction)
+        if len({k for k, _ in fractions}) != len(fractions):
+            raise ValueError(f"{where}: matmul_efficiency_by_dtype={fractions} names a dtype twice; keep one each")
 
     def peak_flops(self, dtype: torch.dtype | str, *, allow_tf32: bool = False) -> float:
         """Dense peak FLOP/s for matmuls in `dtype`.
@@ -79,11 +129,31 @@ class DeviceSpec:
         `torch.backends.cuda.matmul.allow_tf32` turns on) and a "tf32" entry
         exists. Dtypes not listed fall back to the float32 figure.
         """
+        return dict(self.peak_flops_by_dtype)[self._flops_key(dtype, allow_tf32)]
+
+    def achieved_flops(self, dtype: torch.dtype | str, *, allow_tf32: bool = False) -> float:
+        """FLOP/s a large matmul in `dtype` reaches: peak_flops × its matmul efficiency.
+
+        The efficiency is matmul_efficiency_by_dtype's entry for the table row
+        peak_flops reads (so float64 on a GPU shares float32's), else
+        matmul_efficiency.
+        """
+        key = self._flops_key(dtype, allow_tf32)
+        fraction = dict(self.matmul_efficiency_by_dtype).get(key, self.matmul_efficiency)
+        return dict(self.peak_flops_by_dtype)[key] * fraction
+
+    @property
+    def achieved_bandwidth(self) -> float:
+        """Bytes/s (read + written) a streaming kernel reaches: memory_bandwidth × memory_efficiency."""
+        return self.memory_bandwidth * self.memory_efficiency
+
+    def _flops_key(self, dtype: torch.dtype | str, allow_tf32: bool) -> str:
+        """The peak_flops_by_dtype row a matmul in `dtype` runs at."""
         table = dict(self.peak_flops_by_dtype)
         name = _dtype_name(dtype)
         if name == "float32" and allow_tf32 and "tf32" in table:
-            return table["tf32"]
-        return table.get(name, table["float32"])
+            return "tf32"
+        return name if name in table else "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict; `DeviceSpec.from_dict` inverts it."""
@@ -94,11 +164,14 @@ class DeviceSpec:
             "peak_flops_by_dtype": dict(self.peak_flops_by_dtype),
             "launch_overhead_s": float(self.launch_overhead_s),
             "device_type": self.device_type,
+            "matmul_efficiency": float(self.matmul_efficiency),
+            "matmul_efficiency_by_dtype": dict(self.matmul_efficiency_by_dtype),
+            "memory_efficiency": float(self.memory_efficiency),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceSpec:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`; keys it lacks (JSON from older versions) take the field defaults."""
         _check_keys(cls, d)
         return cls(**d)
 
@@ -361,3 +434,34 @@ class Cluster:
             intra_node_link=Link.from_dict(d["intra_node_link"]),
             inter_node_link=Link.from_dict(d["inter_node_link"]),
         )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text of `to_dict`; `Cluster.from_json` reads it back."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Cluster:
+        """Inverse of `to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Cluster.from_json: not JSON ({error}); pass the text Cluster.to_json() wrote") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"Cluster.from_json: expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"Cluster.from_json: malformed cluster ({error!r}); write it with Cluster.to_json()"
+            ) from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write `to_json()` to `path` (e.g. the cluster `autopart.calibrate()` measured)."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Cluster:
+        """Read a cluster written by `save` (or any `to_json()` text) from `path`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
