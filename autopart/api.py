@@ -98,7 +98,9 @@ def compile(  # noqa: A001 - the public name the project promises
 
 
 def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
-    """Costs of the graph as it runs: under autocast, values re-propagated in their autocast dtypes first."""
+    """Costs of the graph as it runs: constant attention masks as SDPA's flags (the eager model's
+    kernels), and under autocast the values re-propagated in their autocast dtypes first."""
+    gm = passes.use_causal_attention(gm)
     if compute_dtype is not None:
         gm = passes.autocast_values(gm, compute_dtype)
     return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)

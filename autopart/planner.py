@@ -24,6 +24,7 @@ import numpy as np
 
 from autopart.cost_models import (
     Cluster,
+    optimizer_step_bytes,
     all_gather_seconds,
     all_reduce_seconds,
     gradient_bytes,
@@ -169,8 +170,9 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
                                 candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",
                                                             detail=str(error).splitlines()[0]))
                                 continue
-                            step = solution.step_seconds + data_parallel_sync_seconds(
-                                graph, cluster, request, problem, solution, dp, mode)
+                            step = (solution.step_seconds
+                                    + data_parallel_sync_seconds(graph, cluster, request, problem, solution, dp, mode)
+                                    + optimizer_seconds(graph, cluster, request, problem, solution, dp, mode))
                             detail = _binding(problem, solution)
                             candidates.append(Candidate(**tried, step_seconds=step, status="feasible",
                                                         detail=detail))
@@ -194,6 +196,39 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     ]
     return _plan(graph, cluster, request, model_class, problem, solution, candidates,
                  time.perf_counter() - started, num_problems, dp, step, mode)
+
+
+def _stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks, request: PlanRequest, dp: int,
+                  mode: str, boundary_bytes: float) -> StageMemory:
+    """What stage `s` holds at its peak, by kind (`PipelineProblem.stage_memory_terms`): at the peak
+    of activations the gradients exist only if an earlier microbatch's backward ran. A parameter
+    read by several blocks of the stage (tied weights) is counted once."""
+    k = problem.in_flight(s)
+    first, second = problem.stage_memory_terms(s)
+    at_activation_peak = first[members].sum() >= second[members].sum()
+    unique = _unique_parameters(blocks)
+    params = sum(size for _, size, _ in unique)
+    trainable = sum(size for _, size, train in unique if train) if request.training else 0
+    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1
+    unsharded = _unsharded_fraction(request, mode, dp)
+    grads = gradient_bytes(trainable) * (unsharded + (shards > 1) / shards)
+    if at_activation_peak and problem.num_microbatches <= k:
+        grads = 0.0  # the first backward has not run yet
+    held = k if at_activation_peak else max(k - 1, 0)
+    activations = (float(problem.activation_bytes[members].sum()) * held
+                   + (float(problem.transient_bytes[members].sum())
+                      if at_activation_peak and problem.transient_bytes is not None else 0.0)
+                   + sum(returned_output_bytes(b, request, problem.num_microbatches,
+                                               _scale(request, problem.num_microbatches, dp)) for b in blocks))
+    return StageMemory(
+        params=int(params * (unsharded + (shards > 1) / shards) if shards > 1 else params),
+        grads=int(grads),
+        optimizer=int(optimizer_state_bytes(trainable, request.optimizer) / shards) if request.training else 0,
+        buffers=int(sum(b.buffer_bytes for b in blocks)),
+        activations=int(activations),
+        boundary=int(boundary_bytes * k),
+        capacity=int(problem.memory_capacity[s]),
+    )
 
 
 def schedule_choices(request: PlanRequest) -> list[str]:
@@ -297,6 +332,29 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request: Pla
     return max(0.0, exposed)
 
 
+def optimizer_seconds(graph: BlockGraph, cluster: Cluster, request: PlanRequest, problem: PipelineProblem,
+                      solution: PipelineSolution, dp: int, mode: str = "ddp") -> float:
+    """The optimizer step after the last backward, the slowest rank's: the bytes it streams
+    (`cost_models.optimizer_step_bytes`; a 1/dp shard under FSDP) at the device's achieved
+    bandwidth. The step is not overlapped with anything."""
+    if not request.training:
+        return 0.0
+    shards = dp if mode == "fsdp" else 1
+    slowest = 0.0
+    for rank in range(problem.num_ranks):
+        stages = set(range(rank, problem.num_stages, problem.num_ranks))
+        members = [graph.blocks[b] for b, stage in enumerate(solution.stage_of_block) if stage in stages]
+        trainable = sum(b for _, b, train in _unique_parameters(members) if train)
+        moved = optimizer_step_bytes(trainable, request.optimizer) / shards
+        slowest = max(slowest, moved / cluster.devices[rank].achieved_bandwidth)
+    return slowest
+
+
+def _unique_parameters(blocks) -> list[tuple[str, int, bool]]:
+    """(name, bytes, trainable) of the parameters some block of `blocks` reads, each once."""
+    return list({name: (name, size, train) for block in blocks for name, size, train in block.parameters}.values())
+
+
 def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request: PlanRequest, problem: PipelineProblem,
                      dp: int, mode: str) -> float:
     """A bound on `data_parallel_sync_seconds` before solving: the slowest rank moves at least
@@ -346,7 +404,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         bwd = np.zeros_like(fwd)
     state = np.array([block_state_bytes(b, request, dp, data_parallel_mode)
                       + returned_output_bytes(b, request, num_microbatches, scale) for b in graph.blocks])
+    grads = np.array([block_gradient_bytes(b, request, dp, data_parallel_mode) for b in graph.blocks])
     activations = np.array([activation_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
+    transient = np.array([loss_backward_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
     links = [cluster.link(s % num_ranks, (s + 1) % num_ranks) for s in range(num_stages - 1)]
     return PipelineProblem(
         block_names=tuple(b.name for b in graph.blocks),
@@ -354,6 +414,8 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         bwd_seconds=bwd,
         state_bytes=state,
         activation_bytes=activations,
+        gradient_bytes=grads,
+        transient_bytes=transient,
         edges=graph.edges,
         values=tuple(ValueFlow(producer=v.producer, consumers=v.consumers,
                                num_bytes=int(math.ceil(v.num_bytes * scale))) for v in graph.values),
@@ -373,9 +435,17 @@ def _scale(request: PlanRequest, num_microbatches: int, dp: int = 1) -> float:
 
 def activation_bytes(block) -> int:
     """Bytes a block keeps per microbatch in flight (traced batch): what autograd saves, plus,
-    for the block computing the model's outputs, as much as those outputs for the loss
-    (cross-entropy saves the log-softmax of its logits; the loss function is not traced)."""
-    return block.saved_bytes + block.model_output_bytes
+    for the block computing the model's outputs, the float32 log-softmax of them that a
+    cross-entropy loss saves (the loss function is not traced; cross-entropy is assumed)."""
+    return block.saved_bytes + block.model_output_float32_bytes
+
+
+def loss_backward_bytes(block) -> int:
+    """Bytes the loss's backward holds at once, beyond what is saved (traced batch): cross-entropy's
+    two float32 gradients of its logits' size (nll_loss's, then log_softmax's). With them the
+    one-H200 step of a bf16 GPT 24×2048 at batch 16 comes out within 4% of
+    `torch.cuda.max_memory_allocated` (benchmarks/single_gpu_step.py)."""
+    return 2 * block.model_output_float32_bytes
 
 
 def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, scale: float) -> float:
@@ -384,23 +454,39 @@ def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, sc
     return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
 
 
-def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
-    """Parameters + gradients + optimizer state + buffers of a block (bytes).
+def _unsharded_fraction(request: PlanRequest, mode: str, dp: int) -> float:
+    """Size of FSDP's gathered parameters and unreduced gradients relative to the float32 master
+    copy: half under bf16 mixed precision (MixedPrecisionPolicy(param_dtype=bfloat16))."""
+    return 0.5 if mode == "fsdp" and dp > 1 and request.mixed_precision == "bf16" else 1.0
 
-    Under 'fsdp' the optimizer state lives in 1/dp shards, next to 1/dp shards of
-    the parameters and gradients; the full parameters and the accumulated full
-    gradients exist during the step (FSDP2 without resharding between
-    microbatches).
+
+def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
+    """Parameters + optimizer state + buffers of a block (bytes), held the whole step.
+
+    Under 'fsdp' the optimizer state and the master parameters live in 1/dp shards; the
+    gathered full parameters exist during the step too (FSDP2 without resharding between
+    microbatches), in bf16 under mixed precision.
     """
     state = float(block.param_bytes + block.buffer_bytes)
     if request.training:
-        grads = gradient_bytes(block.trainable_param_bytes)
         optimizer = optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
         if mode == "fsdp" and dp > 1:
-            state += grads + (optimizer + block.param_bytes + grads) / dp
+            state = (block.param_bytes * _unsharded_fraction(request, mode, dp) + block.buffer_bytes
+                     + (optimizer + block.param_bytes) / dp)
         else:
-            state += grads + optimizer
+            state += optimizer
     return state
+
+
+def block_gradient_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
+    """Gradients of a block (bytes): allocated by its first backward, kept to the step's end; under
+    'fsdp' the unreduced full gradients and the reduced 1/dp shard."""
+    if not request.training:
+        return 0.0
+    grads = float(gradient_bytes(block.trainable_param_bytes))
+    if mode == "fsdp" and dp > 1:
+        return grads * _unsharded_fraction(request, mode, dp) + grads / dp
+    return grads
 
 
 def lower_bound(problem: PipelineProblem) -> float:
@@ -412,7 +498,7 @@ def lower_bound(problem: PipelineProblem) -> float:
 
 def _shortfall(problem: PipelineProblem) -> float:
     """Bytes by which the whole model misses the cluster's total memory (≤ 0: fits in sum)."""
-    need = problem.state_bytes.sum() + problem.activation_bytes.sum() * problem.in_flight(0)
+    need = problem.held_bytes.sum() + problem.activation_bytes.sum() * problem.in_flight(0)
     return float(need - problem.memory_capacity.sum())
 
 
@@ -446,8 +532,8 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     """
     capacity = cluster.devices[0].memory_bytes
     m = microbatch_choices(request)[-1]
-    state = [block_state_bytes(b, request) + returned_output_bytes(b, request, m, _scale(request, m))
-             for b in graph.blocks]
+    state = [block_state_bytes(b, request) + block_gradient_bytes(b, request)
+             + returned_output_bytes(b, request, m, _scale(request, m)) for b in graph.blocks]
     acts = [activation_bytes(b) * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
     for count in range(1, 8 * cluster.num_devices + 1):
         stage, used_state, used_acts = 0, 0.0, 0.0
@@ -472,7 +558,6 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
           problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
           plan_seconds: float, num_problems: int, dp: int, step_seconds: float, mode: str = "ddp") -> Plan:
     num_stages, num_ranks = problem.num_stages, problem.num_ranks
-    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1  # FSDP adds 1/dp shards
     m = problem.num_microbatches
     scale = _scale(request, m, dp)
     stages = []
@@ -480,8 +565,6 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
         members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]
         blocks = [graph.blocks[i] for i in members]
         device = cluster.devices[s % num_ranks]
-        in_flight = problem.in_flight(s)
-        trainable = sum(b.trainable_param_bytes for b in blocks) if request.training else 0
         send = sum(v.num_bytes for v in problem.values
                    if solution.stage_of_block[v.producer] <= s < max(solution.stage_of_block[c] for c in v.consumers))
         recv = sum(v.num_bytes for v in problem.values
@@ -498,17 +581,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
             bwd_flops=int(sum(b.bwd_flops for b in blocks) * scale) if request.training else 0,
             num_params=int(sum(b.num_params for b in blocks)),
             send_bytes=int(send),
-            memory=StageMemory(
-                params=int(sum(b.param_bytes for b in blocks) * (1 + (shards > 1) / shards)),
-                grads=int(gradient_bytes(trainable) * (1 + (shards > 1) / shards)),
-                optimizer=int(optimizer_state_bytes(trainable, request.optimizer) / shards)
-                if request.training else 0,
-                buffers=int(sum(b.buffer_bytes for b in blocks)),
-                activations=int(float(problem.activation_bytes[members].sum()) * in_flight
-                                + sum(returned_output_bytes(b, request, m, scale) for b in blocks)),
-                boundary=int((send + recv) * in_flight),
-                capacity=int(problem.memory_capacity[s]),
-            ),
+            memory=_stage_memory(problem, s, members, blocks, request, dp, mode, send + recv),
         ))
     return Plan(
         model_class=model_class,

@@ -26,7 +26,7 @@ from autopart.cost_models.flops import (
     sdpa_flops,
 )
 from autopart.cost_models.links import LINK_PRESETS, Link
-from autopart.cost_models.memory import gradient_bytes, optimizer_state_bytes, tensor_bytes
+from autopart.cost_models.memory import gradient_bytes, optimizer_state_bytes, optimizer_step_bytes, tensor_bytes
 from autopart.cost_models.roofline import op_seconds
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "op_flops",
     "op_seconds",
     "optimizer_state_bytes",
+    "optimizer_step_bytes",
     "p2p_seconds",
     "reduce_scatter_seconds",
     "register_missing_flop_formulas",

@@ -53,3 +53,15 @@ def optimizer_state_bytes(param_bytes: int, optimizer: str) -> int:
             f"{', '.join(_STATE_MULTIPLIER)}"
         )
     return _STATE_MULTIPLIER[key] * int(param_bytes)
+
+
+def optimizer_step_bytes(param_bytes: int, optimizer: str) -> int:
+    """Bytes one optimizer step moves through memory for parameters of `param_bytes` bytes.
+
+    The update streams each tensor once (torch.optim's fused and foreach kernels are memory
+    bound): the parameter read and written, its gradient read, each state tensor read and
+    written: (3 + 2·states) × the parameter's bytes, states as in `optimizer_state_bytes`
+    (AdamW: 7×, SGD: 3×).
+    """
+    states = optimizer_state_bytes(param_bytes, optimizer)
+    return 3 * int(param_bytes) + 2 * states

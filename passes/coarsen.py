@@ -79,6 +79,12 @@ class Block:
     model_output_bytes: int = 0
     """Bytes of the model outputs the block computes (traced batch): the pipeline keeps them
     for every microbatch in flight until its backward."""
+    model_output_float32_bytes: int = 0
+    """Those outputs' floating elements × 4: the size of the float32 log-softmax a
+    cross-entropy loss saves of them, and of each gradient its backward makes."""
+    parameters: tuple[tuple[str, int, bool], ...] = ()
+    """(get_attr target, bytes, trainable) of each parameter the block reads: a parameter read by
+    several blocks of one stage (tied weights) is held there once."""
 
     def time_on(self, device: str) -> BlockTimes:
         for entry in self.times:
@@ -206,11 +212,13 @@ def _block_graph(
 
     devices = {d.name: d for d in cluster.devices}
     output_bytes = [0] * len(runs)
+    output_float32_bytes = [0] * len(runs)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for node in dict.fromkeys(a for a in pytree.tree_leaves(output.args) if isinstance(a, torch.fx.Node)):
         if node in block_of:
-            output_bytes[block_of[node]] += sum(t.numel() * t.element_size() for t in
-                                                pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor))
+            tensors = [t for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
+            output_bytes[block_of[node]] += sum(t.numel() * t.element_size() for t in tensors)
+            output_float32_bytes[block_of[node]] += sum(4 * t.numel() for t in tensors if t.is_floating_point())
     blocks = []
     for index, (name, members) in enumerate(runs):
         attrs = _attrs_read(members)
@@ -232,6 +240,9 @@ def _block_graph(
                 saved_bytes=sum(c.saved_bytes for c in costs) + sum(c.saved_bytes for c in attr_costs),
                 times=tuple(_times(costs, device) for device in devices.values()),
                 model_output_bytes=output_bytes[index],
+                model_output_float32_bytes=output_float32_bytes[index],
+                parameters=tuple({a.target: (a.target, node_cost(a).param_bytes, node_cost(a).trainable)
+                                  for a in attrs if node_cost(a).param_bytes > 0}.values()),
             )
         )
 

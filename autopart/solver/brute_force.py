@@ -39,7 +39,8 @@ class PipelineCosts:
     value_seconds: np.ndarray
     """[V, S-1] seconds each side of boundary s spends on value v: d·(α_s + bytes_v/β_s)."""
     block_memory: np.ndarray
-    """[n, S] bytes block b holds on stage s: state_b + k_s·act_b."""
+    """[n, S] bytes block b holds on stage s: state_b + k_s·act_b, or with gradients and transients
+    apart the larger of its two peaks (`PipelineProblem.block_memory`)."""
     value_memory: np.ndarray
     """[V, S] bytes stage s buffers per adjacent boundary value v crosses: k_s·bytes_v."""
     capacity: np.ndarray
@@ -79,14 +80,12 @@ def pipeline_costs(problem: PipelineProblem) -> PipelineCosts:
     num_bytes = np.array([v.num_bytes for v in problem.values], dtype=np.float64)
     alpha = np.asarray(problem.link_latency, dtype=np.float64)
     beta = np.asarray(problem.link_bandwidth, dtype=np.float64)
-    state = np.asarray(problem.state_bytes, dtype=np.float64)
-    act = np.asarray(problem.activation_bytes, dtype=np.float64)
     return PipelineCosts(
         compute=fwd + bwd,
         value_seconds=(directions * (alpha[None, :] + num_bytes[:, None] / beta[None, :])).reshape(
             len(problem.values), num_stages - 1
         ),
-        block_memory=state[:, None] + in_flight[None, :] * act[:, None],
+        block_memory=np.stack([problem.block_memory(s) for s in range(num_stages)], axis=1),
         value_memory=(num_bytes[:, None] * in_flight[None, :]).reshape(
             len(problem.values), num_stages
         ),

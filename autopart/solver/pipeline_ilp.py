@@ -466,8 +466,8 @@ def _explain_memory(
     s = int(np.argmax(memory - costs.capacity))
     on_s = [b for b in range(problem.num_blocks) if stage[b] == s]
     m, num_stages, k = problem.num_microbatches, problem.num_stages, problem.in_flight(s)
-    per_microbatch = (memory[s] - float(np.sum(problem.state_bytes[on_s]))) / k  # activations
-    need = int(np.ceil((np.sum(problem.state_bytes) + np.sum(problem.activation_bytes))
+    per_microbatch = (memory[s] - float(np.sum(problem.held_bytes[on_s]))) / k  # activations
+    need = int(np.ceil((np.sum(problem.held_bytes) + np.sum(problem.activation_bytes))
                        / max(float(costs.capacity.max()), 1.0)))
     fixes = ["more pipeline stages/devices" + (
         f" (the blocks' state plus one microbatch of activations alone need at least {need} "

@@ -42,7 +42,8 @@ class PipelineProblem:
     bwd_seconds: np.ndarray
     """[num_blocks, num_stages] backward time of one microbatch (0 for inference)."""
     state_bytes: np.ndarray
-    """[num_blocks] parameters + gradients + optimizer state + buffers, held once per stage."""
+    """[num_blocks] bytes held the whole step, once per stage: parameters, optimizer state, buffers
+    (and gradients, unless `gradient_bytes` lists them apart)."""
     activation_bytes: np.ndarray
     """[num_blocks] bytes kept for backward per microbatch in flight."""
     edges: tuple[tuple[int, int], ...]
@@ -62,6 +63,44 @@ class PipelineProblem:
     virtual_stages: int = 1
     """v: stages per pipeline rank (interleaved schedules); stage s runs on rank s % (S / v). The
     arrays' stage columns then hold rank s % R's device, `memory_capacity` that device's bytes / v."""
+    gradient_bytes: np.ndarray | None = None
+    """[num_blocks] gradients, which the stage's first backward allocates and the step keeps; None:
+    counted in `state_bytes`. At the peak of activations (k_s microbatches in flight) they are held
+    only if an earlier backward ran (m > k_s); once they all exist, one microbatch has been freed."""
+    transient_bytes: np.ndarray | None = None
+    """[num_blocks] bytes held once, at the peak of activations (the loss's backward temporaries)."""
+
+    @property
+    def held_bytes(self) -> np.ndarray:
+        """[num_blocks] state and gradients: what a block holds once the step's backward is done."""
+        state = np.asarray(self.state_bytes, dtype=np.float64)
+        return state if self.gradient_bytes is None else state + np.asarray(self.gradient_bytes, np.float64)
+
+    def stage_memory_terms(self, stage: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per block, the bytes it holds on `stage` at the activation peak and once all gradients
+        exist: state + [m > k]·grads + k·act + transient, and state + grads + (k − 1)·act."""
+        k = self.in_flight(stage)
+        state = np.asarray(self.state_bytes, dtype=np.float64)
+        act = np.asarray(self.activation_bytes, dtype=np.float64)
+        grads = np.zeros_like(state) if self.gradient_bytes is None else np.asarray(self.gradient_bytes, np.float64)
+        transient = (np.zeros_like(state) if self.transient_bytes is None
+                     else np.asarray(self.transient_bytes, np.float64))
+        steady = 1.0 if self.num_microbatches > k else 0.0
+        at_activation_peak = state + steady * grads + k * act + transient
+        once_all_gradients = state + grads + max(k - 1, 0) * act
+        if self.gradient_bytes is None:  # everything in state: the classic sum
+            once_all_gradients = at_activation_peak
+        return at_activation_peak, once_all_gradients
+
+    def block_memory(self, stage: int) -> np.ndarray:
+        """[num_blocks] bytes each block charges to `stage` in the solver's linear memory row: the larger
+        of its two terms (their sum over a stage bounds the stage's true peak from above)."""
+        return np.maximum(*self.stage_memory_terms(stage))
+
+    def stage_peak_bytes(self, stage: int, members: np.ndarray) -> float:
+        """The stage's peak for the blocks in `members` (indices): the larger of the two sums."""
+        first, second = self.stage_memory_terms(stage)
+        return float(max(first[members].sum(), second[members].sum()))
 
     @property
     def num_blocks(self) -> int:

@@ -1,0 +1,136 @@
+"""Attention masks that are constants become SDPA's own flags.
+
+transformers builds its attention mask as a graph of `arange`/`le`/`expand`
+ops when it is being traced (`create_causal_mask` cannot skip it then), so the
+exported graph hands `scaled_dot_product_attention` an explicit
+[batch, 1, seq, seq] mask where the eager model passes none and sets
+`is_causal=True`. With a mask, CUDA's SDPA cannot take its flash kernel: the
+same Llama step ran 0.90× eager on an H200. This pass evaluates each mask that
+does not depend on the inputs' values, and where it is exactly causal (or lets
+every query see every key) replaces it by `is_causal=True` (or no mask) — the
+computation the eager model runs.
+
+A mask that depends on data (a padding mask from `attention_mask`, token ids)
+is left as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+# Ops that read only an input's shape, dtype or device, never its values: an input reached only
+# through them can be any tensor of that shape for the mask to come out the same.
+_METADATA_ONLY = {
+    torch.ops.aten.new_ones.default, torch.ops.aten.new_zeros.default, torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_full.default, torch.ops.aten.ones_like.default, torch.ops.aten.zeros_like.default,
+    torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default, torch.ops.aten.sym_size.int,
+}
+
+
+def use_causal_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace every constant causal (or all-visible) SDPA mask by `is_causal=True` (or no mask)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA:
+            continue
+        args = _sdpa_args(node)
+        mask = args["attn_mask"]
+        if not isinstance(mask, torch.fx.Node) or args["is_causal"]:
+            continue
+        q, k = (a.meta.get("val") for a in (args["query"], args["key"]))
+        if q is None or k is None:
+            continue
+        value = _constant_value(gm, mask)
+        if value is None:
+            continue
+        verdict = _mask_kind(value, q.shape[-2], k.shape[-2])
+        if verdict is None:
+            continue
+        args["attn_mask"], args["is_causal"] = None, verdict == "causal"
+        node.args = (args["query"], args["key"], args["value"])
+        node.kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value")}
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
+
+
+def _sdpa_args(node: torch.fx.Node) -> dict[str, Any]:
+    names = [a.name for a in _SDPA._schema.arguments]
+    values = {a.name: a.default_value if a.has_default_value() else None for a in _SDPA._schema.arguments}
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def _mask_kind(mask: torch.Tensor, num_queries: int, num_keys: int) -> str | None:
+    """'causal' if the mask lets query i see keys 0..i only, 'all' if it hides nothing, else None."""
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) not in ((num_queries, num_keys), (1, num_keys)):
+        return None
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == float("-inf")) | (mask <= -1e30)).all()):
+        return None  # an additive bias, not a mask
+    if bool(visible.all()):
+        return "all"
+    if num_queries != num_keys:
+        return None
+    causal = torch.ones(num_queries, num_keys, dtype=torch.bool).tril()
+    return "causal" if bool((visible == causal).all()) else None
+
+
+def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node) -> torch.Tensor | None:
+    """The value of `target` if it does not depend on any input's values or any parameter, else None."""
+    ancestors: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [target]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        ancestors.append(node)
+        stack.extend(node.all_input_nodes)
+    params = {id(p) for p in gm.parameters()}
+    for node in ancestors:
+        if node.op == "placeholder" and any(u in seen and u.target not in _METADATA_ONLY for u in node.users):
+            return None
+        if node.op == "get_attr":
+            attr = _attr(gm, node.target)
+            if id(attr) in params or (isinstance(attr, torch.Tensor) and attr.is_meta):
+                return None
+        if node.op not in ("placeholder", "get_attr", "call_function"):
+            return None
+    env: dict[torch.fx.Node, Any] = {}
+    try:
+        for node in gm.graph.nodes:  # graph order is a topological order
+            if node not in seen:
+                continue
+            if node.op == "placeholder":
+                val = node.meta.get("val")
+                env[node] = (torch.empty(val.shape, dtype=val.dtype) if isinstance(val, torch.Tensor) else val)
+            elif node.op == "get_attr":
+                env[node] = _attr(gm, node.target)
+            else:
+                args, kwargs = pytree.tree_map(
+                    lambda a: env[a] if isinstance(a, torch.fx.Node)
+                    else torch.device("cpu") if isinstance(a, torch.device) else a, (node.args, node.kwargs))
+                with torch.no_grad():
+                    env[node] = node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a mask we cannot evaluate stays a mask
+        return None
+    value = env[target]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
