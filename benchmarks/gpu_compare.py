@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import inspect
 import json
 import os
@@ -132,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
     ctx = Context(preset=preset, rank=rank, world_size=world, device=device, seed=args.seed,
                   timeout_s=args.pg_timeout, extra=extra)
     mode = next(m for m in all_modes(args.nproc) if m.name == args.mode)
-    result: dict[str, Any] = {"rank": rank, "status": "ok", "error": None, "loss0": None, "step_seconds": [],
+    result: dict[str, Any] = {"rank": rank, "status": "ok", "error": None, "losses": [], "step_seconds": [],
                               "device": torch.cuda.get_device_name(device) if gpu else "CPU"}
     trainer: Trainer | None = None
     data = peers.batches(preset, args.warmup + args.steps, args.seed)
@@ -141,7 +142,7 @@ def worker(args: argparse.Namespace) -> None:
         trainer = mode.build(ctx)
         result.update(mesh=trainer.mesh, info=trainer.info)
         result["allocated_after_build"] = _reset_memory(gpu)
-        result["loss0"], result["step_seconds"] = _train(trainer, data, args.warmup, device, gpu)
+        _train(trainer, data, args.warmup, device, gpu, result)
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if gpu else None
     except Exception as error:  # noqa: BLE001 - recorded; the parent goes on with the next mode
         traceback.print_exc()
@@ -149,9 +150,13 @@ def worker(args: argparse.Namespace) -> None:
         oom = isinstance(error, torch.cuda.OutOfMemoryError) or any(s in text for s in OOM_SIGNS)
         result.update(status="OOM" if oom else "failed", error=_first_line(error),
                       traceback=traceback.format_exc()[-4000:])
-        if oom and trainer is not None and trainer.reference_loss is not None and result["loss0"] is None:
-            result["loss0"] = _try_reference(trainer, data[0], device)
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if gpu else None
+    # Out of memory on one device before step 0's loss: the reference comes from a forward without
+    # gradients. (Here, not in the except block, whose traceback holds the failed step's tensors.)
+    if result["status"] == "OOM" and trainer is not None and trainer.reference_loss is not None \
+            and not result["losses"]:
+        result["losses"] = [_try_reference(trainer, data[0], device)]
+        result["loss0_without_training"] = True
     result["written_at"] = time.time()
     path = os.path.join(args.result_dir, f"rank{rank}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -180,10 +185,11 @@ def _reset_memory(gpu: bool) -> int | None:
     return torch.cuda.memory_allocated()
 
 
-def _train(trainer: Trainer, data: list, warmup: int, device: torch.device, gpu: bool) -> tuple:
-    """Run every batch; return (this rank's step-0 loss, seconds of each timed step)."""
+def _train(trainer: Trainer, data: list, warmup: int, device: torch.device, gpu: bool,
+           result: dict[str, Any]) -> None:
+    """Run every batch, appending this rank's loss of each step (None where it has none) and the
+    seconds of each timed step to `result` as they come (a later out-of-memory keeps the earlier)."""
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    loss0, times = None, []
     for i, (ids, labels) in enumerate(data):
         ids, labels = ids.to(device), labels.to(device)
         peers.barrier()  # every rank starts the step together
@@ -192,14 +198,13 @@ def _train(trainer: Trainer, data: list, warmup: int, device: torch.device, gpu:
         loss = trainer.step(ids, labels)
         sync()
         elapsed = time.perf_counter() - started
-        if i == 0:
-            loss0 = peers.local_loss_value(loss)
+        result["losses"].append(peers.local_loss_value(loss))  # after the clock: .item() waits
         if i >= warmup:
-            times.append(elapsed)
-    return loss0, times
+            result["step_seconds"].append(elapsed)
 
 
 def _try_reference(trainer: Trainer, batch: tuple, device: torch.device) -> float | None:
+    gc.collect()
     try:
         return trainer.reference_loss(batch[0].to(device), batch[1].to(device))
     except Exception:  # noqa: BLE001 - the reference is a bonus; OOM stays the status
@@ -207,27 +212,24 @@ def _try_reference(trainer: Trainer, batch: tuple, device: torch.device) -> floa
 
 
 def calibrate(args: argparse.Namespace) -> None:
-    """Run autopart.calibrate() (where it exists) in this process; write its cluster or why not."""
+    """The calibration process: run autopart.calibrate() and write its cluster, or why it failed."""
+    import dataclasses
+
     import autopart
 
-    out: dict[str, Any]
-    if not hasattr(autopart, "calibrate"):
-        out = {"why": "this autopart has no calibrate()"}
-    else:
-        try:
-            params = inspect.signature(autopart.calibrate).parameters
-            gpu = torch.cuda.is_available() and args.device != "cpu"
-            kwargs = {"devices": [f"cuda:{i}" for i in range(args.nproc)] if gpu else args.nproc} \
-                if "devices" in params else {}
-            cluster = autopart.calibrate(**kwargs)
-            if cluster.num_devices > args.nproc:  # it measured every GPU here: plan for the ones used
-                import dataclasses
-
-                cluster = dataclasses.replace(cluster, devices=cluster.devices[:args.nproc],
-                                              node_of_device=cluster.node_of_device[:args.nproc])
-            out = {"cluster": cluster.to_dict()}
-        except Exception as error:  # noqa: BLE001 - fall back to the preset, and say why
-            out = {"why": f"calibrate() failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    try:
+        params = inspect.signature(autopart.calibrate).parameters
+        gpu = torch.cuda.is_available() and args.device != "cpu"
+        # the devices the modes use, where calibrate() asks which (its signature is still settling)
+        kwargs = {"devices": [f"cuda:{i}" for i in range(args.nproc)] if gpu else args.nproc} \
+            if "devices" in params else {}
+        cluster = autopart.calibrate(**kwargs)
+        if cluster.num_devices > args.nproc:  # it measured every GPU here: plan for the ones used
+            cluster = dataclasses.replace(cluster, devices=cluster.devices[:args.nproc],
+                                          node_of_device=cluster.node_of_device[:args.nproc])
+        out: dict[str, Any] = {"cluster": cluster.to_dict()}
+    except Exception as error:  # noqa: BLE001 - the modes fall back to the preset, and say why
+        out = {"why": f"calibrate() failed: {_first_line(error)}"}
     with open(args.calibrate_to, "w", encoding="utf-8") as f:
         json.dump(out, f)
 
@@ -287,22 +289,32 @@ def launch(mode: Mode, args: argparse.Namespace, result_dir: str, calibration: s
 def summarise(mode: Mode, ranks: list[dict[str, Any]], code: int | None, out: str, timeout: float) -> dict:
     """One mode's record from its ranks' files and torchrun's exit."""
     status = _status(ranks, code, out, timeout, mode.nproc)
-    losses = [r["loss0"] for r in ranks if r.get("loss0") is not None]
     record: dict[str, Any] = {
         "nproc": mode.nproc, "status": status,
         "mesh": ranks[0].get("mesh") if ranks and ranks[0].get("mesh") else _layout_mesh(mode),
-        # each rank reporting a loss covers an equal share of the batch (tp ranks repeat theirs)
-        "loss0": statistics.fmean(losses) if losses else None,
+        "losses": _step_losses(ranks),
         "peak_memory_bytes": [r.get("peak_bytes") for r in sorted(ranks, key=lambda r: r["rank"])],
         "info": ranks[0].get("info", {}) if ranks else {},
         "ranks": ranks,
     }
+    record["loss0"] = record["losses"][0] if record["losses"] else None
     if status == "ok":
         step = max(statistics.median(r["step_seconds"]) for r in ranks)  # the slowest rank sets the pace
         record.update(step_seconds=step)
     if status != "ok":
         record["output_tail"] = out[-3000:]
     return record
+
+
+def _step_losses(ranks: list[dict[str, Any]]) -> list[float | None]:
+    """The global batch's loss of each step: the mean over the ranks that report one (each covers
+    an equal share of the batch; tp ranks repeat theirs, pipeline stages but the last have none)."""
+    steps = min((len(r.get("losses", [])) for r in ranks), default=0)
+    out = []
+    for i in range(steps):
+        values = [r["losses"][i] for r in ranks if r["losses"][i] is not None]
+        out.append(statistics.fmean(values) if values else None)
+    return out
 
 
 def _layout_mesh(mode: Mode) -> dict[str, int] | None:
@@ -338,6 +350,10 @@ def compare(records: dict[str, dict], preset: peers.Preset) -> dict[str, Any]:
             abs(record["loss0"] - reference) / abs(reference)
         record["loss0_rel_diff"] = delta
         record["loss0_ok"] = None if delta is None else delta <= preset.loss_rtol
+        # later steps also check the gradients and the update; reported, not judged (bf16 SGD
+        # updates round differently per layout, and the difference grows step by step)
+        pairs = [(a, b) for a, b in zip(record["losses"], single.get("losses", [])) if a is not None and b]
+        record["loss_max_rel_diff_all_steps"] = max((abs(a - b) / abs(b) for a, b in pairs), default=None)
     summary: dict[str, Any] = {"reference_loss0": reference, "loss_rtol": preset.loss_rtol}
     peers_ok = {n: r for n, r in records.items() if n != "autopart" and r["tokens_per_second"]}
     ours = records.get("autopart", {})
@@ -384,6 +400,10 @@ def table(records: dict[str, dict], summary: dict[str, Any]) -> str:
     ref = summary.get("reference_loss0")
     lines.append(f"one-device step-0 loss {ref:.6f}, tolerance {summary['loss_rtol']:.0e} relative" if ref is not None
                  else "no one-device step-0 loss to compare with")
+    info = records.get("autopart", {}).get("info") or {}
+    if info:
+        lines.append(f"autopart: cluster {info['cluster_source']}; {info['precision']}; "
+                     f"compiled in {info['compile_seconds']:.1f} s")
     if "autopart_vs_best_peer" in summary:
         lines.append(f"autopart / best peer ({summary['best_peer']}) = {summary['autopart_vs_best_peer']:.2f}")
     if "predicted_over_measured_step" in summary:
@@ -404,6 +424,26 @@ def _mesh_text(record: dict[str, Any]) -> str:
     return text
 
 
+def _calibration(tmp: str, args: argparse.Namespace, gpu: bool) -> str:
+    """A JSON file with autopart.calibrate()'s cluster, or why there is none.
+
+    calibrate() runs in a process of its own: this one stays off the GPUs, and
+    every autopart rank then plans on the same measured cluster."""
+    import autopart
+
+    path = os.path.join(tmp, "calibration.json")
+    if hasattr(autopart, "calibrate"):
+        code, _, _ = _run([sys.executable, os.path.abspath(__file__), "--nproc", str(args.nproc),
+                           "--device", args.device, "--calibrate-to", path], _child_env(gpu), args.timeout)
+        why = f"the calibration process failed ({'timed out' if code is None else f'exit code {code}'})"
+    else:
+        why = "this autopart has no calibrate()"
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"why": why}, f)
+    return path
+
+
 def parent(args: argparse.Namespace) -> None:
     gpu = torch.cuda.is_available() and args.device != "cpu"
     preset = peers.PRESETS[args.model]
@@ -417,15 +457,7 @@ def parent(args: argparse.Namespace) -> None:
                                         f"gpu_compare_{args.model}_{args.nproc}{'gpu' if gpu else 'cpu'}.json")
     records: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_compare_") as tmp:
-        calibration = None
-        if "autopart" in wanted:
-            calibration = os.path.join(tmp, "calibration.json")
-            code, out, _ = _run([sys.executable, os.path.abspath(__file__), "--nproc", str(args.nproc),
-                                 "--device", args.device, "--calibrate-to", calibration],
-                                _child_env(gpu), args.timeout)
-            if not os.path.exists(calibration):
-                with open(calibration, "w", encoding="utf-8") as f:
-                    json.dump({"why": f"calibration process failed ({'timeout' if code is None else code})"}, f)
+        calibration = _calibration(tmp, args, gpu) if "autopart" in wanted else None
         for mode in modes:
             records[mode.name] = launch(mode, args, os.path.join(tmp, mode.name), calibration, gpu)
     summary = compare(records, preset)

@@ -482,4 +482,5 @@ def local_loss_value(loss: torch.Tensor | None) -> float | None:
 def barrier() -> None:
     """Align the ranks before a timed step (a no-op without a process group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
