@@ -15,12 +15,12 @@ from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
-from autopart.passes.coarsen import BlockGraph
+from autopart.passes.blocks import BlockGraph
 from autopart.plan import Plan
 from autopart.mesh_search import plan_mesh, tensor_parallel_choices
 from autopart.planner import PlanRequest, smallest_microbatch
 from autopart.runtime.local import batch_size_of, split_microbatches
-from autopart.trace import io_spec, trace
+from autopart.tracing import io_spec, trace
 
 
 def compile(  # noqa: A001 - the public name the project promises

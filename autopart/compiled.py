@@ -11,7 +11,7 @@ from autopart.cost_models import Cluster
 from autopart.errors import InputError
 from autopart.plan import Plan
 from autopart.runtime.local import LocalPipeline, split_rows
-from autopart.trace import flatten_inputs, unflatten_output
+from autopart.tracing import flatten_inputs, unflatten_output
 
 
 class CompiledModel:

@@ -1,7 +1,7 @@
 """Every function that reads or rewrites a GraphModule."""
 
-from autopart.passes.annotate import COST_META_KEY, NodeCost, annotate, node_cost
-from autopart.passes.coarsen import Block, BlockGraph, BlockValue, coarsen
+from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_cost
+from autopart.passes.blocks import Block, BlockGraph, BlockValue, coarsen
 from autopart.passes.codegen import InputSource, StageInterface, stage_interface, stage_modules
 from autopart.passes.shard import shard_graph
 from autopart.passes.split import split_stages

@@ -33,7 +33,7 @@ from autopart.passes.codegen import StageInterface, stage_interface
 from autopart.runtime.local import batch_size_of, split_rows, take_rows
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
-from autopart.trace import flatten_inputs, unflatten_output
+from autopart.tracing import flatten_inputs, unflatten_output
 
 
 class _StageAdapter(nn.Module):

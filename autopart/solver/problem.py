@@ -1,6 +1,6 @@
 """The pipeline-partitioning problem as plain arrays, and the solver's answer.
 
-The solver sees nothing of torch.fx: `passes/coarsen.py` and `autopart/planner.py`
+The solver sees nothing of torch.fx: `passes/blocks.py` and `autopart/planner.py`
 turn a costed graph into a `PipelineProblem`; the solver returns a
 `PipelineSolution`. Units: seconds, bytes, bytes per second.
 """
