@@ -2,7 +2,7 @@
 
 `graph_strategies` lists, per node, the strategies of `tp_rules` (placements of
 inputs and output); `build_tp_problem` prices them and turns the graph into the
-plain arrays of `autopart.solver.tp_ilp.TPProblem`; `choose_tp_strategies`
+plain arrays of `autopart.problems.TPProblem`; `choose_tp_strategies`
 solves it and returns a `TPAssignment` that `passes.shard.shard_graph` applies.
 
 Costs (seconds; one tp group on `cluster`'s devices 0..tp−1, bound by
@@ -40,7 +40,8 @@ from autopart.passes.tp_placements import (
     parse_placement, replicate, shape_of,
 )
 from autopart.passes.tp_rules import op_strategies
-from autopart.solver.tp_ilp import SharedCost, TPProblem, TPSolution, solve_tp
+from autopart.problems import SharedCost, TPProblem, TPSolution
+from autopart.solver import solve_tp
 
 INF = float("inf")
 

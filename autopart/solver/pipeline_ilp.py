@@ -66,15 +66,10 @@ import numpy as np
 
 from autopart.errors import InputError, PlanError
 from autopart.solver.backends import _CpSat, _Mip, _make_backend
-from autopart.solver.brute_force import (
-    PipelineCosts,
-    contiguous_split,
-    crossings,
-    evaluate_assignments,
-    pipeline_costs,
-)
+from autopart.problems import PipelineProblem, PipelineSolution
 from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
-from autopart.solver.problem import PipelineProblem, PipelineSolution
+from autopart.solver.chain_split import contiguous_split
+from autopart.solver.pipeline_costs import PipelineCosts, crossings, evaluate_assignments, pipeline_costs
 from autopart.units import fmt_bytes
 
 _TIME_UNITS = 2**30
