@@ -7,15 +7,21 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from autopart.batch import split_rows
 from autopart.cost_models import Cluster
 from autopart.errors import InputError
+from autopart.interfaces import IOSpec, StageInterface, io_spec, stage_interface
 from autopart.plan import Plan
-from autopart.runtime.local import LocalPipeline, split_rows
-from autopart.tracing import flatten_inputs, unflatten_output
+from autopart.runtime.local import LocalPipeline
 
 
 class CompiledModel:
-    """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation."""
+    """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation.
+
+    What the runtimes read besides the Plan: the rank modules, `interfaces` (one
+    `StageInterface` per stage) and `io` (the model's input/output structure),
+    which codegen and the tracer wrote on the modules; never the traced graph.
+    """
 
     def __init__(self, *, plan: Plan, stages: list[list[torch.fx.GraphModule]],
                  graph: torch.fx.GraphModule, cluster: Cluster,
@@ -25,11 +31,15 @@ class CompiledModel:
         self.phase_seconds = dict(phase_seconds or {})
         """Wall time of each compile phase: trace, annotate, plan, tensor-parallel, codegen."""
         self._stages = stages  # [stage][tp rank] -> GraphModule
-        self._graph = graph  # the traced microbatch graph, for input/output structure
+        self._graph = graph  # the traced microbatch graph (for users: the runtimes read `io`)
+        self.interfaces: tuple[StageInterface, ...] = tuple(stage_interface(ranks[0]) for ranks in stages)
+        """How each stage connects to its neighbours and to the model, stage 0 first."""
+        self.io: IOSpec = io_spec(graph)
+        """How a call's (args, kwargs) flatten into the stage inputs and the outputs rebuild the model's."""
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
-        self._local = LocalPipeline(stages, plan.schedule, plan.num_microbatches * plan.mesh.dp, plan.batch_size,
-                                    virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp)
+        self._local = LocalPipeline(stages, self.interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
+                                    plan.batch_size, virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -92,9 +102,8 @@ class CompiledModel:
 
     def simulate(self, *args: Any, **kwargs: Any) -> Any:
         """Forward over all ranks in one process, microbatched as planned; the model's own output."""
-        flat = flatten_inputs(self._graph, args, kwargs)
-        per_microbatch = self._local.forward(flat)
-        return unflatten_output(self._graph, _concat_microbatches(per_microbatch, self.plan.microbatch_size))
+        per_microbatch = self._local.forward(self.io.flatten(args, kwargs))
+        return self.io.unflatten(_concat_microbatches(per_microbatch, self.plan.microbatch_size))
 
     def simulate_train_step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                             **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,11 +113,11 @@ class CompiledModel:
         `torch.nn.functional.cross_entropy`'s default); the step's loss is the mean
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
-        flat = flatten_inputs(self._graph, args, kwargs)
+        flat = self.io.flatten(args, kwargs)
         targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 
         def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
-            return loss_fn(unflatten_output(self._graph, flat_outputs), micro_target)
+            return loss_fn(self.io.unflatten(flat_outputs), micro_target)
 
         self._local.zero_grad()
         loss = self._local.train_step(flat, targets, loss_of)

@@ -2,7 +2,7 @@
 
 An analysis pass in the manner of torch/fx/passes/fake_tensor_prop.py: a
 `torch.fx.Interpreter` runs the graph on fake tensors (no memory, no compute)
-with autograd on, and writes one meta key, ``node.meta["autopart"]``.
+with autograd on, and writes one meta key, ``node.meta["autopart_cost"]``.
 
 What it measures per node, and how:
 - forward/backward FLOPs: `cost_models.op_flops` on the node's fake arguments
@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from autopart.cost_models import Cluster, op_flops, op_seconds
 from autopart.errors import MissingAnnotationError
 
-COST_META_KEY = "autopart"
+COST_META_KEY = "autopart_cost"
 
 # Backward reads the output gradient and the saved inputs and writes the input
 # gradients: about twice the forward's traffic for elementwise and norm ops.
@@ -81,7 +81,7 @@ class NodeCost:
 
 
 def annotate(gm: torch.fx.GraphModule, cluster: Cluster) -> torch.fx.GraphModule:
-    """Write a `NodeCost` into ``node.meta["autopart"]`` of every node; return `gm`."""
+    """Write a `NodeCost` into ``node.meta["autopart_cost"]`` of every node; return `gm`."""
     _CostInterpreter(gm, cluster).run_on_fakes()
     return gm
 
