@@ -6,7 +6,7 @@ from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, DeviceSpec
 from autopart.errors import AutopartError, InputError, MissingAnnotationError, PlanError, TraceError
 from autopart.plan import Plan
-from autopart.trace import trace
+from autopart.tracing import trace
 
 __all__ = [
     "AutopartError",

@@ -13,14 +13,14 @@ import torch.fx
 from autopart import passes
 from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, optimizer_state_bytes
+from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
-from autopart.passes.coarsen import BlockGraph
+from autopart.passes.blocks import BlockGraph
 from autopart.plan import Plan, autocast_dtype
 from autopart.mesh_search import plan_mesh, tensor_parallel_choices
 from autopart.planner import PlanRequest, smallest_microbatch
-from autopart.runtime.local import batch_size_of, split_microbatches
-from autopart.trace import io_spec, trace
+from autopart.tracing import io_spec, trace
 
 
 def compile(  # noqa: A001 - the public name the project promises
@@ -118,10 +118,7 @@ def _shard(stage: torch.fx.GraphModule, assignment) -> list[torch.fx.GraphModule
     """The stage's tp rank modules (the stage itself when tp = 1), each with the stage's interface."""
     if assignment is None:
         return [stage]
-    ranks = passes.shard_graph(stage, assignment, assignment.tp)
-    for rank in ranks:
-        rank.meta[passes.codegen.INTERFACE_META_KEY] = passes.stage_interface(stage)
-    return ranks
+    return passes.shard_graph(stage, assignment, assignment.tp)
 
 
 class _Phases:
@@ -168,7 +165,7 @@ def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:
 
 def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
     """(args, kwargs) of the first `size` samples of the batch."""
-    micro = split_microbatches(flat, batch_size, batch_size // size)[0]
+    micro = take_rows(flat, batch_size, 0, size)
     args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
     return tuple(args), dict(kwargs)
 

@@ -7,16 +7,23 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from autopart.batch import split_rows
 from autopart.cost_models import Cluster
 from autopart.errors import InputError
+from autopart.interfaces import IOSpec, StageInterface, io_spec, stage_interface
 from autopart.plan import Plan
-from autopart.runtime.local import LocalPipeline, split_rows
+from autopart.passes.device import move_to_device
+from autopart.runtime.local import LocalPipeline
 from autopart.runtime.precision import check_caller_autocast
-from autopart.trace import flatten_inputs, unflatten_output
 
 
 class CompiledModel:
-    """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation."""
+    """A partitioned model: `plan`, one GraphModule per rank, and a one-process simulation.
+
+    What the runtimes read besides the Plan: the rank modules, `interfaces` (one
+    `StageInterface` per stage) and `io` (the model's input/output structure),
+    which codegen and the tracer wrote on the modules; never the traced graph.
+    """
 
     def __init__(self, *, plan: Plan, stages: list[list[torch.fx.GraphModule]],
                  graph: torch.fx.GraphModule, cluster: Cluster,
@@ -26,11 +33,15 @@ class CompiledModel:
         self.phase_seconds = dict(phase_seconds or {})
         """Wall time of each compile phase: trace, annotate, plan, tensor-parallel, codegen."""
         self._stages = stages  # [stage][tp rank] -> GraphModule
-        self._graph = graph  # the traced microbatch graph, for input/output structure
+        self._graph = graph  # the traced microbatch graph (for users: the runtimes read `io`)
+        self.interfaces: tuple[StageInterface, ...] = tuple(stage_interface(ranks[0]) for ranks in stages)
+        """How each stage connects to its neighbours and to the model, stage 0 first."""
+        self.io: IOSpec = io_spec(graph)
+        """How a call's (args, kwargs) flatten into the stage inputs and the outputs rebuild the model's."""
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
-        self._local = LocalPipeline(stages, plan.schedule, plan.num_microbatches * plan.mesh.dp, plan.batch_size,
-                                    virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
+        self._local = LocalPipeline(stages, self.interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
+                                    plan.batch_size, virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
                                     mixed_precision=plan.mixed_precision)
 
     @property
@@ -55,13 +66,21 @@ class CompiledModel:
                              "use rank_modules(rank)")
         return modules[0]
 
-    def rank_modules(self, rank: int) -> list[torch.fx.GraphModule]:
-        """The GraphModules of every stage rank `rank` runs (several with virtual stages), first to last."""
+    def rank_modules(self, rank: int, device: torch.device | str | None = None) -> list[torch.fx.GraphModule]:
+        """The GraphModules of every stage rank `rank` runs (several with virtual stages), first to last.
+
+        With `device`, every device the graphs carry (factory ops, `to(device)`, traced on the CPU)
+        is rewritten to it, in place (passes/device.py); parameters stay where they are.
+        """
         mesh = self.plan.mesh
         if not 0 <= rank < mesh.num_devices:
             raise InputError(f"rank={rank} is outside 0..{mesh.num_devices - 1} "
                              f"(the plan uses dp={mesh.dp} × pp={mesh.pp} × tp={mesh.tp} ranks)")
-        return [self._stages[s][rank % mesh.tp] for s in self.plan.stages_of_rank((rank // mesh.tp) % mesh.pp)]
+        modules = [self._stages[s][rank % mesh.tp] for s in self.plan.stages_of_rank((rank // mesh.tp) % mesh.pp)]
+        if device is not None:
+            for module in modules:
+                move_to_device(module, device, move_state=False)
+        return modules
 
     def stage_module(self, stage: int, tp_index: int = 0) -> torch.fx.GraphModule:
         """The GraphModule of pipeline stage `stage`, tensor-parallel rank `tp_index`."""
@@ -95,9 +114,8 @@ class CompiledModel:
     def simulate(self, *args: Any, **kwargs: Any) -> Any:
         """Forward over all ranks in one process, microbatched as planned; the model's own output."""
         self._check_caller_autocast()
-        flat = flatten_inputs(self._graph, args, kwargs)
-        per_microbatch = self._local.forward(flat)
-        return unflatten_output(self._graph, _concat_microbatches(per_microbatch, self.plan.microbatch_size))
+        per_microbatch = self._local.forward(self.io.flatten(args, kwargs))
+        return self.io.unflatten(_concat_microbatches(per_microbatch, self.plan.microbatch_size))
 
     def simulate_train_step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                             **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -108,11 +126,11 @@ class CompiledModel:
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
         self._check_caller_autocast()
-        flat = flatten_inputs(self._graph, args, kwargs)
+        flat = self.io.flatten(args, kwargs)
         targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 
         def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
-            return loss_fn(unflatten_output(self._graph, flat_outputs), micro_target)
+            return loss_fn(self.io.unflatten(flat_outputs), micro_target)
 
         self._local.zero_grad()
         loss = self._local.train_step(flat, targets, loss_of)

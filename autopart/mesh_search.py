@@ -18,7 +18,7 @@ import torch.fx
 from autopart import passes
 from autopart.cost_models import Cluster
 from autopart.errors import InputError, PlanError
-from autopart.passes.coarsen import BlockGraph
+from autopart.passes.blocks import BlockGraph
 from autopart.passes.tp_placements import TPAssignment
 from autopart.plan import Plan
 from autopart.planner import PlanRequest, plan_pipeline

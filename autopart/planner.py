@@ -32,10 +32,12 @@ from autopart.cost_models import (
     reduce_scatter_seconds,
 )
 from autopart.errors import InputError, PlanError
-from autopart.passes.coarsen import BlockGraph
+from autopart.passes.blocks import BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.schedules import VIRTUAL_SCHEDULES, bubble_fraction, microbatches_per_round
-from autopart.solver import SCHEDULES, PipelineProblem, PipelineSolution, ValueFlow, solve_pipeline
+from autopart.problems import PipelineProblem, PipelineSolution, ValueFlow
+from autopart.schedules import SCHEDULES
+from autopart.solver import solve_pipeline
 
 
 # The integer program, always: on chains of blocks the solver's exact dynamic

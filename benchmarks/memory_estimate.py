@@ -66,7 +66,7 @@ from autopart import zoo
 from autopart.cost_models import Cluster
 from autopart.passes import annotate
 from autopart.passes.memory import Estimate, estimate_training_peak
-from autopart.trace import flatten_inputs, io_spec
+from autopart.tracing import flatten_inputs, io_spec
 
 
 # ----------------------------------------------------------------------------- measurement

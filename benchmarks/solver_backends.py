@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from autopart.errors import PlanError
-from autopart.solver import PipelineProblem, ValueFlow, solve_pipeline
+from autopart.problems import PipelineProblem, ValueFlow
+from autopart.solver import solve_pipeline
 
 
 def transformer_chain(

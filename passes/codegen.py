@@ -4,60 +4,25 @@ Each stage submodule of `split_stages` becomes a self-contained GraphModule:
 it owns copies of its parameters and buffers (registered under their original
 names, e.g. ``model.layers.3.mlp.up_proj.weight``), takes as placeholders the
 model inputs (stage 0) or the previous stage's outputs, and returns a flat
-tuple. Its `StageInterface` (in ``gm.meta["autopart_stage"]``) says where each
-input comes from, which model outputs it returns, and which original
-parameter each of its attributes copies, so runtimes can route tensors and sum
-gradients of a parameter held by several stages.
+tuple. Its `StageInterface` (autopart/interfaces.py, in
+``gm.meta["autopart_stage_interface"]``) says where each input comes from,
+which model outputs it returns, and which original parameter each of its
+attributes copies, so runtimes can route tensors and sum gradients of a
+parameter held by several stages.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.fx
 
 from autopart.errors import PlanError
+from autopart.interfaces import STAGE_INTERFACE_META_KEY, InputSource, StageInterface
 from autopart.passes.attrs import fetch_attr
 from autopart.passes.split import SOURCE_META_KEY
-
-INTERFACE_META_KEY = "autopart_stage"
-
-
-@dataclass(frozen=True, kw_only=True)
-class InputSource:
-    """Where one placeholder of a stage gets its value."""
-
-    kind: str
-    """'model_input' (flat model input `index`) or 'previous_stage' (output `index` of stage - 1)."""
-    index: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageInterface:
-    """How a stage module connects to its neighbours and to the model."""
-
-    stage: int
-    num_stages: int
-    inputs: tuple[InputSource, ...]
-    """One per placeholder, in order."""
-    output_names: tuple[str, ...]
-    """Graph value each returned tensor carries, in order."""
-    model_outputs: tuple[int, ...]
-    """Last stage only: for each flat model output, its index in this stage's outputs."""
-    parameters: tuple[tuple[str, str], ...]
-    """(attribute path in this module, original parameter name) for each parameter copy."""
-    buffers: tuple[tuple[str, str], ...]
-    """(attribute path, original buffer name) for each buffer copy."""
-
-
-def stage_interface(gm: torch.fx.GraphModule) -> StageInterface:
-    interface = gm.meta.get(INTERFACE_META_KEY)
-    if interface is None:
-        raise PlanError("module has no stage interface: build rank modules with passes.codegen.stage_modules")
-    return interface
 
 
 def stage_modules(
@@ -89,7 +54,7 @@ def stage_modules(
         model_outputs: tuple[int, ...] = ()
         if stage == num_stages - 1:
             model_outputs = _model_outputs(output, produced, stage)
-        module.meta[INTERFACE_META_KEY] = StageInterface(
+        module.meta[STAGE_INTERFACE_META_KEY] = StageInterface(
             stage=stage, num_stages=num_stages, inputs=tuple(sources), output_names=output_names,
             model_outputs=model_outputs, parameters=params, buffers=buffers,
         )

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from autopart.passes.annotate import node_cost
+from autopart.passes.node_costs import node_cost
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,8 +4,8 @@ Each rank module
 - takes the same flat inputs as the traced graph and returns the same flat,
   replicated outputs;
 - holds only its slices of the parameters (cloned, registered under the
-  original names), listed with their slice in ``gm.meta["autopart_tp"]`` (a
-  `TPRankInfo`) so gradients can be reassembled;
+  original names), listed with their slice in ``gm.meta["autopart_tp_rank"]``
+  (a `TPRankInfo`, autopart/interfaces.py) so gradients can be reassembled;
 - runs each op on local shards, with shape arguments (view, reshape, expand,
   split sizes) made local, vocabulary-parallel embeddings and row-parallel
   biases rewritten (passes/tp_ops.py; the bias as a `ScaledBias` call_module ``tp_bias_<k>``);
@@ -20,50 +20,22 @@ and rank numbers differ), which the one-process simulation relies on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 
 from autopart.errors import PlanError
+from autopart.interfaces import TP_RANK_META_KEY, ParamSlice, TPRankInfo
 from autopart.passes.attrs import fetch_attr, is_parameter
-from autopart.passes.tp_ops import ScaledBias, TPCollective, take_shard, vocab_parallel_embedding
+from autopart.passes.node_costs import COST_META_KEY
+from autopart.interfaces import take_shard
+from autopart.passes.tp_ops import ScaledBias, TPCollective, vocab_parallel_embedding
 from autopart.passes.tp_placements import P, Placement, R, Replicate, Shard, TPAssignment, local_shape
 
 aten = torch.ops.aten
-TP_META_KEY = "autopart_tp"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParamSlice:
-    """Which part of an original parameter a rank module holds."""
-
-    name: str
-    """Original parameter name (the get_attr target, e.g. 'blocks.0.mlp_fc.weight')."""
-    dim: int | None
-    """Sharded dimension, or None when the rank holds the whole parameter."""
-    groups: int = 1
-    """Chunks of `dim` (see tp_placements.Shard)."""
-    index: int = 0
-    """This rank's piece."""
-    tp: int = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class TPRankInfo:
-    """What a rank module is: its rank, the axis size, and its parameter slices."""
-
-    rank: int
-    tp: int
-    params: tuple[ParamSlice, ...]
-
-
-def rank_info(gm: torch.fx.GraphModule) -> TPRankInfo:
-    info = gm.meta.get(TP_META_KEY)
-    if info is None:
-        raise PlanError("module is not a tensor-parallel rank module: build it with passes.shard.shard_graph")
-    return info
+PLACEMENT_META_KEY = "autopart_tp_placement"
+"""Node meta of a rank module: the placement ('R', 'S(1)', 'P') of the node's value."""
 
 
 def shard_graph(gm: torch.fx.GraphModule, assignment: TPAssignment, tp: int) -> list[torch.fx.GraphModule]:
@@ -81,7 +53,7 @@ class _RankBuilder:
         self.local: dict[str, torch.fx.Node] = {}
         self.cache: dict[tuple[str, str], torch.fx.Node] = {}
         self.params: list[ParamSlice] = []
-        self.num_comms = 0
+        self.collectives: list[str] = []
         self.num_biases = 0
 
     def build(self) -> torch.fx.GraphModule:
@@ -102,7 +74,8 @@ class _RankBuilder:
             self.local[node.name] = new
         self.graph.lint()
         module = torch.fx.GraphModule(self.root, self.graph, class_name=f"TPRank{self.rank}")
-        module.meta[TP_META_KEY] = TPRankInfo(rank=self.rank, tp=self.tp, params=tuple(self.params))
+        module.meta[TP_RANK_META_KEY] = TPRankInfo(rank=self.rank, tp=self.tp, params=tuple(self.params),
+                                                   collectives=tuple(self.collectives))
         for key, value in self.gm.meta.items():
             module.meta.setdefault(key, value)
         return module
@@ -138,20 +111,20 @@ class _RankBuilder:
         return new
 
     def _meta(self, node: torch.fx.Node, place: Placement) -> dict[str, Any]:
-        meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "autopart")}
+        meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", COST_META_KEY)}
         val = node.meta.get("val")
         local = lambda v: torch.empty(local_shape(tuple(v.shape), place, self.tp), dtype=v.dtype, device="meta")  # noqa: E731
         if isinstance(val, torch.Tensor):
             meta["val"] = local(val)
         elif isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in val):
             meta["val"] = type(val)(local(v) for v in val)
-        meta[TP_META_KEY] = str(place)
+        meta[PLACEMENT_META_KEY] = str(place)
         return meta
 
     def _comm(self, kind: str, x: torch.fx.Node, place: Placement, like: torch.fx.Node,
               dim: int = 0, groups: int = 1) -> torch.fx.Node:
-        name = f"tp_comm_{self.num_comms}"
-        self.num_comms += 1
+        name = f"tp_comm_{len(self.collectives)}"
+        self.collectives.append(name)
         self.root[name] = TPCollective(kind, dim=dim, groups=groups, tp=self.tp, rank=self.rank,
                                        value=like.name)
         new = self.graph.call_module(name, (x,))

@@ -28,7 +28,7 @@ from torch.fx.passes.split_module import split_module
 from autopart.errors import PlanError
 
 RELAY = torch.ops.aten.alias.default
-STAGE_META_KEY = "autopart_stage_index"
+STAGE_OF_NODE_META_KEY = "autopart_stage_of_node"
 SOURCE_META_KEY = "autopart_source_node"
 
 
@@ -42,7 +42,7 @@ def split_stages(gm: torch.fx.GraphModule, stage_of_node: Mapping[str, int], num
     work.recompile()
     for node in work.graph.nodes:
         if node.op == "call_function":
-            node.meta[STAGE_META_KEY] = stage[node]
+            node.meta[STAGE_OF_NODE_META_KEY] = stage[node]
     if _HAS_TUPLE_RETURN:
         return split_module(work, gm, lambda node: stage[node], keep_original_order=True,
                             keep_original_node_name=True, tuple_return=True)

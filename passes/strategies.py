@@ -2,12 +2,12 @@
 
 `graph_strategies` lists, per node, the strategies of `tp_rules` (placements of
 inputs and output); `build_tp_problem` prices them and turns the graph into the
-plain arrays of `autopart.solver.tp_ilp.TPProblem`; `choose_tp_strategies`
+plain arrays of `autopart.problems.TPProblem`; `choose_tp_strategies`
 solves it and returns a `TPAssignment` that `passes.shard.shard_graph` applies.
 
 Costs (seconds; one tp group on `cluster`'s devices 0..tp−1, bound by
 `Cluster.link_for_group`):
-- compute: the node's roofline time (passes/annotate.py, forward + backward
+- compute: the node's roofline time (passes/node_costs.py, forward + backward
   when training) on device 0; a split op keeps the launch floor and does
   `compute_fraction` of the rest: floor + (t − floor)·fraction;
 - resharding on an edge (cost_models/comm.py, ring algorithms, n = the full
@@ -32,15 +32,16 @@ import torch.fx
 
 from autopart.cost_models import Cluster, Link, all_gather_seconds, all_reduce_seconds, reduce_scatter_seconds
 from autopart.errors import InputError
-from autopart.passes.annotate import node_cost
+from autopart.passes.node_costs import node_cost
 from autopart.passes.attrs import is_parameter
-from autopart.passes.coarsen import coarsen
+from autopart.passes.blocks import coarsen
 from autopart.passes.tp_placements import (
     P, Collective, NodePlacement, Placement, R, Replicate, Shard, Strategy, TPAssignment, can_shard,
     parse_placement, replicate, shape_of,
 )
 from autopart.passes.tp_rules import op_strategies
-from autopart.solver.tp_ilp import SharedCost, TPProblem, TPSolution, solve_tp
+from autopart.problems import SharedCost, TPProblem, TPSolution
+from autopart.solver import solve_tp
 
 INF = float("inf")
 
@@ -310,7 +311,7 @@ def _readers(node: torch.fx.Node, graph: GraphStrategies) -> list[str]:
 
 def _tie_groups(gm: torch.fx.GraphModule, cluster: Cluster, graph: GraphStrategies) -> dict[str, int]:
     """One group per node, except that nodes at the same position of identical layers
-    (equal `Block.signature`, passes/coarsen.py) with equal strategy lists share one."""
+    (equal `Block.signature`, passes/blocks.py) with equal strategy lists share one."""
     blocks = coarsen(gm, cluster, depth=0).blocks
     key_of: dict[str, tuple] = {}
     readers: dict[str, set[int]] = {}

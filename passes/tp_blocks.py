@@ -19,11 +19,11 @@ import torch
 import torch.fx
 
 from autopart.cost_models import Cluster
-from autopart.passes.annotate import node_cost
-from autopart.passes.coarsen import Block, BlockGraph, BlockTimes
+from autopart.passes.node_costs import node_cost
+from autopart.passes.blocks import Block, BlockGraph, BlockTimes
 from autopart.passes.strategies import assignment_from_solution, build_tp_problem
 from autopart.passes.tp_placements import R, Placement, TPAssignment
-from autopart.solver.tp_ilp import solve_tp
+from autopart.solver import solve_tp
 
 
 def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,

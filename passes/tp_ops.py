@@ -20,11 +20,11 @@ reduce_scatter     this rank's shard of the sum  concatenate the shards
 gradient is already the full one on every rank; where a Replicate value also
 feeds split ops, f supplies the sum.)
 
-`TPCollective` runs on a real process group (`attach_process_group`) with
+`TPCollective` runs on a real process group (`attach(group)`) with
 `torch.distributed` ops inside autograd Functions. The one-process simulation
 (`autopart.runtime.spmd`) runs the same modules across all ranks at once with
-`simulated_forward` / `simulated_backward`, which compute exactly what the
-distributed forward and backward compute.
+`across_ranks`, whose forward and backward (`simulated_forward`,
+`simulated_backward`) compute exactly what the distributed ones compute.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from autopart.interfaces import merge_shards, take_shard
 
 KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter")
 COMMUNICATES = {
@@ -64,25 +66,6 @@ def _record(kind: str, phase: str, value: str) -> None:
     if (kind, phase) in COMMUNICATES:
         for events in _LOG:
             events.append((kind, phase, value))
-
-
-# ----------------------------------------------------------------------------- shard layout
-
-
-def take_shard(x: torch.Tensor, dim: int, groups: int, tp: int, rank: int) -> torch.Tensor:
-    """Rank `rank`'s piece of every one of `groups` chunks of `dim` (see tp_placements.Shard)."""
-    size = x.shape[dim]
-    if size % (groups * tp):
-        raise ValueError(f"dim {dim} of shape {tuple(x.shape)} does not split into {groups} groups × {tp} ranks")
-    pieces = x.unflatten(dim, (groups, tp, size // (groups * tp))).select(dim + 1, rank)
-    return pieces.flatten(dim, dim + 1).contiguous()
-
-
-def merge_shards(pieces: Sequence[torch.Tensor], dim: int, groups: int) -> torch.Tensor:
-    """Inverse of `take_shard` over all ranks: the full tensor from every rank's piece."""
-    size = pieces[0].shape[dim]
-    split = [p.unflatten(dim, (groups, size // groups)) for p in pieces]
-    return torch.stack(split, dim=dim + 1).flatten(dim, dim + 2)
 
 
 # ----------------------------------------------------------------------------- simulation semantics
@@ -193,6 +176,21 @@ class _DistCollective(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
+class _AcrossRanks(torch.autograd.Function):
+    """One collective over all ranks' tensors in one process: forward and backward as on a process group."""
+
+    @staticmethod
+    def forward(ctx, kind: str, dim: int, groups: int, value: str, *xs: torch.Tensor):
+        ctx.kind, ctx.dim, ctx.groups, ctx.value = kind, dim, groups, value
+        _record(kind, "forward", value)
+        return tuple(simulated_forward(kind, xs, dim, groups))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        _record(ctx.kind, "backward", ctx.value)
+        return (None, None, None, None, *simulated_backward(ctx.kind, grads, ctx.dim, ctx.groups))
+
+
 class TPCollective(torch.nn.Module):
     """A collective node of a rank module (a `call_module`): one of `KINDS` on the tp axis."""
 
@@ -212,20 +210,29 @@ class TPCollective(torch.nn.Module):
         if self.process_group is None:
             raise RuntimeError(
                 f"tp collective {self.kind} has no process group: call "
-                "passes.tp_ops.attach_process_group(rank_module, group) before running a rank module on "
+                "attach_process_group(rank_module, group) before running a rank module on "
                 "torch.distributed, or run all ranks with autopart.runtime.spmd.simulate_tp"
             )
         return _DistCollective.apply(x, self.kind, self.dim, self.groups, self.process_group, self.value)
+
+    def attach(self, group) -> None:
+        """Talk over `group` from now on (its size must be the tp degree)."""
+        size = dist.get_world_size(group)
+        if size != self.tp:
+            raise ValueError(f"process group has {size} ranks but the module was sharded for tp={self.tp}")
+        self.process_group = group
+
+    def across_ranks(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Every rank's output, given every rank's input (rank order), with the same autograd
+        as on a process group: for running all ranks in one process."""
+        return _AcrossRanks.apply(self.kind, self.dim, self.groups, self.value, *xs)
 
 
 def attach_process_group(module: torch.nn.Module, group) -> None:
     """Make every TPCollective of `module` talk over `group` (its size must be the tp degree)."""
     for sub in module.modules():
         if isinstance(sub, TPCollective):
-            size = dist.get_world_size(group)
-            if size != sub.tp:
-                raise ValueError(f"process group has {size} ranks but the module was sharded for tp={sub.tp}")
-            sub.process_group = group
+            sub.attach(group)
 
 
 # ----------------------------------------------------------------------------- local ops

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import autopart
 from autopart import zoo
-from autopart.passes.codegen import stage_interface
+from autopart.interfaces import stage_interface
 from autopart.passes.device import device_literals, move_to_device
 
 BF16_RTOL = 1.6e-2

@@ -16,7 +16,7 @@ from autopart.report.html import render_html
 from autopart.report.summary import abbreviate_blocks, schedule_grid
 from autopart.report.text import render_text
 from autopart.report.timing import makespan, simulate
-from autopart.report.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
+from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autopart.errors import InputError, PlanError
-from autopart.schedules import VIRTUAL_SCHEDULES
-from autopart.solver import (
-    SCHEDULES,
-    PipelineProblem,
-    PipelineSolution,
-    ValueFlow,
-    brute_force_pipeline,
-    solve_pipeline,
-)
-from autopart.solver.brute_force import contiguous_split, evaluate_assignments, pipeline_costs
+from autopart.problems import PipelineProblem, PipelineSolution, ValueFlow
+from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
+from autopart.solver import brute_force_pipeline, solve_pipeline
+from autopart.solver.chain_split import contiguous_split
+from autopart.solver.pipeline_costs import evaluate_assignments, pipeline_costs
 
 BACKENDS = ("cpsat", "mip", "auto")  # auto: the exact DP on chains, else CP-SAT
 GB = 10**9

@@ -44,8 +44,9 @@ from autopart.passes.tp_placements import R, Shard, TPAssignment
 from autopart.passes.tp_plan import MEGATRON_PLANS, plan_placements
 from autopart.passes.tp_views import merge_split_placement, view_shapes_map
 from autopart.runtime.spmd import simulate_tp, tp_train_step
-from autopart.solver.tp_ilp import SharedCost, TPProblem, brute_force_tp, solve_tp
-from autopart.trace import flatten_inputs
+from autopart.problems import SharedCost, TPProblem
+from autopart.solver import brute_force_tp, solve_tp
+from autopart.tracing import flatten_inputs
 from random_models import build, programs
 
 FWD = dict(rtol=1e-5, atol=1e-5)

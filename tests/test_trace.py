@@ -7,7 +7,7 @@ import torch
 
 import autopart
 from autopart import zoo
-from autopart.trace import flatten_inputs, io_spec, unflatten_output
+from autopart.tracing import flatten_inputs, io_spec, unflatten_output
 
 
 def _run_graph(gm, entry):

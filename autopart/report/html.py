@@ -20,7 +20,7 @@ from autopart.report.summary import (
 from autopart.report.svg import ACTION_COLOURS, MEMORY_COLOURS, layers_svg, memory_svg, stage_colour, timeline_svg
 from autopart.report.text import render_text
 from autopart.report.timing import makespan, simulate
-from autopart.report.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
+from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
 
 _CSS = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f7f8fa; --card:#fff; --accent:#4e79a7; }

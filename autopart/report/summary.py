@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 
 from autopart.plan import Candidate, Plan, StagePlan
-from autopart.report.units import fmt_bytes, fmt_percent, fmt_ranges, plural
+from autopart.units import fmt_bytes, fmt_percent, fmt_ranges, plural
 from autopart.schedules import Action, bubble_fraction, build_schedule, grid, peak_in_flight, timeline
 
 MEMORY_KINDS = ("params", "grads", "optimizer", "buffers", "activations", "boundary")

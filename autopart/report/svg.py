@@ -13,7 +13,7 @@ from html import escape
 from autopart.plan import Plan, StagePlan
 from autopart.report.summary import MEMORY_KINDS, tensor_parallel_split
 from autopart.report.timing import TimedAction, busy_fraction, makespan
-from autopart.report.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_seconds
+from autopart.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_seconds
 
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
                  "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")

@@ -20,7 +20,7 @@ from autopart.report.summary import (
     tensor_parallel_split,
     tensor_parallel_summary,
 )
-from autopart.report.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
+from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
 
 _LABEL = 17
 """Width of the label column of 'label: value' lines."""

@@ -28,15 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopart.batch import batch_size_of, split_rows, take_rows
 from autopart.errors import AutopartError, InputError
-from autopart.passes.codegen import StageInterface, stage_interface
-from autopart.runtime.local import batch_size_of, split_rows, take_rows
-from autopart.passes.device import move_to_device
+from autopart.interfaces import StageInterface, tp_rank_info
 from autopart.plan import autocast_dtype
 from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
-from autopart.trace import flatten_inputs, unflatten_output
 
 
 class _StageAdapter(nn.Module):
@@ -186,15 +184,14 @@ class DistributedRunner(StateMixin):
         """Original parameter name -> the first stage holding it (whose copy counts in norms)."""
         self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(
             {ranks for ranks in self.shared_names.values() if len(ranks) > 1}))
-        tensor_positions = [i for i, leaf in enumerate(_example_flat(compiled)) if isinstance(leaf, torch.Tensor)]
+        tensor_positions = [i for i, leaf in enumerate(compiled.io.example_inputs) if isinstance(leaf, torch.Tensor)]
         self.adapters: list[_StageAdapter] = []
-        for module in compiled.rank_modules(self.rank):
-            interface = stage_interface(module)
+        for stage, module in zip(self.stage_indices, compiled.rank_modules(self.rank, device=self.device)):
+            interface = compiled.interfaces[stage]
             module = _materialise(module, self.device, state_dict, init_fn, interface)
             if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
-                from autopart.passes.tp_ops import attach_process_group
-
-                attach_process_group(module, self.groups.tp)
+                for target in tp_rank_info(module).collectives:
+                    module.get_submodule(target).attach(self.groups.tp)
             self.adapters.append(_StageAdapter(module, interface, tensor_positions,
                                                _received_vals(compiled, interface, tensor_positions),
                                                _stage_output_vals(compiled, interface.stage), self._autocast))
@@ -312,7 +309,7 @@ class DistributedRunner(StateMixin):
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         flat = output if isinstance(output, tuple) else (output,)
         with self._autocast():  # the loss computes as it would in the user's autocast region
-            return self._loss_fn(unflatten_output(self.compiled.graph, flat), None if self._no_target else target)
+            return self._loss_fn(self.compiled.io.unflatten(flat), None if self._no_target else target)
 
     def _step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         loss = torch.stack([x.detach() for x in losses]).mean() if losses else torch.zeros((), device=self.device)
@@ -397,7 +394,7 @@ class DistributedRunner(StateMixin):
                     outputs = [_all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
             except (RuntimeError, dist.DistBackendError) as error:
                 raise self._peer_error("forward", error) from error
-        return unflatten_output(self.compiled.graph, tuple(outputs))
+        return self.compiled.io.unflatten(tuple(outputs))
 
     def _forward_microbatch(self, micro: list[Any]) -> list[torch.Tensor]:
         """One microbatch through this rank's stages in order, with blocking sends and receives
@@ -429,7 +426,7 @@ class DistributedRunner(StateMixin):
     # ------------------------------------------------------------------ helpers
 
     def _local_inputs(self, args: tuple, kwargs: dict, target: Any) -> tuple[list[Any], Any]:
-        flat = flatten_inputs(self.compiled.graph, args, kwargs)
+        flat = self.compiled.io.flatten(args, kwargs)
         batch = batch_size_of(flat)
         if batch != self.plan.batch_size:
             raise InputError(f"the batch has {batch} samples but the plan was made for {self.plan.batch_size}; "
@@ -565,9 +562,9 @@ def _init_process_group(device: torch.device, timeout_s: float) -> None:
 def _holders(compiled) -> dict[str, list[int]]:
     """Original parameter name -> the stages that hold a copy."""
     holders: dict[str, list[int]] = {}
-    for stage in range(compiled.plan.num_stages):
-        for _, name in stage_interface(compiled.stage_module(stage)).parameters:
-            holders.setdefault(name, []).append(stage)
+    for interface in compiled.interfaces:
+        for _, name in interface.parameters:
+            holders.setdefault(name, []).append(interface.stage)
     return holders
 
 
@@ -575,11 +572,6 @@ def _shared_parameters(holders: dict[str, list[int]], pp: int) -> dict[str, tupl
     """Original parameter name -> the pipeline ranks that hold a copy, for names held by
     several stages (one rank may hold several copies, with virtual stages)."""
     return {name: tuple(sorted({s % pp for s in stages})) for name, stages in holders.items() if len(stages) > 1}
-
-
-def _example_flat(compiled) -> list[Any]:
-    """Flat placeholders' example values of the traced graph (tensors or constants)."""
-    return [n.meta.get("val") for n in compiled.graph.graph.nodes if n.op == "placeholder"]
 
 
 def _like(value: torch.Tensor, device: torch.device, requires_grad: bool, wire: bool = True) -> torch.Tensor:
@@ -593,8 +585,7 @@ def _received_vals(compiled, interface: StageInterface, tensor_positions: list[i
     """What a stage receives for one microbatch: the model's tensor inputs for stage 0 (the graph
     is traced at the microbatch size), else the previous stage's outputs."""
     if interface.stage == 0:
-        flat = _example_flat(compiled)
-        return [flat[i] for i in tensor_positions]
+        return [compiled.io.example_inputs[i] for i in tensor_positions]
     return _output_vals(compiled.stage_module(interface.stage - 1))
 
 
@@ -603,7 +594,7 @@ def _stage_output_vals(compiled, stage: int) -> list[torch.Tensor]:
     module = compiled.stage_module(stage)
     vals = _output_vals(module)
     if stage == compiled.plan.num_stages - 1:
-        return [vals[i] for i in stage_interface(module).model_outputs]
+        return [vals[i] for i in compiled.interfaces[stage].model_outputs]
     return vals
 
 
@@ -635,7 +626,6 @@ def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict,
         module = module.to_empty(device=device)
     else:
         module = module.to(device)
-    _retarget_devices(module, device)
     if state_dict is not None:
         from autopart.runtime.state import load_into
 
@@ -646,11 +636,6 @@ def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict,
                 init_fn(name, module.get_parameter(path) if (path, name) in interface.parameters
                         else module.get_buffer(path))
     return module
-
-
-def _retarget_devices(module: torch.fx.GraphModule, device: torch.device) -> None:
-    """Point every device the graph carries (factory ops, `to(device)`, traced on the CPU) at `device`."""
-    move_to_device(module, device, move_state=False)
 
 
 def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:

@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from autopart.batch import batch_size_of, split_microbatches
 from autopart.errors import InputError
-from autopart.passes.codegen import StageInterface, stage_interface
+from autopart.interfaces import StageInterface
 from autopart.runtime.precision import stage_autocast
 from autopart.schedules import Action, build_schedule, timeline
 
@@ -29,38 +30,6 @@ class _Microbatch:
     losses: list[torch.Tensor] | None = None
 
 
-def split_microbatches(flat_inputs: Sequence[Any], batch_size: int, num_microbatches: int) -> list[list[Any]]:
-    """Chunk every tensor whose dim 0 is the batch; other values go to every microbatch."""
-    if num_microbatches < 1 or batch_size % num_microbatches:
-        raise InputError(
-            f"a batch of {batch_size} samples does not divide into {num_microbatches} microbatches; "
-            "pass a batch that is a multiple of the planned microbatch count"
-        )
-    return split_rows(list(flat_inputs), batch_size, num_microbatches)
-
-
-def split_rows(tree: Any, batch_size: int, num_microbatches: int) -> list[Any]:
-    """`tree` once per microbatch, each batched tensor (dim 0 = batch_size) cut to its rows."""
-    size = batch_size // num_microbatches
-    return [take_rows(tree, batch_size, i * size, (i + 1) * size) for i in range(num_microbatches)]
-
-
-def take_rows(tree: Any, batch_size: int, start: int, stop: int) -> Any:
-    """Rows start..stop of every tensor in `tree` whose dim 0 is the batch; other leaves as they are."""
-    def rows(x: Any) -> Any:
-        batched = isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch_size
-        return x[start:stop] if batched else x
-
-    return torch.utils._pytree.tree_map(rows, tree)
-
-
-def batch_size_of(flat_inputs: Sequence[Any]) -> int:
-    for x in flat_inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return int(x.shape[0])
-    raise InputError("no input tensor has a batch dimension (dim 0); pass at least one batched tensor")
-
-
 class LocalPipeline:
     """Runs stage modules in one process, microbatched under a schedule.
 
@@ -69,14 +38,14 @@ class LocalPipeline:
     with its own copy of what it receives, as separate processes would.
     """
 
-    def __init__(self, stages: Sequence[Sequence[torch.fx.GraphModule]], schedule: str, num_microbatches: int,
-                 batch_size: int, *, virtual_stages: int = 1, replicas: int = 1,
-                 mixed_precision: str | None = None) -> None:
+    def __init__(self, stages: Sequence[Sequence[torch.fx.GraphModule]], interfaces: Sequence[StageInterface],
+                 schedule: str, num_microbatches: int, batch_size: int, *, virtual_stages: int = 1,
+                 replicas: int = 1, mixed_precision: str | None = None) -> None:
         self.stages = [list(ranks) for ranks in stages]
         self.mixed_precision = mixed_precision
         """The plan's precision: stages and the loss run under its autocast (runtime/precision.py)."""
         self.tp = len(self.stages[0])
-        self.interfaces: list[StageInterface] = [stage_interface(ranks[0]) for ranks in self.stages]
+        self.interfaces = list(interfaces)
         self.schedule = schedule
         self.num_microbatches = num_microbatches
         """All replicas' microbatches: each replica plays the schedule on its own num_microbatches / replicas."""

@@ -7,10 +7,10 @@ its own rank number), and their collectives are Megatron's autograd pairs, not
 the functional collectives LocalTensorMode intercepts. It is also private and
 differs between torch releases. Running the ranks in lock step is small and
 exact: the modules share one graph structure, ordinary nodes run on each rank
-with `torch.fx.Interpreter`, and each `TPCollective` node runs across all
-ranks' values at once in an autograd Function whose forward and backward
-compute what the distributed one computes (passes/tp_ops.py), counted in
-`collective_log`.
+with `torch.fx.Interpreter`, and each collective node (listed in the module's
+`TPRankInfo`, autopart/interfaces.py) runs across all ranks' values at once
+through its `across_ranks`, whose forward and backward compute what the
+distributed one computes.
 
 Training: every rank computes the loss on its (replicated) outputs and seeds
 its own backward, as on a real process group; full gradients are rebuilt from
@@ -27,23 +27,14 @@ import torch
 import torch.fx
 
 from autopart.errors import PlanError
-from autopart.passes.shard import rank_info
-from autopart.passes.tp_ops import TPCollective, _record, merge_shards, simulated_backward, simulated_forward
+from autopart.interfaces import TPRankInfo, tp_rank_info
 
 
-class _CrossRank(torch.autograd.Function):
-    """One collective over all ranks' tensors: forward and backward as on a process group."""
-
-    @staticmethod
-    def forward(ctx, kind: str, dim: int, groups: int, value: str, *xs: torch.Tensor):
-        ctx.kind, ctx.dim, ctx.groups, ctx.value = kind, dim, groups, value
-        _record(kind, "forward", value)
-        return tuple(simulated_forward(kind, xs, dim, groups))
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        _record(ctx.kind, "backward", ctx.value)
-        return (None, None, None, None, *simulated_backward(ctx.kind, grads, ctx.dim, ctx.groups))
+def _info(module: torch.fx.GraphModule) -> TPRankInfo:
+    info = tp_rank_info(module)
+    if info is None:
+        raise PlanError("module is not a tensor-parallel rank module: build it with passes.shard.shard_graph")
+    return info
 
 
 def _check_lock_step(modules: Sequence[torch.fx.GraphModule]) -> list[list[torch.fx.Node]]:
@@ -63,8 +54,9 @@ def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequenc
     over ranks; otherwise every rank reads `flat_inputs`.
     """
     modules = list(rank_modules)
-    if [rank_info(m).rank for m in modules] != list(range(len(modules))):
+    if [_info(m).rank for m in modules] != list(range(len(modules))):
         raise PlanError("give the rank modules in rank order 0..tp-1, all of them")
+    collectives = set(_info(modules[0]).collectives)
     interps = [torch.fx.Interpreter(m) for m in modules]
     for r, interp in enumerate(interps):
         interp.args_iter = iter(per_rank_inputs[r] if per_rank_inputs is not None else flat_inputs)
@@ -72,10 +64,9 @@ def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequenc
     outputs: list[list[Any]] = []
     for step in zip(*_check_lock_step(modules)):
         head = step[0]
-        if head.op == "call_module" and isinstance(modules[0].get_submodule(head.target), TPCollective):
-            coll = modules[0].get_submodule(head.target)
+        if head.op == "call_module" and head.target in collectives:
             xs = [interp.env[node.args[0]] for interp, node in zip(interps, step)]
-            ys = _CrossRank.apply(coll.kind, coll.dim, coll.groups, coll.value, *xs)
+            ys = modules[0].get_submodule(head.target).across_ranks(xs)
             for interp, node, y in zip(interps, step, ys):
                 interp.env[node] = y
         elif head.op == "output":
@@ -125,7 +116,7 @@ def tp_train_step(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Seq
 
 def gather_gradients(rank_modules: Sequence[torch.fx.GraphModule]) -> dict[str, torch.Tensor]:
     """Full gradient per original parameter: shards concatenated, replicas checked identical."""
-    infos = [rank_info(m) for m in rank_modules]
+    infos = [_info(m) for m in rank_modules]
     grads: dict[str, torch.Tensor] = {}
     for i, piece in enumerate(infos[0].params):
         per_rank = [m.get_parameter(info.params[i].name).grad for m, info in zip(rank_modules, infos)]
@@ -141,5 +132,5 @@ def gather_gradients(rank_modules: Sequence[torch.fx.GraphModule]) -> dict[str, 
                                     f"rank 0's by up to {worst:.3g}; replicas must get identical gradients")
             grads[piece.name] = per_rank[0].detach().clone()
         else:
-            grads[piece.name] = merge_shards([g.detach() for g in per_rank], piece.dim, piece.groups)
+            grads[piece.name] = piece.merge([g.detach() for g in per_rank])
     return grads

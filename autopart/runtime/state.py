@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from autopart.errors import InputError
-from autopart.passes.codegen import StageInterface
+from autopart.interfaces import ParamSlice, StageInterface, tp_rank_info
 
 MANIFEST = "autopart_checkpoint.json"
 
@@ -38,18 +38,14 @@ def _entries(interface: StageInterface) -> list[tuple[str, str, bool]]:
     return [(p, n, True) for p, n in interface.parameters] + [(p, n, False) for p, n in interface.buffers]
 
 
-def _tp_slices(module: torch.nn.Module) -> dict[str, Any]:
+def _tp_slices(module: torch.nn.Module) -> dict[str, ParamSlice]:
     """Attribute path -> ParamSlice for a tensor-parallel rank module (empty otherwise)."""
-    from autopart.passes.shard import TP_META_KEY
-
-    info = getattr(module, "meta", {}).get(TP_META_KEY)
+    info = tp_rank_info(module)
     return {piece.name: piece for piece in info.params} if info is not None else {}
 
 
 def load_into(module: torch.nn.Module, interface: StageInterface, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy this rank's tensors out of a full state dict (its tp slices of it), checking names and shapes."""
-    from autopart.passes.tp_ops import take_shard
-
     slices = _tp_slices(module)
     with torch.no_grad():
         for path, name, is_param in _entries(interface):
@@ -61,7 +57,7 @@ def load_into(module: torch.nn.Module, interface: StageInterface, state_dict: di
             piece = slices.get(path)
             if piece is not None and piece.dim is not None and value.dim() > piece.dim \
                     and value.shape[piece.dim] == target.shape[piece.dim] * piece.tp:
-                value = take_shard(value, piece.dim, piece.groups, piece.tp, piece.index)
+                value = piece.take(value)
             if tuple(value.shape) != tuple(target.shape):
                 raise InputError(f"state dict entry {name!r} has shape {tuple(value.shape)} but the plan's "
                                  f"stage {interface.stage} holds {tuple(target.shape)}; the checkpoint is of "
@@ -88,8 +84,6 @@ class StateMixin:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on rank 0 (CPU tensors); None on other ranks."""
-        from autopart.passes.tp_ops import merge_shards
-
         state = self.state_dict()  # every rank: gathering FSDP shards is a collective
         piece_of = {name: _tp_slices(module).get(path) for module, interface in self.local_stages
                     for path, name, _ in _entries(interface)}
@@ -97,8 +91,7 @@ class StateMixin:
         if self.coords.dp_index == 0:
             for name, tensor in state.items():
                 piece = piece_of[name]
-                split = (piece.dim, piece.groups, piece.index) if piece is not None and piece.dim is not None else None
-                local[name] = (tensor.cpu(), split)
+                local[name] = (tensor.cpu(), piece if piece is not None and piece.dim is not None else None)
         gathered: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if self.rank != 0:
@@ -112,9 +105,8 @@ class StateMixin:
             if entries[0][1] is None:  # whole on every holder (replicas, tied copies): any one
                 full[name] = entries[0][0]
             else:  # tp slices: one per tp index, merged along the split dim
-                by_index = {split[2]: tensor for tensor, split in entries}
-                dim, groups, _ = entries[0][1]
-                full[name] = merge_shards([by_index[i] for i in sorted(by_index)], dim, groups)
+                by_index = {piece.index: tensor for tensor, piece in entries}
+                full[name] = entries[0][1].merge([by_index[i] for i in sorted(by_index)])
         return full
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""OR-Tools backends behind the few calls the pipeline model needs.
+"""OR-Tools backends behind the few calls the integer programs need (pipeline_ilp.py, strategy_ilp.py).
 
 CP-SAT takes integer coefficients (the model scales seconds and bytes to
 integers); the MIP backends (pywraplp: SCIP, HiGHS, CBC) take floats.
@@ -26,10 +26,17 @@ class _CpSat:
 
     integral = True
 
-    def __init__(self) -> None:
+    def __init__(self, num_workers: int = 1, linearization_level: int = 0) -> None:
+        # One worker: on 2 cores it beat two on every pipeline benchmark instance (4 towers of 10
+        # blocks: 6.1 s against 10.2 s; 3 towers of 30: optimal in 16 s, against not in 20 s).
+        # No LP relaxation (level 0): for the pipeline model propagation and clause learning alone
+        # were 2–5× faster on branching DAGs (80 blocks on 6 stages: 0.24 s against 0.51 s) and
+        # equal on chains.
         self.name = "cpsat"
         self.model = cp_model.CpModel()
         self.solver = cp_model.CpSolver()
+        self.num_workers = num_workers
+        self.linearization_level = linearization_level
 
     def bool_var(self) -> Any:
         return self.model.new_bool_var("")
@@ -43,11 +50,17 @@ class _CpSat:
         expr = cp_model.LinearExpr.weighted_sum(list(terms), list(terms.values()))
         self.model.add(expr <= rhs)
 
+    def exactly_one(self, variables: list) -> None:
+        self.model.add_exactly_one(variables)
+
     def implies(self, a: Any, b: Any) -> None:
         self.model.add_implication(a, b)
 
     def minimize(self, var: Any) -> None:
         self.model.minimize(var)
+
+    def minimize_sum(self, terms: dict[Any, float]) -> None:
+        self.model.minimize(cp_model.LinearExpr.weighted_sum(list(terms), list(terms.values())))
 
     def hints(self, variables: list, values: list[int]) -> None:
         hint = self.model.proto.solution_hint
@@ -57,12 +70,8 @@ class _CpSat:
     def solve(self, time_limit_s: float, log: bool) -> tuple[str, float]:
         params = self.solver.parameters
         params.max_time_in_seconds = time_limit_s
-        # One worker: on 2 cores it beat two on every benchmark instance (4 towers of 10
-        # blocks: 6.1 s against 10.2 s; 3 towers of 30: optimal in 16 s, against not in 20 s).
-        params.num_workers = 1
-        # No LP relaxation: propagation and clause learning alone were 2–5× faster on
-        # branching DAGs (80 blocks on 6 stages: 0.24 s against 0.51 s) and equal on chains.
-        params.linearization_level = 0
+        params.num_workers = self.num_workers
+        params.linearization_level = self.linearization_level
         params.log_search_progress = log
         status = self.solver.solve(self.model)
         names = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
@@ -100,12 +109,22 @@ class _Mip:
         for var, coef in terms.items():
             row.SetCoefficient(var, float(coef))
 
+    def exactly_one(self, variables: list) -> None:
+        row = self.solver.RowConstraint(1.0, 1.0, "")
+        for var in variables:
+            row.SetCoefficient(var, 1.0)
+
     def implies(self, a: Any, b: Any) -> None:
         self.add_le({a: 1.0, b: -1.0}, 0.0)
 
     def minimize(self, var: Any) -> None:
-        self.solver.Objective().SetCoefficient(var, 1.0)
-        self.solver.Objective().SetMinimization()
+        self.minimize_sum({var: 1.0})
+
+    def minimize_sum(self, terms: dict[Any, float]) -> None:
+        objective = self.solver.Objective()
+        for var, coef in terms.items():
+            objective.SetCoefficient(var, float(coef))
+        objective.SetMinimization()
 
     def hints(self, variables: list, values: list[int]) -> None:
         self.hint = (variables, [float(v) for v in values])
@@ -129,9 +148,11 @@ class _Mip:
         return float(var.solution_value())
 
 
-def _make_backend(name: str) -> _CpSat | _Mip:
+def _make_backend(name: str, **cpsat_options: int) -> _CpSat | _Mip:
+    """'cpsat' (options: num_workers, linearization_level), 'mip' (SCIP, else HiGHS, else CBC)
+    or 'mip:<SOLVER>'."""
     if name == "cpsat":
-        return _CpSat()
+        return _CpSat(**cpsat_options)
     if name.startswith("mip:"):
         return _Mip(name[4:], pywraplp.Solver.CreateSolver(name[4:]))
     if name == "mip":

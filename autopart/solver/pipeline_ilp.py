@@ -66,15 +66,11 @@ import numpy as np
 
 from autopart.errors import InputError, PlanError
 from autopart.solver.backends import _CpSat, _Mip, _make_backend
-from autopart.solver.brute_force import (
-    PipelineCosts,
-    contiguous_split,
-    crossings,
-    evaluate_assignments,
-    pipeline_costs,
-)
+from autopart.problems import PipelineProblem, PipelineSolution
 from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
-from autopart.solver.problem import PipelineProblem, PipelineSolution
+from autopart.solver.chain_split import contiguous_split
+from autopart.solver.pipeline_costs import PipelineCosts, crossings, evaluate_assignments, pipeline_costs
+from autopart.units import fmt_bytes
 
 _TIME_UNITS = 2**30
 """CP-SAT integer time units per upper bound of T_max."""
@@ -471,10 +467,10 @@ def _explain_memory(
                        / max(float(costs.capacity.max()), 1.0)))
     fixes = ["more pipeline stages/devices" + (
         f" (the blocks' state plus one microbatch of activations alone need at least {need} "
-        f"devices of {_fmt_bytes(costs.capacity.max())})" if need > num_stages else "")]
+        f"devices of {fmt_bytes(costs.capacity.max(), exact=True)})" if need > num_stages else "")]
     if per_microbatch > 0 and k > 1:
         fixes.append(f"fewer microbatches (stage {s} keeps {k} in flight, "
-                     f"{_fmt_bytes(per_microbatch)} each)")
+                     f"{fmt_bytes(per_microbatch, exact=True)} each)")
     if per_microbatch > 0 and problem.schedule == "gpipe" and num_stages - s < k:
         fixes.append(f"the '1f1b' schedule (stage {s} would keep {num_stages - s} "
                      f"microbatch(es) in flight instead of {k})")
@@ -486,17 +482,7 @@ def _explain_memory(
         f"at best stage {s} ({len(on_s)} block{'s' * (len(on_s) != 1)}: "
         f"{problem.block_names[on_s[0]]} .. "
         f"{problem.block_names[on_s[-1]]}) needs "
-        f"{_fmt_bytes(memory[s])} but has {_fmt_bytes(costs.capacity[s])}, "
-        f"{_fmt_bytes(memory[s] - costs.capacity[s])} short. Try " + ", or ".join(fixes) + "."
+        f"{fmt_bytes(memory[s], exact=True)} but has {fmt_bytes(costs.capacity[s], exact=True)}, "
+        f"{fmt_bytes(memory[s] - costs.capacity[s], exact=True)} short. Try " + ", or ".join(fixes) + "."
     )
 
-
-def _fmt_bytes(num: float) -> str:
-    """'5.20 GiB (5,583,457,280 bytes)'."""
-    scaled, unit = float(num), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(scaled) < 1024 or unit == "TiB":
-            break
-        scaled /= 1024
-    exact = f"{int(np.ceil(num)):,} bytes"
-    return exact if unit == "B" else f"{scaled:.2f} {unit} ({exact})"

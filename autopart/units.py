@@ -1,22 +1,38 @@
-"""Human-readable numbers for the partition report: bytes, seconds, FLOPs, counts.
+"""Human-readable numbers for reports and error messages: bytes, seconds, FLOPs, counts.
 
 Bytes use binary prefixes (KiB = 2^10 B), as `nvidia-smi` and PyTorch's memory
-summaries do; FLOPs and counts use decimal ones (GFLOP = 10^9 FLOP).
+summaries do; FLOPs and counts use decimal ones (GFLOP = 10^9 FLOP). Pure
+functions of numbers: the report and the solver's errors both use them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
-def fmt_bytes(num_bytes: float) -> str:
-    """1536 -> '1.5 KiB'; 3.2e9 -> '2.98 GiB'."""
+def fmt_bytes(num_bytes: float, *, exact: bool = False) -> str:
+    """1536 -> '1.50 KiB'; 3.2e9 -> '2.98 GiB'.
+
+    `exact`: two decimals and the byte count, for error messages that state a
+    shortfall: 5583457280 -> '5.20 GiB (5,583,457,280 bytes)'.
+    """
+    if exact:
+        value, unit = _binary(num_bytes, 1024)
+        count = f"{math.ceil(num_bytes):,} bytes"
+        return count if unit == "B" else f"{value:.2f} {unit} ({count})"
+    value, unit = _binary(num_bytes, 1023.5)
+    return f"{int(value)} B" if unit == "B" else f"{_three(value)} {unit}"
+
+
+def _binary(num_bytes: float, limit: float) -> tuple[float, str]:
+    """(value, unit) with the largest binary unit that keeps |value| below `limit` (TiB at most)."""
     value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1023.5 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{_three(value)} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < limit:
+            return value, unit
         value /= 1024
-    raise AssertionError("unreachable")
+    return value, "TiB"
 
 
 def fmt_seconds(seconds: float) -> str:

@@ -1,8 +1,16 @@
-"""The pipeline-partitioning problem as plain arrays, and the solver's answer.
+"""The problems the solver solves, as plain arrays, and its answers.
 
-The solver sees nothing of torch.fx: `passes/coarsen.py` and `autopart/planner.py`
-turn a costed graph into a `PipelineProblem`; the solver returns a
-`PipelineSolution`. Units: seconds, bytes, bytes per second.
+What passes between the graph side and the integer programs, in both
+directions, and nothing of torch.fx (DESIGN: "a Problem: plain arrays"):
+
+- `PipelineProblem` / `PipelineSolution`: where to cut the blocks into pipeline
+  stages. `autopart/planner.py` builds it from the blocks of passes/blocks.py;
+  `autopart.solver.solve_pipeline` answers it.
+- `TPProblem` / `TPSolution`: which sharding strategy every op of a
+  tensor-parallel group runs. passes/tensor_parallel/problem.py builds it from a
+  costed graph; `autopart.solver.solve_tp` answers it.
+
+Units: seconds, bytes, bytes per second.
 """
 
 from __future__ import annotations
@@ -159,3 +167,62 @@ def _in_flight(schedule: str, num_ranks: int, m: int, virtual_stages: int, train
         stages = num_ranks * virtual_stages
         return {s: m if schedule == "gpipe" else min(m, stages - s) for s in range(stages)}
     return peak_in_flight(build_schedule(schedule, num_ranks, m, training, virtual_stages))
+
+
+# ----------------------------------------------------------------------------- tensor-parallel strategies
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedCost:
+    """A cost paid once when `source` (if any) and at least one trigger are chosen."""
+
+    seconds: float
+    """Its cost (s)."""
+    triggers: tuple[tuple[int, int], ...]
+    """(group, strategy) pairs that need it."""
+    source: tuple[int, int] | None = None
+    """(group, strategy) that must also be chosen; None: the triggers alone decide."""
+
+    def paid(self, choice) -> bool:
+        if self.source is not None and choice[self.source[0]] != self.source[1]:
+            return False
+        return any(choice[g] == k for g, k in self.triggers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TPProblem:
+    """Strategy choice per group as arrays (the model: autopart/solver/strategy_ilp.py)."""
+
+    group_names: tuple[str, ...]
+    """A readable name per group (its first node)."""
+    node_seconds: tuple[np.ndarray, ...]
+    """[K_g] compute + collectives inside the op, summed over the group's members (s); inf = not allowed."""
+    param_bytes: tuple[np.ndarray, ...]
+    """[K_g] parameter bytes each device holds for the group's members under strategy k."""
+    edges: tuple[tuple[int, int], ...]
+    """(u, v) group pairs, u ≠ v, with a resharding matrix each."""
+    edge_seconds: tuple[np.ndarray, ...]
+    """[K_u, K_v] resharding seconds summed over the node edges between the groups; inf = not allowed."""
+    shared: tuple[SharedCost, ...] = ()
+    """Collectives shared by several consumers (resharding of one value, Megatron's f)."""
+    memory_budget_bytes: float = float("inf")
+    """Parameter bytes allowed per device."""
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TPSolution:
+    """The chosen strategy per group and what it costs."""
+
+    choice: tuple[int, ...]
+    """Strategy index per group."""
+    objective_seconds: float
+    """Objective recomputed in float64 from the choice (s)."""
+    param_bytes: float
+    """Parameter bytes per device under the choice."""
+    status: str
+    """'OPTIMAL', 'FEASIBLE' (time limit hit) or 'BRUTE_FORCE'."""
+    solve_seconds: float

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,25 +31,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from autopart.errors import TraceError
-
-IO_META_KEY = "autopart_io"
-
-
-@dataclass(frozen=True, kw_only=True)
-class IOSpec:
-    """How the flat placeholders and outputs map to the model's own structures."""
-
-    in_spec: pytree.TreeSpec
-    """Spec of ((args...), {kwargs}) whose leaves are the placeholders, in order."""
-    out_spec: pytree.TreeSpec
-    """Spec that rebuilds the model's output from the graph's flat output tuple."""
-    tracer: str
-    """'export' or 'symbolic_trace'."""
-    model_class: str
-    """Qualified class name of the traced model."""
-    default_kwargs: tuple[tuple[str, Any], ...] = ()
-    """Keyword arguments autopart added at trace time (e.g. use_cache=False)."""
-
+from autopart.interfaces import IO_META_KEY, IOSpec, io_spec
 
 def trace(
     model: torch.nn.Module,
@@ -93,41 +74,28 @@ def trace(
         tracer=tracer,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         default_kwargs=tuple((k, v) for k, v in kwargs.items() if k not in given),
+        example_inputs=tuple(_example(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"),
     )
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def io_spec(gm: torch.fx.GraphModule) -> IOSpec:
-    """The `IOSpec` that `trace` stored on `gm`."""
-    spec = gm.meta.get(IO_META_KEY)
-    if spec is None:
-        raise TraceError("graph has no IO spec: build it with autopart.trace(model, args)")
-    return spec
-
-
 def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> list[Any]:
     """Flatten a call's (args, kwargs) the way the traced graph's placeholders expect."""
-    spec_info = io_spec(gm)
-    kwargs = {**dict(spec_info.default_kwargs), **dict(kwargs or {})}
-    expected = spec_info.in_spec
-    # Keyword order does not matter to Python; put keywords in the traced order.
-    traced_keys = expected.child(1).context if expected.num_children == 2 else None
-    if traced_keys is not None and set(traced_keys) == set(kwargs):
-        kwargs = {key: kwargs[key] for key in traced_keys}
-    flat, spec = pytree.tree_flatten((tuple(args), kwargs))
-    if spec != expected:
-        raise TraceError(
-            f"inputs have structure {spec} but the model was traced with {expected}; "
-            "call with the same arguments (positions, keywords, nesting) as example_inputs."
-        )
-    return flat
+    return io_spec(gm).flatten(args, kwargs)
 
 
 def unflatten_output(gm: torch.fx.GraphModule, flat_out: tuple | list) -> Any:
     """Rebuild the model's own output structure from the graph's flat outputs."""
-    return pytree.tree_unflatten(list(flat_out), io_spec(gm).out_spec)
+    return io_spec(gm).unflatten(flat_out)
+
+
+def _example(value: Any) -> Any:
+    """A placeholder's traced value as a meta tensor of its shape and dtype (constants as they are)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
 
 
 # ----------------------------------------------------------------------------- checks

@@ -23,7 +23,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
-from autopart.passes.annotate import NodeCost, node_cost
+from autopart.passes.node_costs import NodeCost, node_cost
 
 _ELEMENT = re.compile(r"(^|\.)\d+$")  # "layers.3", "0": an element of a ModuleList/Sequential
 ROOT = "<root>"

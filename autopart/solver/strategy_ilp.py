@@ -4,7 +4,8 @@ Zheng et al., "Alpa" (OSDI'22) §4.2: one-hot strategy vectors per op, edge
 resharding costs linearised, objective Σ compute + communication + resharding,
 memory bounded. Here ops are *groups*: identical repeated layers share one
 vector (meta-pytorch/autoparallel ties them too), so the model's size stays
-flat in depth. Plain arrays in, a dataclass out; no torch.fx.
+flat in depth. Plain arrays in (`TPProblem`, autopart/problems.py), a `TPSolution`
+out; no torch.fx. The model goes through backends.py, like the pipeline model.
 
 Notation: groups g with strategies k = 0..K_g−1; cost c[g,k] (seconds, already
 summed over the group's members); edges (u, v) with matrix C[a,b] (seconds,
@@ -32,73 +33,16 @@ to about (number of terms)·2^-31 relative; bytes are integral.
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from autopart.errors import InputError, PlanError
+from autopart.problems import TPProblem, TPSolution
+from autopart.solver.backends import _make_backend
 
 _UNITS = 2**30
 """Integer time units per upper bound of the objective."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SharedCost:
-    """A cost paid once when `source` (if any) and at least one trigger are chosen."""
-
-    seconds: float
-    """Its cost (s)."""
-    triggers: tuple[tuple[int, int], ...]
-    """(group, strategy) pairs that need it."""
-    source: tuple[int, int] | None = None
-    """(group, strategy) that must also be chosen; None: the triggers alone decide."""
-
-    def paid(self, choice) -> bool:
-        if self.source is not None and choice[self.source[0]] != self.source[1]:
-            return False
-        return any(choice[g] == k for g, k in self.triggers)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TPProblem:
-    """Strategy choice per group as arrays (see the module docstring for the model)."""
-
-    group_names: tuple[str, ...]
-    """A readable name per group (its first node)."""
-    node_seconds: tuple[np.ndarray, ...]
-    """[K_g] compute + collectives inside the op, summed over the group's members (s); inf = not allowed."""
-    param_bytes: tuple[np.ndarray, ...]
-    """[K_g] parameter bytes each device holds for the group's members under strategy k."""
-    edges: tuple[tuple[int, int], ...]
-    """(u, v) group pairs, u ≠ v, with a resharding matrix each."""
-    edge_seconds: tuple[np.ndarray, ...]
-    """[K_u, K_v] resharding seconds summed over the node edges between the groups; inf = not allowed."""
-    shared: tuple[SharedCost, ...] = ()
-    """Collectives shared by several consumers (resharding of one value, Megatron's f)."""
-    memory_budget_bytes: float = float("inf")
-    """Parameter bytes allowed per device."""
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.group_names)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TPSolution:
-    """The chosen strategy per group and what it costs."""
-
-    choice: tuple[int, ...]
-    """Strategy index per group."""
-    objective_seconds: float
-    """Objective recomputed in float64 from the choice (s)."""
-    param_bytes: float
-    """Parameter bytes per device under the choice."""
-    status: str
-    """'OPTIMAL', 'FEASIBLE' (time limit hit) or 'BRUTE_FORCE'."""
-    solve_seconds: float
 
 
 def validate(problem: TPProblem) -> None:
@@ -161,68 +105,50 @@ def solve_tp(problem: TPProblem, *, time_limit_s: float = 10.0, num_workers: int
     _check_memory(problem)
     scale = _UNITS / _upper_bound(problem)
     units = lambda s: int(round(s * scale))  # noqa: E731
-    model = cp_model.CpModel()
-    x = [[model.NewBoolVar(f"x{g}_{k}") for k in range(c.size)] for g, c in enumerate(problem.node_seconds)]
-    objective = []
+    # Two workers and CP-SAT's default LP relaxation: the strategy model's objective sums many
+    # booleans, unlike the pipeline model's min-max (which runs best on one worker without it).
+    solver = _make_backend("cpsat", num_workers=num_workers, linearization_level=1)
+    x = [[solver.bool_var() for _ in range(c.size)] for c in problem.node_seconds]
+    objective: dict = {}
     for g, costs in enumerate(problem.node_seconds):
-        model.AddExactlyOne(x[g])                                               # (1)
+        solver.exactly_one(x[g])                                                # (1)
         for k, c in enumerate(costs):
             if not np.isfinite(c):
-                model.Add(x[g][k] == 0)                                         # (2)
+                solver.add_le({x[g][k]: 1}, 0)                                  # (2)
             elif c > 0:
-                objective.append(units(c) * x[g][k])
+                objective[x[g][k]] = units(c)
     for (u, v), mat in zip(problem.edges, problem.edge_seconds):
         for a, b in zip(*np.nonzero(mat)):
             if not np.isfinite(mat[a, b]):
-                model.AddBoolOr([x[u][a].Not(), x[v][b].Not()])                # (3)
+                solver.add_le({x[u][a]: 1, x[v][b]: 1}, 1)                      # (3)
             else:
-                e = model.NewBoolVar(f"e{u}_{v}_{a}_{b}")
-                model.AddBoolOr([x[u][a].Not(), x[v][b].Not(), e])              # (4)
-                objective.append(units(mat[a, b]) * e)
-    for i, term in enumerate(problem.shared):
-        y = model.NewBoolVar(f"y{i}")
+                e = solver.bool_var()
+                solver.add_le({x[u][a]: 1, x[v][b]: 1, e: -1}, 1)               # (4)
+                objective[e] = units(mat[a, b])
+    for term in problem.shared:
+        y = solver.bool_var()
         for g, k in term.triggers:
             if term.source is None:
-                model.AddImplication(x[g][k], y)                                # (5)
+                solver.implies(x[g][k], y)                                      # (5)
             else:
-                model.AddBoolOr([x[term.source[0]][term.source[1]].Not(), x[g][k].Not(), y])
-        objective.append(units(term.seconds) * y)
+                source = x[term.source[0]][term.source[1]]
+                terms = {source: 1, y: -1}
+                terms[x[g][k]] = terms.get(x[g][k], 0) + 1
+                solver.add_le(terms, 1)
+        objective[y] = units(term.seconds)
     if np.isfinite(problem.memory_budget_bytes):
-        terms = [(int(m), x[g][k]) for g, mem in enumerate(problem.param_bytes) for k, m in enumerate(mem) if m]
+        terms = {x[g][k]: int(m) for g, mem in enumerate(problem.param_bytes) for k, m in enumerate(mem) if m}
         if terms:
-            model.Add(sum(c * v for c, v in terms) <= int(problem.memory_budget_bytes))  # (6)
-    model.Minimize(sum(objective))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = num_workers
-    status = solver.Solve(model)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            solver.add_le(terms, int(problem.memory_budget_bytes))              # (6)
+    solver.minimize_sum(objective)
+    status, _ = solver.solve(time_limit_s, log=False)
+    if status not in ("OPTIMAL", "FEASIBLE"):
         raise PlanError(
-            f"no strategy assignment satisfies the constraints (CP-SAT: {solver.StatusName(status)}); "
+            f"no strategy assignment satisfies the constraints (CP-SAT: {status}); "
             f"the parameter budget is {problem.memory_budget_bytes / 2**20:.1f} MiB per device — "
             "raise it or use a larger tensor-parallel axis"
         )
-    choice = tuple(next(k for k, var in enumerate(row) if solver.Value(var)) for row in x)
+    choice = tuple(next(k for k, var in enumerate(row) if solver.value(var) > 0.5) for row in x)
     seconds, memory = evaluate(problem, choice)
-    return TPSolution(choice=choice, objective_seconds=seconds, param_bytes=memory,
-                      status="OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE",
-                      solve_seconds=time.perf_counter() - start)
-
-
-def brute_force_tp(problem: TPProblem, *, max_assignments: int = 200_000) -> TPSolution:
-    """Try every choice (small problems only): the reference the ILP is tested against."""
-    start = time.perf_counter()
-    validate(problem)
-    sizes = [c.size for c in problem.node_seconds]
-    if np.prod(sizes, dtype=float) > max_assignments:
-        raise InputError(f"brute_force_tp: {np.prod(sizes, dtype=float):.0f} assignments exceed {max_assignments}")
-    best: tuple[float, tuple[int, ...], float] | None = None
-    for choice in itertools.product(*(range(s) for s in sizes)):
-        seconds, memory = evaluate(problem, choice)
-        if memory <= problem.memory_budget_bytes and np.isfinite(seconds):
-            if best is None or seconds < best[0]:
-                best = (seconds, choice, memory)
-    if best is None:
-        raise PlanError("brute_force_tp: no assignment fits the memory budget")
-    return TPSolution(choice=best[1], objective_seconds=best[0], param_bytes=best[2], status="BRUTE_FORCE",
+    return TPSolution(choice=choice, objective_seconds=seconds, param_bytes=memory, status=status,
                       solve_seconds=time.perf_counter() - start)

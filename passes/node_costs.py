@@ -2,7 +2,7 @@
 
 An analysis pass in the manner of torch/fx/passes/fake_tensor_prop.py: a
 `torch.fx.Interpreter` runs the graph on fake tensors (no memory, no compute)
-with autograd on, and writes one meta key, ``node.meta["autopart"]``.
+with autograd on, and writes one meta key, ``node.meta["autopart_cost"]``.
 
 What it measures per node, and how:
 - forward/backward FLOPs: `cost_models.op_flops` on the node's fake arguments
@@ -39,7 +39,7 @@ from autopart.cost_models import Cluster, op_flops, op_seconds
 from autopart.errors import MissingAnnotationError
 from autopart.passes.precision import AUTOCAST_DEVICE_TYPE, fake_like
 
-COST_META_KEY = "autopart"
+COST_META_KEY = "autopart_cost"
 
 # Backward reads the output gradient and the saved inputs and writes the input
 # gradients: about twice the forward's traffic for elementwise and norm ops.
@@ -90,7 +90,7 @@ class NodeCost:
 
 def annotate(gm: torch.fx.GraphModule, cluster: Cluster, *,
              autocast_dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
-    """Write a `NodeCost` into ``node.meta["autopart"]`` of every node; return `gm`.
+    """Write a `NodeCost` into ``node.meta["autopart_cost"]`` of every node; return `gm`.
 
     `autocast_dtype` prices the graph as it runs under `torch.autocast(autocast_dtype)`.
     """
