@@ -209,8 +209,8 @@ def _stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks, 
     first, second = problem.stage_memory_terms(s)
     at_activation_peak = first[members].sum() >= second[members].sum()
     unique = _unique_parameters(blocks)
-    params = sum(size for _, size, _ in unique)
-    trainable = sum(size for _, size, train in unique if train) if request.training else 0
+    params = sum(size for _, size, _, _ in unique)
+    trainable = sum(size for _, size, train, _ in unique if train) if request.training else 0
     shards = dp if mode == "fsdp" and dp > 1 and request.training else 1
     unsharded = _unsharded_fraction(request, mode, dp)
     grads = gradient_bytes(trainable) * (unsharded + (shards > 1) / shards)
@@ -346,15 +346,15 @@ def optimizer_seconds(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     for rank in range(problem.num_ranks):
         stages = set(range(rank, problem.num_stages, problem.num_ranks))
         members = [graph.blocks[b] for b, stage in enumerate(solution.stage_of_block) if stage in stages]
-        trainable = sum(b for _, b, train in _unique_parameters(members) if train)
+        trainable = sum(b for _, b, train, _ in _unique_parameters(members) if train)
         moved = optimizer_step_bytes(trainable, request.optimizer) / shards
         slowest = max(slowest, moved / cluster.devices[rank].achieved_bandwidth)
     return slowest
 
 
-def _unique_parameters(blocks) -> list[tuple[str, int, bool]]:
-    """(name, bytes, trainable) of the parameters some block of `blocks` reads, each once."""
-    return list({name: (name, size, train) for block in blocks for name, size, train in block.parameters}.values())
+def _unique_parameters(blocks) -> list[tuple[str, int, bool, int]]:
+    """(name, bytes, trainable, elements) of the parameters some block of `blocks` reads, each once."""
+    return list({entry[0]: entry for block in blocks for entry in block.parameters}.values())
 
 
 def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request: PlanRequest, problem: PipelineProblem,
@@ -581,7 +581,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
             comm_seconds=max(0.0, solution.stage_seconds[s] - fwd - bwd),
             fwd_flops=int(sum(b.fwd_flops for b in blocks) * scale),
             bwd_flops=int(sum(b.bwd_flops for b in blocks) * scale) if request.training else 0,
-            num_params=int(sum(b.num_params for b in blocks)),
+            num_params=sum(elements for _, _, _, elements in _unique_parameters(blocks)),
             send_bytes=int(send),
             memory=_stage_memory(problem, s, members, blocks, request, dp, mode, send + recv),
         ))

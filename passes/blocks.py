@@ -82,9 +82,9 @@ class Block:
     model_output_float32_bytes: int = 0
     """Those outputs' floating elements × 4: the size of the float32 log-softmax a
     cross-entropy loss saves of them, and of each gradient its backward makes."""
-    parameters: tuple[tuple[str, int, bool], ...] = ()
-    """(get_attr target, bytes, trainable) of each parameter the block reads: a parameter read by
-    several blocks of one stage (tied weights) is held there once."""
+    parameters: tuple[tuple[str, int, bool, int], ...] = ()
+    """(get_attr target, bytes, trainable, elements) of each parameter the block reads: a parameter
+    read by several blocks of one stage (tied weights) is held there once."""
 
     def time_on(self, device: str) -> BlockTimes:
         for entry in self.times:
@@ -241,7 +241,8 @@ def _block_graph(
                 times=tuple(_times(costs, device) for device in devices.values()),
                 model_output_bytes=output_bytes[index],
                 model_output_float32_bytes=output_float32_bytes[index],
-                parameters=tuple({a.target: (a.target, node_cost(a).param_bytes, node_cost(a).trainable)
+                parameters=tuple({a.target: (a.target, node_cost(a).param_bytes, node_cost(a).trainable,
+                                             a.meta["val"].numel())
                                   for a in attrs if node_cost(a).param_bytes > 0}.values()),
             )
         )

@@ -64,5 +64,6 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
     return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
                                trainable_param_bytes=int(block.trainable_param_bytes * share),
                                saved_bytes=int(saved),
-                               parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable)
-                                                for t, _, trainable in block.parameters))
+                               parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable,
+                                                 int(numel * param_bytes.get(attr_node.get(t), 0) / size) if size else 0)
+                                                for t, size, trainable, numel in block.parameters))
