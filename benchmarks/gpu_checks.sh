@@ -3,7 +3,7 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|bench|all]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|all]
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -31,9 +31,15 @@ if [ "$what" = family ] || [ "$what" = all ]; then
         line=$(grep -h "^OK rank" "$log" || true)
         echo "$(basename "$log" .log): ${line:-FAILED: $(grep -h -m1 -E 'Error|error' "$log")}"
     done | tee "$OUT/family_summary.txt"
+    tar -czf "$OUT/family_logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls family_*.log) && rm -f "$OUT"/family_*.log
+fi
+
+if [ "$what" = calibrate ] || [ "$what" = all ]; then
+    python3 benchmarks/calibrate_device.py --json "$OUT/cluster_h200.json" 2>&1 | tee "$OUT/calibrate.log" | tail -20
 fi
 
 if [ "$what" = bench ] || [ "$what" = all ]; then
-    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/single_gpu_step.py \
+    cluster=""; [ -f "$OUT/cluster_h200.json" ] && cluster="--cluster $OUT/cluster_h200.json"
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/single_gpu_step.py $cluster \
         --out "$OUT/single_gpu_step.json" 2>&1 | tee "$OUT/single_gpu_step.log" | grep -v '^{'
 fi

@@ -139,13 +139,16 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
 
     eager_s = timed(eager_step, args.steps, args.warmup, sync)
     eager_peak = peak()
+    phases = eager_phases(eager, optimizer, lambda: loss_fn(eager(ids_d), target_d), autocast, gpu)
     del eager, optimizer
     free_memory(gpu)
 
     started = time.perf_counter()
-    compiled = autopart.compile(model, [device] if gpu else 1, example_inputs=(ids,), optimizer=case.optimizer,
-                                num_microbatches=1, mixed_precision="bf16" if mixed else None)
+    options = dict(example_inputs=(ids,), optimizer=case.optimizer, num_microbatches=1,
+                   mixed_precision="bf16" if mixed else None)
+    compiled = autopart.compile(model, [device] if gpu else 1, **options)
     compile_s = time.perf_counter() - started
+    calibrated = autopart.compile(model, args.cluster, **options).plan if args.cluster else None
     runner = compiled.distributed(timeout_s=900)
     runner_optimizer = make_optimizer(case.optimizer, runner.parameters())
 
@@ -169,10 +172,39 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
         "predicted_memory": {k: getattr(stage.memory, k) for k in
                              ("params", "grads", "optimizer", "buffers", "activations", "boundary")},
         "compile_s": compile_s, "plan": {"mesh": str(compiled.plan.mesh), "schedule": compiled.plan.schedule},
+        "eager_phases_bytes": phases,
     }
+    if calibrated is not None:
+        result["calibrated_predicted_s"] = calibrated.predicted_step_seconds
+        result["calibrated_predicted_over_measured_s"] = calibrated.predicted_step_seconds / autopart_s
     del runner, runner_optimizer, compiled, model
     free_memory(gpu)
     return result
+
+
+def eager_phases(model, optimizer, loss_of: Callable[[], torch.Tensor], autocast, gpu: bool) -> dict[str, int]:
+    """Peak bytes of one more eager step, phase by phase (allocated at the start of each phase, and the
+    peak within it): where the step's peak lies, against the planner's stage memory."""
+    if not gpu:
+        return {}
+    out: dict[str, int] = {}
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    out["start"] = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with autocast():
+        loss = loss_of()
+    torch.cuda.synchronize()
+    out["forward_peak"], out["forward_end"] = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    out["backward_peak"], out["backward_end"] = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    optimizer.step()
+    torch.cuda.synchronize()
+    out["optimizer_peak"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def main() -> None:
@@ -183,6 +215,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="2-layer d 128 models, sequence 64 (CPU smoke run)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--cluster", help="also predict with this saved Cluster (autopart.calibrate() JSON)")
     args = parser.parse_args()
     cases = CASES if args.cases == "all" else [c for c in CASES if c.name in args.cases.split(",")]
     if args.tiny:
@@ -201,6 +234,10 @@ def main() -> None:
     print(f"\n{name}, torch {torch.__version__}, sequence {args.seq}")
     print(f"{'case':<13}{'params':>8}{'eager s':>9}{'autopart s':>11}{'speed':>7}{'pred/meas s':>12}"
           f"{'peak GiB':>9}{'pred/meas mem':>14}")
+    if args.cluster:
+        print(f"(predicted with the calibrated cluster {args.cluster}: "
+              + ", ".join(f"{r['case']} {r['calibrated_predicted_over_measured_s']:.3f}"
+                          for r in results if "calibrated_predicted_over_measured_s" in r) + ")")
     for r in results:
         if "error" in r:
             print(f"{r['case']:<13} failed: {r['error'][:100]}")
