@@ -3,7 +3,7 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|all]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|all|compare]
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -42,4 +42,11 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     cluster=""; [ -f "$OUT/cluster_h200.json" ] && cluster="--cluster $OUT/cluster_h200.json"
     python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/single_gpu_step.py $cluster \
         --out "$OUT/single_gpu_step.json" 2>&1 | tee "$OUT/single_gpu_step.log" | grep -v '^{'
+fi
+
+if [ "$what" = compare ]; then  # one GPU: the comparison script's single-device and autopart modes
+    for model in ${MODELS:-small}; do
+        python3 benchmarks/gpu_compare.py --model "$model" --nproc 1 --out "$OUT/gpu_compare_${model}_1gpu.json" 2>&1 \
+            | tee "$OUT/gpu_compare_${model}_1gpu.log" | tail -15
+    done
 fi
