@@ -17,6 +17,7 @@ from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
+from autopart.passes.random_ops import route_sharded_random
 from autopart.plan import Plan, autocast_dtype
 from autopart.mesh_search import plan_mesh, tensor_parallel_choices
 from autopart.planner import PlanRequest, smallest_microbatch
@@ -118,7 +119,7 @@ def _shard(stage: torch.fx.GraphModule, assignment) -> list[torch.fx.GraphModule
     """The stage's tp rank modules (the stage itself when tp = 1), each with the stage's interface."""
     if assignment is None:
         return [stage]
-    return passes.shard_graph(stage, assignment, assignment.tp)
+    return route_sharded_random(passes.shard_graph(stage, assignment, assignment.tp))
 
 
 class _Phases:

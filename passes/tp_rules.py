@@ -207,16 +207,13 @@ BINARY_ELEMENTWISE = {
 }
 
 
-def _dropout_is_identity(node: torch.fx.Node) -> bool:
-    if node.target not in (aten.dropout.default, aten.native_dropout.default):
-        return True
-    return node.args[1] in (0, 0.0) or (len(node.args) > 2 and node.args[2] is False)
-
-
 def elementwise_rule(node, tp, groups, cands):
-    """Same placement on every operand, mapped through broadcasting; size-1 operand dims stay Replicate."""
+    """Same placement on every operand, mapped through broadcasting; size-1 operand dims stay Replicate.
+
+    Dropout follows its input too: on a shard it draws from the tp rank's own stream, on a
+    replicated or partial value from the generator all ranks hold alike (passes/random_ops.py)."""
     out = shape_of(node.meta["val"] if not isinstance(node.meta["val"], tuple) else node.meta["val"][0])
-    if out is None or not _dropout_is_identity(node):
+    if out is None:
         return []
     tensors = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
     shapes = {t: shape_of(t.meta["val"]) for t in tensors}

@@ -33,6 +33,7 @@ from autopart.errors import AutopartError, InputError
 from autopart.interfaces import StageInterface, tp_rank_info
 from autopart.plan import autocast_dtype
 from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
+from autopart.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
@@ -195,6 +196,7 @@ class DistributedRunner(StateMixin):
             self.adapters.append(_StageAdapter(module, interface, tensor_positions,
                                                _received_vals(compiled, interface, tensor_positions),
                                                _stage_output_vals(compiled, interface.stage), self._autocast))
+        self._seed_random_streams()
         self._model_output_vals = _stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
         # would run stages on uninitialised inputs (token ids out of range) and call DDP outside no_sync.
@@ -207,6 +209,23 @@ class DistributedRunner(StateMixin):
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self._no_target = False
         self.schedule = _make_schedule(self.plan, self.pipeline_stages, self._microbatch_loss)
+
+    def _seed_random_streams(self) -> None:
+        """Random ops (dropout) draw fresh masks in every replica and microbatch, the same masks on a
+        tp group's replicated values and independent ones on its shards (autopart/tp_random.py): the
+        default generator is seeded from global rank 0's seed, per replica; each tp rank's sharded
+        stream from it too. Single-device plans keep the caller's generator untouched."""
+        if self.mesh.tp == 1 and self.mesh.dp == 1:
+            return
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64,
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(seed, src=0)
+        base = int(seed.item())
+        torch.manual_seed(replica_seed(base, self.coords.dp_index))
+        for adapter in self.adapters:
+            stream = getattr(adapter.module, STREAM_ATTR, None)
+            if stream is not None:
+                stream.reseed(sharded_seed(base, self.coords.tp_index, self.coords.dp_index, self.mesh.tp))
 
     # ------------------------------------------------------------------ properties
 

@@ -28,6 +28,7 @@ import torch.fx
 
 from autopart.errors import PlanError
 from autopart.interfaces import TPRankInfo, tp_rank_info
+from autopart.tp_random import draws_random
 
 
 def _info(module: torch.fx.GraphModule) -> TPRankInfo:
@@ -72,10 +73,26 @@ def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequenc
         elif head.op == "output":
             for interp, node in zip(interps, step):
                 outputs.append(list(interp.fetch_args_kwargs_from_env(node)[0][0]))
+        elif draws_random(head):  # a replicated random op: every rank draws what separate processes,
+            state = _rng_state()      # seeded alike within the group, would (autopart/tp_random.py)
+            for interp, node in zip(interps, step):
+                _set_rng_state(state)
+                interp.env[node] = interp.run_node(node)
         else:
             for interp, node in zip(interps, step):
                 interp.env[node] = interp.run_node(node)
     return outputs
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def simulate_tp(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any]) -> list[Any]:

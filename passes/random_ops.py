@@ -1,0 +1,46 @@
+"""Random ops on sharded values draw from the tp rank's own stream (autopart/tp_random.py).
+
+After `shard_graph`, every node of a rank module carries its tensor-parallel
+placement. A random op (dropout, bernoulli, SDPA with dropout) whose output is
+sharded becomes `sharded_random(stream, op, ...)`, where `stream` is the rank
+module's `ShardedStream` (attribute `_tp_random`, seeded per tp rank): its
+shards draw independent masks. Random ops on replicated or partial values keep
+the default generator, which all ranks of the group hold alike, so they drop
+the same elements everywhere (a partial sum masked alike on every rank sums to
+the masked total).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from autopart.passes.shard import PLACEMENT_META_KEY
+from autopart.tp_random import STREAM_ATTR, ShardedStream, draws_random, sharded_random, sharded_seed
+
+
+def route_sharded_random(ranks: list[torch.fx.GraphModule], base_seed: int | None = None) -> list[torch.fx.GraphModule]:
+    """Give each rank module its own stream and route its sharded random ops through it (in place)."""
+    seed = torch.initial_seed() if base_seed is None else base_seed
+    for tp_index, gm in enumerate(ranks):
+        sharded = [n for n in gm.graph.nodes
+                   if draws_random(n) and str(n.meta.get(PLACEMENT_META_KEY, "R")).startswith("S")]
+        if not sharded:
+            continue
+        setattr(gm, STREAM_ATTR, ShardedStream(sharded_seed(seed, tp_index, tp=len(ranks))))
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        with gm.graph.inserting_before(first):
+            stream = gm.graph.get_attr(STREAM_ATTR)
+        for node in sharded:
+            with gm.graph.inserting_before(node):
+                routed = gm.graph.call_function(sharded_random, (stream, node.target, *node.args), dict(node.kwargs))
+            routed.meta = dict(node.meta)
+            node.replace_all_uses_with(routed)
+            gm.graph.erase_node(node)
+        gm.recompile()
+    return ranks
+
+
+def stream_of(gm: torch.fx.GraphModule) -> ShardedStream | None:
+    """The rank module's sharded stream, if it has sharded random ops."""
+    return getattr(gm, STREAM_ATTR, None)
