@@ -26,6 +26,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.fx
 
 _aten = torch.ops.aten
 RANDOM_OPS = {
@@ -55,13 +56,15 @@ def draws_random(node: torch.fx.Node) -> bool:
     return False
 
 
-class ShardedStream:
+class ShardedStream(torch.nn.Module):
     """One tp rank's generator state for random ops on sharded values, per device.
 
-    Plain Python (no tensors as attributes), so a GraphModule can hold it and `deepcopy` it.
+    A module without parameters or buffers, so that a rank GraphModule holds it as a submodule
+    (`get_attr`) and `.to()`, `deepcopy` and state dicts leave it be.
     """
 
     def __init__(self, seed: int) -> None:
+        super().__init__()
         self.seed = int(seed)
         self._states: dict[str, torch.Tensor] = {}
 

@@ -27,7 +27,7 @@ def route_sharded_random(ranks: list[torch.fx.GraphModule], base_seed: int | Non
                    if draws_random(n) and str(n.meta.get(PLACEMENT_META_KEY, "R")).startswith("S")]
         if not sharded:
             continue
-        setattr(gm, STREAM_ATTR, ShardedStream(sharded_seed(seed, tp_index, tp=len(ranks))))
+        gm.add_submodule(STREAM_ATTR, ShardedStream(sharded_seed(seed, tp_index, tp=len(ranks))))
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         with gm.graph.inserting_before(first):
             stream = gm.graph.get_attr(STREAM_ATTR)
