@@ -220,9 +220,11 @@ def calibrate(args: argparse.Namespace) -> None:
     try:
         params = inspect.signature(autopart.calibrate).parameters
         gpu = torch.cuda.is_available() and args.device != "cpu"
-        # the devices the modes use, where calibrate() asks which (its signature is still settling)
-        kwargs = {"devices": [f"cuda:{i}" for i in range(args.nproc)] if gpu else args.nproc} \
-            if "devices" in params else {}
+        # this device measured, and a cluster of as many as the modes use (one process cannot time
+        # the link between them: calibrate() keeps the preset link for that)
+        kwargs = {"num_devices": args.nproc} if "num_devices" in params else {}
+        if not gpu and "quick" in params:
+            kwargs["quick"] = True
         cluster = autopart.calibrate(**kwargs)
         if cluster.num_devices > args.nproc:  # it measured every GPU here: plan for the ones used
             cluster = dataclasses.replace(cluster, devices=cluster.devices[:args.nproc],
