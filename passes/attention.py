@@ -12,6 +12,12 @@ computation the eager model runs.
 
 A mask that depends on data (a padding mask from `attention_mask`, token ids)
 is left as it is.
+
+The same tracing path makes grouped-query attention copy its keys and values
+to every query head first (transformers' `repeat_kv`: unsqueeze, expand,
+reshape), where the eager model, with no mask, calls SDPA with
+`enable_gqa=True` and copies nothing. Once the mask is gone, that copy becomes
+`enable_gqa=True` on the un-repeated keys and values too.
 """
 
 from __future__ import annotations
@@ -56,10 +62,63 @@ def use_causal_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         node.args = (args["query"], args["key"], args["value"])
         node.kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value")}
         changed = True
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is _SDPA:
+            changed |= _use_gqa(node)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm
+
+
+def _use_gqa(node: torch.fx.Node) -> bool:
+    """SDPA on keys and values repeated per query head -> SDPA with enable_gqa on the originals."""
+    args = _sdpa_args(node)
+    if args["attn_mask"] is not None or args.get("enable_gqa") or "enable_gqa" not in args:
+        return False
+    sources = [_repeated_from(args[name]) for name in ("key", "value")]
+    if any(s is None for s in sources) or sources[0][1] != sources[1][1]:
+        return False
+    args["key"], args["value"], args["enable_gqa"] = sources[0][0], sources[1][0], True
+    node.args = (args["query"], args["key"], args["value"])
+    node.kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value")}
+    return True
+
+
+_VIEWS = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
+def _repeated_from(value: Any) -> tuple[torch.fx.Node, int] | None:
+    """(x, n_rep) if `value` is x [b, h, s, d] with each head repeated n_rep times (repeat_kv), else None."""
+    if not isinstance(value, torch.fx.Node) or value.target not in _VIEWS:
+        return None
+    expand = value.args[0]
+    if not isinstance(expand, torch.fx.Node) or expand.target is not torch.ops.aten.expand.default:
+        return None
+    source = expand.args[0]
+    while isinstance(source, torch.fx.Node) and source.target is torch.ops.aten.slice.Tensor and _whole(source):
+        source = source.args[0]  # x[:, :, None] traces to full slices around the unsqueeze
+    if not isinstance(source, torch.fx.Node) or source.target is not torch.ops.aten.unsqueeze.default \
+            or source.args[1] != 2:
+        return None
+    base = source.args[0]
+    while isinstance(base, torch.fx.Node) and base.target is torch.ops.aten.slice.Tensor and _whole(base):
+        base = base.args[0]
+    x, out = base.meta.get("val") if isinstance(base, torch.fx.Node) else None, value.meta.get("val")
+    if x is None or out is None or x.dim() != 4 or out.dim() != 4 or out.shape[1] % x.shape[1]:
+        return None
+    n_rep = out.shape[1] // x.shape[1]
+    if tuple(out.shape) != (x.shape[0], x.shape[1] * n_rep, x.shape[2], x.shape[3]):
+        return None
+    return base, n_rep
+
+
+def _whole(node: torch.fx.Node) -> bool:
+    """A slice that keeps its whole dimension (start 0, end past the size, step 1)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    _, dim, start, end, step = args[:5]
+    size = node.args[0].meta["val"].shape[dim if dim is not None else 0]
+    return (start in (None, 0)) and (end is None or end >= size) and (step in (None, 1))
 
 
 def _sdpa_args(node: torch.fx.Node) -> dict[str, Any]:
