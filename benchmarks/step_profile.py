@@ -75,10 +75,12 @@ def profile_eager(case: bench.Case, seq: int) -> dict[str, float]:
         step()
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[kernel_category(event.name)] += event.device_time_total / 1e6 if hasattr(event, "device_time_total") \
-                else event.cuda_time_total / 1e6
+    for event in prof.key_averages():
+        micros = getattr(event, "self_device_time_total", None)
+        if micros is None:
+            micros = getattr(event, "self_cuda_time_total", 0.0)
+        if micros:
+            totals[kernel_category(event.key)] += micros / 1e6
     del model, optimizer
     torch.cuda.empty_cache()
     return dict(totals)
@@ -109,7 +111,13 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for case in [c for c in bench.CASES if c.name in args.cases.split(",")]:
-        measured, plan = profile_eager(case, args.seq), predicted(case, args.seq)
+        try:
+            measured, plan = profile_eager(case, args.seq), predicted(case, args.seq)
+        except Exception:  # noqa: BLE001 - say what broke, go on with the next case
+            import traceback
+
+            traceback.print_exc()
+            continue
         results[case.name] = {"measured_s": measured, "predicted_s": plan}
         print(f"\n{case.name}: GPU kernel time by category (s), eager, against the planner")
         for key in sorted(set(measured) | set(plan)):
