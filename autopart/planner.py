@@ -399,9 +399,11 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     scale = _scale(request, num_microbatches, dp)
     num_ranks = num_stages // virtual_stages
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
-    fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
+    fwd = np.array([[b.time_on(d.name).fwd(scale) + loss_seconds(b, d, scale, request)[0] for d in devices]
+                    for b in graph.blocks])
     if request.training:
-        bwd = np.array([[b.time_on(d.name).bwd(scale) for d in devices] for b in graph.blocks])
+        bwd = np.array([[b.time_on(d.name).bwd(scale) + loss_seconds(b, d, scale, request)[1] for d in devices]
+                        for b in graph.blocks])
     else:
         bwd = np.zeros_like(fwd)
     state = np.array([block_state_bytes(b, request, dp, data_parallel_mode)
@@ -440,6 +442,19 @@ def activation_bytes(block) -> int:
     for the block computing the model's outputs, the float32 log-softmax of them that a
     cross-entropy loss saves (the loss function is not traced; cross-entropy is assumed)."""
     return block.saved_bytes + block.model_output_float32_bytes
+
+
+def loss_seconds(block, device, scale: float, request: PlanRequest) -> tuple[float, float]:
+    """(forward, backward) seconds of the loss on the block's model outputs: cross-entropy, as
+    assumed for memory. With F the float32 size of the logits, it streams about 3F forward
+    (the float32 conversion, log-softmax's read and write) and 5F backward (nll_loss's
+    gradient written, log-softmax's backward reading 2F and writing F, the conversion back),
+    memory bound at the device's achieved bandwidth. 0 for blocks without outputs and for
+    inference."""
+    if not block.model_output_float32_bytes or not request.training:
+        return 0.0, 0.0
+    per_byte = block.model_output_float32_bytes * scale / device.achieved_bandwidth
+    return 3 * per_byte, 5 * per_byte
 
 
 def loss_backward_bytes(block) -> int:

@@ -39,6 +39,8 @@ from autopart.cost_models import Cluster, op_flops, op_seconds
 from autopart.errors import MissingAnnotationError
 from autopart.passes.precision import AUTOCAST_DEVICE_TYPE, fake_like
 
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
 COST_META_KEY = "autopart_cost"
 
 # Backward reads the output gradient and the saved inputs and writes the input
@@ -110,6 +112,11 @@ class _CostInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, cluster: Cluster, autocast_dtype: torch.dtype | None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.autocast_dtype = autocast_dtype
+        self.gpu_kernels = any(d.device_type == "cuda" for d in cluster.devices)
+        """Planning for GPUs: attention keeps what CUDA's fused kernels keep, whatever kernel the
+        fake CPU tensors of the trace take."""
+        self.cast_params: set[int] = set()
+        """Storages of the parameters autocast has converted in this forward (it caches them)."""
         self.devices = {d.name: d for d in cluster.devices}
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
         self.fake_attrs: dict[str, torch.Tensor] = {}
@@ -177,8 +184,23 @@ class _CostInterpreter(torch.fx.Interpreter):
         else:
             result = super().run_node(node)
             flops = self._op_flops(node)
+        if (self.gpu_kernels and node.op == "call_function" and node.target is _SDPA
+                and isinstance(result, torch.Tensor)):
+            self.current_saved = self._fused_attention_saves(node, result)
         node.meta[COST_META_KEY] = self._cost(node, result, flops)
         return result
+
+    def _fused_attention_saves(self, node: torch.fx.Node, out: torch.Tensor) -> list[torch.Tensor]:
+        """What a fused CUDA attention kernel (flash or memory-efficient) keeps for
+        backward: query, key, value, the output and the float32 log-sum-exp of each query row
+        (FlashAttention-2, Dao 2023). The CPU's math fallback, which fake tensors may take (bf16,
+        grouped keys), would keep the [b, h, s, s] attention weights instead."""
+        args, _ = self.fetch_args_kwargs_from_env(node)
+        query = args[0]
+        logsumexp = torch.empty(*query.shape[:-1], dtype=torch.float32, device=query.device)
+        saved = [t for t in args[:3] if isinstance(t, torch.Tensor)] + [out, logsumexp]
+        self.all_saved.extend(saved)
+        return saved
 
     def _op_flops(self, node: torch.fx.Node) -> tuple[int, int]:
         if node.op != "call_function":
@@ -210,12 +232,13 @@ class _CostInterpreter(torch.fx.Interpreter):
         fwd_bytes = read_bytes + output_bytes + sum(_nbytes(t) for t in written)
         saved_bytes = self._new_saved_bytes()
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
+        casts = self._autocast_casts(node, inputs, outputs)
         seconds = tuple(
             (
                 name,
-                op_seconds(flops[0], fwd_bytes, device, _dtype(outputs)),
+                op_seconds(flops[0], fwd_bytes, device, _dtype(outputs)) + _casts_seconds(casts, device),
                 op_seconds(flops[1], BACKWARD_BYTES_FACTOR * fwd_bytes, device, _dtype(outputs))
-                if _needs_grad(outputs) else 0.0,
+                + _casts_seconds(casts, device) if _needs_grad(outputs) else 0.0,
             )
             for name, device in self.devices.items()
         )
@@ -225,6 +248,29 @@ class _CostInterpreter(torch.fx.Interpreter):
             param_bytes=int(param_bytes), trainable=bool(trainable), buffer_bytes=int(buffer_bytes),
             dtype=dtype, seconds=seconds,
         )
+
+    def _autocast_casts(self, node: torch.fx.Node, inputs: list[torch.Tensor],
+                        outputs: list[torch.Tensor]) -> list[int]:
+        """Elements of each input autocast converts before this op runs (none without autocast).
+
+        Autocast lowers an op by converting its float32 inputs to bf16 first: a kernel of its own
+        per input, reading 4 and writing 2 bytes an element, and in backward one that converts the
+        input's bf16 gradient back (2 read, 4 written). A weight is converted once per forward
+        (autocast caches the cast of a leaf for the region: tied weights once)."""
+        if (self.autocast_dtype is None or node.op != "call_function" or not outputs
+                or outputs[0].dtype != self.autocast_dtype):
+            return []
+        casts = []
+        for tensor in inputs:
+            if tensor.dtype != torch.float32:
+                continue
+            key = _storage_key(tensor)
+            if key in self.param_storages:
+                if key in self.cast_params:
+                    continue
+                self.cast_params.add(key)
+            casts.append(tensor.numel())
+        return casts
 
     def _new_saved_bytes(self) -> int:
         total = 0
@@ -237,6 +283,15 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.all_saved.extend(self.current_saved)
         self.current_saved = []
         return total
+
+
+# An autocast conversion moves 4 + 2 bytes an element (float32 <-> bf16), forward and backward.
+AUTOCAST_CAST_BYTES_PER_ELEMENT = 6
+
+
+def _casts_seconds(casts: list[int], device) -> float:
+    """Roofline time of autocast's conversion kernels (memory bound), each with its launch floor."""
+    return sum(op_seconds(0, AUTOCAST_CAST_BYTES_PER_ELEMENT * n, device, torch.bfloat16) for n in casts)
 
 
 def _mutates(target: Any) -> bool:
