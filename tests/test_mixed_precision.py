@@ -152,3 +152,31 @@ def test_no_device_literal_survives_in_rank_modules():
                   for source in stage_interface(module).inputs]
         previous = list(module(*inputs))
         assert all(t.is_meta for t in previous if isinstance(t, torch.Tensor))
+
+
+def test_autocast_conversions_are_priced_as_kernels_of_their_own():
+    """Under autocast a linear on float32 input and weight first converts both to bf16: two
+    memory-bound kernels (4 bytes read, 2 written an element) on top of the bf16 matmul."""
+    from autopart.cost_models import get_preset, op_seconds
+    from autopart.devices import resolve_devices
+    from autopart.passes.node_costs import annotate, node_cost
+
+    model = torch.nn.Linear(4096, 4096, bias=False)
+    x = torch.randn(2048, 4096)
+    cluster = resolve_devices("1xH200")
+    h200 = get_preset("H200")
+    plain = annotate(autopart.trace(model, (x,)), cluster)
+    mixed = annotate(passes_autocast(autopart.trace(model, (x,))), cluster, autocast_dtype=torch.bfloat16)
+    linear = [n for n in mixed.graph.nodes if n.target is torch.ops.aten.linear.default][0]
+    matmul = op_seconds(2 * 2048 * 4096 * 4096, 0, h200, torch.bfloat16)
+    casts = op_seconds(0, 6 * x.numel(), h200, torch.bfloat16) + op_seconds(0, 6 * model.weight.numel(), h200,
+                                                                             torch.bfloat16)
+    assert node_cost(linear).fwd_seconds("H200") == pytest.approx(matmul + casts, rel=0.05)
+    plain_linear = [n for n in plain.graph.nodes if n.target is torch.ops.aten.linear.default][0]
+    assert node_cost(plain_linear).fwd_seconds("H200") > 5 * node_cost(linear).fwd_seconds("H200")  # float32 rate
+
+
+def passes_autocast(gm):
+    from autopart.passes.precision import autocast_values
+
+    return autocast_values(gm, torch.bfloat16)
