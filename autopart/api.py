@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import sys
 import time
 from typing import Any
@@ -12,15 +12,13 @@ import torch.fx
 
 from autopart import passes
 from autopart.compiled import CompiledModel
-from autopart.cost_models import Cluster, optimizer_state_bytes
+from autopart.cost_models import optimizer_state_bytes
 from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
-from autopart.errors import InputError, PlanError
-from autopart.passes.blocks import BlockGraph
-from autopart.plan import Plan
-from autopart.mesh_search import plan_mesh, tensor_parallel_choices
+from autopart.errors import InputError
+from autopart.mesh_search import search_mesh, tensor_parallel_choices
 from autopart.planner import PlanRequest, smallest_microbatch
-from autopart.tracing import io_spec, trace
+from autopart.tracing import trace
 
 
 def compile(  # noqa: A001 - the public name the project promises
@@ -61,49 +59,37 @@ def compile(  # noqa: A001 - the public name the project promises
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
-    request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
-                          num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
-                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode, optimizer=optimizer, training=training, verbose=verbose)
+    request = PlanRequest(batch_size=batch_size, num_stages=num_stages, num_microbatches=num_microbatches,
+                          data_parallel=data_parallel, schedule=schedule, virtual_stages=virtual_stages,
+                          data_parallel_mode=data_parallel_mode, optimizer=optimizer, training=training,
+                          verbose=verbose)
+    rows = functools.partial(_first_rows, flat_batch, in_spec, batch_size)
+
+    def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size
+        log("retrace", f"retracing at microbatch size {size}")
+        return passes.annotate(trace(model, *rows(size)), cluster)
+
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
-    request = dataclasses.replace(request, traced_batch_size=traced_size)
     log("trace", f"tracing at microbatch size {traced_size}")
-    gm = trace(model, *_first_rows(flat_batch, in_spec, batch_size, traced_size))  # TRACED: ATen graph
+    gm = trace(model, *rows(traced_size))                                   # TRACED: ATen graph
     log("annotate", "annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
     blocks = passes.coarsen(gm, cluster, min_blocks=(num_stages or 1) * (virtual_stages or 1))  # -> blocks
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
     log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
-    plan, assignment = plan_mesh(gm, blocks, cluster, request, io_spec(gm).model_class,  # ILPs -> Plan
-                                 tp_sizes, _tp_fixed(gm, tp_plan))
+    found = search_mesh(gm, blocks, cluster, request, traced_batch_size=traced_size,  # ILPs -> Plan, and
+                        tp_choices=tp_sizes, tp_plan=tp_plan, retrace=retrace)        # its microbatch's graph
+    plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
-    if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
-        log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
-        gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training)
-        log("codegen", "cutting stages")
-    split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
-    stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
-    ranks = [_shard(stage, assignment) for stage in stages]                 # its tp ranks, collectives in
+    split = passes.split_stages(found.graph, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
+    stages = passes.stage_modules(split, _canonical_names(model))                    # one GraphModule per stage
+    ranks = passes.tensor_parallel.shard_stages(stages, found.assignment)            # its tp ranks, collectives in
     log("done")
-    return CompiledModel(plan=plan, stages=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
-
-
-def _tp_fixed(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None) -> dict[str, str] | None:
-    if not tp_plan:
-        return None
-    from autopart.passes.tp_plan import plan_placements
-
-    return plan_placements(gm, tp_plan)
-
-
-def _shard(stage: torch.fx.GraphModule, assignment) -> list[torch.fx.GraphModule]:
-    """The stage's tp rank modules (the stage itself when tp = 1), each with the stage's interface."""
-    if assignment is None:
-        return [stage]
-    return passes.shard_graph(stage, assignment, assignment.tp)
+    return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
 
 
 class _Phases:
@@ -142,44 +128,10 @@ def _check_optimizer(optimizer: str) -> None:
 
 
 def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
-    """(args, kwargs) of the first `size` samples of the batch."""
+    """(args, kwargs) of the first `size` samples of the batch: one microbatch to trace."""
     micro = take_rows(flat, batch_size, 0, size)
     args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
     return tuple(args), dict(kwargs)
-
-
-def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, blocks: BlockGraph,
-             cluster: Cluster, tp_plan: dict[str, str] | None, training: bool):
-    """The graph at the chosen microbatch size, and the plan restated on its nodes.
-
-    Models may trace to slightly different ops at another batch size (a batch
-    of 1 takes other broadcasting paths), so stages carry over by block: the
-    same module runs, in the same order, on the same stage.
-    """
-    gm = passes.annotate(trace(model, *_first_rows(flat, in_spec, plan.batch_size, plan.microbatch_size)), cluster)
-    micro_blocks = passes.coarsen(gm, cluster, depth=blocks.depth)
-    planned = [b.name for b in blocks.blocks]
-    traced = [b.name for b in micro_blocks.blocks]
-    if planned != traced:
-        first = next((p, t) for p, t in zip(planned + [None], traced + [None]) if p != t)
-        raise PlanError(
-            f"{io_spec(gm).model_class} traces to different blocks at microbatch size {plan.microbatch_size} "
-            f"than at the traced size (first difference: {first[0]} vs {first[1]}); its structure "
-            f"depends on the batch size: fix num_microbatches={plan.num_microbatches} or use a larger batch"
-        )
-    nodes_of = {b.name: b.node_names for b in micro_blocks.blocks}
-    stages = tuple(
-        dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
-        for stage in plan.stages
-    )
-    assignment = None
-    if plan.mesh.tp > 1:  # node names may differ at this size: choose the splits again on this graph
-        _, assignment = passes.tensor_parallel_blocks(
-            gm, micro_blocks, cluster, plan.mesh.tp, memory_budget_bytes=min(d.memory_bytes for d in cluster.devices),
-            training=training, fixed=_tp_fixed(gm, tp_plan))
-    plan = dataclasses.replace(plan, stages=stages,
-                               tensor_parallel=assignment.to_dict() if assignment is not None else None)
-    return gm, plan, assignment
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

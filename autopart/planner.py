@@ -7,7 +7,7 @@ one microbatch) and the ILP places the blocks. Candidates whose lower bound cann
 without a solve. The best candidate becomes the `Plan`.
 
 Scaling to a microbatch: the graph is traced at one microbatch size
-(`PlanRequest.traced_batch_size`); FLOPs, roofline time, saved activations and
+(`traced_batch_size`); FLOPs, roofline time, saved activations and
 boundary bytes are linear in the batch, so a candidate with microbatches of b
 samples scales them by b / traced size; per-op launch floors do not scale
 (`BlockTimes`).
@@ -66,8 +66,6 @@ class PlanRequest:
 
     batch_size: int
     """Samples in the example batch: one step."""
-    traced_batch_size: int
-    """Samples in the batch the costed graph was traced with (one microbatch)."""
     num_stages: int | None = None
     num_microbatches: int | None = None
     """Microbatches per pipeline (per data-parallel replica)."""
@@ -131,8 +129,9 @@ def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
                for dp in data_parallel_choices(request, cluster))
 
 
-def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str) -> Plan:
-    """The fastest feasible dp × pp plan for `graph` on `cluster`."""
+def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str, *,
+                  traced_batch_size: int) -> Plan:
+    """The fastest feasible dp × pp plan for `graph` (costed at `traced_batch_size` samples) on `cluster`."""
     started = time.perf_counter()
     schedules = schedule_choices(request)
     best: tuple[float, PipelineSolution, PipelineProblem, int, str] | None = None
@@ -153,7 +152,8 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
                             tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
                                          schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
                             problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
-                                                    virtual_stages=v, data_parallel_mode=mode)
+                                                    virtual_stages=v, data_parallel_mode=mode,
+                                                    traced_batch_size=traced_batch_size)
                             bound = lower_bound(problem) + sync_lower_bound(graph, cluster, request, problem, dp,
                                                                             mode)
                             if best is not None and bound >= best[0]:
@@ -182,7 +182,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     if not candidates and skipped:
         raise InputError(f"no plan satisfies the choices fixed: {skipped[0]}")
     if best is None:
-        raise _infeasible_error(graph, cluster, request, failures)
+        raise _infeasible_error(graph, cluster, request, failures, traced_batch_size)
     step, solution, problem, dp, mode = best
     chosen = (dp, problem.num_ranks, problem.num_microbatches, problem.schedule, problem.virtual_stages, mode)
     candidates = [
@@ -192,7 +192,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
         else c
         for c in candidates
     ]
-    return _plan(graph, cluster, request, model_class, problem, solution, candidates,
+    return _plan(graph, cluster, request, traced_batch_size, model_class, problem, solution, candidates,
                  time.perf_counter() - started, num_problems, dp, step, mode)
 
 
@@ -329,14 +329,14 @@ def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: 
 
 def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
                   num_stages: int, num_microbatches: int, schedule: str, dp: int = 1, *,
-                  virtual_stages: int = 1, data_parallel_mode: str = "ddp") -> PipelineProblem:
+                  virtual_stages: int = 1, data_parallel_mode: str = "ddp", traced_batch_size: int) -> PipelineProblem:
     """The ILP instance for S stages on the first replica's R = S / v devices, costs per microbatch.
 
     Stage s runs on device s % R. With v > 1 each stage gets 1/v of its device's
     memory: a linear stand-in for the device's sum that keeps the ILP per stage
     (conservative; balanced stages use about that share anyway).
     """
-    scale = _scale(request, num_microbatches, dp)
+    scale = _scale(request, traced_batch_size, num_microbatches, dp)
     num_ranks = num_stages // virtual_stages
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
     fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
@@ -366,9 +366,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     )
 
 
-def _scale(request: PlanRequest, num_microbatches: int, dp: int = 1) -> float:
+def _scale(request: PlanRequest, traced_batch_size: int, num_microbatches: int, dp: int = 1) -> float:
     """Costs of one microbatch relative to the traced batch."""
-    return request.batch_size / dp / num_microbatches / request.traced_batch_size
+    return request.batch_size / dp / num_microbatches / traced_batch_size
 
 
 def activation_bytes(block) -> int:
@@ -425,9 +425,9 @@ def _binding(problem: PipelineProblem, solution: PipelineSolution) -> str:
 
 
 def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
-                      failures: list[tuple[float, str]]) -> PlanError:
+                      failures: list[tuple[float, str]], traced_batch_size: int) -> PlanError:
     closest = min(failures, key=lambda f: f[0])[1] if failures else "no candidate was tried"
-    fits = min_devices_that_fit(graph, cluster, request)
+    fits = min_devices_that_fit(graph, cluster, request, traced_batch_size)
     hint = (f"the smallest count of {cluster.devices[0].name} devices that fits is {fits}"
             if fits else f"even {8 * cluster.num_devices} devices do not fit")
     return PlanError(
@@ -437,7 +437,8 @@ def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     )
 
 
-def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanRequest) -> int | None:
+def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
+                         traced_batch_size: int) -> int | None:
     """Smallest number of devices like the cluster's first that hold the model, greedily packed.
 
     Blocks are packed in order into consecutive stages, each filled as far as
@@ -446,9 +447,9 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     """
     capacity = cluster.devices[0].memory_bytes
     m = microbatch_choices(request)[-1]
-    state = [block_state_bytes(b, request) + returned_output_bytes(b, request, m, _scale(request, m))
-             for b in graph.blocks]
-    acts = [activation_bytes(b) * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
+    scale = _scale(request, traced_batch_size, m)
+    state = [block_state_bytes(b, request) + returned_output_bytes(b, request, m, scale) for b in graph.blocks]
+    acts = [activation_bytes(b) * scale if request.training else 0.0 for b in graph.blocks]
     for count in range(1, 8 * cluster.num_devices + 1):
         stage, used_state, used_acts = 0, 0.0, 0.0
         fits = True
@@ -468,13 +469,13 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     return None
 
 
-def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str,
+def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batch_size: int, model_class: str,
           problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
           plan_seconds: float, num_problems: int, dp: int, step_seconds: float, mode: str = "ddp") -> Plan:
     num_stages, num_ranks = problem.num_stages, problem.num_ranks
     shards = dp if mode == "fsdp" and dp > 1 and request.training else 1  # FSDP adds 1/dp shards
     m = problem.num_microbatches
-    scale = _scale(request, m, dp)
+    scale = _scale(request, traced_batch_size, m, dp)
     stages = []
     for s in range(num_stages):
         members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]

@@ -1,13 +1,12 @@
 """Every function that reads or rewrites a GraphModule."""
 
+from autopart.passes import tensor_parallel
 from autopart.passes.blocks import Block, BlockGraph, BlockValue, coarsen
 from autopart.passes.codegen import stage_modules
 from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_cost
-from autopart.passes.shard import shard_graph
 from autopart.passes.split import split_stages
-from autopart.passes.tp_blocks import tensor_parallel_blocks
 
 __all__ = [
     "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "coarsen", "node_cost",
-    "shard_graph", "split_stages", "stage_modules", "tensor_parallel_blocks",
+    "split_stages", "stage_modules", "tensor_parallel",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 import autopart
 from autopart import zoo
 from autopart.cost_models import Cluster, DeviceSpec, Link
-from autopart.passes.shard import count_collectives
+from autopart.passes.tensor_parallel.collectives import count_collectives
 from random_models import build, programs
 from test_pipeline_equivalence import assert_plan_matches_model
 

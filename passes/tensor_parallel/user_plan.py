@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from autopart.errors import InputError
-from autopart.passes.tp_placements import P, Placement, R, Shard
+from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard
 
 aten = torch.ops.aten
 # op → (index of the weight argument, weight dim of output features, weight dim of input features, bias index)
