@@ -27,7 +27,7 @@ def compile(  # noqa: A001 - the public name the project promises
     example_inputs: tuple[Any, ...] | torch.Tensor,
     example_kwargs: dict[str, Any] | None = None,
     *,
-    num_stages: int | None = None,
+    pipeline_parallel: int | None = None,
     num_microbatches: int | None = None,
     data_parallel: int | None = None,
     tensor_parallel: int | None = None,
@@ -43,11 +43,12 @@ def compile(  # noqa: A001 - the public name the project promises
 
     `example_inputs` is one whole batch (dim 0 of each batched tensor); the plan
     splits it among `data_parallel` replicas of the pipeline and each share into
-    microbatches. `num_stages` (pipeline ranks), `num_microbatches` (per replica),
-    `data_parallel`, `tensor_parallel` (devices per tp group), `schedule` ('gpipe',
-    '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages` (stages per
-    pipeline rank, for the last two) and `data_parallel_mode` ('ddp' or 'fsdp') fix
-    those choices; None lets the planner choose. `tp_plan` fixes layers' splits,
+    microbatches. `pipeline_parallel` (pipeline ranks), `num_microbatches` (per
+    replica), `data_parallel`, `tensor_parallel` (devices per tp group), `schedule`
+    ('gpipe', '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages`
+    (stages per pipeline rank, for the last two: the plan has pipeline_parallel ×
+    virtual_stages stages) and `data_parallel_mode` ('ddp' or 'fsdp') fix those
+    choices; None lets the planner choose. `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     """
@@ -59,7 +60,7 @@ def compile(  # noqa: A001 - the public name the project promises
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
-    request = PlanRequest(batch_size=batch_size, num_stages=num_stages, num_microbatches=num_microbatches,
+    request = PlanRequest(batch_size=batch_size, pipeline_parallel=pipeline_parallel, num_microbatches=num_microbatches,
                           data_parallel=data_parallel, schedule=schedule, virtual_stages=virtual_stages,
                           data_parallel_mode=data_parallel_mode, optimizer=optimizer, training=training,
                           verbose=verbose)
@@ -76,8 +77,8 @@ def compile(  # noqa: A001 - the public name the project promises
     gm = trace(model, *rows(traced_size))                                   # TRACED: ATen graph
     log("annotate", "annotating costs")
     gm = passes.annotate(gm, cluster)                                       # COSTED: NodeCost per node
-    blocks = passes.coarsen(gm, cluster, min_blocks=(num_stages or 1) * (virtual_stages or 1))  # -> blocks
-    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
+    blocks = passes.coarsen(gm, cluster, min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1))  # -> blocks
+    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, pipeline_parallel, data_parallel)
     log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
     found = search_mesh(gm, blocks, cluster, request, traced_batch_size=traced_size,  # ILPs -> Plan, and
                         tp_choices=tp_sizes, tp_plan=tp_plan, retrace=retrace)        # its microbatch's graph

@@ -56,10 +56,10 @@ class _Strategies:
     assignment: TPAssignment
 
 
-def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: int | None,
+def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_ranks: int | None,
                             fixed_replicas: int | None = None) -> list[int]:
     """tp sizes that divide the devices and stay within one host (tp traffic needs the fast link),
-    leaving room for the stages and replicas the user fixed."""
+    leaving room for the pipeline ranks and replicas the user fixed."""
     n = cluster.num_devices
     if fixed is not None:
         if fixed < 1 or n % fixed:
@@ -67,8 +67,8 @@ def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: i
                              f"{[t for t in range(1, n + 1) if n % t == 0]}")
         return [fixed]
     per_host = sum(1 for node in cluster.node_of_device if node == cluster.node_of_device[0])
-    stages = (fixed_stages or 1) * (fixed_replicas or 1)
-    return [t for t in range(1, per_host + 1) if n % t == 0 and t * stages <= n]
+    groups = (fixed_ranks or 1) * (fixed_replicas or 1)
+    return [t for t in range(1, per_host + 1) if n % t == 0 and t * groups <= n]
 
 
 def group_cluster(cluster: Cluster, tp: int) -> Cluster:

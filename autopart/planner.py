@@ -66,7 +66,8 @@ class PlanRequest:
 
     batch_size: int
     """Samples in the example batch: one step."""
-    num_stages: int | None = None
+    pipeline_parallel: int | None = None
+    """Pipeline ranks (each runs `virtual_stages` stages); None lets the planner choose."""
     num_microbatches: int | None = None
     """Microbatches per pipeline (per data-parallel replica)."""
     data_parallel: int | None = None
@@ -104,8 +105,9 @@ def microbatch_choices(request: PlanRequest, data_parallel: int = 1) -> list[int
 def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
     """Replica counts that divide both the device count and the batch."""
     n, batch = cluster.num_devices, request.batch_size
-    if request.num_stages is not None and not 1 <= request.num_stages <= n:
-        raise InputError(f"num_stages={request.num_stages} must be between 1 and the {n} devices of the cluster")
+    if request.pipeline_parallel is not None and not 1 <= request.pipeline_parallel <= n:
+        raise InputError(f"pipeline_parallel={request.pipeline_parallel} must be between 1 and the {n} devices "
+                         "of the cluster")
     if request.data_parallel is not None:
         dp = request.data_parallel
         if dp < 1 or n % dp or batch % dp:
@@ -114,8 +116,8 @@ def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
                 f"choose one of {[d for d in range(1, n + 1) if n % d == 0 and batch % d == 0]}"
             )
         return [dp]
-    fixed_stages = request.num_stages or 1
-    choices = [d for d in range(1, n + 1) if n % d == 0 and batch % d == 0 and d * fixed_stages <= n]
+    fixed_ranks = request.pipeline_parallel or 1
+    choices = [d for d in range(1, n + 1) if n % d == 0 and batch % d == 0 and d * fixed_ranks <= n]
     if request.num_microbatches is not None:
         choices = [d for d in choices if (batch // d) % max(request.num_microbatches, 1) == 0]
         if not choices:
@@ -142,14 +144,14 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     # Most replicas first: the plans that data parallelism alone makes fast are found early,
     # so the lower bound prunes the deeper pipelines without solving them.
     for dp in sorted(data_parallel_choices(request, cluster), reverse=True):
-        for num_ranks in _stage_choices(request, cluster, len(graph.blocks), dp):
+        for num_ranks in _pipeline_choices(request, cluster, len(graph.blocks), dp):
             for m in microbatch_choices(request, dp):
                 for schedule in schedules:
                     if schedule == "gpipe" and num_ranks == 1 and "1f1b" in schedules:
                         continue  # one stage: GPipe is 1F1B with more in flight
                     for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks), skipped):
                         for mode in data_parallel_mode_choices(request, dp):
-                            tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
+                            tried = dict(data_parallel=dp, pipeline_parallel=num_ranks, num_microbatches=m,
                                          schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
                             problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
                                                     virtual_stages=v, data_parallel_mode=mode,
@@ -187,7 +189,7 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     chosen = (dp, problem.num_ranks, problem.num_microbatches, problem.schedule, problem.virtual_stages, mode)
     candidates = [
         Candidate(**{**c.__dict__, "status": "chosen"})
-        if (c.data_parallel, c.num_stages, c.num_microbatches, c.schedule, c.virtual_stages,
+        if (c.data_parallel, c.pipeline_parallel, c.num_microbatches, c.schedule, c.virtual_stages,
             c.data_parallel_mode) == chosen and c.status == "feasible"
         else c
         for c in candidates
@@ -199,10 +201,10 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
 def schedule_choices(request: PlanRequest) -> list[str]:
     """The schedules to try: the one fixed, else all (forward-only plans: GPipe and 1F1B)."""
     v = request.virtual_stages
-    if v is not None and v > 1 and request.num_stages == 1:
+    if v is not None and v > 1 and request.pipeline_parallel == 1:
         raise InputError(
-            f"virtual_stages={v} needs at least 2 pipeline ranks, but num_stages=1: PyTorch's interleaved "
-            "schedules send between consecutive stages, which cannot share a rank; use num_stages >= 2 or "
+            f"virtual_stages={v} needs at least 2 pipeline ranks, but pipeline_parallel=1: PyTorch's interleaved "
+            "schedules send between consecutive stages, which cannot share a rank; use pipeline_parallel >= 2 or "
             "virtual_stages=1")
     if request.schedule is not None:
         if request.schedule not in SCHEDULES:
@@ -232,7 +234,7 @@ def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, n
         return [1] if fixed in (None, 1) else []
     why = None
     if num_ranks < 2:  # consecutive stages on one rank: PyTorch's schedules would send to themselves
-        why = f"{schedule} needs at least 2 pipeline ranks (num_stages), not {num_ranks}"
+        why = f"{schedule} needs at least 2 pipeline ranks (pipeline_parallel), not {num_ranks}"
     else:
         try:
             microbatches_per_round(num_ranks, num_microbatches)
@@ -311,17 +313,18 @@ def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request: PlanRequest, 
     return (dp - 1) / dp * moved / fastest
 
 
-def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:
+def _pipeline_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:
+    """Pipeline ranks to try for `dp` replicas: the fixed count, else 1 to as many as devices and blocks allow."""
     n = cluster.num_devices // dp
-    if request.num_stages is not None:
-        s = request.num_stages
+    if request.pipeline_parallel is not None:
+        s = request.pipeline_parallel
         if s < 1 or s > n:
-            raise InputError(f"num_stages={s} must be between 1 and the {n} devices of each of {dp} "
+            raise InputError(f"pipeline_parallel={s} must be between 1 and the {n} devices of each of {dp} "
                              f"replica(s) ({cluster.num_devices} devices)")
         if s > num_blocks:
             raise PlanError(
-                f"num_stages={s} but the model splits into only {num_blocks} blocks even one op per "
-                f"block; use num_stages <= {num_blocks}"
+                f"pipeline_parallel={s} but the model splits into only {num_blocks} blocks even one op per "
+                f"block; use pipeline_parallel <= {num_blocks}"
             )
         return [s]
     return list(range(1, min(n, num_blocks) + 1))

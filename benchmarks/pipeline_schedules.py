@@ -71,7 +71,7 @@ def main() -> None:
     # drift of the machine during the run falls on all of them alike.
     runs = []
     for schedule, v in CONFIGS:
-        compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), num_stages=world,
+        compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), pipeline_parallel=world,
                                     num_microbatches=args.microbatches, schedule=schedule, virtual_stages=v,
                                     data_parallel=1, tensor_parallel=1, optimizer="sgd")
         runner = compiled.distributed(timeout_s=600)

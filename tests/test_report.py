@@ -30,7 +30,7 @@ def gpt2_free() -> Plan:
 def gpt2_pipeline() -> Plan:
     """The same model cut into 4 stages with 4 microbatches, 1F1B."""
     example = zoo.gpt2(layers=4, batch=8)
-    return autopart.compile(example.model, "4xH100", example_inputs=example.args, num_stages=4,
+    return autopart.compile(example.model, "4xH100", example_inputs=example.args, pipeline_parallel=4,
                             num_microbatches=4, schedule="1f1b").plan
 
 
@@ -38,7 +38,7 @@ def gpt2_pipeline() -> Plan:
 def gpt2_interleaved() -> Plan:
     """GPT-2 on 2 ranks × 2 virtual stages, interleaved 1F1B."""
     example = zoo.gpt2(layers=4, batch=8)
-    return autopart.compile(example.model, "2xH100", example_inputs=example.args, num_stages=2,
+    return autopart.compile(example.model, "2xH100", example_inputs=example.args, pipeline_parallel=2,
                             num_microbatches=4, schedule="interleaved_1f1b", virtual_stages=2).plan
 
 
@@ -46,7 +46,7 @@ def gpt2_interleaved() -> Plan:
 def mlp_plan() -> Plan:
     """An MLP on 2 CPU devices, 2 stages."""
     example = zoo.mlp(depth=6, batch=16)
-    return autopart.compile(example.model, 2, example_inputs=example.args, num_stages=2).plan
+    return autopart.compile(example.model, 2, example_inputs=example.args, pipeline_parallel=2).plan
 
 
 def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_stage: int = 10,
@@ -75,11 +75,11 @@ def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_s
         solver=SolverInfo(backend="cpsat", status="OPTIMAL", objective_seconds=step, bound_seconds=step,
                           solve_seconds=0.01, plan_seconds=0.05, num_problems=3),
         candidates=(
-            Candidate(data_parallel=1, num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, pipeline_parallel=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=step, status="chosen", detail="slowest stage 0 <b>"),
-            Candidate(data_parallel=1, num_stages=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, pipeline_parallel=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=step * 1.12, status="feasible", detail="slowest stage 3"),
-            Candidate(data_parallel=1, num_stages=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, pipeline_parallel=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=None, status="infeasible", detail="stage 0 short by 3.1 GiB"),
         ),
     )
@@ -130,7 +130,7 @@ def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
 def test_text_report_explains_the_stage_count_and_idle_devices(gpt2_free: Plan) -> None:
     text = render_text(gpt2_free)
     why = text.split(f"why {gpt2_free.num_stages} stage")[1]
-    tried = {c.num_stages for c in gpt2_free.candidates} - {gpt2_free.num_stages}
+    tried = {c.pipeline_parallel for c in gpt2_free.candidates} - {gpt2_free.mesh.pp}
     assert tried, "the planner should have tried several stage counts"
     for count in tried:
         assert re.search(rf"^  {count} stages?: ", why, re.M)
@@ -261,12 +261,28 @@ def test_json_round_trip(gpt2_pipeline: Plan, mlp_plan: Plan, gpt2_interleaved: 
         assert render_text(again) == render_text(plan)
     # a version-1 plan written before virtual stages and dp modes existed reads with their defaults
     data = json.loads(gpt2_pipeline.to_json())
+    data["version"] = 1
     for key in ("virtual_stages", "data_parallel_mode"):
         del data[key]
         for candidate in data["candidates"]:
             del candidate[key]
+    for candidate in data["candidates"]:  # version 1 named a candidate's pipeline ranks num_stages
+        candidate["num_stages"] = candidate.pop("pipeline_parallel")
     old = Plan.from_json(json.dumps(data))
     assert old.virtual_stages == 1 and old.data_parallel_mode == "ddp"
+
+
+def test_json_version_1_reads_a_candidates_num_stages_as_its_pipeline_ranks(gpt2_interleaved: Plan) -> None:
+    """Version 2 renamed Candidate.num_stages (pipeline ranks) to pipeline_parallel: Plan.num_stages
+    counts model stages (ranks × virtual stages), and nothing else is called num_stages."""
+    data = json.loads(gpt2_interleaved.to_json())
+    assert data["version"] == 2 and all("num_stages" not in c for c in data["candidates"])
+    data["version"] = 1
+    for candidate in data["candidates"]:
+        candidate["num_stages"] = candidate.pop("pipeline_parallel")
+    old = Plan.from_json(json.dumps(data))
+    assert old == gpt2_interleaved
+    assert old.num_stages == 4 and {c.pipeline_parallel for c in old.candidates} == {2}
 
 
 def test_json_unknown_version_is_an_input_error(mlp_plan: Plan) -> None:

@@ -210,7 +210,7 @@ def _candidate_table(plan: Plan) -> str:
     for c in plan.candidates:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "–"
         status = escape(c.status)
-        rows.append(f'<tr class="{status}"><td class=n>{c.data_parallel}</td><td class=n>{c.num_stages}</td>'
+        rows.append(f'<tr class="{status}"><td class=n>{c.data_parallel}</td><td class=n>{c.pipeline_parallel}</td>'
                     f'<td class=n>{c.tensor_parallel}</td><td class=n>{c.num_microbatches}</td>'
                     f"<td>{escape(c.schedule)}</td><td class=n>{step}</td>"
                     f'<td><span class="pill {status}">{status}</span></td><td>{escape(c.detail)}</td></tr>')

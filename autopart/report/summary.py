@@ -158,7 +158,7 @@ def stage_count_notes(plan: Plan) -> list[tuple[int, str]]:
     chosen_step = plan.predicted_step_seconds
     by_count: dict[int, list[Candidate]] = defaultdict(list)
     for c in plan.candidates:
-        by_count[c.num_stages].append(c)
+        by_count[c.pipeline_parallel].append(c)
     notes = []
     for count in sorted(by_count):
         if count == plan.mesh.pp:
@@ -195,7 +195,7 @@ def idle_notes(plan: Plan) -> list[str]:
     idle = list(plan.idle_devices)
     if not idle:
         return []
-    counts = {c.num_stages for c in plan.candidates}
+    counts = {c.pipeline_parallel for c in plan.candidates}
     pipeline = plan.mesh.pp * plan.mesh.tp
     replicas = len(idle) // pipeline if pipeline else 0
     head = f"{plural(len(idle), 'device')} ({fmt_ranges(idle)}) idle"

@@ -130,7 +130,7 @@ def _candidates(plan: Plan) -> str:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "-"
         schedule = c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else "")
         dp = str(c.data_parallel) + (f" {c.data_parallel_mode}" if c.data_parallel > 1 else "")
-        rows.append(("*" if c.status == "chosen" else "", dp, str(c.num_stages),
+        rows.append(("*" if c.status == "chosen" else "", dp, str(c.pipeline_parallel),
                      str(c.tensor_parallel), str(c.num_microbatches), schedule, step, c.status, c.detail))
     widths = [max(len(r[k]) for r in rows) for k in range(8)]
     lines = [f"candidates ({len(plan.candidates)} tried; * chosen)"]

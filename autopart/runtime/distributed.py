@@ -31,7 +31,7 @@ from torch import nn
 from autopart.batch import batch_size_of, split_rows, take_rows
 from autopart.errors import AutopartError, InputError
 from autopart.interfaces import StageInterface, tp_rank_info
-from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
+from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
 
@@ -638,4 +638,4 @@ def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-__all__ = ["DistributedRunner", "rank_of"]
+__all__ = ["DistributedRunner"]

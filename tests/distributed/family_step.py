@@ -36,7 +36,7 @@ def main() -> None:
         return entry.main_output(output).float().pow(2).mean()
 
     compiled = autopart.compile(entry.model, 2, example_inputs=entry.args, example_kwargs=kwargs or None,
-                                num_stages=2, num_microbatches=2, schedule=args.schedule,
+                                pipeline_parallel=2, num_microbatches=2, schedule=args.schedule,
                                 virtual_stages=args.virtual_stages)
     runner = compiled.distributed(timeout_s=120)
     loss = runner.step(*entry.args, target=None, loss_fn=loss_fn, **kwargs)
