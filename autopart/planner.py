@@ -387,23 +387,42 @@ def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, sc
     return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
 
 
-def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
-    """Parameters + gradients + optimizer state + buffers of a block (bytes).
+@dataclass(frozen=True, kw_only=True)
+class StateBytes:
+    """What a device of one replica holds of some parameters' state, by kind (bytes)."""
 
-    Under 'fsdp' the optimizer state lives in 1/dp shards, next to 1/dp shards of
-    the parameters and gradients; the full parameters and the accumulated full
-    gradients exist during the step (FSDP2 without resharding between
-    microbatches).
+    params: float
+    grads: float
+    optimizer: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.buffers
+
+
+def state_bytes(param_bytes: float, trainable_param_bytes: float, buffer_bytes: float, request: PlanRequest,
+                dp: int = 1, mode: str = "ddp") -> StateBytes:
+    """Parameters, gradients, optimizer state and buffers of parameters of these sizes, per device.
+
+    'ddp' (or inference, or one replica): everything whole; gradients and
+    optimizer state only for trainable parameters when training. 'fsdp': the
+    optimizer state lives in 1/dp shards, next to 1/dp shards of the parameters
+    and gradients (the master copies); the full parameters and the accumulated
+    full gradients exist during the step too (FSDP2 without resharding between
+    microbatches): params and grads × (1 + 1/dp), optimizer / dp.
     """
-    state = float(block.param_bytes + block.buffer_bytes)
-    if request.training:
-        grads = gradient_bytes(block.trainable_param_bytes)
-        optimizer = optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
-        if mode == "fsdp" and dp > 1:
-            state += grads + (optimizer + block.param_bytes + grads) / dp
-        else:
-            state += grads + optimizer
-    return state
+    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1
+    trainable = trainable_param_bytes if request.training else 0
+    copies = 1 + 1 / shards if shards > 1 else 1
+    return StateBytes(params=param_bytes * copies, grads=gradient_bytes(trainable) * copies,
+                      optimizer=optimizer_state_bytes(trainable, request.optimizer) / shards,
+                      buffers=float(buffer_bytes))
+
+
+def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
+    """Parameters + gradients + optimizer state + buffers of a block (bytes; `state_bytes`)."""
+    return state_bytes(block.param_bytes, block.trainable_param_bytes, block.buffer_bytes, request, dp, mode).total
 
 
 def lower_bound(problem: PipelineProblem) -> float:
@@ -476,7 +495,6 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batc
           problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
           plan_seconds: float, num_problems: int, dp: int, step_seconds: float, mode: str = "ddp") -> Plan:
     num_stages, num_ranks = problem.num_stages, problem.num_ranks
-    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1  # FSDP adds 1/dp shards
     m = problem.num_microbatches
     scale = _scale(request, traced_batch_size, m, dp)
     stages = []
@@ -485,7 +503,8 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batc
         blocks = [graph.blocks[i] for i in members]
         device = cluster.devices[s % num_ranks]
         in_flight = problem.in_flight(s)
-        trainable = sum(b.trainable_param_bytes for b in blocks) if request.training else 0
+        state = state_bytes(sum(b.param_bytes for b in blocks), sum(b.trainable_param_bytes for b in blocks),
+                            sum(b.buffer_bytes for b in blocks), request, dp, mode)
         send = sum(v.num_bytes for v in problem.values
                    if solution.stage_of_block[v.producer] <= s < max(solution.stage_of_block[c] for c in v.consumers))
         recv = sum(v.num_bytes for v in problem.values
@@ -503,11 +522,8 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batc
             num_params=int(sum(b.num_params for b in blocks)),
             send_bytes=int(send),
             memory=StageMemory(
-                params=int(sum(b.param_bytes for b in blocks) * (1 + (shards > 1) / shards)),
-                grads=int(gradient_bytes(trainable) * (1 + (shards > 1) / shards)),
-                optimizer=int(optimizer_state_bytes(trainable, request.optimizer) / shards)
-                if request.training else 0,
-                buffers=int(sum(b.buffer_bytes for b in blocks)),
+                params=int(state.params), grads=int(state.grads), optimizer=int(state.optimizer),
+                buffers=int(state.buffers),
                 activations=int(float(problem.activation_bytes[members].sum()) * in_flight
                                 + sum(returned_output_bytes(b, request, m, scale) for b in blocks)),
                 boundary=int((send + recv) * in_flight),

@@ -15,7 +15,7 @@ from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StageP
 from autopart.report.html import render_html
 from autopart.report.summary import abbreviate_blocks, schedule_grid
 from autopart.report.text import render_text
-from autopart.report.timing import makespan, simulate
+from autopart.report.timing import makespan, predicted_timeline
 from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
 
 
@@ -194,7 +194,7 @@ def test_abbreviate_blocks() -> None:
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_played_step_of_equal_stages_is_the_planner_formula(schedule: str) -> None:
     plan = synthetic_plan(num_stages=4, num_microbatches=6, schedule=schedule)
-    actions = simulate(plan)
+    actions = predicted_timeline(plan)
     assert len(actions) == 2 * 4 * 6
     assert makespan(actions) == pytest.approx(plan.predicted_step_seconds, rel=1e-9)
     for rank in range(4):  # a rank never runs two actions at once
@@ -203,7 +203,7 @@ def test_played_step_of_equal_stages_is_the_planner_formula(schedule: str) -> No
 
 
 def test_played_step_respects_dependencies(gpt2_pipeline: Plan) -> None:
-    actions = {(a.kind, a.rank, a.microbatch): a for a in simulate(gpt2_pipeline)}
+    actions = {(a.kind, a.rank, a.microbatch): a for a in predicted_timeline(gpt2_pipeline)}
     for (kind, s, i), a in actions.items():
         if kind == "F" and s > 0:
             assert a.start >= actions[("F", s - 1, i)].end

@@ -18,7 +18,7 @@ from autopart.report.summary import (
 )
 from autopart.report.svg import ACTION_COLOURS, MEMORY_COLOURS, layers_svg, memory_svg, stage_colour, timeline_svg
 from autopart.report.text import render_text
-from autopart.report.timing import makespan, simulate
+from autopart.report.timing import makespan, predicted_timeline
 from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
 
 _CSS = """
@@ -74,7 +74,7 @@ svg .bracket { fill:none; stroke-width:2; }
 
 def render_html(plan: Plan) -> str:
     """The report page: summary cards, schedule timeline, memory bars, layer strip, tables."""
-    actions = simulate(plan)
+    actions = predicted_timeline(plan)
     title = f"{model_name(plan)} on {cluster_label(plan)}"
     body = [
         f"<h1>{escape(title)}</h1>",

@@ -84,7 +84,7 @@ def _axis(x0: float, y: float, width: float, top: float, axis_max: float, fmt, b
 # ----------------------------------------------------------------------------- (a) timeline
 
 def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> str:
-    """One row per rank; F and B boxes of each microbatch placed by their simulated times."""
+    """One row per rank; F and B boxes of each microbatch placed by their predicted times."""
     left, right, row, gap, top = 118, 16, 30, 10, 22
     plot = width - left - right
     played = makespan(actions)
