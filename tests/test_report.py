@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -13,6 +14,7 @@ from autopart import InputError, zoo
 from autopart.cost_models import Cluster
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.report.html import render_html
+from autopart.report.svg import memory_svg
 from autopart.report.summary import abbreviate_blocks, schedule_grid
 from autopart.report.text import render_text
 from autopart.report.timing import makespan, predicted_timeline
@@ -47,6 +49,14 @@ def mlp_plan() -> Plan:
     """An MLP on 2 CPU devices, 2 stages."""
     example = zoo.mlp(depth=6, batch=16)
     return autopart.compile(example.model, 2, example_inputs=example.args, pipeline_parallel=2).plan
+
+
+@pytest.fixture(scope="module")
+def gpt_dp4_tp2() -> Plan:
+    """A GPT on 8 H100s as 4 data-parallel replicas of a tensor-parallel pair: every device in use."""
+    example = zoo.gpt(layers=2)
+    return autopart.compile(example.model, "8xH100", example_inputs=example.args, data_parallel=4,
+                            tensor_parallel=2).plan
 
 
 def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_stage: int = 10,
@@ -110,6 +120,27 @@ def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
     table = text.split("candidates (")[1].split("\n\n")[0]
     assert len(table.splitlines()) == len(gpt2_pipeline.candidates) + 2
     assert re.search(r"^\s+\*\s+1\s+4\s+1\s+4\s", table, re.M)  # dp pp tp m of the chosen row
+
+
+def test_memory_chart_draws_replicas_and_tp_peers_as_used(gpt_dp4_tp2: Plan) -> None:
+    """dp = 4 × tp = 2 on 8 devices: one row for the stage's 8 devices, none drawn unused (the header
+    says 0 idle); the text report's mesh line names all 8."""
+    plan = gpt_dp4_tp2
+    assert (plan.mesh.dp, plan.mesh.pp, plan.mesh.tp) == (4, 1, 2) and plan.idle_devices == ()
+    svg = memory_svg(plan)
+    assert "unused" not in svg and "idle ·" not in svg
+    assert ">devices 0-7<" in svg and "stage 0 · H100 · each of 8" in svg
+    assert "(8 of 8 devices) on devices 0-7 (H100)" in render_text(plan)
+    page = render_html(plan)
+    assert "unused" not in page and re.search(r"idle devices.*?>0<", page, re.S)
+
+
+def test_memory_chart_rows_name_every_device_of_a_stage() -> None:
+    """pp = 2 × dp = 2: stage 0 runs on devices 0 and 2, stage 1 on 1 and 3."""
+    plan = synthetic_plan(num_stages=2, num_microbatches=4)
+    plan = dataclasses.replace(plan, mesh=Mesh(pp=2, dp=2), cluster=Cluster.parse("4xH100").to_dict())
+    svg = memory_svg(plan)
+    assert ">devices 0, 2<" in svg and ">devices 1, 3<" in svg and "unused" not in svg
 
 
 def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:

@@ -51,6 +51,16 @@ def mesh_label(plan: Plan) -> str:
     return f"{pp} × tp={mesh.tp} × {dp} ({mesh.num_devices} of {plural(total, 'device')})"
 
 
+def devices_of_stage(plan: Plan, stage: StagePlan) -> list[int]:
+    """Every device that runs `stage`: its tensor-parallel group in every data-parallel replica."""
+    return plan.mesh.devices_of(stage.index % plan.mesh.pp)
+
+
+def used_devices(plan: Plan) -> list[int]:
+    """The devices the plan runs on, all stages' tp groups and replicas."""
+    return sorted({d for stage in plan.stages for d in devices_of_stage(plan, stage)})
+
+
 # ----------------------------------------------------------------------------- blocks
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")

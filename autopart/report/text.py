@@ -18,6 +18,7 @@ from autopart.report.summary import (
     stage_count_notes,
     tensor_parallel_split,
     tensor_parallel_summary,
+    used_devices,
 )
 from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
 
@@ -45,7 +46,7 @@ def _kv(label: str, value: str, indent: str = "") -> str:
 
 def _header(plan: Plan) -> str:
     title = f"autopart plan: {model_name(plan)} on {cluster_label(plan)}"
-    used = sorted(s.device for s in plan.stages)
+    used = used_devices(plan)
     names = sorted({s.device_name for s in plan.stages})
     mode = f"training, optimizer {plan.optimizer}" if is_training(plan) else "inference (forward only)"
     micro = plural(plan.num_microbatches, "microbatch")
