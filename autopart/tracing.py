@@ -38,6 +38,10 @@ def trace(
 ) -> torch.fx.GraphModule:
     """Trace `model(*args, **kwargs)` to a flat ATen-level GraphModule.
 
+    The GraphModule is called as the model is (`gm(*args, **kwargs)` returns the
+    model's own output structure); its graph takes the flat inputs
+    (`flatten_inputs`) and returns a flat tuple, which is what passes see.
+
     Raises `TraceError` naming the model class, where capture stopped, what
     each tracer said and a fix to try.
     """
@@ -66,7 +70,7 @@ def trace(
 
     in_spec = _graph_in_spec(gm) or in_spec
     out_spec = _flatten_output(gm)
-    gm.meta[IO_META_KEY] = IOSpec(
+    spec = IOSpec(
         in_spec=in_spec,
         out_spec=out_spec,
         tracer=tracer,
@@ -74,9 +78,35 @@ def trace(
         default_kwargs=tuple((k, v) for k, v in kwargs.items() if k not in given),
         example_inputs=tuple(_example(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"),
     )
+    gm.meta[IO_META_KEY] = spec
     gm.graph.lint()
     gm.recompile()
+    _CalledAsTheModel(spec).install(gm)
     return gm
+
+
+class _CalledAsTheModel:
+    """Makes a traced GraphModule callable as the model is, as torch.export's `ep.module()` is.
+
+    The graph stays flat (placeholders are the flattened (args, kwargs) leaves and
+    the output a flat tuple: what every pass and `torch.fx.Interpreter` see);
+    a forward pre-hook flattens the model's own arguments into it, adding the
+    keywords autopart set at trace time (use_cache=False), and a forward hook
+    rebuilds the model's output structure.
+    """
+
+    def __init__(self, spec: IOSpec) -> None:
+        self.spec = spec
+
+    def install(self, gm: torch.fx.GraphModule) -> None:
+        gm.register_forward_pre_hook(self.flatten, with_kwargs=True)
+        gm.register_forward_hook(self.unflatten)
+
+    def flatten(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(self.spec.flatten(args, kwargs)), {}
+
+    def unflatten(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        return self.spec.unflatten(output)
 
 
 def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> list[Any]:

@@ -11,7 +11,7 @@ from autopart.tracing import flatten_inputs, io_spec, unflatten_output
 
 
 def _run_graph(gm, entry):
-    return unflatten_output(gm, gm(*flatten_inputs(gm, entry.args, entry.kwargs)))
+    return gm(*entry.args, **entry.kwargs)
 
 
 @pytest.mark.parametrize("family", sorted(zoo.ALL_FAMILIES))
@@ -43,6 +43,23 @@ def test_trace_matches_eager_forward_and_backward(family):
     for name, param in model.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(graph_grads[name], param.grad, rtol=1e-5, atol=4e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "mlp"])
+def test_traced_module_is_called_as_the_model_is(family):
+    """autopart.trace's GraphModule takes the model's own arguments (an HF model without the use_cache
+    keyword autopart adds at trace time) and returns the model's own output, as torch.export's
+    ep.module() does; its graph stays flat for the passes."""
+    entry = zoo.ALL_FAMILIES[family]()
+    gm = autopart.trace(entry.model, entry.args, entry.kwargs)
+    eager = entry.model(*entry.args, **entry.kwargs)
+    got = gm(*entry.args, **entry.kwargs)
+    assert type(got) is type(eager)
+    torch.testing.assert_close(entry.main_output(got), entry.main_output(eager), rtol=1e-5, atol=1e-5)
+    flat = torch.fx.Interpreter(gm).run(*flatten_inputs(gm, entry.args, entry.kwargs))
+    assert isinstance(flat, tuple)
+    torch.testing.assert_close(entry.main_output(unflatten_output(gm, flat)), entry.main_output(eager),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _tied_aliases(model):
