@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -89,6 +91,22 @@ def test_untraceable_model_names_class_line_and_fix():
     assert "test_trace.py" in message and "if x.sum() > 0" in message
     assert "torch.export" in message and "symbolic_trace" in message
     assert "fix:" in message
+
+
+def test_wrong_input_shape_says_the_model_raised_with_its_own_message(capfd):
+    """Linear(16) fed 3 features: one TraceError quoting the model's own error, no advice about
+    control flow, and no pages of fake-tensor logs on stderr."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    for run in (lambda: autopart.trace(model, (torch.randn(8, 3),)),
+                lambda: autopart.compile(model, 2, example_inputs=(torch.randn(8, 3),))):
+        with pytest.raises(autopart.TraceError) as info:
+            run()
+        message = str(info.value)
+        assert "Sequential raises on the example inputs" in message
+        assert re.search(r"mat1 and mat2 shapes cannot be multiplied \(\dx3 and 16x4\)", message)
+        assert "control flow" not in message
+    err = capfd.readouterr().err
+    assert "fake_tensor" not in err and "Traceback" not in err
 
 
 def test_unsupported_input_type_is_named():
