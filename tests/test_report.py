@@ -143,6 +143,32 @@ def test_memory_chart_rows_name_every_device_of_a_stage() -> None:
     assert ">devices 0, 2<" in svg and ">devices 1, 3<" in svg and "unused" not in svg
 
 
+def test_text_report_lists_the_fastest_candidates_and_counts_the_rest() -> None:
+    """Hundreds of candidates (the README demo tries 358): the text lists the chosen and the fastest
+    feasible ones and counts the rest by status; the HTML keeps every one."""
+    base = synthetic_plan(num_stages=2, num_microbatches=8)
+    tried = [dataclasses.replace(base.candidates[0], num_microbatches=1)]  # the chosen one
+    tried += [dataclasses.replace(base.candidates[1], num_microbatches=m, step_seconds=1.0 + m / 100)
+              for m in range(30, 0, -1)]  # feasible, slower the more microbatches
+    tried += [dataclasses.replace(base.candidates[2], num_microbatches=m) for m in range(1, 6)]  # infeasible
+    tried += [dataclasses.replace(base.candidates[1], num_microbatches=m, step_seconds=None, status="pruned",
+                                  detail="lower bound") for m in range(1, 21)]
+    plan = dataclasses.replace(base, candidates=tuple(tried))
+    text = render_text(plan)
+    table = text.split("candidates (")[1].split("\n\n")[0]
+    lines = table.splitlines()
+    assert lines[0] == "56 tried; * chosen; the 8 fastest shown)"
+    assert len(lines) == 1 + 1 + 8 + 1
+    assert re.match(r"^\s+\*\s+1\s", lines[2])
+    shown_m = [int(line.split()[3]) for line in lines[3:10]]
+    assert shown_m == [1, 2, 3, 4, 5, 6, 7]  # the fastest feasible, fastest first
+    assert lines[-1].strip() == ("… and 48 more (23 feasible, 20 pruned, 5 infeasible); "
+                                 "the HTML report and the plan's JSON list every candidate")
+    page = render_html(plan)
+    assert sum(page.count(f'<tr class="{status}">') for status in ("chosen", "feasible", "infeasible",
+                                                                   "pruned")) == 56
+
+
 def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
     """Stages 0 and 2 on rank 0, 1 and 3 on rank 1; the grid names stages; bubble (R-1)/(m·v+R-1)."""
     plan = gpt2_interleaved
