@@ -17,7 +17,7 @@ from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError
 from autopart.mesh_search import search_mesh, tensor_parallel_choices
-from autopart.planner import PlanRequest, smallest_microbatch
+from autopart.plan_choices import PlanRequest, smallest_microbatch
 from autopart.tracing import trace
 
 

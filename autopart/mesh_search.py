@@ -31,7 +31,8 @@ from autopart.passes.blocks import BlockGraph
 from autopart.passes.tensor_parallel import TPAssignment, TPProblemIndex
 from autopart.passes.tensor_parallel.placements import Placement
 from autopart.plan import Plan
-from autopart.planner import PlanRequest, plan_pipeline
+from autopart.plan_choices import PlanRequest
+from autopart.planner import plan_pipeline
 from autopart.problems import TPSolution
 from autopart.solver import solve_tp
 

@@ -19,7 +19,7 @@ SOURCES = {"autopart": ROOT / "autopart", "autopart.cost_models": ROOT / "cost_m
 VOCABULARY = ("autopart.errors", "autopart.plan", "autopart.schedules", "autopart.problems", "autopart.interfaces",
               "autopart.units", "autopart.batch")
 """Plain dataclasses and pure functions every layer shares."""
-DRIVER = ("autopart", "autopart.__main__", "autopart.api", "autopart.mesh_search", "autopart.planner",
+DRIVER = ("autopart", "autopart.__main__", "autopart.api", "autopart.mesh_search", "autopart.planner", "autopart.plan_choices",
           "autopart.compiled", "autopart.cli", "autopart.verify", "autopart.devices", "autopart.zoo")
 """The public API and the driver, module by module: they may import every layer."""
 
