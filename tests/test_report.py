@@ -157,7 +157,7 @@ def test_text_report_lists_the_fastest_candidates_and_counts_the_rest() -> None:
     text = render_text(plan)
     table = text.split("candidates (")[1].split("\n\n")[0]
     lines = table.splitlines()
-    assert lines[0] == "56 tried; * chosen; the 8 fastest shown)"
+    assert lines[0] == "56 tried; * chosen; the fastest 8 shown)"
     assert len(lines) == 1 + 1 + 8 + 1
     assert re.match(r"^\s+\*\s+1\s", lines[2])
     shown_m = [int(line.split()[3]) for line in lines[3:10]]

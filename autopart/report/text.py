@@ -154,7 +154,7 @@ def _candidates(plan: Plan) -> str:
     widths = [max(len(r[k]) for r in rows) for k in range(8)]
     hidden = len(plan.candidates) - len(shown)
     lines = [f"candidates ({len(plan.candidates)} tried; * chosen"
-             + (f"; the {len(shown)} fastest shown)" if hidden else ")")]
+             + (f"; the fastest {len(shown)} shown)" if hidden else ")")]
     for r in rows:
         cells = [r[k].rjust(widths[k]) if k in (1, 2, 3, 4, 6) else r[k].ljust(widths[k]) for k in range(8)]
         lines.append("  " + "  ".join(cells) + "  " + r[8])
