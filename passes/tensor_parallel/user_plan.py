@@ -1,10 +1,11 @@
-"""Hand-written tensor-parallel plans, DTensor style, as fixed placements for the chooser.
+"""The user's tensor-parallel plan (`compile(tp_plan=...)`), DTensor style, as fixed placements.
 
 `parallelize_module` in torch.distributed.tensor.parallel takes a plan of
 module paths → `ColwiseParallel()` / `RowwiseParallel()`; `plan_placements`
 reads the same kind of plan (fnmatch patterns over the module path in
-``nn_module_stack``) and returns the placements it implies, which
-`choose_tp_strategies(..., fixed=...)` then completes at least cost:
+``nn_module_stack``) and returns the placements it implies, which the
+strategy problem (problem.py, `fixed=`) pins and its solution completes at
+least cost:
 
 - 'colwise' (Megatron's ColumnParallelLinear): weight split on its output
   features, bias alike, output Shard(-1); when the output is split into k
