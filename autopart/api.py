@@ -60,10 +60,10 @@ def compile(  # noqa: A001 - the public name the project promises
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
-    request = PlanRequest(batch_size=batch_size, pipeline_parallel=pipeline_parallel, num_microbatches=num_microbatches,
-                          data_parallel=data_parallel, schedule=schedule, virtual_stages=virtual_stages,
-                          data_parallel_mode=data_parallel_mode, optimizer=optimizer, training=training,
-                          verbose=verbose)
+    request = PlanRequest(batch_size=batch_size, pipeline_parallel=pipeline_parallel,
+                          num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
+                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
+                          optimizer=optimizer, training=training, verbose=verbose)
     rows = functools.partial(_first_rows, flat_batch, in_spec, batch_size)
 
     def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size

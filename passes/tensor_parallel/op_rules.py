@@ -24,7 +24,9 @@ import torch.fx
 
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard, can_shard
 from autopart.passes.tensor_parallel.strategy import Strategy, dim_arg, make_strategy, replicate, shape_of
-from autopart.passes.tensor_parallel.view_rules import cat_rule, dims_perm_rule, getitem_rule, slice_rule, split_rule, view_rule
+from autopart.passes.tensor_parallel.view_rules import (
+    cat_rule, dims_perm_rule, getitem_rule, slice_rule, split_rule, view_rule,
+)
 
 aten = torch.ops.aten
 Candidates = Callable[[torch.fx.Node], list[Placement]]
