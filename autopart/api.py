@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import sys
 import time
 from typing import Any
@@ -15,13 +15,12 @@ from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
-from autopart.errors import InputError, PlanError
-from autopart.passes.blocks import BlockGraph
+from autopart.errors import InputError
+from autopart.mesh_search import search_mesh, tensor_parallel_choices
 from autopart.passes.random_ops import route_sharded_random
-from autopart.plan import Plan, autocast_dtype
-from autopart.mesh_search import plan_mesh, tensor_parallel_choices
-from autopart.planner import PlanRequest, smallest_microbatch
-from autopart.tracing import io_spec, trace
+from autopart.plan import autocast_dtype
+from autopart.plan_choices import PlanRequest, smallest_microbatch
+from autopart.tracing import trace
 
 
 def compile(  # noqa: A001 - the public name the project promises
@@ -30,7 +29,7 @@ def compile(  # noqa: A001 - the public name the project promises
     example_inputs: tuple[Any, ...] | torch.Tensor,
     example_kwargs: dict[str, Any] | None = None,
     *,
-    num_stages: int | None = None,
+    pipeline_parallel: int | None = None,
     num_microbatches: int | None = None,
     data_parallel: int | None = None,
     tensor_parallel: int | None = None,
@@ -47,11 +46,12 @@ def compile(  # noqa: A001 - the public name the project promises
 
     `example_inputs` is one whole batch (dim 0 of each batched tensor); the plan
     splits it among `data_parallel` replicas of the pipeline and each share into
-    microbatches. `num_stages` (pipeline ranks), `num_microbatches` (per replica),
-    `data_parallel`, `tensor_parallel` (devices per tp group), `schedule` ('gpipe',
-    '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages` (stages per
-    pipeline rank, for the last two) and `data_parallel_mode` ('ddp' or 'fsdp') fix
-    those choices; None lets the planner choose. `tp_plan` fixes layers' splits,
+    microbatches. `pipeline_parallel` (pipeline ranks), `num_microbatches` (per
+    replica), `data_parallel`, `tensor_parallel` (devices per tp group), `schedule`
+    ('gpipe', '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages`
+    (stages per pipeline rank, for the last two: the plan has pipeline_parallel ×
+    virtual_stages stages) and `data_parallel_mode` ('ddp' or 'fsdp') fix those
+    choices; None lets the planner choose. `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
@@ -66,36 +66,39 @@ def compile(  # noqa: A001 - the public name the project promises
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
-    request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
+    request = PlanRequest(batch_size=batch_size, pipeline_parallel=pipeline_parallel,
                           num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
-                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode, optimizer=optimizer,
-                          mixed_precision=mixed_precision, training=training, verbose=verbose)
+                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
+                          optimizer=optimizer, mixed_precision=mixed_precision, training=training,
+                          verbose=verbose)
+    rows = functools.partial(_first_rows, flat_batch, in_spec, batch_size)
+
+    def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size
+        log("retrace", f"retracing at microbatch size {size}")
+        return _annotate(trace(model, *rows(size)), cluster, compute_dtype)
+
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
-    request = dataclasses.replace(request, traced_batch_size=traced_size)
     log("trace", f"tracing at microbatch size {traced_size}")
-    gm = trace(model, *_first_rows(flat_batch, in_spec, batch_size, traced_size))  # TRACED: ATen graph
+    gm = trace(model, *rows(traced_size))                                   # TRACED: ATen graph
     log("annotate", "annotating costs")
     gm = _annotate(gm, cluster, compute_dtype)                              # COSTED: NodeCost per node
-    blocks = passes.coarsen(gm, cluster, min_blocks=(num_stages or 1) * (virtual_stages or 1))  # -> blocks
-    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
+    blocks = passes.coarsen(gm, cluster, min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1))  # -> blocks
+    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, pipeline_parallel, data_parallel)
     log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
-    plan, assignment = plan_mesh(gm, blocks, cluster, request, io_spec(gm).model_class,  # ILPs -> Plan
-                                 tp_sizes, _tp_fixed(gm, tp_plan))
+    found = search_mesh(gm, blocks, cluster, request, traced_batch_size=traced_size,  # ILPs -> Plan, and
+                        tp_choices=tp_sizes, tp_plan=tp_plan, retrace=retrace)        # its microbatch's graph
+    plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
-    if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
-        log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
-        gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training,
-                                        compute_dtype)
-        log("codegen", "cutting stages")
-    split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
-    stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
-    ranks = [_shard(stage, assignment) for stage in stages]                 # its tp ranks, collectives in
+    split = passes.split_stages(found.graph, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
+    stages = passes.stage_modules(split, _canonical_names(model))                    # one GraphModule per stage
+    ranks = passes.tensor_parallel.shard_stages(stages, found.assignment)            # its tp ranks, collectives in
+    ranks = [route_sharded_random(r) if len(r) > 1 else r for r in ranks]           # dropout on shards: own RNG
     log("done")
-    return CompiledModel(plan=plan, stages=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
+    return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
 
 
 def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
@@ -105,21 +108,6 @@ def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.d
     if compute_dtype is not None:
         gm = passes.autocast_values(gm, compute_dtype)
     return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
-
-
-def _tp_fixed(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None) -> dict[str, str] | None:
-    if not tp_plan:
-        return None
-    from autopart.passes.tp_plan import plan_placements
-
-    return plan_placements(gm, tp_plan)
-
-
-def _shard(stage: torch.fx.GraphModule, assignment) -> list[torch.fx.GraphModule]:
-    """The stage's tp rank modules (the stage itself when tp = 1), each with the stage's interface."""
-    if assignment is None:
-        return [stage]
-    return route_sharded_random(passes.shard_graph(stage, assignment, assignment.tp))
 
 
 class _Phases:
@@ -165,45 +153,10 @@ def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:
 
 
 def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
-    """(args, kwargs) of the first `size` samples of the batch."""
+    """(args, kwargs) of the first `size` samples of the batch: one microbatch to trace."""
     micro = take_rows(flat, batch_size, 0, size)
     args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
     return tuple(args), dict(kwargs)
-
-
-def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, blocks: BlockGraph,
-             cluster: Cluster, tp_plan: dict[str, str] | None, training: bool, compute_dtype: torch.dtype | None):
-    """The graph at the chosen microbatch size, and the plan restated on its nodes.
-
-    Models may trace to slightly different ops at another batch size (a batch
-    of 1 takes other broadcasting paths), so stages carry over by block: the
-    same module runs, in the same order, on the same stage.
-    """
-    gm = _annotate(trace(model, *_first_rows(flat, in_spec, plan.batch_size, plan.microbatch_size)), cluster,
-                   compute_dtype)
-    micro_blocks = passes.coarsen(gm, cluster, depth=blocks.depth)
-    planned = [b.name for b in blocks.blocks]
-    traced = [b.name for b in micro_blocks.blocks]
-    if planned != traced:
-        first = next((p, t) for p, t in zip(planned + [None], traced + [None]) if p != t)
-        raise PlanError(
-            f"{io_spec(gm).model_class} traces to different blocks at microbatch size {plan.microbatch_size} "
-            f"than at the traced size (first difference: {first[0]} vs {first[1]}); its structure "
-            f"depends on the batch size: fix num_microbatches={plan.num_microbatches} or use a larger batch"
-        )
-    nodes_of = {b.name: b.node_names for b in micro_blocks.blocks}
-    stages = tuple(
-        dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
-        for stage in plan.stages
-    )
-    assignment = None
-    if plan.mesh.tp > 1:  # node names may differ at this size: choose the splits again on this graph
-        _, assignment = passes.tensor_parallel_blocks(
-            gm, micro_blocks, cluster, plan.mesh.tp, memory_budget_bytes=min(d.memory_bytes for d in cluster.devices),
-            training=training, fixed=_tp_fixed(gm, tp_plan))
-    plan = dataclasses.replace(plan, stages=stages,
-                               tensor_parallel=assignment.to_dict() if assignment is not None else None)
-    return gm, plan, assignment
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

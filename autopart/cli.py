@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--input-dtype", default="float32", metavar="DTYPE",
                         help="dtype of the --input-shape tensor: float32 (default), bfloat16, float16, int64, ...")
     choices = plan.add_argument_group("planner choices (default: the planner chooses)")
-    choices.add_argument("--num-stages", type=_positive_int, metavar="S",
-                         help="pipeline ranks (devices per pipeline) to use")
+    choices.add_argument("--pipeline-parallel", type=_positive_int, metavar="P",
+                         help="pipeline ranks (devices per pipeline) to use; each runs --virtual-stages stages")
     choices.add_argument("--num-microbatches", type=_positive_int, metavar="M",
                          help="microbatches per step; must divide the batch size")
     choices.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
@@ -158,7 +158,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, input_shape=args.input_shape, input_dtype=args.input_dtype)
     compiled = autopart.compile(
         workload.model, devices, example_inputs=workload.args, example_kwargs=workload.kwargs or None,
-        num_stages=args.num_stages, num_microbatches=args.num_microbatches, schedule=args.schedule,
+        pipeline_parallel=args.pipeline_parallel, num_microbatches=args.num_microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, data_parallel_mode=args.data_parallel_mode,
         data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
         optimizer=args.optimizer, training=not args.inference, verbose=not args.quiet)

@@ -31,7 +31,8 @@ class CompiledModel:
         self.plan = plan
         self.cluster = cluster
         self.phase_seconds = dict(phase_seconds or {})
-        """Wall time of each compile phase: trace, annotate, plan, tensor-parallel, codegen."""
+        """Wall time of each compile phase: trace, annotate, plan (with the tensor-parallel solves), retrace
+        (when the plan's microbatch size is not the traced one), codegen."""
         self._stages = stages  # [stage][tp rank] -> GraphModule
         self._graph = graph  # the traced microbatch graph (for users: the runtimes read `io`)
         self.interfaces: tuple[StageInterface, ...] = tuple(stage_interface(ranks[0]) for ranks in stages)

@@ -1,33 +1,66 @@
-"""Search over mesh shapes dp × pp × tp for the fastest plan.
+"""Search over mesh shapes dp × pp × tp for the fastest plan, and the graph it runs on.
 
 For every tensor-parallel size tp that divides the devices (and fits in one
-host), the strategy ILP chooses each op's split for a group of tp devices
-(passes/tp_blocks.py, identical layers sharing variables); the pipeline
-planner then cuts the restated blocks over the N / tp groups and chooses dp,
-pp, microbatches and schedule (autopart/planner.py). The plan with the lowest
-predicted step time wins; the report lists every shape tried.
+host), the strategy problem of passes/tensor_parallel is built with the stage
+boundaries kept Replicate, the solver answers it (identical layers share
+variables), and the blocks are restated per device of the tp group
+(`tensor_parallel_blocks`); the pipeline planner then cuts them over the
+N / tp groups and chooses dp, pp, microbatches and schedule
+(autopart/planner.py). The plan with the lowest predicted step time wins; the
+report lists every shape tried.
+
+Shapes are static: the graph is costed at one microbatch size. When the
+winner uses another, `search_mesh` has the model traced again at that size
+(its `retrace` argument), restates the plan's stages on the new graph block
+by block, and chooses the tensor-parallel splits again on it through the same
+`tensor_parallel_blocks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch.fx
 
 from autopart import passes
 from autopart.cost_models import Cluster
 from autopart.errors import InputError, PlanError
+from autopart.interfaces import io_spec
 from autopart.passes.blocks import BlockGraph
-from autopart.passes.tp_placements import TPAssignment
+from autopart.passes.tensor_parallel import TPAssignment, TPProblemIndex
+from autopart.passes.tensor_parallel.placements import Placement
 from autopart.plan import Plan
-from autopart.planner import PlanRequest, plan_pipeline
+from autopart.plan_choices import PlanRequest
+from autopart.planner import plan_pipeline
+from autopart.problems import TPSolution
+from autopart.solver import solve_tp
 
 
-def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: int | None,
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    """The chosen plan and the graph it was made for."""
+
+    graph: torch.fx.GraphModule
+    """The model traced (and costed) at the plan's microbatch size."""
+    plan: Plan
+    assignment: TPAssignment | None
+    """Per-node placements on the tp axis of `graph`; None when tp = 1."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Strategies:
+    """A solved strategy problem: its arrays, the answer, and the answer as placements."""
+
+    index: TPProblemIndex
+    solution: TPSolution
+    assignment: TPAssignment
+
+
+def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_ranks: int | None,
                             fixed_replicas: int | None = None) -> list[int]:
     """tp sizes that divide the devices and stay within one host (tp traffic needs the fast link),
-    leaving room for the stages and replicas the user fixed."""
+    leaving room for the pipeline ranks and replicas the user fixed."""
     n = cluster.num_devices
     if fixed is not None:
         if fixed < 1 or n % fixed:
@@ -35,8 +68,8 @@ def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_stages: i
                              f"{[t for t in range(1, n + 1) if n % t == 0]}")
         return [fixed]
     per_host = sum(1 for node in cluster.node_of_device if node == cluster.node_of_device[0])
-    stages = (fixed_stages or 1) * (fixed_replicas or 1)
-    return [t for t in range(1, per_host + 1) if n % t == 0 and t * stages <= n]
+    groups = (fixed_ranks or 1) * (fixed_replicas or 1)
+    return [t for t in range(1, per_host + 1) if n % t == 0 and t * groups <= n]
 
 
 def group_cluster(cluster: Cluster, tp: int) -> Cluster:
@@ -46,18 +79,60 @@ def group_cluster(cluster: Cluster, tp: int) -> Cluster:
     return dataclasses.replace(cluster, devices=cluster.devices[::tp], node_of_device=cluster.node_of_device[::tp])
 
 
-def plan_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
-              model_class: str, tp_choices: list[int],
-              tp_fixed: Mapping[str, str] | None = None) -> tuple[Plan, TPAssignment | None]:
-    """The best plan over the tp sizes given, and its tensor-parallel assignment."""
+def _solve_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
+                      fixed: Mapping[str, Placement | str] | None, training: bool,
+                      time_limit_s: float = 10.0) -> _Strategies:
+    index = passes.tensor_parallel.build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=fixed,
+                                                    training=training)               # the pass: arrays
+    solution = solve_tp(index.problem, time_limit_s=time_limit_s)                   # the solver
+    return _Strategies(index=index, solution=solution,
+                       assignment=passes.tensor_parallel.assignment_from_solution(gm, index, solution))
+
+
+def choose_tp_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
+                         fixed: Mapping[str, Placement | str] | None = None, training: bool = True,
+                         time_limit_s: float = 10.0) -> TPAssignment:
+    """The cheapest strategy per op on a tp axis of `cluster`'s first `tp` devices.
+
+    `gm` must be annotated (passes.annotate) for `cluster`. Parameters must fit
+    in `memory_budget_bytes` per device; PlanError says how far they are from it.
+    """
+    return _solve_strategies(gm, cluster, tp, memory_budget_bytes, fixed=fixed, training=training,
+                             time_limit_s=time_limit_s).assignment
+
+
+def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,
+                           training: bool, fixed: Mapping[str, Placement | str] | None
+                           ) -> tuple[BlockGraph, TPAssignment]:
+    """Op splits for a tp group of `tp` devices with stage boundaries replicated: the blocks restated per
+    device of the group, and the assignment. Parameters must fit the smallest device."""
+    budget = min(d.memory_bytes for d in cluster.devices)
+    pinned = passes.tensor_parallel.boundaries_replicated(blocks, fixed)
+    chosen = _solve_strategies(gm, cluster, tp, budget, fixed=pinned, training=training)
+    restated = passes.tensor_parallel.restate_blocks(gm, blocks, cluster, chosen.index, chosen.solution.choice,
+                                                     chosen.assignment)
+    return restated, chosen.assignment
+
+
+def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, request: PlanRequest, *,
+                traced_batch_size: int, tp_choices: list[int], tp_plan: Mapping[str, str] | None,
+                retrace: Callable[[int], torch.fx.GraphModule]) -> SearchResult:
+    """The best plan over the tp sizes given, on the model traced at its microbatch size.
+
+    `gm` is the costed graph of `traced_batch_size` samples and `blocks` its
+    blocks; `tp_plan` fixes layers' splits (passes/tensor_parallel/user_plan.py);
+    `retrace(size)` returns the costed graph of `size` samples.
+    """
+    model_class = io_spec(gm).model_class
+    fixed = _user_placements(gm, tp_plan)
     results: list[tuple[Plan, TPAssignment | None]] = []
     errors: list[PlanError] = []
-    budget = min(d.memory_bytes for d in cluster.devices)
     for tp in tp_choices:
         try:
-            tp_blocks, assignment = (blocks, None) if tp == 1 else passes.tensor_parallel_blocks(
-                gm, blocks, cluster, tp, memory_budget_bytes=budget, training=request.training, fixed=tp_fixed)
-            plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class)
+            tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
+                gm, blocks, cluster, tp, training=request.training, fixed=fixed)
+            plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class,
+                                 traced_batch_size=traced_batch_size)
         except PlanError as error:
             errors.append(error)
             continue
@@ -69,7 +144,49 @@ def plan_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, re
                        for plan, _ in results for c in plan.candidates)
     solver = dataclasses.replace(best.solver, plan_seconds=sum(p.solver.plan_seconds for p, _ in results),
                                  num_problems=sum(p.solver.num_problems for p, _ in results))
-    return dataclasses.replace(best, candidates=candidates, solver=solver), assignment
+    best = dataclasses.replace(best, candidates=candidates, solver=solver)
+    if best.microbatch_size == traced_batch_size:
+        return SearchResult(graph=gm, plan=best, assignment=assignment)
+    return _at_microbatch_size(best, blocks, cluster, request, tp_plan, retrace)
+
+
+def _user_placements(gm: torch.fx.GraphModule, tp_plan: Mapping[str, str] | None) -> dict[str, Placement] | None:
+    return passes.tensor_parallel.plan_placements(gm, tp_plan) if tp_plan else None
+
+
+def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
+                        tp_plan: Mapping[str, str] | None,
+                        retrace: Callable[[int], torch.fx.GraphModule]) -> SearchResult:
+    """The plan restated on the graph traced at its own microbatch size.
+
+    Models may trace to slightly different ops at another batch size (a batch
+    of 1 takes other broadcasting paths), so stages carry over by block: the
+    same module runs, in the same order, on the same stage. Node names may
+    differ too, so the tensor-parallel splits are chosen again on the new graph.
+    """
+    gm = retrace(plan.microbatch_size)
+    micro_blocks = passes.coarsen(gm, cluster, depth=blocks.depth)
+    planned = [b.name for b in blocks.blocks]
+    traced = [b.name for b in micro_blocks.blocks]
+    if planned != traced:
+        first = next((p, t) for p, t in zip(planned + [None], traced + [None]) if p != t)
+        raise PlanError(
+            f"{plan.model_class} traces to different blocks at microbatch size {plan.microbatch_size} "
+            f"than at the traced size (first difference: {first[0]} vs {first[1]}); its structure "
+            f"depends on the batch size: fix num_microbatches={plan.num_microbatches} or use a larger batch"
+        )
+    nodes_of = {b.name: b.node_names for b in micro_blocks.blocks}
+    stages = tuple(
+        dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
+        for stage in plan.stages
+    )
+    assignment = None
+    if plan.mesh.tp > 1:
+        _, assignment = tensor_parallel_blocks(gm, micro_blocks, cluster, plan.mesh.tp, training=request.training,
+                                               fixed=_user_placements(gm, tp_plan))
+    plan = dataclasses.replace(plan, stages=stages,
+                               tensor_parallel=assignment.to_dict() if assignment is not None else None)
+    return SearchResult(graph=gm, plan=plan, assignment=assignment)
 
 
 def _in_real_devices(plan: Plan, cluster: Cluster, tp: int, assignment: TPAssignment | None) -> Plan:

@@ -1,10 +1,10 @@
 """The Plan: everything codegen and the runtimes need, and nothing else.
 
-Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
+Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 2
 (all times in seconds, sizes in bytes, "per microbatch" where stated):
 
 ```
-{"version": 1, "model_class": str, "batch_size": int, "num_microbatches": int,
+{"version": 2, "model_class": str, "batch_size": int, "num_microbatches": int,
  "schedule": "gpipe" | "1f1b" | "interleaved_1f1b" | "zero_bubble", "optimizer": str,
  "mesh": {"pp": int, "tp": int, "dp": int}, "virtual_stages": int (default 1),
  "data_parallel_mode": "ddp" | "fsdp" (default "ddp"),
@@ -19,12 +19,16 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 1
  "idle_devices": [int],
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
             "plan_seconds", "num_problems"},
- "candidates": [{"data_parallel", "num_stages", "num_microbatches", "schedule", "step_seconds" | null,
+ "candidates": [{"data_parallel", "pipeline_parallel", "num_microbatches", "schedule", "step_seconds" | null,
                  "status", "detail", "tensor_parallel", "virtual_stages", "data_parallel_mode"}],
  "tensor_parallel": null | {"tp": int, "nodes": {node: {"strategy", "output", "inputs",
                             "grad_sync", "scaled_bias"}}, "predicted_seconds", "collectives": [...],
                             "param_bytes_per_device", "status", "solve_seconds"}}
 ```
+
+Version 1 named a candidate's pipeline ranks "num_stages"; `Plan.from_json`
+reads it as "pipeline_parallel". "Stages" are model stages throughout:
+`Plan.num_stages` = mesh.pp × virtual_stages.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import torch
 
 from autopart.errors import InputError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Schema versions `Plan.from_json` reads (older ones are upgraded as they are read)."""
 
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 """`Plan.mixed_precision` names and the autocast dtype each runs. float16 would also need a
@@ -85,7 +91,8 @@ class StagePlan:
     index: int
     """Position in the pipeline, 0 first."""
     device: int
-    """Its pipeline rank: index % mesh.pp (the device within one pipeline replica)."""
+    """The first device that runs it: its pipeline rank (index % mesh.pp) × mesh.tp, in replica 0 (the
+    devices of a stage are `Mesh.devices_of(index % mesh.pp)`)."""
     device_name: str
     """DeviceSpec name of that device."""
     blocks: tuple[str, ...]
@@ -129,6 +136,14 @@ class Mesh:
     def num_devices(self) -> int:
         return self.pp * self.tp * self.dp
 
+    def rank_of(self, dp_index: int, pp_rank: int, tp_index: int = 0) -> int:
+        """The rank (and device) at these coordinates: ranks are laid out (dp, pp, tp), tp fastest."""
+        return (dp_index * self.pp + pp_rank) * self.tp + tp_index
+
+    def devices_of(self, pp_rank: int) -> list[int]:
+        """The devices that run pipeline rank `pp_rank`'s stages: its tp group in every replica."""
+        return [self.rank_of(d, pp_rank, t) for d in range(self.dp) for t in range(self.tp)]
+
 
 @dataclass(frozen=True, kw_only=True)
 class SolverInfo:
@@ -156,7 +171,8 @@ class Candidate:
 
     data_parallel: int
     """Replicas of the pipeline."""
-    num_stages: int
+    pipeline_parallel: int
+    """Pipeline ranks (each runs `virtual_stages` stages)."""
     num_microbatches: int
     schedule: str
     step_seconds: float | None
@@ -168,7 +184,7 @@ class Candidate:
     tensor_parallel: int = 1
     """Devices per tensor-parallel group."""
     virtual_stages: int = 1
-    """Stages per pipeline rank (num_stages counts ranks)."""
+    """Stages per pipeline rank."""
     data_parallel_mode: str = "ddp"
     """'ddp' or 'fsdp'."""
 
@@ -236,15 +252,24 @@ class Plan:
         if not isinstance(data, dict):
             raise InputError(f"Plan.from_json: expected a JSON object, got {type(data).__name__}")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if version not in READABLE_VERSIONS:
             raise InputError(
                 f"Plan.from_json: schema version {version!r} is not supported (this autopart reads "
-                f"version {PLAN_VERSION}); re-plan with autopart.compile or upgrade autopart"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-plan with autopart.compile or upgrade autopart"
             )
         try:
-            return _build(cls, data, "plan")
+            return _build(cls, _upgraded(data), "plan")
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"Plan.from_json: malformed plan: {error}") from error
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A plan's JSON object in the current schema: version 1's candidates name their pipeline ranks
+    "num_stages" (version 2: "pipeline_parallel")."""
+    if data["version"] == 1:
+        rename = lambda c: {("pipeline_parallel" if k == "num_stages" else k): v for k, v in c.items()}  # noqa: E731
+        data = {**data, "version": PLAN_VERSION, "candidates": [rename(c) for c in data.get("candidates", [])]}
+    return data
 
 
 _NESTED = {"mesh": Mesh, "solver": SolverInfo, "memory": StageMemory}

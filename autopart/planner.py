@@ -1,13 +1,14 @@
 """Search over pipeline configurations: replicas, pipeline ranks, virtual stages,
 microbatch counts, schedules, and how the replicas synchronise (DDP or FSDP).
 
-For each candidate (dp replicas, R ranks × v stages each, m microbatches,
+The values tried for each (or the one the user fixed) come from
+autopart/plan_choices.py. For each candidate (dp replicas, R ranks × v stages each, m microbatches,
 schedule, dp mode) the block graph becomes a `PipelineProblem` (costs scaled to
 one microbatch) and the ILP places the blocks. Candidates whose lower bound cannot beat the best found are pruned
 without a solve. The best candidate becomes the `Plan`.
 
 Scaling to a microbatch: the graph is traced at one microbatch size
-(`PlanRequest.traced_batch_size`); FLOPs, roofline time, saved activations and
+(`traced_batch_size`); FLOPs, roofline time, saved activations and
 boundary bytes are linear in the batch, so a candidate with microbatches of b
 samples scales them by b / traced size; per-op launch floors do not scale
 (`BlockTimes`).
@@ -34,9 +35,17 @@ from autopart.cost_models import (
 from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
-from autopart.schedules import VIRTUAL_SCHEDULES, bubble_fraction, microbatches_per_round
+from autopart.plan_choices import (
+    PlanRequest,
+    data_parallel_choices,
+    data_parallel_mode_choices,
+    microbatch_choices,
+    pipeline_choices,
+    schedule_choices,
+    virtual_stage_choices,
+)
 from autopart.problems import PipelineProblem, PipelineSolution, ValueFlow
-from autopart.schedules import SCHEDULES
+from autopart.schedules import bubble_fraction
 from autopart.solver import solve_pipeline
 
 
@@ -46,96 +55,9 @@ from autopart.solver import solve_pipeline
 # about 0.16 s (benchmarks/solver_backends.py).
 SOLVER_BACKEND = "cpsat"
 
-MAX_VIRTUAL_STAGES = 4
-"""Most stages per rank the search tries: each one more adds a boundary per microbatch."""
-
-DEFAULT_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
-"""What the planner searches when the user names no schedule; 1F1B first, as on a tie (one
-stage) it keeps fewer microbatches in flight than GPipe. Zero bubble only when asked for:
-PyTorch's split weight pass (stage_backward_weight) fails on some graphs, e.g. T5's
-("Trying to backward through the graph a second time"), which no plan-time check catches."""
-
-DATA_PARALLEL_MODES = ("ddp", "fsdp")
-"""'ddp': every replica holds the whole state, gradients are all-reduced (DDP). 'fsdp':
-optimizer state and master weights sharded over the replicas (FSDP2 `fully_shard`,
-parameters gathered once per step and kept until the last backward: ZeRO-2)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class PlanRequest:
-    """What the user fixed (None: the planner chooses)."""
-
-    batch_size: int
-    """Samples in the example batch: one step."""
-    traced_batch_size: int
-    """Samples in the batch the costed graph was traced with (one microbatch)."""
-    num_stages: int | None = None
-    num_microbatches: int | None = None
-    """Microbatches per pipeline (per data-parallel replica)."""
-    data_parallel: int | None = None
-    """Replicas of the pipeline; None lets the planner choose."""
-    schedule: str | None = None
-    virtual_stages: int | None = None
-    """Stages per pipeline rank (interleaved schedules); None lets the planner choose."""
-    data_parallel_mode: str | None = None
-    """'ddp' or 'fsdp' (`DATA_PARALLEL_MODES`); None lets the planner choose."""
-    optimizer: str = "adam"
-    mixed_precision: str | None = None
-    """'bf16' or None (passes/precision.py); the graph's costs are already priced for it."""
-    training: bool = True
-    """False plans inference: no backward, gradients or optimizer state."""
-    max_microbatches: int = 64
-    """Largest microbatch count tried when the planner chooses."""
-    verbose: bool = False
-    """Print a line per candidate while searching."""
-
-
-def microbatch_choices(request: PlanRequest, data_parallel: int = 1) -> list[int]:
-    """Microbatch counts that divide one replica's share of the batch."""
-    batch = request.batch_size // data_parallel
-    if request.num_microbatches is not None:
-        m = request.num_microbatches
-        if m < 1 or batch % m:
-            share = (f"the batch of {batch} samples" if data_parallel == 1
-                     else f"the {batch} samples of each of {data_parallel} replicas")
-            raise InputError(
-                f"num_microbatches={m} does not divide {share}; "
-                f"choose one of {[d for d in range(1, batch + 1) if batch % d == 0]}"
-            )
-        return [m]
-    return [d for d in range(1, min(batch, request.max_microbatches) + 1) if batch % d == 0]
-
-
-def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
-    """Replica counts that divide both the device count and the batch."""
-    n, batch = cluster.num_devices, request.batch_size
-    if request.num_stages is not None and not 1 <= request.num_stages <= n:
-        raise InputError(f"num_stages={request.num_stages} must be between 1 and the {n} devices of the cluster")
-    if request.data_parallel is not None:
-        dp = request.data_parallel
-        if dp < 1 or n % dp or batch % dp:
-            raise InputError(
-                f"data_parallel={dp} must divide both the {n} devices and the batch of {batch} samples; "
-                f"choose one of {[d for d in range(1, n + 1) if n % d == 0 and batch % d == 0]}"
-            )
-        return [dp]
-    fixed_stages = request.num_stages or 1
-    choices = [d for d in range(1, n + 1) if n % d == 0 and batch % d == 0 and d * fixed_stages <= n]
-    if request.num_microbatches is not None:
-        choices = [d for d in choices if (batch // d) % max(request.num_microbatches, 1) == 0]
-        if not choices:
-            microbatch_choices(request, 1)  # raises the error that names the batch and the divisors
-    return choices
-
-
-def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
-    """Samples in the smallest microbatch any candidate uses: the size to trace at."""
-    return min(request.batch_size // dp // microbatch_choices(request, dp)[-1]
-               for dp in data_parallel_choices(request, cluster))
-
-
-def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str) -> Plan:
-    """The fastest feasible dp × pp plan for `graph` on `cluster`."""
+def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str, *,
+                  traced_batch_size: int) -> Plan:
+    """The fastest feasible dp × pp plan for `graph` (costed at `traced_batch_size` samples) on `cluster`."""
     started = time.perf_counter()
     schedules = schedule_choices(request)
     best: tuple[float, PipelineSolution, PipelineProblem, int, str] | None = None
@@ -146,17 +68,18 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     # Most replicas first: the plans that data parallelism alone makes fast are found early,
     # so the lower bound prunes the deeper pipelines without solving them.
     for dp in sorted(data_parallel_choices(request, cluster), reverse=True):
-        for num_ranks in _stage_choices(request, cluster, len(graph.blocks), dp):
+        for num_ranks in pipeline_choices(request, cluster, len(graph.blocks), dp):
             for m in microbatch_choices(request, dp):
                 for schedule in schedules:
                     if schedule == "gpipe" and num_ranks == 1 and "1f1b" in schedules:
                         continue  # one stage: GPipe is 1F1B with more in flight
                     for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks), skipped):
                         for mode in data_parallel_mode_choices(request, dp):
-                            tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
+                            tried = dict(data_parallel=dp, pipeline_parallel=num_ranks, num_microbatches=m,
                                          schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
                             problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
-                                                    virtual_stages=v, data_parallel_mode=mode)
+                                                    virtual_stages=v, data_parallel_mode=mode,
+                                                    traced_batch_size=traced_batch_size)
                             bound = lower_bound(problem) + sync_lower_bound(graph, cluster, request, problem, dp,
                                                                             mode)
                             if best is not None and bound >= best[0]:
@@ -172,9 +95,9 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
                                 candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",
                                                             detail=str(error).splitlines()[0]))
                                 continue
-                            step = (solution.step_seconds
-                                    + data_parallel_sync_seconds(graph, cluster, request, problem, solution, dp, mode)
-                                    + optimizer_seconds(graph, cluster, request, problem, solution, dp, mode))
+                            step = solution.step_seconds + optimizer_seconds(
+                                graph, cluster, request, problem, solution, dp, mode) + data_parallel_sync_seconds(
+                                graph, cluster, request, problem, solution, dp, mode)
                             detail = _binding(problem, solution)
                             candidates.append(Candidate(**tried, step_seconds=step, status="feasible",
                                                         detail=detail))
@@ -186,117 +109,18 @@ def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, mod
     if not candidates and skipped:
         raise InputError(f"no plan satisfies the choices fixed: {skipped[0]}")
     if best is None:
-        raise _infeasible_error(graph, cluster, request, failures)
+        raise _infeasible_error(graph, cluster, request, failures, traced_batch_size)
     step, solution, problem, dp, mode = best
     chosen = (dp, problem.num_ranks, problem.num_microbatches, problem.schedule, problem.virtual_stages, mode)
     candidates = [
         Candidate(**{**c.__dict__, "status": "chosen"})
-        if (c.data_parallel, c.num_stages, c.num_microbatches, c.schedule, c.virtual_stages,
+        if (c.data_parallel, c.pipeline_parallel, c.num_microbatches, c.schedule, c.virtual_stages,
             c.data_parallel_mode) == chosen and c.status == "feasible"
         else c
         for c in candidates
     ]
-    return _plan(graph, cluster, request, model_class, problem, solution, candidates,
+    return _plan(graph, cluster, request, traced_batch_size, model_class, problem, solution, candidates,
                  time.perf_counter() - started, num_problems, dp, step, mode)
-
-
-def _stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks, request: PlanRequest, dp: int,
-                  mode: str, boundary_bytes: float) -> StageMemory:
-    """What stage `s` holds at its peak, by kind (`PipelineProblem.stage_memory_terms`): at the peak
-    of activations the gradients exist only if an earlier microbatch's backward ran. A parameter
-    read by several blocks of the stage (tied weights) is counted once."""
-    k = problem.in_flight(s)
-    first, second = problem.stage_memory_terms(s)
-    at_activation_peak = first[members].sum() >= second[members].sum()
-    unique = _unique_parameters(blocks)
-    params = sum(size for _, size, _, _ in unique)
-    trainable = sum(size for _, size, train, _ in unique if train) if request.training else 0
-    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1
-    unsharded = _unsharded_fraction(request, mode, dp)
-    grads = gradient_bytes(trainable) * (unsharded + (shards > 1) / shards)
-    if at_activation_peak and problem.num_microbatches <= k:
-        grads = 0.0  # the first backward has not run yet
-    held = k if at_activation_peak else max(k - 1, 0)
-    activations = (float(problem.activation_bytes[members].sum()) * held
-                   + (float(problem.transient_bytes[members].sum())
-                      if at_activation_peak and problem.transient_bytes is not None else 0.0)
-                   + sum(returned_output_bytes(b, request, problem.num_microbatches,
-                                               _scale(request, problem.num_microbatches, dp)) for b in blocks))
-    return StageMemory(
-        params=int(params * (unsharded + (shards > 1) / shards) if shards > 1 else params),
-        grads=int(grads),
-        optimizer=int(optimizer_state_bytes(trainable, request.optimizer) / shards) if request.training else 0,
-        buffers=int(sum(b.buffer_bytes for b in blocks)),
-        activations=int(activations),
-        boundary=int(boundary_bytes * k),
-        capacity=int(problem.memory_capacity[s]),
-    )
-
-
-def schedule_choices(request: PlanRequest) -> list[str]:
-    """The schedules to try: the one fixed, else all (forward-only plans: GPipe and 1F1B)."""
-    v = request.virtual_stages
-    if v is not None and v > 1 and request.num_stages == 1:
-        raise InputError(
-            f"virtual_stages={v} needs at least 2 pipeline ranks, but num_stages=1: PyTorch's interleaved "
-            "schedules send between consecutive stages, which cannot share a rank; use num_stages >= 2 or "
-            "virtual_stages=1")
-    if request.schedule is not None:
-        if request.schedule not in SCHEDULES:
-            raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
-        if not request.training and request.schedule in VIRTUAL_SCHEDULES:
-            raise InputError(f"schedule={request.schedule!r} is a training schedule; plan inference with "
-                             "'1f1b' or 'gpipe'")
-        if v is not None and v > 1 and request.schedule not in VIRTUAL_SCHEDULES:
-            raise InputError(f"schedule={request.schedule!r} runs one stage per rank but virtual_stages={v}; "
-                             f"use one of {VIRTUAL_SCHEDULES}")
-        return [request.schedule]
-    if v is not None and v > 1:
-        return [s for s in DEFAULT_SCHEDULES if s in VIRTUAL_SCHEDULES]
-    return list(DEFAULT_SCHEDULES) if request.training else ["1f1b", "gpipe"]
-
-
-def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, num_microbatches: int,
-                          num_blocks: int, skipped: list[str] | None = None) -> list[int]:
-    """Stages per rank for `schedule`: 1 for GPipe and 1F1B; for interleaved 1F1B 2 to
-    MAX_VIRTUAL_STAGES (v = 1 is 1F1B), for zero bubble 1 to MAX_VIRTUAL_STAGES; only with
-    at least 2 ranks, R·v ≤ blocks, and m in whole rounds (`schedules.microbatches_per_round`).
-    Why a (schedule, R, m) gets none is appended to `skipped`."""
-    fixed = request.virtual_stages
-    if fixed is not None and fixed < 1:
-        raise InputError(f"virtual_stages={fixed} must be ≥ 1 (stages per pipeline rank)")
-    if schedule not in VIRTUAL_SCHEDULES:
-        return [1] if fixed in (None, 1) else []
-    why = None
-    if num_ranks < 2:  # consecutive stages on one rank: PyTorch's schedules would send to themselves
-        why = f"{schedule} needs at least 2 pipeline ranks (num_stages), not {num_ranks}"
-    else:
-        try:
-            microbatches_per_round(num_ranks, num_microbatches)
-        except PlanError as error:
-            why = str(error)
-    lowest = 2 if schedule == "interleaved_1f1b" else 1
-    choices = [fixed] if fixed is not None else range(lowest, MAX_VIRTUAL_STAGES + 1)
-    fitting = [v for v in choices if v >= lowest and num_ranks * v <= num_blocks]
-    if why is None and not fitting:
-        need = num_ranks * (fixed or lowest)
-        why = (f"{schedule} with {num_ranks} ranks × {fixed or lowest} virtual stages needs {need} blocks, "
-               f"but the model has {num_blocks}; use fewer ranks or virtual stages")
-    if why is not None:
-        if skipped is not None:
-            skipped.append(why)
-        return []
-    return fitting
-
-
-def data_parallel_mode_choices(request: PlanRequest, dp: int) -> list[str]:
-    """'ddp' alone without replicas or training; both otherwise, unless the user fixed one."""
-    mode = request.data_parallel_mode
-    if mode is not None and mode not in DATA_PARALLEL_MODES:
-        raise InputError(f"data_parallel_mode={mode!r} is not known; use one of {DATA_PARALLEL_MODES} or None")
-    if dp == 1 or not request.training:
-        return ["ddp"]
-    return [mode] if mode is not None else list(DATA_PARALLEL_MODES)
 
 
 def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
@@ -371,32 +195,16 @@ def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request: PlanRequest, 
     return (dp - 1) / dp * moved / fastest
 
 
-def _stage_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:
-    n = cluster.num_devices // dp
-    if request.num_stages is not None:
-        s = request.num_stages
-        if s < 1 or s > n:
-            raise InputError(f"num_stages={s} must be between 1 and the {n} devices of each of {dp} "
-                             f"replica(s) ({cluster.num_devices} devices)")
-        if s > num_blocks:
-            raise PlanError(
-                f"num_stages={s} but the model splits into only {num_blocks} blocks even one op per "
-                f"block; use num_stages <= {num_blocks}"
-            )
-        return [s]
-    return list(range(1, min(n, num_blocks) + 1))
-
-
 def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
                   num_stages: int, num_microbatches: int, schedule: str, dp: int = 1, *,
-                  virtual_stages: int = 1, data_parallel_mode: str = "ddp") -> PipelineProblem:
+                  virtual_stages: int = 1, data_parallel_mode: str = "ddp", traced_batch_size: int) -> PipelineProblem:
     """The ILP instance for S stages on the first replica's R = S / v devices, costs per microbatch.
 
     Stage s runs on device s % R. With v > 1 each stage gets 1/v of its device's
     memory: a linear stand-in for the device's sum that keeps the ILP per stage
     (conservative; balanced stages use about that share anyway).
     """
-    scale = _scale(request, num_microbatches, dp)
+    scale = _scale(request, traced_batch_size, num_microbatches, dp)
     num_ranks = num_stages // virtual_stages
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
     fwd = np.array([[b.time_on(d.name).fwd(scale) + loss_seconds(b, d, scale, request)[0] for d in devices]
@@ -432,9 +240,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     )
 
 
-def _scale(request: PlanRequest, num_microbatches: int, dp: int = 1) -> float:
+def _scale(request: PlanRequest, traced_batch_size: int, num_microbatches: int, dp: int = 1) -> float:
     """Costs of one microbatch relative to the traced batch."""
-    return request.batch_size / dp / num_microbatches / request.traced_batch_size
+    return request.batch_size / dp / num_microbatches / traced_batch_size
 
 
 def activation_bytes(block) -> int:
@@ -471,39 +279,51 @@ def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, sc
     return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
 
 
-def _unsharded_fraction(request: PlanRequest, mode: str, dp: int) -> float:
-    """Size of FSDP's gathered parameters and unreduced gradients relative to the float32 master
-    copy: half under bf16 mixed precision (MixedPrecisionPolicy(param_dtype=bfloat16))."""
-    return 0.5 if mode == "fsdp" and dp > 1 and request.mixed_precision == "bf16" else 1.0
+@dataclass(frozen=True, kw_only=True)
+class StateBytes:
+    """What a device of one replica holds of some parameters' state, by kind (bytes)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.buffers
+
+
+def state_bytes(param_bytes: float, trainable_param_bytes: float, buffer_bytes: float, request: PlanRequest,
+                dp: int = 1, mode: str = "ddp") -> StateBytes:
+    """Parameters, gradients, optimizer state and buffers of parameters of these sizes, per device.
+
+    'ddp' (or inference, or one replica): everything whole; gradients and
+    optimizer state only for trainable parameters when training. 'fsdp': the
+    optimizer state lives in 1/dp shards, next to 1/dp shards of the parameters
+    and gradients (the master copies); the full parameters and the accumulated
+    full gradients exist during the step too (FSDP2 without resharding between
+    microbatches): params and grads × (u + 1/dp), optimizer / dp, where the
+    gathered copies' size u is 1, or 1/2 under bf16 mixed precision
+    (MixedPrecisionPolicy(param_dtype=bfloat16) gathers and reduces in bf16).
+    """
+    shards = dp if mode == "fsdp" and dp > 1 and request.training else 1
+    trainable = trainable_param_bytes if request.training else 0
+    gathered = 0.5 if request.mixed_precision == "bf16" else 1.0
+    copies = gathered + 1 / shards if shards > 1 else 1
+    return StateBytes(params=param_bytes * copies, grads=gradient_bytes(trainable) * copies,
+                      optimizer=optimizer_state_bytes(trainable, request.optimizer) / shards,
+                      buffers=float(buffer_bytes))
 
 
 def block_state_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
-    """Parameters + optimizer state + buffers of a block (bytes), held the whole step.
-
-    Under 'fsdp' the optimizer state and the master parameters live in 1/dp shards; the
-    gathered full parameters exist during the step too (FSDP2 without resharding between
-    microbatches), in bf16 under mixed precision.
-    """
-    state = float(block.param_bytes + block.buffer_bytes)
-    if request.training:
-        optimizer = optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
-        if mode == "fsdp" and dp > 1:
-            state = (block.param_bytes * _unsharded_fraction(request, mode, dp) + block.buffer_bytes
-                     + (optimizer + block.param_bytes) / dp)
-        else:
-            state += optimizer
-    return state
+    """Parameters + optimizer state + buffers of a block (bytes; `state_bytes`), held the whole step."""
+    state = state_bytes(block.param_bytes, block.trainable_param_bytes, block.buffer_bytes, request, dp, mode)
+    return state.total - state.grads
 
 
 def block_gradient_bytes(block, request: PlanRequest, dp: int = 1, mode: str = "ddp") -> float:
-    """Gradients of a block (bytes): allocated by its first backward, kept to the step's end; under
-    'fsdp' the unreduced full gradients and the reduced 1/dp shard."""
-    if not request.training:
-        return 0.0
-    grads = float(gradient_bytes(block.trainable_param_bytes))
-    if mode == "fsdp" and dp > 1:
-        return grads * _unsharded_fraction(request, mode, dp) + grads / dp
-    return grads
+    """Gradients of a block (bytes; `state_bytes`): allocated by its first backward, kept to the step's end."""
+    return state_bytes(block.param_bytes, block.trainable_param_bytes, block.buffer_bytes, request, dp, mode).grads
 
 
 def lower_bound(problem: PipelineProblem) -> float:
@@ -515,7 +335,7 @@ def lower_bound(problem: PipelineProblem) -> float:
 
 def _shortfall(problem: PipelineProblem) -> float:
     """Bytes by which the whole model misses the cluster's total memory (≤ 0: fits in sum)."""
-    need = problem.held_bytes.sum() + problem.activation_bytes.sum() * problem.in_flight(0)
+    need = problem.state_bytes.sum() + problem.activation_bytes.sum() * problem.in_flight(0)
     return float(need - problem.memory_capacity.sum())
 
 
@@ -528,9 +348,9 @@ def _binding(problem: PipelineProblem, solution: PipelineSolution) -> str:
 
 
 def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
-                      failures: list[tuple[float, str]]) -> PlanError:
+                      failures: list[tuple[float, str]], traced_batch_size: int) -> PlanError:
     closest = min(failures, key=lambda f: f[0])[1] if failures else "no candidate was tried"
-    fits = min_devices_that_fit(graph, cluster, request)
+    fits = min_devices_that_fit(graph, cluster, request, traced_batch_size)
     hint = (f"the smallest count of {cluster.devices[0].name} devices that fits is {fits}"
             if fits else f"even {8 * cluster.num_devices} devices do not fit")
     return PlanError(
@@ -540,7 +360,8 @@ def _infeasible_error(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     )
 
 
-def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanRequest) -> int | None:
+def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
+                         traced_batch_size: int) -> int | None:
     """Smallest number of devices like the cluster's first that hold the model, greedily packed.
 
     Blocks are packed in order into consecutive stages, each filled as far as
@@ -549,9 +370,10 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     """
     capacity = cluster.devices[0].memory_bytes
     m = microbatch_choices(request)[-1]
-    state = [block_state_bytes(b, request) + block_gradient_bytes(b, request)
-             + returned_output_bytes(b, request, m, _scale(request, m)) for b in graph.blocks]
-    acts = [activation_bytes(b) * _scale(request, m) if request.training else 0.0 for b in graph.blocks]
+    scale = _scale(request, traced_batch_size, m)
+    state = [block_state_bytes(b, request) + block_gradient_bytes(b, request) + returned_output_bytes(b, request, m, scale)
+             for b in graph.blocks]
+    acts = [activation_bytes(b) * scale if request.training else 0.0 for b in graph.blocks]
     for count in range(1, 8 * cluster.num_devices + 1):
         stage, used_state, used_acts = 0, 0.0, 0.0
         fits = True
@@ -571,12 +393,12 @@ def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request: PlanReque
     return None
 
 
-def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str,
+def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batch_size: int, model_class: str,
           problem: PipelineProblem, solution: PipelineSolution, candidates: list[Candidate],
           plan_seconds: float, num_problems: int, dp: int, step_seconds: float, mode: str = "ddp") -> Plan:
     num_stages, num_ranks = problem.num_stages, problem.num_ranks
     m = problem.num_microbatches
-    scale = _scale(request, m, dp)
+    scale = _scale(request, traced_batch_size, m, dp)
     stages = []
     for s in range(num_stages):
         members = [i for i, stage in enumerate(solution.stage_of_block) if stage == s]
@@ -598,7 +420,7 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
             bwd_flops=int(sum(b.bwd_flops for b in blocks) * scale) if request.training else 0,
             num_params=sum(elements for _, _, _, elements in _unique_parameters(blocks)),
             send_bytes=int(send),
-            memory=_stage_memory(problem, s, members, blocks, request, dp, mode, send + recv),
+            memory=_stage_memory(problem, s, members, blocks, request, dp, mode, send + recv, scale),
         ))
     return Plan(
         model_class=model_class,
@@ -620,4 +442,29 @@ def _plan(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class
                           solve_seconds=solution.solve_seconds, plan_seconds=plan_seconds,
                           num_problems=num_problems),
         candidates=tuple(candidates),
+    )
+
+
+def _stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks, request: PlanRequest, dp: int,
+                  mode: str, boundary_bytes: float, scale: float) -> StageMemory:
+    """What stage `s` holds at its peak, by kind (`PipelineProblem.stage_memory_terms`): at the peak
+    of activations the gradients exist only if an earlier microbatch's backward ran. A parameter
+    read by several blocks of the stage (tied weights) is counted once."""
+    k = problem.in_flight(s)
+    first, second = problem.stage_memory_terms(s)
+    at_activation_peak = first[members].sum() >= second[members].sum()
+    unique = _unique_parameters(blocks)
+    state = state_bytes(sum(size for _, size, _, _ in unique), sum(size for _, size, train, _ in unique if train),
+                        sum(b.buffer_bytes for b in blocks), request, dp, mode)
+    grads = state.grads
+    if at_activation_peak and problem.num_microbatches <= k:
+        grads = 0.0  # the first backward has not run yet
+    held = k if at_activation_peak else max(k - 1, 0)
+    transient = problem.transient_bytes[members].sum() if problem.transient_bytes is not None else 0.0
+    activations = (float(problem.activation_bytes[members].sum()) * held
+                   + (float(transient) if at_activation_peak else 0.0)
+                   + sum(returned_output_bytes(b, request, problem.num_microbatches, scale) for b in blocks))
+    return StageMemory(
+        params=int(state.params), grads=int(grads), optimizer=int(state.optimizer), buffers=int(state.buffers),
+        activations=int(activations), boundary=int(boundary_bytes * k), capacity=int(problem.memory_capacity[s]),
     )

@@ -22,9 +22,11 @@ tracing can. The result is normalised so every later pass sees the same shape:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx
@@ -39,6 +41,10 @@ def trace(
     kwargs: dict[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
     """Trace `model(*args, **kwargs)` to a flat ATen-level GraphModule.
+
+    The GraphModule is called as the model is (`gm(*args, **kwargs)` returns the
+    model's own output structure); its graph takes the flat inputs
+    (`flatten_inputs`) and returns a flat tuple, which is what passes see.
 
     Raises `TraceError` naming the model class, where capture stopped, what
     each tracer said and a fix to try.
@@ -56,19 +62,24 @@ def trace(
 
     export_error: BaseException | None = None
     try:
-        gm = _export(model, args, kwargs)
+        with _quiet_fake_tensor_errors():
+            gm = _export(model, args, kwargs)
         tracer = "export"
     except Exception as error:  # noqa: BLE001 - reported below with the fallback's error
         export_error = error
         try:
-            gm = _symbolic_trace(model, flat_inputs, in_spec)
+            with _quiet_fake_tensor_errors():
+                gm = _symbolic_trace(model, flat_inputs, in_spec)
             tracer = "symbolic_trace"
         except Exception as fallback_error:  # noqa: BLE001
+            model_error = _eager_error(model, args, kwargs)
+            if model_error is not None:  # not a tracing problem: the model refuses these inputs
+                raise _model_error(model, model_error) from model_error
             raise _trace_error(model, export_error, fallback_error) from export_error
 
     in_spec = _graph_in_spec(gm) or in_spec
     out_spec = _flatten_output(gm)
-    gm.meta[IO_META_KEY] = IOSpec(
+    spec = IOSpec(
         in_spec=in_spec,
         out_spec=out_spec,
         tracer=tracer,
@@ -76,9 +87,35 @@ def trace(
         default_kwargs=tuple((k, v) for k, v in kwargs.items() if k not in given),
         example_inputs=tuple(_example(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"),
     )
+    gm.meta[IO_META_KEY] = spec
     gm.graph.lint()
     gm.recompile()
+    _CalledAsTheModel(spec).install(gm)
     return gm
+
+
+class _CalledAsTheModel:
+    """Makes a traced GraphModule callable as the model is, as torch.export's `ep.module()` is.
+
+    The graph stays flat (placeholders are the flattened (args, kwargs) leaves and
+    the output a flat tuple: what every pass and `torch.fx.Interpreter` see);
+    a forward pre-hook flattens the model's own arguments into it, adding the
+    keywords autopart set at trace time (use_cache=False), and a forward hook
+    rebuilds the model's output structure.
+    """
+
+    def __init__(self, spec: IOSpec) -> None:
+        self.spec = spec
+
+    def install(self, gm: torch.fx.GraphModule) -> None:
+        gm.register_forward_pre_hook(self.flatten, with_kwargs=True)
+        gm.register_forward_hook(self.unflatten)
+
+    def flatten(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(self.spec.flatten(args, kwargs)), {}
+
+    def unflatten(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        return self.spec.unflatten(output)
 
 
 def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> list[Any]:
@@ -294,6 +331,42 @@ def _symbolic_trace(
     for node in gm.graph.nodes:
         node.meta.setdefault("nn_module_stack", {})
     return gm
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors() -> Iterator[None]:
+    """Silence torch's log of each fake-tensor op that fails while a tracer probes the model (an
+    ERROR with its whole traceback, per op): the TraceError says what failed, once."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _eager_error(model: torch.nn.Module, args: tuple, kwargs: dict) -> Exception | None:
+    """What the model itself raises on the example inputs (run once, without gradients), if anything."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any error of the user's model is reported as it is
+        return error
+    return None
+
+
+def _model_error(model: torch.nn.Module, error: Exception) -> TraceError:
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    frames = traceback.extract_tb(error.__traceback__)
+    innermost = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "unknown location"
+    where = _user_frame(error) or innermost
+    message = str(error).strip() or "(no message)"
+    return TraceError(
+        f"{name} raises on the example inputs when run as it is: {type(error).__name__}: {message}\n"
+        f"  raised at: {where}\n"
+        "  fix: pass example inputs the model accepts as it is (shapes, dtypes, devices, arguments): "
+        "autopart traces model(*example_inputs, **example_kwargs) with one microbatch of them."
+    )
 
 
 def _trace_error(

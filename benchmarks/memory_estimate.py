@@ -66,7 +66,7 @@ from autopart import zoo
 from autopart.cost_models import Cluster
 from autopart.passes import annotate
 from autopart.passes.memory import Estimate, estimate_training_peak
-from autopart.tracing import flatten_inputs, io_spec
+from autopart.tracing import io_spec
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -181,9 +181,8 @@ def compare(name: str, z: zoo.ZooModel) -> Row:
     # The same keywords as the trace (it adds use_cache=False: a KV cache would
     # hold every layer's keys and values, which training does not).
     kwargs = {**dict(io_spec(gm).default_kwargs), **z.kwargs}
-    flat = tuple(flatten_inputs(gm, z.args, kwargs))
     z.model.train()
-    graph = measure_training_peak(gm, flat, {}, lambda out: out[0])
+    graph = measure_training_peak(gm, z.args, kwargs, z.main_output)  # called as the model is
     eager = measure_training_peak(z.model, z.args, kwargs, z.main_output)
     return Row(name=name, estimate=estimate, graph=graph, eager=eager)
 

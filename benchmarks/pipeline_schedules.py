@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import autopart
 from autopart import zoo
-from autopart.report.timing import makespan, simulate
+from autopart.report.timing import makespan, predicted_timeline
 from memory_estimate import TrackingMode  # benchmarks/ is the script's directory
 
 CONFIGS = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1), ("zero_bubble", 2)]
@@ -71,7 +71,7 @@ def main() -> None:
     # drift of the machine during the run falls on all of them alike.
     runs = []
     for schedule, v in CONFIGS:
-        compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), num_stages=world,
+        compiled = autopart.compile(entry.model, devices, example_inputs=(ids,), pipeline_parallel=world,
                                     num_microbatches=args.microbatches, schedule=schedule, virtual_stages=v,
                                     data_parallel=1, tensor_parallel=1, optimizer="sgd")
         runner = compiled.distributed(timeout_s=600)
@@ -99,7 +99,7 @@ def main() -> None:
         measured_peak, predicted_peak = _step_memory(runner, compiled.plan, step)
         rows.append(dict(schedule=schedule, virtual_stages=v, measured_s=statistics.median(times[k]),
                          predicted_s=compiled.plan.predicted_step_seconds,
-                         played_s=makespan(simulate(compiled.plan)),
+                         played_s=makespan(predicted_timeline(compiled.plan)),
                          bubble=compiled.plan.bubble_fraction,
                          measured_peak_bytes=measured_peak, predicted_peak_bytes=predicted_peak))
     if dist.get_rank() == 0:

@@ -1,17 +1,16 @@
 """Every function that reads or rewrites a GraphModule."""
 
+from autopart.passes import tensor_parallel
 from autopart.passes.blocks import Block, BlockGraph, BlockValue, coarsen
 from autopart.passes.codegen import stage_modules
 from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_cost
 from autopart.passes.attention import use_causal_attention
 from autopart.passes.device import device_literals, move_to_device
 from autopart.passes.precision import autocast_values
-from autopart.passes.shard import shard_graph
 from autopart.passes.split import split_stages
-from autopart.passes.tp_blocks import tensor_parallel_blocks
 
 __all__ = [
     "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "autocast_values", "coarsen",
-    "device_literals", "move_to_device", "node_cost", "shard_graph", "split_stages", "stage_modules",
-    "tensor_parallel_blocks", "use_causal_attention",
+    "device_literals", "move_to_device", "node_cost", "split_stages", "stage_modules", "tensor_parallel",
+    "use_causal_attention",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from autopart.passes.shard import PLACEMENT_META_KEY
+from autopart.passes.tensor_parallel.shard import PLACEMENT_META_KEY
 from autopart.tp_random import STREAM_ATTR, ShardedStream, draws_random, sharded_random, sharded_seed
 
 

@@ -66,12 +66,12 @@ def test_calibrated_cluster_round_trips_through_json(calibrated: Cluster, tmp_pa
 def test_compile_plans_on_a_calibrated_cluster(calibrated: Cluster, tmp_path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
     x = torch.randn(8, 16)
-    compiled = autopart.compile(model, calibrated, example_inputs=(x,), num_stages=2, num_microbatches=2)
+    compiled = autopart.compile(model, calibrated, example_inputs=(x,), pipeline_parallel=2, num_microbatches=2)
     assert compiled.plan.cluster == calibrated.to_dict()
     torch.testing.assert_close(compiled.simulate(x), model(x), rtol=1e-5, atol=1e-5)
     path = tmp_path / "cluster.json"
     calibrated.save(path)
-    again = autopart.compile(model, str(path), example_inputs=(x,), num_stages=2, num_microbatches=2)
+    again = autopart.compile(model, str(path), example_inputs=(x,), pipeline_parallel=2, num_microbatches=2)
     assert again.plan.cluster == calibrated.to_dict()
 
 

@@ -19,7 +19,7 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 def test_plan_gpt2_writes_report_json_and_html(tmp_path) -> None:
     html_path, json_path = tmp_path / "report.html", tmp_path / "plan.json"
-    done = _run("plan", "autopart.zoo:gpt2", "--devices", "4xH100", "--batch-size", "8", "--num-stages", "2",
+    done = _run("plan", "autopart.zoo:gpt2", "--devices", "4xH100", "--batch-size", "8", "--pipeline-parallel", "2",
                 "--factory-arg", "layers=4", "--html", str(html_path), "--json", str(json_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("autopart plan: GPT2LMHeadModel on 4 × H100")
@@ -56,7 +56,7 @@ def test_help_explains_every_option(capsys) -> None:
         main(["plan", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--devices", "--batch-size", "--seq-len", "--input-shape", "--input-dtype", "--num-stages",
+    for option in ("--devices", "--batch-size", "--seq-len", "--input-shape", "--input-dtype", "--pipeline-parallel",
                    "--num-microbatches", "--schedule", "--optimizer", "--inference", "--html", "--json",
                    "--quiet", "--factory-arg", "examples:", "autopart.zoo:gpt2"):
         assert option in out, option
@@ -139,7 +139,7 @@ def test_report_command_rerenders_a_saved_plan(capsys, models_file, tmp_path) ->
 
 
 def test_check_proves_the_plan_on_the_cpu():
-    result = _run("plan", "autopart.zoo:gpt2", "--devices", "4", "--num-stages", "2", "--tensor-parallel", "2",
+    result = _run("plan", "autopart.zoo:gpt2", "--devices", "4", "--pipeline-parallel", "2", "--tensor-parallel", "2",
                   "--check", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "forward equal" in result.stdout and "gradients of all" in result.stdout

@@ -16,7 +16,7 @@ from torch import nn
 import autopart
 from autopart import zoo
 from autopart.cost_models import Cluster, DeviceSpec, Link
-from autopart.passes.shard import count_collectives
+from autopart.passes.tensor_parallel.collectives import count_collectives
 from random_models import build, programs
 from test_pipeline_equivalence import assert_plan_matches_model
 
@@ -32,7 +32,7 @@ LLAMA_MEGATRON = {"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.
 @pytest.mark.parametrize("num_stages,tp,num_microbatches", [(1, 2, 1), (2, 2, 2), (1, 4, 2), (2, 4, 1)])
 def test_gpt_pp_by_tp_matches_single_device(num_stages, tp, num_microbatches):
     entry = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4)
-    compiled = autopart.compile(entry.model, num_stages * tp, example_inputs=entry.args, num_stages=num_stages,
+    compiled = autopart.compile(entry.model, num_stages * tp, example_inputs=entry.args, pipeline_parallel=num_stages,
                                 tensor_parallel=tp, num_microbatches=num_microbatches, tp_plan=GPT_MEGATRON)
     assert (compiled.plan.mesh.pp, compiled.plan.mesh.tp) == (num_stages, tp)
     assert compiled.plan.tensor_parallel is not None
@@ -41,7 +41,7 @@ def test_gpt_pp_by_tp_matches_single_device(num_stages, tp, num_microbatches):
 
 def test_megatron_block_costs_two_all_reduces_each_way_per_layer():
     entry = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4)
-    compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, num_stages=2, tensor_parallel=2,
+    compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, pipeline_parallel=2, tensor_parallel=2,
                                 num_microbatches=1, tp_plan=GPT_MEGATRON)
     for rank in range(4):  # one layer per stage; embedding and head replicated
         assert count_collectives(compiled.rank_module(rank)) == {"all_reduce": 2, "grad_all_reduce": 2}
@@ -53,7 +53,7 @@ def test_megatron_block_costs_two_all_reduces_each_way_per_layer():
 def test_transformers_models_pp_by_tp(family, plan, tp, num_stages):
     entry = zoo.ALL_FAMILIES[family]()
     compiled = autopart.compile(entry.model, num_stages * tp, example_inputs=entry.args,
-                                example_kwargs=entry.kwargs, num_stages=num_stages, tensor_parallel=tp,
+                                example_kwargs=entry.kwargs, pipeline_parallel=num_stages, tensor_parallel=tp,
                                 num_microbatches=2, tp_plan=plan)
     assert compiled.plan.mesh.tp == tp
     assert_plan_matches_model(entry.model, entry.args, entry.kwargs, compiled, entry.main_output)
@@ -87,7 +87,7 @@ def test_narrow_layers_on_a_slow_link_stay_whole():
 
 def test_joint_plan_round_trips_through_json():
     entry = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4)
-    compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, num_stages=2, tensor_parallel=2,
+    compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, pipeline_parallel=2, tensor_parallel=2,
                                 tp_plan=GPT_MEGATRON)
     again = autopart.Plan.from_json(compiled.plan.to_json())
     assert again == compiled.plan
@@ -103,7 +103,7 @@ def test_random_models_pp_by_tp_match_single_device(program, num_stages, num_mic
     if megatron and not any(kind == "attention" for kind, _ in program):
         plan = None
     try:
-        compiled = autopart.compile(model, 2 * num_stages, example_inputs=(x,), num_stages=num_stages,
+        compiled = autopart.compile(model, 2 * num_stages, example_inputs=(x,), pipeline_parallel=num_stages,
                                     tensor_parallel=2, num_microbatches=num_microbatches, tp_plan=plan)
     except autopart.PlanError as error:  # fewer blocks than stages: the planner says so
         assert "blocks" in str(error)

@@ -46,14 +46,14 @@ def gpt():
 
 
 @pytest.mark.parametrize("layout", [
-    dict(num_stages=2, tensor_parallel=1, data_parallel=1, num_microbatches=2),
-    dict(num_stages=1, tensor_parallel=2, data_parallel=1, num_microbatches=1),
-    dict(num_stages=2, tensor_parallel=2, data_parallel=1, num_microbatches=2),
-    dict(num_stages=1, tensor_parallel=1, data_parallel=2, num_microbatches=2),
+    dict(pipeline_parallel=2, tensor_parallel=1, data_parallel=1, num_microbatches=2),
+    dict(pipeline_parallel=1, tensor_parallel=2, data_parallel=1, num_microbatches=1),
+    dict(pipeline_parallel=2, tensor_parallel=2, data_parallel=1, num_microbatches=2),
+    dict(pipeline_parallel=1, tensor_parallel=1, data_parallel=2, num_microbatches=2),
 ], ids=["pp2", "tp2", "pp2xtp2", "dp2"])
 def test_mixed_precision_plans_equal_eager_autocast(gpt, layout):
     model, ids, target = gpt
-    devices = layout["num_stages"] * layout["tensor_parallel"] * layout["data_parallel"]
+    devices = layout["pipeline_parallel"] * layout["tensor_parallel"] * layout["data_parallel"]
     cm = autopart.compile(model, devices, example_inputs=(ids,), mixed_precision="bf16", optimizer="adamw",
                           **layout)
     assert cm.plan.mixed_precision == "bf16"
@@ -71,18 +71,18 @@ def test_mixed_precision_plans_equal_eager_autocast(gpt, layout):
 
 def test_plan_records_mixed_precision_and_round_trips(gpt):
     model, ids, _ = gpt
-    cm = autopart.compile(model, 2, example_inputs=(ids,), num_stages=2, mixed_precision="bf16")
+    cm = autopart.compile(model, 2, example_inputs=(ids,), pipeline_parallel=2, mixed_precision="bf16")
     again = autopart.Plan.from_json(cm.plan.to_json())
     assert again.mixed_precision == "bf16" and again == cm.plan
     assert "bf16" in cm.report()
-    full = autopart.compile(model, 2, example_inputs=(ids,), num_stages=2)
+    full = autopart.compile(model, 2, example_inputs=(ids,), pipeline_parallel=2)
     assert full.plan.mixed_precision is None
 
 
 def test_boundaries_travel_in_the_dtype_their_producer_makes(gpt):
     """A stage's matmul outputs leave in bf16 (half the bytes); the residual stream stays float32."""
     model, ids, _ = gpt
-    cm = autopart.compile(model, 2, example_inputs=(ids,), num_stages=2, mixed_precision="bf16")
+    cm = autopart.compile(model, 2, example_inputs=(ids,), pipeline_parallel=2, mixed_precision="bf16")
     last = next(n for n in cm.graph.graph.nodes if n.op == "output").args[0][0]
     assert last.meta["val"].dtype == torch.bfloat16  # the head's logits
     linears = [n for n in cm.graph.graph.nodes if n.target is torch.ops.aten.linear.default]
@@ -107,10 +107,10 @@ def test_mixed_precision_is_priced_faster_and_in_bf16():
 
 def test_a_callers_autocast_is_refused_without_mixed_precision(gpt):
     model, ids, target = gpt
-    cm = autopart.compile(model, 2, example_inputs=(ids,), num_stages=2)
+    cm = autopart.compile(model, 2, example_inputs=(ids,), pipeline_parallel=2)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(autopart.InputError, match="mixed_precision"):
         cm.simulate_train_step(ids, target=target, loss_fn=_loss)
-    mixed = autopart.compile(model, 2, example_inputs=(ids,), num_stages=2, mixed_precision="bf16")
+    mixed = autopart.compile(model, 2, example_inputs=(ids,), pipeline_parallel=2, mixed_precision="bf16")
     plain_loss, _ = mixed.simulate_train_step(ids, target=target, loss_fn=_loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the same precision as the plan's: the same result
         inside_loss, _ = mixed.simulate_train_step(ids, target=target, loss_fn=_loss)
@@ -128,7 +128,7 @@ def test_pure_bf16_models_keep_working():
     entry = zoo.gpt(layers=2, d_model=64, heads=4, vocab=128, seq=16, batch=4, attn_bias=False)
     model = entry.model.to(torch.bfloat16)
     ids = entry.args[0]
-    cm = autopart.compile(model, 2, example_inputs=(ids,), num_stages=2)
+    cm = autopart.compile(model, 2, example_inputs=(ids,), pipeline_parallel=2)
     out = cm.simulate(ids)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, model(ids), rtol=BF16_RTOL, atol=BF16_RTOL)
@@ -141,7 +141,7 @@ def test_no_device_literal_survives_in_rank_modules():
     torch.manual_seed(0)
     entry = zoo.llama(layers=2, batch=2)
     ids = entry.args[0]
-    cm = autopart.compile(entry.model, 2, example_inputs=(ids,), num_stages=2, num_microbatches=1)
+    cm = autopart.compile(entry.model, 2, example_inputs=(ids,), pipeline_parallel=2, num_microbatches=1)
     traced = device_literals(cm.graph)
     assert any(device.type == "cpu" for _, device in traced), "the trace carries no device literal to test"
     previous: list = []

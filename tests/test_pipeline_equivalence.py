@@ -67,10 +67,10 @@ def test_random_models_match_single_device(program, num_devices, num_microbatche
         if num_stages < 2 or num_stages * virtual_stages > num_ops or num_microbatches % rounds:
             schedule, virtual_stages = "1f1b", 1
     if num_stages > num_ops:  # more stages than ops: the planner must say why it cannot
-        with pytest.raises(autopart.PlanError, match=f"num_stages={num_stages}.*only {num_ops} blocks"):
-            autopart.compile(model, num_devices, example_inputs=(x,), num_stages=num_stages)
+        with pytest.raises(autopart.PlanError, match=f"pipeline_parallel={num_stages}.*only {num_ops} blocks"):
+            autopart.compile(model, num_devices, example_inputs=(x,), pipeline_parallel=num_stages)
         return
-    compiled = autopart.compile(model, num_devices, example_inputs=(x,), num_stages=num_stages,
+    compiled = autopart.compile(model, num_devices, example_inputs=(x,), pipeline_parallel=num_stages,
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 virtual_stages=virtual_stages)
     assert compiled.plan.num_stages == num_stages * virtual_stages and compiled.plan.mesh.pp == num_stages
@@ -90,14 +90,14 @@ def test_transformers_models_match_single_device(family, num_stages, num_microba
     if batch % num_microbatches:
         pytest.skip("batch does not divide")
     compiled = autopart.compile(model, 4, example_inputs=args, example_kwargs=entry.kwargs,
-                                num_stages=num_stages, num_microbatches=num_microbatches)
+                                pipeline_parallel=num_stages, num_microbatches=num_microbatches)
     assert compiled.plan.num_stages == num_stages
     assert_plan_matches_model(model, args, entry.kwargs, compiled, entry.main_output)
 
 
 def test_tied_embedding_is_replicated_and_gradients_summed():
     entry = zoo.gpt2(layers=2)
-    compiled = autopart.compile(entry.model, 2, example_inputs=entry.args, num_stages=2, num_microbatches=2)
+    compiled = autopart.compile(entry.model, 2, example_inputs=entry.args, pipeline_parallel=2, num_microbatches=2)
     holders = [r for r in range(compiled.num_ranks)
                if any(name == "transformer.wte.weight"
                       for _, name in autopart.interfaces.stage_interface(compiled.rank_module(r)).parameters)]
@@ -112,7 +112,7 @@ def test_tied_embedding_is_replicated_and_gradients_summed():
 def test_skip_connection_is_relayed_through_middle_stages():
     model = build([("linear", 0), ("linear", 0), ("linear", 0), ("linear", 0), ("skip", 5)])
     x = torch.randn(4, 4, 8)
-    compiled = autopart.compile(model, 4, example_inputs=(x,), num_stages=4, num_microbatches=2)
+    compiled = autopart.compile(model, 4, example_inputs=(x,), pipeline_parallel=4, num_microbatches=2)
     # each middle stage passes the model input along rather than stage 0 sending it far
     for rank in range(1, 4):
         interface = autopart.interfaces.stage_interface(compiled.rank_module(rank))
@@ -123,7 +123,7 @@ def test_skip_connection_is_relayed_through_middle_stages():
 def test_buffers_stay_with_their_users():
     model = build([("linear", 0), ("buffer", 0), ("linear", 0)])
     x = torch.randn(2, 4, 8)
-    compiled = autopart.compile(model, 3, example_inputs=(x,), num_stages=3)
+    compiled = autopart.compile(model, 3, example_inputs=(x,), pipeline_parallel=3)
     owners = [r for r in range(3) if any(name == "layers.1.scale" for _, name in
                                          autopart.interfaces.stage_interface(compiled.rank_module(r)).buffers)]
     assert len(owners) == 1
@@ -136,5 +136,5 @@ def test_split_without_tuple_return_as_on_torch_2_11(monkeypatch):
 
     monkeypatch.setattr(split_pass, "_HAS_TUPLE_RETURN", False)
     entry = zoo.gpt2(layers=2)
-    compiled = autopart.compile(entry.model, 3, example_inputs=entry.args, num_stages=3, num_microbatches=2)
+    compiled = autopart.compile(entry.model, 3, example_inputs=entry.args, pipeline_parallel=3, num_microbatches=2)
     assert_plan_matches_model(entry.model, entry.args, {}, compiled, entry.main_output)

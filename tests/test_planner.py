@@ -41,14 +41,14 @@ def _blocks_per_stage(plan) -> list[int]:
 def test_identical_blocks_balance_on_identical_devices(num_blocks, num_devices):
     x = torch.randn(64, 256, 512, device="meta")
     compiled = autopart.compile(_meta_model(num_blocks), f"{num_devices}xH100", example_inputs=(x,),
-                                num_stages=num_devices, num_microbatches=8, schedule="1f1b")
+                                pipeline_parallel=num_devices, num_microbatches=8, schedule="1f1b")
     assert _blocks_per_stage(compiled.plan) == [num_blocks // num_devices] * num_devices
 
 
 def test_identical_blocks_balance_over_virtual_stages():
     """12 blocks on 3 ranks × 2 virtual stages: 2 blocks a stage, stage s on rank s % 3."""
     x = torch.randn(64, 256, 512, device="meta")
-    compiled = autopart.compile(_meta_model(12), "3xH100", example_inputs=(x,), num_stages=3, num_microbatches=8,
+    compiled = autopart.compile(_meta_model(12), "3xH100", example_inputs=(x,), pipeline_parallel=3, num_microbatches=8,
                                 schedule="interleaved_1f1b", virtual_stages=2)
     assert _blocks_per_stage(compiled.plan) == [2] * 6
     assert [s.device for s in compiled.plan.stages] == [0, 1, 2, 0, 1, 2]
@@ -62,7 +62,7 @@ def test_fsdp_is_chosen_when_replicated_state_does_not_fit(memory_gib, mode):
     h100 = get_preset("H100")
     cluster = Cluster.from_devices([dataclasses.replace(h100, memory_bytes=int(memory_gib * 2**30))] * 4)
     x = torch.randn(8, 16, 512, device="meta")
-    plan = autopart.compile(_meta_model(8), cluster, example_inputs=(x,), data_parallel=4, num_stages=1,
+    plan = autopart.compile(_meta_model(8), cluster, example_inputs=(x,), data_parallel=4, pipeline_parallel=1,
                             num_microbatches=1, tensor_parallel=1).plan
     assert plan.data_parallel_mode == mode
     statuses = {c.data_parallel_mode: c.status for c in plan.candidates if c.schedule == plan.schedule}
@@ -77,7 +77,7 @@ def test_last_stage_holds_every_microbatch_output_and_the_loss():
     returns them (m × output); a cross-entropy loss saves one float32 log-softmax of the output per
     microbatch in flight, and its backward holds two float32 gradients of that size at once."""
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1024))
-    plan = autopart.compile(model, 2, example_inputs=(torch.randn(8, 16),), num_stages=2, num_microbatches=4,
+    plan = autopart.compile(model, 2, example_inputs=(torch.randn(8, 16),), pipeline_parallel=2, num_microbatches=4,
                             schedule="1f1b").plan
     output_bytes = 2 * 1024 * 4  # one microbatch of 2 samples
     first, last = plan.stages
@@ -95,7 +95,7 @@ def test_twice_as_fast_device_gets_twice_the_work():
                       launch_overhead_s=h100.launch_overhead_s / 2)
     cluster = Cluster.from_devices([fast, h100])
     x = torch.randn(64, 256, 512, device="meta")
-    compiled = autopart.compile(_meta_model(12), cluster, example_inputs=(x,), num_stages=2, num_microbatches=8,
+    compiled = autopart.compile(_meta_model(12), cluster, example_inputs=(x,), pipeline_parallel=2, num_microbatches=8,
                                 schedule="1f1b")
     assert _blocks_per_stage(compiled.plan) == [8, 4]
     fast_stage, slow_stage = compiled.plan.stages
@@ -109,14 +109,14 @@ def test_planner_uses_fewer_stages_when_faster_and_reports_idle_devices():
     compiled = autopart.compile(model, 4, example_inputs=(torch.randn(4, 16),))
     assert compiled.plan.num_stages == 1
     assert compiled.plan.idle_devices == (1, 2, 3)
-    tried = {c.num_stages for c in compiled.plan.candidates}
+    tried = {c.pipeline_parallel for c in compiled.plan.candidates}
     assert tried >= {1, 2, 3}
 
 
 def test_more_stages_than_layers_cuts_inside_layers():
     model = _meta_model(2, width=256)
     x = torch.randn(8, 64, 256, device="meta")
-    compiled = autopart.compile(model, "6xH100", example_inputs=(x,), num_stages=6, num_microbatches=2)
+    compiled = autopart.compile(model, "6xH100", example_inputs=(x,), pipeline_parallel=6, num_microbatches=2)
     assert compiled.plan.num_stages == 6
     assert all(stage.node_names for stage in compiled.plan.stages)
 
@@ -136,20 +136,20 @@ def test_devices_that_make_no_sense(devices, pattern):
         autopart.compile(nn.Linear(4, 4), devices, example_inputs=(torch.randn(2, 4),))
 
 
-def test_num_stages_outside_the_cluster():
-    with pytest.raises(autopart.InputError, match="num_stages=5 must be between 1 and the 2 devices"):
-        autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), num_stages=5)
+def test_pipeline_parallel_outside_the_cluster():
+    with pytest.raises(autopart.InputError, match="pipeline_parallel=5 must be between 1 and the 2 devices"):
+        autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), pipeline_parallel=5)
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
-    (dict(num_stages=1, virtual_stages=2), "needs at least 2 pipeline ranks"),
+    (dict(pipeline_parallel=1, virtual_stages=2), "needs at least 2 pipeline ranks"),
     (dict(schedule="1f1b", virtual_stages=2), "runs one stage per rank but virtual_stages=2"),
     (dict(data_parallel_mode="zero3"), "data_parallel_mode='zero3' is not known"),
     (dict(schedule="dualpipe"), "schedule='dualpipe' is not known"),
-    (dict(num_stages=2, schedule="interleaved_1f1b", virtual_stages=2, num_microbatches=5, batch=10),
+    (dict(pipeline_parallel=2, schedule="interleaved_1f1b", virtual_stages=2, num_microbatches=5, batch=10),
      "multiple of 2"),
-    (dict(num_stages=2, schedule="interleaved_1f1b", virtual_stages=50), "needs 100 blocks, but the model has"),
-    (dict(num_stages=1, schedule="zero_bubble"), "zero_bubble needs at least 2 pipeline ranks"),
+    (dict(pipeline_parallel=2, schedule="interleaved_1f1b", virtual_stages=50), "needs 100 blocks, but the model has"),
+    (dict(pipeline_parallel=1, schedule="zero_bubble"), "zero_bubble needs at least 2 pipeline ranks"),
 ])
 def test_schedule_choices_that_make_no_sense(kwargs, pattern):
     with pytest.raises(autopart.InputError, match=pattern):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -13,9 +14,10 @@ from autopart import InputError, zoo
 from autopart.cost_models import Cluster
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.report.html import render_html
+from autopart.report.svg import memory_svg
 from autopart.report.summary import abbreviate_blocks, schedule_grid
 from autopart.report.text import render_text
-from autopart.report.timing import makespan, simulate
+from autopart.report.timing import makespan, predicted_timeline
 from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
 
 
@@ -30,7 +32,7 @@ def gpt2_free() -> Plan:
 def gpt2_pipeline() -> Plan:
     """The same model cut into 4 stages with 4 microbatches, 1F1B."""
     example = zoo.gpt2(layers=4, batch=8)
-    return autopart.compile(example.model, "4xH100", example_inputs=example.args, num_stages=4,
+    return autopart.compile(example.model, "4xH100", example_inputs=example.args, pipeline_parallel=4,
                             num_microbatches=4, schedule="1f1b").plan
 
 
@@ -38,7 +40,7 @@ def gpt2_pipeline() -> Plan:
 def gpt2_interleaved() -> Plan:
     """GPT-2 on 2 ranks × 2 virtual stages, interleaved 1F1B."""
     example = zoo.gpt2(layers=4, batch=8)
-    return autopart.compile(example.model, "2xH100", example_inputs=example.args, num_stages=2,
+    return autopart.compile(example.model, "2xH100", example_inputs=example.args, pipeline_parallel=2,
                             num_microbatches=4, schedule="interleaved_1f1b", virtual_stages=2).plan
 
 
@@ -46,7 +48,15 @@ def gpt2_interleaved() -> Plan:
 def mlp_plan() -> Plan:
     """An MLP on 2 CPU devices, 2 stages."""
     example = zoo.mlp(depth=6, batch=16)
-    return autopart.compile(example.model, 2, example_inputs=example.args, num_stages=2).plan
+    return autopart.compile(example.model, 2, example_inputs=example.args, pipeline_parallel=2).plan
+
+
+@pytest.fixture(scope="module")
+def gpt_dp4_tp2() -> Plan:
+    """A GPT on 8 H100s as 4 data-parallel replicas of a tensor-parallel pair: every device in use."""
+    example = zoo.gpt(layers=2)
+    return autopart.compile(example.model, "8xH100", example_inputs=example.args, data_parallel=4,
+                            tensor_parallel=2).plan
 
 
 def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_stage: int = 10,
@@ -75,11 +85,11 @@ def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_s
         solver=SolverInfo(backend="cpsat", status="OPTIMAL", objective_seconds=step, bound_seconds=step,
                           solve_seconds=0.01, plan_seconds=0.05, num_problems=3),
         candidates=(
-            Candidate(data_parallel=1, num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, pipeline_parallel=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=step, status="chosen", detail="slowest stage 0 <b>"),
-            Candidate(data_parallel=1, num_stages=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, pipeline_parallel=num_stages + 1, num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=step * 1.12, status="feasible", detail="slowest stage 3"),
-            Candidate(data_parallel=1, num_stages=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
+            Candidate(data_parallel=1, pipeline_parallel=max(1, num_stages - 1), num_microbatches=num_microbatches, schedule=schedule,
                       step_seconds=None, status="infeasible", detail="stage 0 short by 3.1 GiB"),
         ),
     )
@@ -112,6 +122,53 @@ def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
     assert re.search(r"^\s+\*\s+1\s+4\s+1\s+4\s", table, re.M)  # dp pp tp m of the chosen row
 
 
+def test_memory_chart_draws_replicas_and_tp_peers_as_used(gpt_dp4_tp2: Plan) -> None:
+    """dp = 4 × tp = 2 on 8 devices: one row for the stage's 8 devices, none drawn unused (the header
+    says 0 idle); the text report's mesh line names all 8."""
+    plan = gpt_dp4_tp2
+    assert (plan.mesh.dp, plan.mesh.pp, plan.mesh.tp) == (4, 1, 2) and plan.idle_devices == ()
+    svg = memory_svg(plan)
+    assert "unused" not in svg and "idle ·" not in svg
+    assert ">devices 0-7<" in svg and "stage 0 · H100 · each of 8" in svg
+    assert "(8 of 8 devices) on devices 0-7 (H100)" in render_text(plan)
+    page = render_html(plan)
+    assert "unused" not in page and re.search(r"idle devices.*?>0<", page, re.S)
+
+
+def test_memory_chart_rows_name_every_device_of_a_stage() -> None:
+    """pp = 2 × dp = 2: stage 0 runs on devices 0 and 2, stage 1 on 1 and 3."""
+    plan = synthetic_plan(num_stages=2, num_microbatches=4)
+    plan = dataclasses.replace(plan, mesh=Mesh(pp=2, dp=2), cluster=Cluster.parse("4xH100").to_dict())
+    svg = memory_svg(plan)
+    assert ">devices 0, 2<" in svg and ">devices 1, 3<" in svg and "unused" not in svg
+
+
+def test_text_report_lists_the_fastest_candidates_and_counts_the_rest() -> None:
+    """Hundreds of candidates (the README demo tries 358): the text lists the chosen and the fastest
+    feasible ones and counts the rest by status; the HTML keeps every one."""
+    base = synthetic_plan(num_stages=2, num_microbatches=8)
+    tried = [dataclasses.replace(base.candidates[0], num_microbatches=1)]  # the chosen one
+    tried += [dataclasses.replace(base.candidates[1], num_microbatches=m, step_seconds=1.0 + m / 100)
+              for m in range(30, 0, -1)]  # feasible, slower the more microbatches
+    tried += [dataclasses.replace(base.candidates[2], num_microbatches=m) for m in range(1, 6)]  # infeasible
+    tried += [dataclasses.replace(base.candidates[1], num_microbatches=m, step_seconds=None, status="pruned",
+                                  detail="lower bound") for m in range(1, 21)]
+    plan = dataclasses.replace(base, candidates=tuple(tried))
+    text = render_text(plan)
+    table = text.split("candidates (")[1].split("\n\n")[0]
+    lines = table.splitlines()
+    assert lines[0] == "56 tried; * chosen; the fastest 8 shown)"
+    assert len(lines) == 1 + 1 + 8 + 1
+    assert re.match(r"^\s+\*\s+1\s", lines[2])
+    shown_m = [int(line.split()[3]) for line in lines[3:10]]
+    assert shown_m == [1, 2, 3, 4, 5, 6, 7]  # the fastest feasible, fastest first
+    assert lines[-1].strip() == ("… and 48 more (23 feasible, 20 pruned, 5 infeasible); "
+                                 "the HTML report and the plan's JSON list every candidate")
+    page = render_html(plan)
+    assert sum(page.count(f'<tr class="{status}">') for status in ("chosen", "feasible", "infeasible",
+                                                                   "pruned")) == 56
+
+
 def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
     """Stages 0 and 2 on rank 0, 1 and 3 on rank 1; the grid names stages; bubble (R-1)/(m·v+R-1)."""
     plan = gpt2_interleaved
@@ -130,7 +187,7 @@ def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
 def test_text_report_explains_the_stage_count_and_idle_devices(gpt2_free: Plan) -> None:
     text = render_text(gpt2_free)
     why = text.split(f"why {gpt2_free.num_stages} stage")[1]
-    tried = {c.num_stages for c in gpt2_free.candidates} - {gpt2_free.num_stages}
+    tried = {c.pipeline_parallel for c in gpt2_free.candidates} - {gpt2_free.mesh.pp}
     assert tried, "the planner should have tried several stage counts"
     for count in tried:
         assert re.search(rf"^  {count} stages?: ", why, re.M)
@@ -194,7 +251,7 @@ def test_abbreviate_blocks() -> None:
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_played_step_of_equal_stages_is_the_planner_formula(schedule: str) -> None:
     plan = synthetic_plan(num_stages=4, num_microbatches=6, schedule=schedule)
-    actions = simulate(plan)
+    actions = predicted_timeline(plan)
     assert len(actions) == 2 * 4 * 6
     assert makespan(actions) == pytest.approx(plan.predicted_step_seconds, rel=1e-9)
     for rank in range(4):  # a rank never runs two actions at once
@@ -203,7 +260,7 @@ def test_played_step_of_equal_stages_is_the_planner_formula(schedule: str) -> No
 
 
 def test_played_step_respects_dependencies(gpt2_pipeline: Plan) -> None:
-    actions = {(a.kind, a.rank, a.microbatch): a for a in simulate(gpt2_pipeline)}
+    actions = {(a.kind, a.rank, a.microbatch): a for a in predicted_timeline(gpt2_pipeline)}
     for (kind, s, i), a in actions.items():
         if kind == "F" and s > 0:
             assert a.start >= actions[("F", s - 1, i)].end
@@ -261,12 +318,28 @@ def test_json_round_trip(gpt2_pipeline: Plan, mlp_plan: Plan, gpt2_interleaved: 
         assert render_text(again) == render_text(plan)
     # a version-1 plan written before virtual stages and dp modes existed reads with their defaults
     data = json.loads(gpt2_pipeline.to_json())
+    data["version"] = 1
     for key in ("virtual_stages", "data_parallel_mode"):
         del data[key]
         for candidate in data["candidates"]:
             del candidate[key]
+    for candidate in data["candidates"]:  # version 1 named a candidate's pipeline ranks num_stages
+        candidate["num_stages"] = candidate.pop("pipeline_parallel")
     old = Plan.from_json(json.dumps(data))
     assert old.virtual_stages == 1 and old.data_parallel_mode == "ddp"
+
+
+def test_json_version_1_reads_a_candidates_num_stages_as_its_pipeline_ranks(gpt2_interleaved: Plan) -> None:
+    """Version 2 renamed Candidate.num_stages (pipeline ranks) to pipeline_parallel: Plan.num_stages
+    counts model stages (ranks × virtual stages), and nothing else is called num_stages."""
+    data = json.loads(gpt2_interleaved.to_json())
+    assert data["version"] == 2 and all("num_stages" not in c for c in data["candidates"])
+    data["version"] = 1
+    for candidate in data["candidates"]:
+        candidate["num_stages"] = candidate.pop("pipeline_parallel")
+    old = Plan.from_json(json.dumps(data))
+    assert old == gpt2_interleaved
+    assert old.num_stages == 4 and {c.pipeline_parallel for c in old.candidates} == {2}
 
 
 def test_json_unknown_version_is_an_input_error(mlp_plan: Plan) -> None:

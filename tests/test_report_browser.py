@@ -33,7 +33,7 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory) -> Path:
     example = zoo.gpt2(layers=4, batch=8)
-    compiled = autopart.compile(example.model, "4xH100", example_inputs=example.args, num_stages=4,
+    compiled = autopart.compile(example.model, "4xH100", example_inputs=example.args, pipeline_parallel=4,
                                 num_microbatches=4)
     path = tmp_path_factory.mktemp("report") / "report.html"
     compiled.save_html(str(path))

@@ -37,12 +37,14 @@ from autopart.cost_models import Cluster, Link
 from autopart.cost_models.devices import CPU
 from autopart.errors import PlanError
 from autopart.passes import annotate
-from autopart.passes.shard import count_collectives, shard_graph
-from autopart.passes.strategies import assignment_from_solution, build_tp_problem, choose_tp_strategies
-from autopart.passes.tp_ops import attach_process_group, collective_log
-from autopart.passes.tp_placements import R, Shard, TPAssignment
-from autopart.passes.tp_plan import MEGATRON_PLANS, plan_placements
-from autopart.passes.tp_views import merge_split_placement, view_shapes_map
+from autopart.mesh_search import choose_tp_strategies
+from autopart.passes.tensor_parallel.assignment import TPAssignment
+from autopart.passes.tensor_parallel.collectives import attach_process_group, collective_log, count_collectives
+from autopart.passes.tensor_parallel.placements import R, Shard
+from autopart.passes.tensor_parallel.problem import assignment_from_solution, build_tp_problem
+from autopart.passes.tensor_parallel.shard import shard_graph
+from autopart.passes.tensor_parallel.user_plan import MEGATRON_PLANS, plan_placements
+from autopart.passes.tensor_parallel.view_rules import merge_split_placement, view_shapes_map
 from autopart.runtime.spmd import simulate_tp, tp_train_step
 from autopart.problems import SharedCost, TPProblem
 from autopart.solver import brute_force_tp, solve_tp

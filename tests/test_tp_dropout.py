@@ -36,7 +36,7 @@ def test_simulated_tp_ranks_drop_alike_on_replicated_values():
     torch.manual_seed(0)
     model = nn.Sequential(_MLP(), _MLP())
     x = torch.randn(1, 32).repeat(64, 1)
-    cm = autopart.compile(model, 2, example_inputs=(x,), tensor_parallel=2, num_stages=1,
+    cm = autopart.compile(model, 2, example_inputs=(x,), tensor_parallel=2, pipeline_parallel=1,
                           tp_plan={"*.fc": "colwise", "*.proj": "rowwise"})
     out = cm.simulate(x)
     rate, n = float((out == 0).float().mean()), out.numel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from autopart.tracing import flatten_inputs, io_spec, unflatten_output
 
 
 def _run_graph(gm, entry):
-    return unflatten_output(gm, gm(*flatten_inputs(gm, entry.args, entry.kwargs)))
+    return gm(*entry.args, **entry.kwargs)
 
 
 @pytest.mark.parametrize("family", sorted(zoo.ALL_FAMILIES))
@@ -45,6 +47,23 @@ def test_trace_matches_eager_forward_and_backward(family):
             torch.testing.assert_close(graph_grads[name], param.grad, rtol=1e-5, atol=4e-5, msg=name)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "mlp"])
+def test_traced_module_is_called_as_the_model_is(family):
+    """autopart.trace's GraphModule takes the model's own arguments (an HF model without the use_cache
+    keyword autopart adds at trace time) and returns the model's own output, as torch.export's
+    ep.module() does; its graph stays flat for the passes."""
+    entry = zoo.ALL_FAMILIES[family]()
+    gm = autopart.trace(entry.model, entry.args, entry.kwargs)
+    eager = entry.model(*entry.args, **entry.kwargs)
+    got = gm(*entry.args, **entry.kwargs)
+    assert type(got) is type(eager)
+    torch.testing.assert_close(entry.main_output(got), entry.main_output(eager), rtol=1e-5, atol=1e-5)
+    flat = torch.fx.Interpreter(gm).run(*flatten_inputs(gm, entry.args, entry.kwargs))
+    assert isinstance(flat, tuple)
+    torch.testing.assert_close(entry.main_output(unflatten_output(gm, flat)), entry.main_output(eager),
+                               rtol=1e-5, atol=1e-5)
+
+
 def _tied_aliases(model):
     """Names under which a tied parameter is reachable besides its first name."""
     return {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -72,6 +91,22 @@ def test_untraceable_model_names_class_line_and_fix():
     assert "test_trace.py" in message and "if x.sum() > 0" in message
     assert "torch.export" in message and "symbolic_trace" in message
     assert "fix:" in message
+
+
+def test_wrong_input_shape_says_the_model_raised_with_its_own_message(capfd):
+    """Linear(16) fed 3 features: one TraceError quoting the model's own error, no advice about
+    control flow, and no pages of fake-tensor logs on stderr."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    for run in (lambda: autopart.trace(model, (torch.randn(8, 3),)),
+                lambda: autopart.compile(model, 2, example_inputs=(torch.randn(8, 3),))):
+        with pytest.raises(autopart.TraceError) as info:
+            run()
+        message = str(info.value)
+        assert "Sequential raises on the example inputs" in message
+        assert re.search(r"mat1 and mat2 shapes cannot be multiplied \(\dx3 and 16x4\)", message)
+        assert "control flow" not in message
+    err = capfd.readouterr().err
+    assert "fake_tensor" not in err and "Traceback" not in err
 
 
 def test_unsupported_input_type_is_named():

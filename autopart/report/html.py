@@ -19,7 +19,7 @@ from autopart.report.summary import (
 )
 from autopart.report.svg import ACTION_COLOURS, MEMORY_COLOURS, layers_svg, memory_svg, stage_colour, timeline_svg
 from autopart.report.text import render_text
-from autopart.report.timing import makespan, simulate
+from autopart.report.timing import makespan, predicted_timeline
 from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
 
 _CSS = """
@@ -75,7 +75,7 @@ svg .bracket { fill:none; stroke-width:2; }
 
 def render_html(plan: Plan) -> str:
     """The report page: summary cards, schedule timeline, memory bars, layer strip, tables."""
-    actions = simulate(plan)
+    actions = predicted_timeline(plan)
     title = f"{model_name(plan)} on {cluster_label(plan)}"
     body = [
         f"<h1>{escape(title)}</h1>",
@@ -212,7 +212,7 @@ def _candidate_table(plan: Plan) -> str:
     for c in plan.candidates:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "–"
         status = escape(c.status)
-        rows.append(f'<tr class="{status}"><td class=n>{c.data_parallel}</td><td class=n>{c.num_stages}</td>'
+        rows.append(f'<tr class="{status}"><td class=n>{c.data_parallel}</td><td class=n>{c.pipeline_parallel}</td>'
                     f'<td class=n>{c.tensor_parallel}</td><td class=n>{c.num_microbatches}</td>'
                     f"<td>{escape(c.schedule)}</td><td class=n>{step}</td>"
                     f'<td><span class="pill {status}">{status}</span></td><td>{escape(c.detail)}</td></tr>')

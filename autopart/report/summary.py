@@ -58,6 +58,16 @@ def mesh_label(plan: Plan) -> str:
     return f"{pp} × tp={mesh.tp} × {dp} ({mesh.num_devices} of {plural(total, 'device')})"
 
 
+def devices_of_stage(plan: Plan, stage: StagePlan) -> list[int]:
+    """Every device that runs `stage`: its tensor-parallel group in every data-parallel replica."""
+    return plan.mesh.devices_of(stage.index % plan.mesh.pp)
+
+
+def used_devices(plan: Plan) -> list[int]:
+    """The devices the plan runs on, all stages' tp groups and replicas."""
+    return sorted({d for stage in plan.stages for d in devices_of_stage(plan, stage)})
+
+
 # ----------------------------------------------------------------------------- blocks
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
@@ -165,7 +175,7 @@ def stage_count_notes(plan: Plan) -> list[tuple[int, str]]:
     chosen_step = plan.predicted_step_seconds
     by_count: dict[int, list[Candidate]] = defaultdict(list)
     for c in plan.candidates:
-        by_count[c.num_stages].append(c)
+        by_count[c.pipeline_parallel].append(c)
     notes = []
     for count in sorted(by_count):
         if count == plan.mesh.pp:
@@ -202,7 +212,7 @@ def idle_notes(plan: Plan) -> list[str]:
     idle = list(plan.idle_devices)
     if not idle:
         return []
-    counts = {c.num_stages for c in plan.candidates}
+    counts = {c.pipeline_parallel for c in plan.candidates}
     pipeline = plan.mesh.pp * plan.mesh.tp
     replicas = len(idle) // pipeline if pipeline else 0
     head = f"{plural(len(idle), 'device')} ({fmt_ranges(idle)}) idle"

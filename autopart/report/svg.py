@@ -11,7 +11,7 @@ import math
 from html import escape
 
 from autopart.plan import Plan, StagePlan
-from autopart.report.summary import MEMORY_KINDS, tensor_parallel_split
+from autopart.report.summary import MEMORY_KINDS, devices_of_stage, tensor_parallel_split
 from autopart.report.timing import TimedAction, busy_fraction, makespan
 from autopart.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_seconds
 
@@ -84,7 +84,7 @@ def _axis(x0: float, y: float, width: float, top: float, axis_max: float, fmt, b
 # ----------------------------------------------------------------------------- (a) timeline
 
 def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> str:
-    """One row per rank; F and B boxes of each microbatch placed by their simulated times."""
+    """One row per rank; F and B boxes of each microbatch placed by their predicted times."""
     left, right, row, gap, top = 118, 16, 30, 10, 22
     plot = width - left - right
     played = makespan(actions)
@@ -167,21 +167,31 @@ def memory_svg(plan: Plan, width: int = 1080, max_idle_rows: int = 4) -> str:
 
 
 def _memory_rows(plan: Plan, max_idle_rows: int) -> list[tuple[str, str, StagePlan | None, int, str]]:
-    """(label, sub-label, stage or None, capacity, summary) per row of the memory chart."""
+    """(label, sub-label, stage or None, capacity, summary) per row of the memory chart.
+
+    A stage's row stands for every device that runs it (its tensor-parallel group
+    in each data-parallel replica), which all hold what the row shows; the idle
+    devices are the plan's `idle_devices`.
+    """
     devices = plan.cluster["devices"]
     by_device: dict[int, list[StagePlan]] = {}
     for s in plan.stages:  # with virtual stages a device holds several, each against its share
         by_device.setdefault(s.device, []).append(s)
     share = "" if plan.virtual_stages == 1 else f" (1/{plan.virtual_stages} of the device)"
-    idle = [d for d in range(len(devices)) if d not in by_device]
+    idle = list(plan.idle_devices)
     rows = []
     for d in range(len(devices)):
         for stage in by_device.get(d, []):
             mem = stage.memory
-            rows.append((f"device {d}", f"stage {stage.index} · {stage.device_name}", stage, mem.capacity,
+            group = devices_of_stage(plan, stage)
+            label = f"device {d}" if len(group) == 1 else f"devices {fmt_ranges(group)}"
+            if len(label) > 16:  # the label column holds about 16 characters
+                label = f"{len(group)} devices"
+            alike = "" if len(group) == 1 else f" · each of {len(group)}"
+            rows.append((label, f"stage {stage.index} · {stage.device_name}{alike}", stage, mem.capacity,
                          f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)}{share} "
                          f"({fmt_percent(mem.total / mem.capacity)})"))
-        if d not in by_device and len(idle) <= max_idle_rows:
+        if d in idle and len(idle) <= max_idle_rows:
             capacity = int(devices[d]["memory_bytes"])
             rows.append((f"device {d}", f"idle · {devices[d]['name']}", None, capacity,
                          f"unused · {fmt_bytes(capacity)} free"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from autopart.plan import Plan, StagePlan
+from collections import Counter
+
+from autopart.plan import Candidate, Plan, StagePlan
 from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
@@ -19,6 +21,7 @@ from autopart.report.summary import (
     stage_count_notes,
     tensor_parallel_split,
     tensor_parallel_summary,
+    used_devices,
 )
 from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
 
@@ -46,7 +49,7 @@ def _kv(label: str, value: str, indent: str = "") -> str:
 
 def _header(plan: Plan) -> str:
     title = f"autopart plan: {model_name(plan)} on {cluster_label(plan)}"
-    used = sorted(s.device for s in plan.stages)
+    used = used_devices(plan)
     names = sorted({s.device_name for s in plan.stages})
     mode = f"training, optimizer {plan.optimizer}" if is_training(plan) else "inference (forward only)"
     mode += f", {precision_label(plan)}"
@@ -126,19 +129,41 @@ def _solver(plan: Plan) -> str:
     ])
 
 
+MAX_CANDIDATES = 8
+"""Candidates the text report lists when there are more: the chosen and the fastest others (the HTML
+report and the plan's JSON keep all)."""
+
+
+def best_candidates(plan: Plan, limit: int = MAX_CANDIDATES) -> list[Candidate]:
+    """Every candidate when there are at most `limit`, else the chosen and the fastest feasible ones, at
+    most `limit`; ranked: the chosen, then by predicted step, then those without one in the order tried."""
+    ranked = sorted(plan.candidates, key=lambda c: (c.status != "chosen", c.step_seconds is None,
+                                                   c.step_seconds or 0.0))
+    if len(ranked) <= limit:
+        return ranked
+    return [c for c in ranked if c.step_seconds is not None][:limit]
+
+
 def _candidates(plan: Plan) -> str:
     rows = [("", "dp", "pp", "tp", "m", "schedule", "step", "status", "detail")]
-    for c in plan.candidates:
+    shown = best_candidates(plan)
+    for c in shown:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "-"
         schedule = c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else "")
         dp = str(c.data_parallel) + (f" {c.data_parallel_mode}" if c.data_parallel > 1 else "")
-        rows.append(("*" if c.status == "chosen" else "", dp, str(c.num_stages),
+        rows.append(("*" if c.status == "chosen" else "", dp, str(c.pipeline_parallel),
                      str(c.tensor_parallel), str(c.num_microbatches), schedule, step, c.status, c.detail))
     widths = [max(len(r[k]) for r in rows) for k in range(8)]
-    lines = [f"candidates ({len(plan.candidates)} tried; * chosen)"]
+    hidden = len(plan.candidates) - len(shown)
+    lines = [f"candidates ({len(plan.candidates)} tried; * chosen"
+             + (f"; the fastest {len(shown)} shown)" if hidden else ")")]
     for r in rows:
         cells = [r[k].rjust(widths[k]) if k in (1, 2, 3, 4, 6) else r[k].ljust(widths[k]) for k in range(8)]
         lines.append("  " + "  ".join(cells) + "  " + r[8])
+    if hidden:
+        rest = Counter(c.status for c in plan.candidates if c not in shown)
+        kinds = ", ".join(f"{count} {status}" for status, count in sorted(rest.items(), key=lambda kv: -kv[1]))
+        lines.append(f"  … and {hidden} more ({kinds}); the HTML report and the plan's JSON list every candidate")
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -39,7 +39,7 @@ class TimedAction:
     """When the transfer ends: the next action that needs it may start."""
 
 
-def simulate(plan: Plan) -> list[TimedAction]:
+def predicted_timeline(plan: Plan) -> list[TimedAction]:
     """Every action of one step of `plan`, with start and end times from the stage costs."""
     training = is_training(plan)
     schedule = build_schedule(plan.schedule, plan.mesh.pp, plan.num_microbatches, training, plan.virtual_stages)
@@ -52,7 +52,7 @@ def simulate(plan: Plan) -> list[TimedAction]:
 
 
 def makespan(actions: list[TimedAction]) -> float:
-    """End of the last action: the simulated step time."""
+    """End of the last action: the played step time."""
     return max((a.end for a in actions), default=0.0)
 
 

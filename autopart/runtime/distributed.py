@@ -34,7 +34,7 @@ from autopart.interfaces import StageInterface, tp_rank_info
 from autopart.plan import autocast_dtype
 from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
 from autopart.tp_random import STREAM_ATTR, replica_seed, sharded_seed
-from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
+from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
 
@@ -663,4 +663,4 @@ def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-__all__ = ["DistributedRunner", "rank_of"]
+__all__ = ["DistributedRunner"]

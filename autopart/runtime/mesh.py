@@ -1,6 +1,6 @@
 """Ranks of a dp × pp (× tp) mesh and the process groups along each axis.
 
-Rank layout (row-major, tp fastest): rank = (dp_index · pp + stage) · tp + tp_index.
+Rank layout (row-major, tp fastest, `Mesh.rank_of`): rank = (dp_index · pp + stage) · tp + tp_index.
 Every rank creates every group in the same order, as `torch.distributed.new_group`
 requires, and keeps the ones it belongs to.
 """
@@ -25,14 +25,11 @@ class Coordinates:
 
 
 def coordinates(mesh: Mesh, rank: int) -> Coordinates:
+    """Where `rank` sits in the mesh (the inverse of `Mesh.rank_of`)."""
     tp_index = rank % mesh.tp
     stage = (rank // mesh.tp) % mesh.pp
     dp_index = rank // (mesh.tp * mesh.pp)
     return Coordinates(rank=rank, dp_index=dp_index, stage=stage, tp_index=tp_index)
-
-
-def rank_of(mesh: Mesh, dp_index: int, stage: int, tp_index: int = 0) -> int:
-    return (dp_index * mesh.pp + stage) * mesh.tp + tp_index
 
 
 @dataclass
@@ -60,21 +57,21 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
     dp_ranks: list[int] = []
     for dp_index in range(mesh.dp):
         for tp_index in range(mesh.tp):
-            ranks = [rank_of(mesh, dp_index, s, tp_index) for s in range(mesh.pp)]
+            ranks = [mesh.rank_of(dp_index, s, tp_index) for s in range(mesh.pp)]
             # a group even of one stage: PipelineStage would otherwise take the whole world
             group = dist.new_group(ranks)
             if dp_index == me.dp_index and tp_index == me.tp_index:
                 pp_group, pp_ranks = group, ranks
     for stage in range(mesh.pp):
         for tp_index in range(mesh.tp):
-            ranks = [rank_of(mesh, d, stage, tp_index) for d in range(mesh.dp)]
+            ranks = [mesh.rank_of(d, stage, tp_index) for d in range(mesh.dp)]
             group = dist.new_group(ranks) if mesh.dp > 1 else None
             if stage == me.stage and tp_index == me.tp_index:
                 dp_group, dp_ranks = group, ranks
     tp_group = None
     for dp_index in range(mesh.dp):
         for stage in range(mesh.pp):
-            ranks = [rank_of(mesh, dp_index, stage, t) for t in range(mesh.tp)]
+            ranks = [mesh.rank_of(dp_index, stage, t) for t in range(mesh.tp)]
             group = dist.new_group(ranks) if mesh.tp > 1 else None
             if dp_index == me.dp_index and stage == me.stage:
                 tp_group = group
@@ -82,7 +79,7 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
     for stages in shared_stage_sets:
         for dp_index in range(mesh.dp):
             for tp_index in range(mesh.tp):
-                ranks = [rank_of(mesh, dp_index, s, tp_index) for s in stages]
+                ranks = [mesh.rank_of(dp_index, s, tp_index) for s in stages]
                 group = dist.new_group(ranks)
                 if dp_index == me.dp_index and tp_index == me.tp_index and me.stage in stages:
                     shared[stages] = group

@@ -1,10 +1,11 @@
 """All tensor-parallel ranks in one process: the rank modules run node by node in lock step.
 
 Why not `torch.distributed._local_tensor.LocalTensorMode`: it runs *one*
-program on tensors that hold every rank's value, while the rank modules of
-passes/shard.py are different programs (each holds other parameter slices and
-its own rank number), and their collectives are Megatron's autograd pairs, not
-the functional collectives LocalTensorMode intercepts. It is also private and
+program on tensors that hold every rank's value, while tensor-parallel rank
+modules (passes/tensor_parallel/shard.py) are different programs (each holds
+other parameter slices and its own rank number), and their collectives are
+Megatron's autograd pairs, not the functional collectives LocalTensorMode
+intercepts. It is also private and
 differs between torch releases. Running the ranks in lock step is small and
 exact: the modules share one graph structure, ordinary nodes run on each rank
 with `torch.fx.Interpreter`, and each collective node (listed in the module's
@@ -34,7 +35,7 @@ from autopart.tp_random import draws_random
 def _info(module: torch.fx.GraphModule) -> TPRankInfo:
     info = tp_rank_info(module)
     if info is None:
-        raise PlanError("module is not a tensor-parallel rank module: build it with passes.shard.shard_graph")
+        raise PlanError("module is not a tensor-parallel rank module: build it with passes.tensor_parallel.shard_graph")
     return info
 
 

@@ -35,7 +35,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(MLP(), MLP())
     x = torch.randn(1, 32).repeat(16, 1)
-    compiled = autopart.compile(model, 4, example_inputs=(x,), tensor_parallel=2, data_parallel=2, num_stages=1,
+    compiled = autopart.compile(model, 4, example_inputs=(x,), tensor_parallel=2, data_parallel=2, pipeline_parallel=1,
                                 num_microbatches=2, tp_plan={"*.fc": "colwise", "*.proj": "rowwise"})
     runner = compiled.distributed(timeout_s=120)
     masks = _record_sharded_masks(runner.module)

@@ -53,7 +53,7 @@ def main() -> None:
         return entry.main_output(output).float().pow(2).mean()
 
     compiled = autopart.compile(entry.model, args.stages, example_inputs=entry.args, example_kwargs=kwargs or None,
-                                num_stages=args.stages, num_microbatches=2, schedule=args.schedule,
+                                pipeline_parallel=args.stages, num_microbatches=2, schedule=args.schedule,
                                 virtual_stages=args.virtual_stages, mixed_precision=args.mixed_precision)
     runner = compiled.distributed(timeout_s=120)
     device = runner.device

@@ -66,7 +66,7 @@ def main() -> None:
     megatron = {"blocks.*.attn_qkv": "colwise", "blocks.*.attn_proj": "rowwise",
                 "blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}
     compiled = autopart.compile(model, args.stages * args.dp * args.tp, example_inputs=(batches[0],),
-                                num_stages=args.stages, num_microbatches=args.microbatches,
+                                pipeline_parallel=args.stages, num_microbatches=args.microbatches,
                                 schedule=args.schedule, virtual_stages=args.virtual_stages,
                                 data_parallel=args.dp, data_parallel_mode=args.dp_mode, tensor_parallel=args.tp,
                                 tp_plan=megatron if args.tp > 1 else None, mixed_precision=args.mixed_precision)

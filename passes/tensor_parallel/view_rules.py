@@ -26,7 +26,8 @@ from math import prod
 import torch
 import torch.fx
 
-from autopart.passes.tp_placements import P, Shard, can_shard, dim_arg, make_strategy, shape_of
+from autopart.passes.tensor_parallel.placements import P, Shard, can_shard
+from autopart.passes.tensor_parallel.strategy import dim_arg, make_strategy, shape_of
 
 aten = torch.ops.aten
 

@@ -1,10 +1,11 @@
-"""Hand-written tensor-parallel plans, DTensor style, as fixed placements for the chooser.
+"""The user's tensor-parallel plan (`compile(tp_plan=...)`), DTensor style, as fixed placements.
 
 `parallelize_module` in torch.distributed.tensor.parallel takes a plan of
 module paths → `ColwiseParallel()` / `RowwiseParallel()`; `plan_placements`
 reads the same kind of plan (fnmatch patterns over the module path in
-``nn_module_stack``) and returns the placements it implies, which
-`choose_tp_strategies(..., fixed=...)` then completes at least cost:
+``nn_module_stack``) and returns the placements it implies, which the
+strategy problem (problem.py, `fixed=`) pins and its solution completes at
+least cost:
 
 - 'colwise' (Megatron's ColumnParallelLinear): weight split on its output
   features, bias alike, output Shard(-1); when the output is split into k
@@ -22,7 +23,7 @@ import torch
 import torch.fx
 
 from autopart.errors import InputError
-from autopart.passes.tp_placements import P, Placement, R, Shard
+from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard
 
 aten = torch.ops.aten
 # op → (index of the weight argument, weight dim of output features, weight dim of input features, bias index)

@@ -22,10 +22,9 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from autopart.passes.tp_placements import (
-    P, Placement, R, Shard, Strategy, can_shard, dim_arg, make_strategy, replicate, shape_of,
-)
-from autopart.passes.tp_views import (
+from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard, can_shard
+from autopart.passes.tensor_parallel.strategy import Strategy, dim_arg, make_strategy, replicate, shape_of
+from autopart.passes.tensor_parallel.view_rules import (
     cat_rule, dims_perm_rule, getitem_rule, slice_rule, split_rule, view_rule,
 )
 
@@ -55,7 +54,7 @@ def _matmul(node: torch.fx.Node, x: torch.fx.Node, w: torch.fx.Node, bias: torch
                 places[bias] = Shard(0, g)
             strategies.append(make_strategy(node, "colwise", Shard(o_last, g), places, 1 / tp))
     # Row-parallel: W split on its reduction dim, x Shard(-1) → Partial sum. The bias is
-    # added as bias/tp on every rank with an identity backward (tp_ops.ScaledBias):
+    # added as bias/tp on every rank with an identity backward (rank_ops.ScaledBias):
     # the forward sum is x·W + bias and every rank's bias gradient is the full one.
     if len(ws) >= 2 and len(xs) >= 1 and can_shard(ws, w_k, 1, tp) and can_shard(xs, len(xs) - 1, 1, tp):
         places = {w: Shard(w_k), x: Shard(len(xs) - 1)}

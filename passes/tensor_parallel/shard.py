@@ -8,7 +8,7 @@ Each rank module
   (a `TPRankInfo`, autopart/interfaces.py) so gradients can be reassembled;
 - runs each op on local shards, with shape arguments (view, reshape, expand,
   split sizes) made local, vocabulary-parallel embeddings and row-parallel
-  biases rewritten (passes/tp_ops.py; the bias as a `ScaledBias` call_module ``tp_bias_<k>``);
+  biases rewritten (rank_ops.py; the bias as a `ScaledBias` call_module ``tp_bias_<k>``);
 - converts placements where a reader needs another one with `TPCollective`
   call_module nodes named ``tp_comm_<k>``: slice, all_gather, all_reduce,
   reduce_scatter, and Megatron's f (grad_all_reduce) once per value that
@@ -20,22 +20,32 @@ and rank numbers differ), which the one-process simulation relies on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx
 
 from autopart.errors import PlanError
-from autopart.interfaces import TP_RANK_META_KEY, ParamSlice, TPRankInfo
+from autopart.interfaces import TP_RANK_META_KEY, ParamSlice, TPRankInfo, take_shard
 from autopart.passes.attrs import fetch_attr, is_parameter
 from autopart.passes.node_costs import COST_META_KEY
-from autopart.interfaces import take_shard
-from autopart.passes.tp_ops import ScaledBias, TPCollective, vocab_parallel_embedding
-from autopart.passes.tp_placements import P, Placement, R, Replicate, Shard, TPAssignment, local_shape
+from autopart.passes.tensor_parallel.assignment import TPAssignment
+from autopart.passes.tensor_parallel.collectives import TPCollective
+from autopart.passes.tensor_parallel.placements import P, Placement, R, Replicate, Shard, local_shape
+from autopart.passes.tensor_parallel.rank_ops import ScaledBias, vocab_parallel_embedding
 
 aten = torch.ops.aten
 PLACEMENT_META_KEY = "autopart_tp_placement"
 """Node meta of a rank module: the placement ('R', 'S(1)', 'P') of the node's value."""
+
+
+def shard_stages(stages: Sequence[torch.fx.GraphModule],
+                 assignment: TPAssignment | None) -> list[list[torch.fx.GraphModule]]:
+    """Every stage's tensor-parallel rank modules, [stage][tp rank]; each stage alone when there is
+    no assignment (tp = 1)."""
+    if assignment is None:
+        return [[stage] for stage in stages]
+    return [shard_graph(stage, assignment, assignment.tp) for stage in stages]
 
 
 def shard_graph(gm: torch.fx.GraphModule, assignment: TPAssignment, tp: int) -> list[torch.fx.GraphModule]:
@@ -217,16 +227,3 @@ class _RankBuilder:
 
 def _arg_node(node: torch.fx.Node, name: str) -> torch.fx.Node:
     return next(a for a in node.all_input_nodes if a.name == name)
-
-
-def count_collectives(modules: list[torch.fx.GraphModule] | torch.fx.GraphModule) -> dict[str, int]:
-    """Collective nodes of one rank module (the first, if given several), by kind."""
-    gm = modules[0] if isinstance(modules, (list, tuple)) else modules
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            sub = gm.get_submodule(node.target)
-            if isinstance(sub, TPCollective):
-                counts[sub.kind] = counts.get(sub.kind, 0) + 1
-    return counts
-

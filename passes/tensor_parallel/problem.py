@@ -1,9 +1,10 @@
-"""Sharding strategies of every op on one tensor-parallel axis, their costs, and the chooser.
+"""The strategy problem: every op's sharding strategies on one tensor-parallel axis, priced, as arrays.
 
-`graph_strategies` lists, per node, the strategies of `tp_rules` (placements of
-inputs and output); `build_tp_problem` prices them and turns the graph into the
-plain arrays of `autopart.problems.TPProblem`; `choose_tp_strategies`
-solves it and returns a `TPAssignment` that `passes.shard.shard_graph` applies.
+`graph_strategies` lists, per node, the strategies of op_rules.py (placements
+of inputs and output); `build_tp_problem` prices them and turns the graph into
+the plain arrays of `autopart.problems.TPProblem`, which the driver has the
+solver answer (`autopart.solver.solve_tp`); `assignment_from_solution` reads
+the answer back as a `TPAssignment`, which shard.py applies.
 
 Costs (seconds; one tp group on `cluster`'s devices 0..tp−1, bound by
 `Cluster.link_for_group`):
@@ -35,13 +36,11 @@ from autopart.errors import InputError
 from autopart.passes.node_costs import node_cost
 from autopart.passes.attrs import is_parameter
 from autopart.passes.blocks import coarsen
-from autopart.passes.tp_placements import (
-    P, Collective, NodePlacement, Placement, R, Replicate, Shard, Strategy, TPAssignment, can_shard,
-    parse_placement, replicate, shape_of,
-)
-from autopart.passes.tp_rules import op_strategies
+from autopart.passes.tensor_parallel.assignment import Collective, NodePlacement, TPAssignment
+from autopart.passes.tensor_parallel.op_rules import op_strategies
+from autopart.passes.tensor_parallel.placements import P, Placement, R, Replicate, Shard, can_shard, parse_placement
+from autopart.passes.tensor_parallel.strategy import Strategy, replicate, shape_of
 from autopart.problems import SharedCost, TPProblem, TPSolution
-from autopart.solver import solve_tp
 
 INF = float("inf")
 
@@ -339,20 +338,7 @@ def _tie_groups(gm: torch.fx.GraphModule, cluster: Cluster, graph: GraphStrategi
     return group_of
 
 
-# ----------------------------------------------------------------------------- the chooser
-
-
-def choose_tp_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
-                         fixed: Mapping[str, Placement | str] | None = None, training: bool = True,
-                         time_limit_s: float = 10.0) -> TPAssignment:
-    """The cheapest strategy per op on a tp axis of `cluster`'s first `tp` devices.
-
-    `gm` must be annotated (passes.annotate) for `cluster`. Parameters must fit
-    in `memory_budget_bytes` per device; PlanError says how far they are from it.
-    """
-    index = build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=fixed, training=training)
-    solution = solve_tp(index.problem, time_limit_s=time_limit_s)
-    return assignment_from_solution(gm, index, solution)
+# ----------------------------------------------------------------------------- the answer
 
 
 def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, solution: TPSolution) -> TPAssignment:

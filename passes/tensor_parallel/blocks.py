@@ -1,41 +1,45 @@
 """Block costs under a tensor-parallel assignment, for the pipeline planner.
 
-For one tp group size, the strategy ILP (passes/strategies.py) chooses every
-op's split with stage boundaries (values that cross blocks) kept Replicate, so
-any pipeline cut between blocks needs no resharding. This pass then restates
-each block's cost per device of the tp group: compute of the chosen
-strategies plus the collectives of the values the block computes, parameter
-bytes of the chosen slices, and saved activations divided by tp where the
-value is sharded. The pipeline planner places these blocks on tp groups as
-it places unsplit blocks on devices.
+For one tp group size the strategy problem (problem.py) is built with stage
+boundaries pinned Replicate (`boundaries_replicated`: every value that crosses
+blocks), so any pipeline cut between blocks needs no resharding. Once the
+driver has it solved, `restate_blocks` restates each block's cost per device
+of the tp group: compute of the chosen strategies plus the collectives of the
+values the block computes, parameter bytes of the chosen slices, and saved
+activations divided by tp where the value is sharded. The pipeline planner
+places these blocks on tp groups as it places unsplit blocks on devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.fx
 
 from autopart.cost_models import Cluster
-from autopart.passes.node_costs import node_cost
 from autopart.passes.blocks import Block, BlockGraph, BlockTimes
-from autopart.passes.strategies import assignment_from_solution, build_tp_problem
-from autopart.passes.tp_placements import R, Placement, TPAssignment
-from autopart.solver import solve_tp
+from autopart.passes.node_costs import node_cost
+from autopart.passes.tensor_parallel.assignment import TPAssignment
+from autopart.passes.tensor_parallel.placements import Placement, R
+from autopart.passes.tensor_parallel.problem import TPProblemIndex
 
 
-def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,
-                           memory_budget_bytes: float, training: bool = True,
-                           fixed: Mapping[str, Placement | str] | None = None) -> tuple[BlockGraph, TPAssignment]:
-    """Choose op splits for a tp group of `tp` devices; return per-device block costs and the assignment."""
+def boundaries_replicated(blocks: BlockGraph,
+                          fixed: Mapping[str, Placement | str] | None = None) -> dict[str, Placement | str]:
+    """Fixed placements for a pipeline's strategy problem: every value that crosses blocks
+    Replicate, then the user's own (`fixed`, which may override them)."""
     pinned: dict[str, Placement | str] = {v.node_name: R for v in blocks.values}
     pinned.update(fixed or {})
-    index = build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=pinned, training=training)
-    solution = solve_tp(index.problem)
-    assignment = assignment_from_solution(gm, index, solution)
-    chosen = {name: solution.choice[g] for name, g in index.node_group.items()}
+    return pinned
+
+
+def restate_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, index: TPProblemIndex,
+                   choice: Sequence[int], assignment: TPAssignment) -> BlockGraph:
+    """`blocks` with every cost per device of the tp group, under the strategy `choice` (one per group
+    of `index.problem`) and the `assignment` read back from it."""
+    chosen = {name: choice[g] for name, g in index.node_group.items()}
     seconds = {name: float(index.node_seconds[name][k]) for name, k in chosen.items()}
     param_bytes = {name: int(index.node_param_bytes[name][k]) for name, k in chosen.items()}
     for collective in assignment.collectives:
@@ -45,7 +49,7 @@ def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster
     device = cluster.devices[0].name
     new_blocks = tuple(_restate(block, nodes, attr_node, seconds, param_bytes, assignment, device)
                        for block in blocks.blocks)
-    return dataclasses.replace(blocks, blocks=new_blocks), assignment
+    return dataclasses.replace(blocks, blocks=new_blocks)
 
 
 def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:

@@ -1,0 +1,186 @@
+"""What the user fixed (`PlanRequest`) and the values the planner tries for each choice.
+
+Replicas, pipeline ranks, microbatch counts, schedules, virtual stages and
+the data-parallel mode: each `*_choices` function returns the one value the
+user fixed, checked against the devices, the batch and the model with an
+error that names the argument and the values that would work, or every value
+the search (autopart/planner.py) should try.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopart.cost_models import Cluster
+from autopart.errors import InputError, PlanError
+from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES, microbatches_per_round
+
+MAX_VIRTUAL_STAGES = 4
+"""Most stages per rank the search tries: each one more adds a boundary per microbatch."""
+
+DEFAULT_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+"""What the planner searches when the user names no schedule; 1F1B first, as on a tie (one
+stage) it keeps fewer microbatches in flight than GPipe. Zero bubble only when asked for:
+PyTorch's split weight pass (stage_backward_weight) fails on some graphs, e.g. T5's
+("Trying to backward through the graph a second time"), which no plan-time check catches."""
+
+DATA_PARALLEL_MODES = ("ddp", "fsdp")
+"""'ddp': every replica holds the whole state, gradients are all-reduced (DDP). 'fsdp':
+optimizer state and master weights sharded over the replicas (FSDP2 `fully_shard`,
+parameters gathered once per step and kept until the last backward: ZeRO-2)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    """What the user fixed (None: the planner chooses)."""
+
+    batch_size: int
+    """Samples in the example batch: one step."""
+    pipeline_parallel: int | None = None
+    """Pipeline ranks (each runs `virtual_stages` stages); None lets the planner choose."""
+    num_microbatches: int | None = None
+    """Microbatches per pipeline (per data-parallel replica)."""
+    data_parallel: int | None = None
+    """Replicas of the pipeline; None lets the planner choose."""
+    schedule: str | None = None
+    virtual_stages: int | None = None
+    """Stages per pipeline rank (interleaved schedules); None lets the planner choose."""
+    data_parallel_mode: str | None = None
+    """'ddp' or 'fsdp' (`DATA_PARALLEL_MODES`); None lets the planner choose."""
+    optimizer: str = "adam"
+    mixed_precision: str | None = None
+    """'bf16' or None (passes/precision.py): the graph's costs are already priced for it."""
+    training: bool = True
+    """False plans inference: no backward, gradients or optimizer state."""
+    max_microbatches: int = 64
+    """Largest microbatch count tried when the planner chooses."""
+    verbose: bool = False
+    """Print a line per candidate while searching."""
+
+
+def microbatch_choices(request: PlanRequest, data_parallel: int = 1) -> list[int]:
+    """Microbatch counts that divide one replica's share of the batch."""
+    batch = request.batch_size // data_parallel
+    if request.num_microbatches is not None:
+        m = request.num_microbatches
+        if m < 1 or batch % m:
+            share = (f"the batch of {batch} samples" if data_parallel == 1
+                     else f"the {batch} samples of each of {data_parallel} replicas")
+            raise InputError(
+                f"num_microbatches={m} does not divide {share}; "
+                f"choose one of {[d for d in range(1, batch + 1) if batch % d == 0]}"
+            )
+        return [m]
+    return [d for d in range(1, min(batch, request.max_microbatches) + 1) if batch % d == 0]
+
+
+def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
+    """Replica counts that divide both the device count and the batch."""
+    n, batch = cluster.num_devices, request.batch_size
+    if request.pipeline_parallel is not None and not 1 <= request.pipeline_parallel <= n:
+        raise InputError(f"pipeline_parallel={request.pipeline_parallel} must be between 1 and the {n} devices "
+                         "of the cluster")
+    if request.data_parallel is not None:
+        dp = request.data_parallel
+        if dp < 1 or n % dp or batch % dp:
+            raise InputError(
+                f"data_parallel={dp} must divide both the {n} devices and the batch of {batch} samples; "
+                f"choose one of {[d for d in range(1, n + 1) if n % d == 0 and batch % d == 0]}"
+            )
+        return [dp]
+    fixed_ranks = request.pipeline_parallel or 1
+    choices = [d for d in range(1, n + 1) if n % d == 0 and batch % d == 0 and d * fixed_ranks <= n]
+    if request.num_microbatches is not None:
+        choices = [d for d in choices if (batch // d) % max(request.num_microbatches, 1) == 0]
+        if not choices:
+            microbatch_choices(request, 1)  # raises the error that names the batch and the divisors
+    return choices
+
+
+def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
+    """Samples in the smallest microbatch any candidate uses: the size to trace at."""
+    return min(request.batch_size // dp // microbatch_choices(request, dp)[-1]
+               for dp in data_parallel_choices(request, cluster))
+
+
+def schedule_choices(request: PlanRequest) -> list[str]:
+    """The schedules to try: the one fixed, else all (forward-only plans: GPipe and 1F1B)."""
+    v = request.virtual_stages
+    if v is not None and v > 1 and request.pipeline_parallel == 1:
+        raise InputError(
+            f"virtual_stages={v} needs at least 2 pipeline ranks, but pipeline_parallel=1: PyTorch's interleaved "
+            "schedules send between consecutive stages, which cannot share a rank; use pipeline_parallel >= 2 or "
+            "virtual_stages=1")
+    if request.schedule is not None:
+        if request.schedule not in SCHEDULES:
+            raise InputError(f"schedule={request.schedule!r} is not known; use one of {SCHEDULES} or None")
+        if not request.training and request.schedule in VIRTUAL_SCHEDULES:
+            raise InputError(f"schedule={request.schedule!r} is a training schedule; plan inference with "
+                             "'1f1b' or 'gpipe'")
+        if v is not None and v > 1 and request.schedule not in VIRTUAL_SCHEDULES:
+            raise InputError(f"schedule={request.schedule!r} runs one stage per rank but virtual_stages={v}; "
+                             f"use one of {VIRTUAL_SCHEDULES}")
+        return [request.schedule]
+    if v is not None and v > 1:
+        return [s for s in DEFAULT_SCHEDULES if s in VIRTUAL_SCHEDULES]
+    return list(DEFAULT_SCHEDULES) if request.training else ["1f1b", "gpipe"]
+
+
+def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, num_microbatches: int,
+                          num_blocks: int, skipped: list[str] | None = None) -> list[int]:
+    """Stages per rank for `schedule`: 1 for GPipe and 1F1B; for interleaved 1F1B 2 to
+    MAX_VIRTUAL_STAGES (v = 1 is 1F1B), for zero bubble 1 to MAX_VIRTUAL_STAGES; only with
+    at least 2 ranks, R·v ≤ blocks, and m in whole rounds (`schedules.microbatches_per_round`).
+    Why a (schedule, R, m) gets none is appended to `skipped`."""
+    fixed = request.virtual_stages
+    if fixed is not None and fixed < 1:
+        raise InputError(f"virtual_stages={fixed} must be ≥ 1 (stages per pipeline rank)")
+    if schedule not in VIRTUAL_SCHEDULES:
+        return [1] if fixed in (None, 1) else []
+    why = None
+    if num_ranks < 2:  # consecutive stages on one rank: PyTorch's schedules would send to themselves
+        why = f"{schedule} needs at least 2 pipeline ranks (pipeline_parallel), not {num_ranks}"
+    else:
+        try:
+            microbatches_per_round(num_ranks, num_microbatches)
+        except PlanError as error:
+            why = str(error)
+    lowest = 2 if schedule == "interleaved_1f1b" else 1
+    choices = [fixed] if fixed is not None else range(lowest, MAX_VIRTUAL_STAGES + 1)
+    fitting = [v for v in choices if v >= lowest and num_ranks * v <= num_blocks]
+    if why is None and not fitting:
+        need = num_ranks * (fixed or lowest)
+        why = (f"{schedule} with {num_ranks} ranks × {fixed or lowest} virtual stages needs {need} blocks, "
+               f"but the model has {num_blocks}; use fewer ranks or virtual stages")
+    if why is not None:
+        if skipped is not None:
+            skipped.append(why)
+        return []
+    return fitting
+
+
+def data_parallel_mode_choices(request: PlanRequest, dp: int) -> list[str]:
+    """'ddp' alone without replicas or training; both otherwise, unless the user fixed one."""
+    mode = request.data_parallel_mode
+    if mode is not None and mode not in DATA_PARALLEL_MODES:
+        raise InputError(f"data_parallel_mode={mode!r} is not known; use one of {DATA_PARALLEL_MODES} or None")
+    if dp == 1 or not request.training:
+        return ["ddp"]
+    return [mode] if mode is not None else list(DATA_PARALLEL_MODES)
+
+
+def pipeline_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:
+    """Pipeline ranks to try for `dp` replicas: the fixed count, else 1 to as many as devices and blocks allow."""
+    n = cluster.num_devices // dp
+    if request.pipeline_parallel is not None:
+        s = request.pipeline_parallel
+        if s < 1 or s > n:
+            raise InputError(f"pipeline_parallel={s} must be between 1 and the {n} devices of each of {dp} "
+                             f"replica(s) ({cluster.num_devices} devices)")
+        if s > num_blocks:
+            raise PlanError(
+                f"pipeline_parallel={s} but the model splits into only {num_blocks} blocks even one op per "
+                f"block; use pipeline_parallel <= {num_blocks}"
+            )
+        return [s]
+    return list(range(1, min(n, num_blocks) + 1))
