@@ -17,10 +17,12 @@ SOURCES = {"autopart": ROOT / "autopart", "autopart.cost_models": ROOT / "cost_m
            "autopart.passes": ROOT / "passes"}
 
 VOCABULARY = ("autopart.errors", "autopart.plan", "autopart.schedules", "autopart.problems", "autopart.interfaces",
-              "autopart.units", "autopart.batch")
-"""Plain dataclasses and pure functions every layer shares."""
+              "autopart.units", "autopart.batch", "autopart.tp_random")
+"""Plain dataclasses and pure functions every layer shares (tp_random: the random streams that
+codegen gives a rank module and the runtime seeds)."""
 DRIVER = ("autopart", "autopart.__main__", "autopart.api", "autopart.mesh_search", "autopart.planner", "autopart.plan_choices",
-          "autopart.compiled", "autopart.cli", "autopart.verify", "autopart.devices", "autopart.zoo")
+          "autopart.compiled", "autopart.cli", "autopart.verify", "autopart.devices", "autopart.zoo",
+          "autopart.calibrate")
 """The public API and the driver, module by module: they may import every layer."""
 
 LAYERS: dict[str, tuple[str, ...]] = {
