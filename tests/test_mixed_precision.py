@@ -180,3 +180,54 @@ def passes_autocast(gm):
     from autopart.passes.precision import autocast_values
 
     return autocast_values(gm, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- property test
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from random_models import build, programs  # noqa: E402
+
+GRAD_FLOOR = 1e-2
+"""A gradient whose true value is ~0 is rounding noise of terms as large as the model's other
+gradients: its error is measured against 1% of the largest gradient norm (as in
+tests/distributed/family_step.py)."""
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(min_layers=2, max_layers=5), pp=st.integers(1, 2), tp=st.sampled_from([1, 2]),
+       dp=st.sampled_from([1, 2]), microbatches=st.integers(1, 2), schedule=st.sampled_from(["1f1b", "gpipe"]))
+def test_random_mixed_precision_plans_equal_eager_autocast(program, pp, tp, dp, microbatches, schedule):
+    """pp, tp, pp × tp and dp plans of random models under mixed_precision="bf16" against eager
+    torch.autocast("cpu", bfloat16): loss within 1.6e-2, every gradient norm-wise (module docstring)."""
+    torch.manual_seed(0)
+    model = build(program)
+    x = torch.randn(4 * dp * microbatches, 4, 8)
+    num_ops = sum(1 for n in autopart.trace(model, (x,)).graph.nodes if n.op == "call_function")
+    if pp > num_ops:
+        return
+    cm = autopart.compile(model, pp * tp * dp, example_inputs=(x,), pipeline_parallel=pp, tensor_parallel=tp,
+                          data_parallel=dp, num_microbatches=microbatches, schedule=schedule,
+                          mixed_precision="bf16", optimizer="adamw")
+    model.eval()
+    target = torch.randn_like(model(x))
+
+    def loss_fn(output, y):
+        return torch.nn.functional.mse_loss(output.float(), y)
+
+    loss, grads = cm.simulate_train_step(x, target=target, loss_fn=loss_fn)
+    reference = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = loss_fn(reference(x), target)
+    ref_loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=BF16_RTOL, atol=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_dtype = reference(x).dtype
+    assert cm.simulate(x).dtype == eager_dtype  # float32 would also pass the bounds: autocast must have run
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert set(grads) == set(expected)
+    floor = GRAD_FLOOR * max(float(g.norm()) for g in expected.values())
+    for name, grad in grads.items():
+        error = float((grad - expected[name]).norm()) / max(float(expected[name].norm()), floor)
+        assert error <= BF16_RTOL, f"{name}: gradient off by {error:.2e} norm-wise"
