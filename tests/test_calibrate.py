@@ -83,7 +83,7 @@ def test_cli_plan_reads_a_calibrated_cluster(calibrated: Cluster, tmp_path, caps
         "def make():\n"
         "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))\n")
     assert cli_main(["plan", f"{tmp_path / 'models.py'}:make", "--devices", str(path), "--input-shape", "8,16",
-                     "--num-stages", "2", "--quiet"]) == 0
+                     "--pipeline-parallel", "2", "--quiet"]) == 0
     assert "CPU (calibrated)" in capsys.readouterr().out
 
 
