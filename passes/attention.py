@@ -28,6 +28,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from autopart.passes.attrs import fetch_attr
+
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 # Ops that read only an input's shape, dtype or device, never its values: an input reached only
@@ -161,7 +163,7 @@ def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node) -> torch.Te
         if node.op == "placeholder" and any(u in seen and u.target not in _METADATA_ONLY for u in node.users):
             return None
         if node.op == "get_attr":
-            attr = _attr(gm, node.target)
+            attr = fetch_attr(gm, node.target)
             if id(attr) in params or (isinstance(attr, torch.Tensor) and attr.is_meta):
                 return None
         if node.op not in ("placeholder", "get_attr", "call_function"):
@@ -175,7 +177,7 @@ def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node) -> torch.Te
                 val = node.meta.get("val")
                 env[node] = (torch.empty(val.shape, dtype=val.dtype) if isinstance(val, torch.Tensor) else val)
             elif node.op == "get_attr":
-                env[node] = _attr(gm, node.target)
+                env[node] = fetch_attr(gm, node.target)
             else:
                 args, kwargs = pytree.tree_map(
                     lambda a: env[a] if isinstance(a, torch.fx.Node)
@@ -187,9 +189,3 @@ def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node) -> torch.Te
     value = env[target]
     return value if isinstance(value, torch.Tensor) else None
 
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
