@@ -17,7 +17,8 @@ from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
-from autopart.plan import Plan, autocast_dtype
+from autopart.plan import Plan, autocast_dtype, data_parallel_mode_name, reshards_parameters
+from autopart.recompute import check_mode
 from autopart.mesh_search import plan_mesh, tensor_parallel_choices
 from autopart.planner import PlanRequest, smallest_microbatch
 from autopart.tracing import io_spec, trace
@@ -37,6 +38,7 @@ def compile(  # noqa: A001 - the public name the project promises
     schedule: str | None = None,
     virtual_stages: int | None = None,
     data_parallel_mode: str | None = None,
+    recompute: str | None = None,
     optimizer: str = "adam",
     mixed_precision: str | None = None,
     training: bool = True,
@@ -49,8 +51,10 @@ def compile(  # noqa: A001 - the public name the project promises
     microbatches. `num_stages` (pipeline ranks), `num_microbatches` (per replica),
     `data_parallel`, `tensor_parallel` (devices per tp group), `schedule` ('gpipe',
     '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages` (stages per
-    pipeline rank, for the last two) and `data_parallel_mode` ('ddp' or 'fsdp') fix
-    those choices; None lets the planner choose. `tp_plan` fixes layers' splits,
+    pipeline rank, for the last two), `data_parallel_mode` ('ddp', 'zero2', 'zero3' or
+    'hsdp'; see plan.DATA_PARALLEL_MODES) and `recompute` ('none', 'selective' or 'full' for
+    every block; autopart/recompute.py) fix those choices; None lets the planner choose
+    (recomputation then per block, only where memory demands it). `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
@@ -62,12 +66,14 @@ def compile(  # noqa: A001 - the public name the project promises
     _check_model(model)
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
+    data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
     request = PlanRequest(batch_size=batch_size, traced_batch_size=batch_size, num_stages=num_stages,
                           num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
-                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode, optimizer=optimizer,
+                          virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
+                          recompute=recompute, optimizer=optimizer,
                           mixed_precision=mixed_precision, training=training, verbose=verbose)
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
@@ -87,12 +93,13 @@ def compile(  # noqa: A001 - the public name the project promises
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
     if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
         log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
-        gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training,
-                                        compute_dtype)
+        gm, plan, assignment, blocks = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan,
+                                                training, compute_dtype)
         log("codegen", "cutting stages")
     split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
     stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
     ranks = [_shard(stage, assignment) for stage in stages]                 # its tp ranks, collectives in
+    ranks = [[_regions(r, plan, s, blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
 
@@ -104,6 +111,14 @@ def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.d
     if compute_dtype is not None:
         gm = passes.autocast_values(gm, compute_dtype)
     return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+
+
+def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:
+    """Blocks the plan recomputes, or (ZeRO-3, HSDP) every block, as region submodules."""
+    stage = plan.stages[s]
+    nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    return passes.nest_regions(module, [(name, nodes_of[name], stage.recompute_of(name)) for name in stage.blocks],
+                               units=reshards_parameters(plan.data_parallel_mode) and plan.mesh.dp > 1)
 
 
 def _tp_fixed(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None) -> dict[str, str] | None:
@@ -156,6 +171,13 @@ def _check_optimizer(optimizer: str) -> None:
         raise InputError(f"optimizer={optimizer!r}: {error}") from error
 
 
+def _check_modes(data_parallel_mode: str | None, recompute: str | None) -> tuple[str | None, str | None]:
+    try:
+        return data_parallel_mode_name(data_parallel_mode), check_mode(recompute)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
 def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:
     try:
         return autocast_dtype(mixed_precision)
@@ -202,7 +224,7 @@ def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, block
             training=training, fixed=_tp_fixed(gm, tp_plan))
     plan = dataclasses.replace(plan, stages=stages,
                                tensor_parallel=assignment.to_dict() if assignment is not None else None)
-    return gm, plan, assignment
+    return gm, plan, assignment, micro_blocks
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

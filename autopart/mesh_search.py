@@ -21,6 +21,7 @@ from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.passes.tp_placements import TPAssignment
 from autopart.plan import Plan
+from autopart.plan_errors import infeasible_error
 from autopart.planner import PlanRequest, plan_pipeline
 
 
@@ -51,7 +52,7 @@ def plan_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, re
               tp_fixed: Mapping[str, str] | None = None) -> tuple[Plan, TPAssignment | None]:
     """The best plan over the tp sizes given, and its tensor-parallel assignment."""
     results: list[tuple[Plan, TPAssignment | None]] = []
-    errors: list[PlanError] = []
+    errors: list[tuple[int, PlanError]] = []
     budget = min(d.memory_bytes for d in cluster.devices)
     for tp in tp_choices:
         try:
@@ -59,17 +60,27 @@ def plan_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, re
                 gm, blocks, cluster, tp, memory_budget_bytes=budget, training=request.training, fixed=tp_fixed)
             plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class)
         except PlanError as error:
-            errors.append(error)
+            errors.append((tp, error))
             continue
         results.append((_in_real_devices(plan, cluster, tp, assignment), assignment))
     if not results:
-        raise errors[0]
+        raise _closest(errors, gm, blocks, cluster, request, tuple(tp_choices))
     best, assignment = min(results, key=lambda r: r[0].predicted_step_seconds)
     candidates = tuple(c if plan is best or c.status != "chosen" else dataclasses.replace(c, status="feasible")
                        for plan, _ in results for c in plan.candidates)
     solver = dataclasses.replace(best.solver, plan_seconds=sum(p.solver.plan_seconds for p, _ in results),
                                  num_problems=sum(p.solver.num_problems for p, _ in results))
     return dataclasses.replace(best, candidates=candidates, solver=solver), assignment
+
+
+def _closest(errors: list[tuple[int, PlanError]], gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster,
+             request: PlanRequest, tp_choices: tuple[int, ...]) -> PlanError:
+    """One error for every mesh shape tried: the closest attempt of all of them and the levers."""
+    failures = [dataclasses.replace(f, tried=dict(f.tried, tensor_parallel=tp))
+                for tp, error in errors for f in getattr(error, "failures", [])]
+    if not failures:  # not a memory failure (a choice that cannot be met): the first says why
+        return errors[0][1]
+    return infeasible_error(blocks, cluster, request, failures, tensor_parallel=tp_choices)
 
 
 def _in_real_devices(plan: Plan, cluster: Cluster, tp: int, assignment: TPAssignment | None) -> Plan:

@@ -6,12 +6,13 @@ from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_c
 from autopart.passes.attention import use_causal_attention
 from autopart.passes.device import device_literals, move_to_device
 from autopart.passes.precision import autocast_values
+from autopart.passes.regions import nest_regions
 from autopart.passes.shard import shard_graph
 from autopart.passes.split import split_stages
 from autopart.passes.tp_blocks import tensor_parallel_blocks
 
 __all__ = [
     "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "autocast_values", "coarsen",
-    "device_literals", "move_to_device", "node_cost", "shard_graph", "split_stages", "stage_modules",
+    "device_literals", "move_to_device", "nest_regions", "node_cost", "shard_graph", "split_stages", "stage_modules",
     "tensor_parallel_blocks", "use_causal_attention",
 ]
