@@ -29,6 +29,12 @@ from autopart.step_costs import Setting, fsdp_unit_transient_bytes, recompute_tr
 FASTEST_FIRST = ("none", "selective", "full")
 """Modes by backward time, the cheapest first (and by memory, the largest first)."""
 
+RELAX_UP_TO = 0.9
+"""Fraction of a stage's memory the relaxation fills at most. It trades a few percent of backward
+time for memory, so it stops short of the device's edge: PyTorch's caching allocator loses 5-10%
+to fragmentation at a large, changing peak (the recomputed block's activations come and go in
+every block's backward), which the byte count of live tensors does not see."""
+
 
 def recompute_choices(request) -> list[str]:
     """Uniform policies to try per candidate: the one fixed; else 'none', then 'full' (refined per block)."""
@@ -76,7 +82,7 @@ def _relax_stage(graph: BlockGraph, request, setting: Setting, variants: dict[st
     """Greedy per-block relaxation of stage `s` (in place on `modes`)."""
     if not members:
         return
-    capacity = float(problem.memory_capacity[s] + problem.reserved_bytes)
+    capacity = RELAX_UP_TO * float(problem.memory_capacity[s] + problem.reserved_bytes)
     k = problem.in_flight(s)
     boundary = k * sum(v.num_bytes for v in problem.values
                        if solution.stage_of_block[v.producer] <= s - 1 < max(solution.stage_of_block[c]

@@ -109,6 +109,7 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
                          pipelined: bool = False) -> float:
     """Gradients of a block (bytes): allocated by its first backward, kept to the step's end.
 
+    'ddp' on one stage: the gradients and DistributedDataParallel's bucket copy of them.
     'zero2': the unreduced full gradients and the reduced 1/dp_shard shard. 'zero3'/'hsdp': the
     shard; with several microbatches the unreduced gradients accumulate until the last one
     reduces them (FSDP2's gradient accumulation, float32 as the reduce dtype); in a pipeline
@@ -119,6 +120,10 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
         return 0.0
     grads = float(gradient_bytes(block.trainable_param_bytes))
     shards = setting.shards
+    if shards == 1 and setting.mode == "ddp" and setting.dp > 1 and not pipelined:
+        # DistributedDataParallel copies every gradient into its flat all-reduce buckets
+        # (gradient_as_bucket_view=False, its default): the gradients are held twice.
+        return 2 * grads
     if shards == 1:
         return grads
     if not reshards_parameters(setting.mode):
