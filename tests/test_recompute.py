@@ -185,9 +185,8 @@ def test_a_block_that_writes_a_buffer_is_never_recomputed():
 
 
 def _gpt_meta(layers: int = 8, d_model: int = 1024):
-    with torch.device("meta"):
-        return zoo.gpt(layers=layers, d_model=d_model, heads=16, vocab=32000, seq=1024, batch=1,
-                       attn_bias=False).model
+    return zoo.gpt(layers=layers, d_model=d_model, heads=16, vocab=32000, seq=1024, batch=1, device="meta",
+                   attn_bias=False).model
 
 
 def test_recomputation_keeps_less_and_replays_more():
