@@ -16,7 +16,7 @@ from typing import Mapping
 import torch.fx
 
 from autopart import passes
-from autopart.cost_models import Cluster
+from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.passes.tp_placements import TPAssignment
@@ -53,16 +53,20 @@ def plan_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, re
     """The best plan over the tp sizes given, and its tensor-parallel assignment."""
     results: list[tuple[Plan, TPAssignment | None]] = []
     errors: list[tuple[int, PlanError]] = []
-    budget = min(d.memory_bytes for d in cluster.devices)
     for tp in tp_choices:
-        try:
-            tp_blocks, assignment = (blocks, None) if tp == 1 else passes.tensor_parallel_blocks(
-                gm, blocks, cluster, tp, memory_budget_bytes=budget, training=request.training, fixed=tp_fixed)
-            plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class)
-        except PlanError as error:
-            errors.append((tp, error))
-            continue
-        results.append((_in_real_devices(plan, cluster, tp, assignment), assignment))
+        failed: list[tuple[int, PlanError]] = []
+        for budget in [None] if tp == 1 else tp_memory_budgets(blocks, cluster, request, tp):
+            try:
+                tp_blocks, assignment = (blocks, None) if tp == 1 else passes.tensor_parallel_blocks(
+                    gm, blocks, cluster, tp, memory_budget_bytes=budget, training=request.training, fixed=tp_fixed)
+                plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class)
+            except PlanError as error:
+                failed.append((tp, error))
+                continue
+            results.append((_in_real_devices(plan, cluster, tp, assignment), assignment))
+            break
+        else:
+            errors.extend(failed[-1:])
     if not results:
         raise _closest(errors, gm, blocks, cluster, request, tuple(tp_choices))
     best, assignment = min(results, key=lambda r: r[0].predicted_step_seconds)
@@ -71,6 +75,30 @@ def plan_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, re
     solver = dataclasses.replace(best.solver, plan_seconds=sum(p.solver.plan_seconds for p, _ in results),
                                  num_problems=sum(p.solver.num_problems for p, _ in results))
     return dataclasses.replace(best, candidates=candidates, solver=solver), assignment
+
+
+def tp_memory_budgets(blocks: BlockGraph, cluster: Cluster, request: PlanRequest, tp: int) -> list[float]:
+    """Parameter bytes per device the strategy ILP may keep, loosest first.
+
+    The ILP chooses splits for the whole model on one tp group and budgets parameter bytes only;
+    a device must also hold their gradients and optimizer state (`optimizer_state_bytes`: Adam 2×)
+    and activations. So the budget is the group's share of the cluster's memory less one
+    microbatch's activations (split over the group), divided by the bytes of training state per
+    parameter byte (1 + 1 + optimizer's; frozen parameters are charged alike, conservatively).
+    A pipeline spreads the model over the N / tp groups, so the loosest budget counts all of
+    them; when the pipeline planner then finds no plan, a tighter budget (half, down to one
+    group's memory) makes the ILP split more, as memory demands.
+    """
+    capacity = float(min(d.memory_bytes for d in cluster.devices))
+    groups = max(cluster.num_devices // tp, 1)
+    factor = 2 + optimizer_state_bytes(1, request.optimizer) if request.training else 1
+    activations = sum(b.saved_bytes for b in blocks.blocks) / tp if request.training else 0.0
+    budgets, share = [], float(groups)
+    while True:
+        budgets.append(max(capacity * share - activations, 0.0) / factor)
+        if share <= 1:
+            return budgets
+        share = max(share / 2, 1.0)
 
 
 def _closest(errors: list[tuple[int, PlanError]], gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster,

@@ -206,3 +206,18 @@ def test_plan_json_round_trip_of_a_compiled_plan():
 def test_unknown_optimizer_is_refused_at_the_boundary():
     with pytest.raises(autopart.InputError, match="optimizer='lion'.*adam"):
         autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), optimizer="lion")
+
+
+@pytest.mark.parametrize("optimizer,tp,most_mib", [("adam", None, 40), ("adam", 4, 40), ("sgd", 4, 20)])
+def test_tensor_parallel_splits_when_the_training_state_does_not_fit(optimizer, tp, most_mib):
+    """Linear(512, 8192) → GELU → Linear(8192, 512): 33.6 MB of float32 weights, 134 MB with Adam's
+    gradients and moments, on 4 devices of 50 MB. The strategy ILP budgets the whole training state
+    (and a microbatch's activations), so it splits the layers: about 34 MB a device with Adam, half
+    that with SGD. Budgeting the parameters alone kept them whole (129 MiB a stage): no plan."""
+    small = DeviceSpec(name="small", memory_bytes=50 * 10**6, memory_bandwidth=1e12,
+                       peak_flops_by_dtype=(("float32", 1e14),))
+    model = nn.Sequential(nn.Linear(512, 8192), nn.GELU(), nn.Linear(8192, 512))
+    plan = autopart.compile(model, Cluster.from_devices([small] * 4), example_inputs=(torch.randn(8, 512),),
+                            optimizer=optimizer, tensor_parallel=tp).plan
+    assert plan.mesh.tp >= 2 and plan.mesh.num_devices == 4
+    assert all(s.memory.total <= min(s.memory.capacity, most_mib * 2**20) for s in plan.stages)
