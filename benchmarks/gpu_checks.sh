@@ -3,7 +3,7 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|all]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|all]
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -42,4 +42,9 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     cluster=""; [ -f "$OUT/cluster_h200.json" ] && cluster="--cluster $OUT/cluster_h200.json"
     python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/single_gpu_step.py $cluster \
         --out "$OUT/single_gpu_step.json" 2>&1 | tee "$OUT/single_gpu_step.log" | grep -v '^{'
+fi
+
+if [ "$what" = recompute ] || [ "$what" = all ]; then
+    python3 benchmarks/recompute_gpu.py --out "$OUT/recompute_gpu.json" 2>&1 | tee "$OUT/recompute_gpu.log" \
+        | grep -v -E '^(eager|autopart)_'
 fi

@@ -263,3 +263,21 @@ def test_plans_of_schema_1_still_load():
     again = autopart.Plan.from_json(json.dumps(old))
     assert again.data_parallel_mode == "zero2" and again.mesh.dp_shard == 2 and again.version == 2
     assert all(s.recompute == () for s in again.stages)
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/recompute_gpu.py --tiny: the planner recomputes at the large batch (on a CPU whose
+    memory lies between the two), not at the small one, and every run trains."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "recompute_gpu.py"
+    out = tmp_path / "recompute.json"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checks = json.loads(out.read_text())["checks"]
+    assert checks["large_batch_plan_recomputes"] and checks["small_batch_plan_does_not_recompute"]
+    assert checks["large_batch_trains"]
