@@ -38,14 +38,14 @@ def _recomputed(compiled) -> set[str]:
     return {m for stage in compiled.plan.stages for m in stage.recompute}
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(min_layers=2, max_layers=6), recompute=st.sampled_from(RECOMPUTE_MODES),
        schedule=st.sampled_from(SCHEDULES), num_stages=st.integers(1, 3), tp=st.sampled_from([1, 2]),
        dp=st.sampled_from([1, 2]), num_microbatches=st.sampled_from([1, 2, 4]), data=st.data())
 def test_recomputing_plans_match_single_device(program, recompute, schedule, num_stages, tp, dp, num_microbatches,
                                                data):
-    """recompute × schedule × pp × tp × dp on random models (chains, skips, branches, tied weights,
-    buffers, norms, attention)."""
+    """recompute × schedule × pp × tp × dp (and its mode: ZeRO-3 nests every block as a region) on
+    random models (chains, skips, branches, tied weights, buffers, norms, attention)."""
     model = build(program)
     x = torch.randn(dp * num_microbatches * 2, 4, 8)
     virtual = 1
@@ -54,10 +54,12 @@ def test_recomputing_plans_match_single_device(program, recompute, schedule, num
         if num_stages < 2 or num_microbatches % num_stages:
             schedule, virtual = "1f1b", 1
     plan = MEGATRON if tp > 1 and any(kind == "attention" for kind, _ in program) else None
+    mode = data.draw(st.sampled_from(["ddp", "zero2", "zero3"]), label="dp mode") if dp > 1 else None
     try:
         compiled = autopart.compile(model, num_stages * tp * dp, example_inputs=(x,), num_stages=num_stages,
                                     num_microbatches=num_microbatches, schedule=schedule, virtual_stages=virtual,
-                                    tensor_parallel=tp, data_parallel=dp, tp_plan=plan, recompute=recompute)
+                                    tensor_parallel=tp, data_parallel=dp, tp_plan=plan, recompute=recompute,
+                                    data_parallel_mode=mode)
     except autopart.PlanError as error:  # fewer blocks than stages: the planner says so
         assert "blocks" in str(error)
         return
