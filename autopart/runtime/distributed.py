@@ -6,9 +6,12 @@ or v with virtual stages: stage s on pipeline rank s % pp). Stages run under
 `torch.distributed.pipelining`: a PipelineStage each, driven by the schedule
 the plan names (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or
 ScheduleInterleavedZeroBubble). Data-parallel replicas of the pipeline wrap
-each stage in PyTorch's DDP or FSDP2 on the dp group, as the plan says, so
-gradient communication overlaps backward (PipelineStage skips the sync on all
-microbatches but the last). A parameter copied into several stages (tied
+each stage in PyTorch's DDP or FSDP2 on the dp group, as the plan says
+(runtime/data_parallel.py: ZeRO-3 and HSDP shard every block as its own FSDP
+unit), so gradient communication overlaps backward (PipelineStage skips the
+sync on all microbatches but the last). With one stage the runner drives DDP
+or FSDP2 itself, microbatch by microbatch. Blocks the plan recomputes run
+through torch.utils.checkpoint inside the stage modules (passes/regions.py). A parameter copied into several stages (tied
 embeddings) has its gradient summed over those stages after backward.
 
 Every collective has a timeout (`timeout_s`); a peer that dies or hangs makes
@@ -31,7 +34,6 @@ from torch import nn
 from autopart.batch import batch_size_of, split_rows, take_rows
 from autopart.errors import AutopartError, InputError
 from autopart.interfaces import StageInterface, tp_rank_info
-from autopart.plan import autocast_dtype
 from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates, rank_of
 from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
