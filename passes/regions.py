@@ -143,10 +143,10 @@ def _owner_path(gm: torch.fx.GraphModule, members: set[torch.fx.Node],
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             readers.setdefault(node.target, set()).update(node.users)
-    private = [a.target for a in tensor_attrs if readers.get(a.target, set()) <= members and "." in a.target]
+    private = {a.target for a in tensor_attrs if readers.get(a.target, set()) <= members and "." in a.target}
     if not private:
         return None
-    parts = [t.split(".")[:-1] for t in private]
+    parts = [t.split(".")[:-1] for t in sorted(private)]
     prefix: list[str] = []
     for level in zip(*parts):
         if len(set(level)) > 1:
@@ -159,12 +159,12 @@ def _owner_path(gm: torch.fx.GraphModule, members: set[torch.fx.Node],
         container = gm.get_submodule(path)
     except AttributeError:
         return None
-    if isinstance(container, torch.fx.GraphModule):
-        return None
+    if any(isinstance(m, torch.fx.GraphModule) for m in container.modules()):
+        return None  # a region (or a submodule graph) already lives under P
     below = [f"{path}.{name}" for name, _ in [*container.named_parameters(remove_duplicate=False),
                                                 *container.named_buffers(remove_duplicate=False)]]
-    if any(not readers.get(t, set()) <= members for t in below):
-        return None  # another region (or the stage) reads something under P
+    if any(t not in private for t in below):
+        return None  # something under P is read elsewhere, or not by this run
     if any(not (readers.get(t, set()) <= members) for t in readers if t.startswith(path + ".")):
         return None
     return path
