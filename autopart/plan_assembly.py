@@ -36,16 +36,6 @@ def stage_reserved_bytes(blocks: Sequence[Block], modes: Sequence[str], request,
     return rebuilt, fsdp_unit_transient_bytes(blocks, request, setting)
 
 
-def stage_peak_bytes(problem: PipelineProblem, s: int, members: Sequence[int], blocks: Sequence[Block],
-                     modes: Sequence[str], request, setting: Setting, boundary_bytes: float) -> float:
-    """Stage `s`'s peak: the larger of its two sums (`PipelineProblem.stage_memory_terms`), its
-    boundary buffers, and what it holds once (`stage_reserved_bytes`)."""
-    scale = scale_of(request, problem.num_microbatches, setting.dp)
-    return (problem.stage_peak_bytes(s, np.asarray(members, dtype=np.int64))
-            + boundary_bytes * problem.in_flight(s)
-            + sum(stage_reserved_bytes(blocks, modes, request, setting, scale)))
-
-
 def stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks: list[Block], modes: list[str],
                  request, setting: Setting, boundary_bytes: float, capacity: float) -> StageMemory:
     """What stage `s` holds at its peak, by kind (`PipelineProblem.stage_memory_terms`): at the peak

@@ -4,9 +4,11 @@ A candidate that does not fit with every block keeping its activations is
 solved with every block recomputed in full (the least memory). Each stage then
 gives blocks back as much as its memory allows: greedily, the change of one
 block's mode ('full' → 'selective' → 'none') that saves the most backward time
-per byte it adds, while the stage's peak (`plan_assembly.stage_peak_bytes`)
-stays within its device's memory. A last solve with the chosen modes may move
-the cuts (it keeps the greedy result if it finds nothing better). Galvatron,
+per byte it adds, while the stage's peak (the larger of its two sums,
+`PipelineProblem.stage_memory_terms`, plus its boundary buffers, ZeRO-3 units
+and the largest rebuilt block) stays within `RELAX_UP_TO` of its device's
+memory. A last solve with the chosen modes may move the cuts (it keeps the
+greedy result if it finds nothing better). Galvatron,
 Aceso and Mist choose recomputation per layer the same way, as part of the
 plan (REFERENCES.md "Memory-saving choices in the field").
 """

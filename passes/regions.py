@@ -26,7 +26,7 @@ only calls) is one region.
 from __future__ import annotations
 
 import operator
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -219,9 +219,3 @@ def _install(gm: torch.fx.GraphModule, path: str, region: torch.fx.GraphModule) 
         parent._modules[leaf] = region
     else:
         parent.add_module(leaf, region)
-
-
-def region_calls(gm: torch.fx.GraphModule) -> Mapping[str, str]:
-    """Path -> block name of every region call in `gm`'s graph (for tests and reports)."""
-    return {n.target: n.meta["autopart_region"] for n in gm.graph.nodes
-            if n.op == "call_module" and "autopart_region" in n.meta}
