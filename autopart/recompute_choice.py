@@ -71,11 +71,15 @@ def choose_recompute_per_block(graph: BlockGraph, request, build: Callable[[Sett
     final = build(chosen)
     priced = price_assignment(final, stage_of, status=solution.status, backend=solution.backend,
                               solve_seconds=solution.solve_seconds)
+    if problem.num_stages == 1:
+        return chosen, final, priced
     try:
         again = solve_pipeline(final, backend=solution.backend if solution.backend != "dp" else "auto")
     except PlanError:
         return chosen, final, priced
-    return (chosen, final, again) if again.step_seconds < priced.step_seconds else (chosen, final, priced)
+    roomy = all(used + final.reserved_bytes <= RELAX_UP_TO * (cap + final.reserved_bytes)
+                for used, cap in zip(again.stage_memory_bytes, final.memory_capacity))
+    return (chosen, final, again) if roomy and again.step_seconds < priced.step_seconds else (chosen, final, priced)
 
 
 def _relax_stage(graph: BlockGraph, request, setting: Setting, variants: dict[str, PipelineProblem],
