@@ -103,7 +103,11 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     recompute = request.recompute if request.recompute is not None else ("full" if request.training else "none")
     setting = Setting(recompute=tuple(recompute if b.recomputable else "none" for b in graph.blocks))
     fits = min_devices_that_fit(graph, cluster, request, setting)
-    how = " as a pipeline" + (" recomputing every block" if recompute != "none" else "")
+    from autopart.planner import microbatch_choices  # the planner imports this module
+
+    m = microbatch_choices(request)[-1]
+    how = (f" (a 1F1B pipeline of {m} microbatch{'es' if m > 1 else ''}"
+           + (", recomputing every block)" if recompute != "none" else ")"))
     needs = [f"devices: the smallest count of {device.name} devices that fits is {fits}{how}"
              if fits else f"devices: even {8 * n} {device.name} devices do not hold it{how}"]
     if failures:
