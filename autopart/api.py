@@ -17,9 +17,11 @@ from autopart.batch import batch_size_of, take_rows
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError
 from autopart.mesh_search import search_mesh, tensor_parallel_choices
+from autopart.passes.blocks import BlockGraph
 from autopart.passes.random_ops import route_sharded_random
-from autopart.plan import autocast_dtype
+from autopart.plan import Plan, autocast_dtype, data_parallel_mode_name, reshards_parameters
 from autopart.plan_choices import PlanRequest, smallest_microbatch
+from autopart.recompute import check_mode
 from autopart.tracing import trace
 
 
@@ -37,6 +39,7 @@ def compile(  # noqa: A001 - the public name the project promises
     schedule: str | None = None,
     virtual_stages: int | None = None,
     data_parallel_mode: str | None = None,
+    recompute: str | None = None,
     optimizer: str = "adam",
     mixed_precision: str | None = None,
     training: bool = True,
@@ -50,8 +53,10 @@ def compile(  # noqa: A001 - the public name the project promises
     replica), `data_parallel`, `tensor_parallel` (devices per tp group), `schedule`
     ('gpipe', '1f1b', 'interleaved_1f1b' or 'zero_bubble'), `virtual_stages`
     (stages per pipeline rank, for the last two: the plan has pipeline_parallel ×
-    virtual_stages stages) and `data_parallel_mode` ('ddp' or 'fsdp') fix those
-    choices; None lets the planner choose. `tp_plan` fixes layers' splits,
+    virtual_stages stages), `data_parallel_mode` ('ddp', 'zero2', 'zero3' or 'hsdp';
+    see plan.DATA_PARALLEL_MODES) and `recompute` ('none', 'selective' or 'full' for
+    every block; autopart/recompute.py) fix those choices; None lets the planner choose
+    (recomputation then per block, only where memory demands it). `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
@@ -63,14 +68,15 @@ def compile(  # noqa: A001 - the public name the project promises
     _check_model(model)
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
+    data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
     request = PlanRequest(batch_size=batch_size, pipeline_parallel=pipeline_parallel,
                           num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
-                          optimizer=optimizer, mixed_precision=mixed_precision, training=training,
-                          verbose=verbose)
+                          recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
+                          training=training, verbose=verbose)
     rows = functools.partial(_first_rows, flat_batch, in_spec, batch_size)
 
     def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size
@@ -97,6 +103,7 @@ def compile(  # noqa: A001 - the public name the project promises
     stages = passes.stage_modules(split, _canonical_names(model))                    # one GraphModule per stage
     ranks = passes.tensor_parallel.shard_stages(stages, found.assignment)            # its tp ranks, collectives in
     ranks = [route_sharded_random(r) if len(r) > 1 else r for r in ranks]           # dropout on shards: own RNG
+    ranks = [[_regions(r, plan, s, found.blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
 
@@ -108,6 +115,14 @@ def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.d
     if compute_dtype is not None:
         gm = passes.autocast_values(gm, compute_dtype)
     return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+
+
+def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:
+    """Blocks the plan recomputes, or (ZeRO-3, HSDP) every block, as region submodules."""
+    stage = plan.stages[s]
+    nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    return passes.nest_regions(module, [(name, nodes_of[name], stage.recompute_of(name)) for name in stage.blocks],
+                               units=reshards_parameters(plan.data_parallel_mode) and plan.mesh.dp > 1)
 
 
 class _Phases:
@@ -143,6 +158,13 @@ def _check_optimizer(optimizer: str) -> None:
         optimizer_state_bytes(0, optimizer)
     except ValueError as error:
         raise InputError(f"optimizer={optimizer!r}: {error}") from error
+
+
+def _check_modes(data_parallel_mode: str | None, recompute: str | None) -> tuple[str | None, str | None]:
+    try:
+        return data_parallel_mode_name(data_parallel_mode), check_mode(recompute)
+    except ValueError as error:
+        raise InputError(str(error)) from error
 
 
 def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:

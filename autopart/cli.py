@@ -98,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     choices.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
     choices.add_argument("--virtual-stages", type=_positive_int, metavar="V",
                          help="stages per pipeline rank (interleaved_1f1b, zero_bubble)")
-    choices.add_argument("--data-parallel-mode", choices=("ddp", "fsdp"),
-                         help="how replicas synchronise: ddp (all-reduce) or fsdp (sharded state)")
+    choices.add_argument("--data-parallel-mode", choices=("ddp", "zero2", "zero3", "hsdp", "fsdp"),
+                         help="how replicas hold and synchronise the state: ddp (all-reduce), zero2 (optimizer "
+                              "state sharded), zero3 (everything sharded, FSDP2 reshard after forward), hsdp "
+                              "(zero3 within a host, replicated across hosts); fsdp is zero2")
+    choices.add_argument("--recompute", choices=("none", "selective", "full"),
+                         help="activation recomputation of every block (default: the planner chooses per block, "
+                              "only where memory demands it)")
     choices.add_argument("--data-parallel", type=_positive_int, metavar="D",
                          help="replicas of the pipeline (must divide the devices and the batch)")
     choices.add_argument("--tensor-parallel", type=_positive_int, metavar="T",
@@ -160,7 +165,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         workload.model, devices, example_inputs=workload.args, example_kwargs=workload.kwargs or None,
         pipeline_parallel=args.pipeline_parallel, num_microbatches=args.num_microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, data_parallel_mode=args.data_parallel_mode,
-        data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
+        recompute=args.recompute, data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
         optimizer=args.optimizer, training=not args.inference, verbose=not args.quiet)
     sys.stdout.write(compiled.report())
     sys.stdout.flush()

@@ -14,7 +14,10 @@ the passes that write them:
 - `TPRankInfo` and `ParamSlice` (passes/tensor_parallel/shard.py): which slice
   of each parameter a tensor-parallel rank module holds, with the layout that
   cuts and joins slices (`take_shard`, `merge_shards`), and which of its nodes
-  are collectives.
+  are collectives;
+- `RegionInfo` (passes/regions.py): a block of a stage nested as a submodule,
+  how it recomputes its activations, and whether it owns its parameters (an
+  FSDP unit of its own).
 
 Each travels in its module's ``meta`` under one of the keys below.
 """
@@ -36,6 +39,8 @@ STAGE_INTERFACE_META_KEY = "autopart_stage_interface"
 """GraphModule meta: a stage module's `StageInterface`."""
 TP_RANK_META_KEY = "autopart_tp_rank"
 """GraphModule meta: a tensor-parallel rank module's `TPRankInfo`."""
+REGION_META_KEY = "autopart_region"
+"""GraphModule meta: a region submodule's `RegionInfo`."""
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -190,3 +195,29 @@ class TPRankInfo:
 def tp_rank_info(gm: torch.nn.Module) -> TPRankInfo | None:
     """The `TPRankInfo` of a tensor-parallel rank module, or None for a module that is not one."""
     return getattr(gm, "meta", {}).get(TP_RANK_META_KEY)
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionInfo:
+    """A block of a stage module run as one submodule (passes/regions.py)."""
+
+    block: str
+    """Name of the planner's block (Plan.stages[i].blocks) the region computes."""
+    recompute: str
+    """'none', 'selective' or 'full' (autopart/recompute.py)."""
+    owns_parameters: bool
+    """Whether the region holds the block's parameters under their own paths (it then is an FSDP
+    unit of its own under ZeRO-3); False: they stay with the stage and come in as arguments."""
+
+
+def region_info(module: torch.nn.Module) -> RegionInfo | None:
+    """The `RegionInfo` of a region submodule, or None for any other module."""
+    return getattr(module, "meta", {}).get(REGION_META_KEY) if isinstance(module, torch.fx.GraphModule) else None
+
+
+def regions(module: torch.nn.Module) -> list[tuple[str, torch.fx.GraphModule]]:
+    """(path, module) of every region submodule of a stage module, in registration order."""
+    return [(path, sub) for path, sub in module.named_modules() if region_info(sub) is not None]

@@ -5,15 +5,17 @@ host), the strategy problem of passes/tensor_parallel is built with the stage
 boundaries kept Replicate, the solver answers it (identical layers share
 variables), and the blocks are restated per device of the tp group
 (`tensor_parallel_blocks`); the pipeline planner then cuts them over the
-N / tp groups and chooses dp, pp, microbatches and schedule
-(autopart/planner.py). The plan with the lowest predicted step time wins; the
+N / tp groups and chooses dp, pp, microbatches, schedule, sharding and
+recomputation (autopart/planner.py). The strategy ILP budgets parameter bytes
+only, so its budget is the whole training state's share of memory
+(`tp_memory_budgets`), tightened until the pipeline planner finds a plan. The plan with the lowest predicted step time wins; the
 report lists every shape tried.
 
 Shapes are static: the graph is costed at one microbatch size. When the
 winner uses another, `search_mesh` has the model traced again at that size
 (its `retrace` argument), restates the plan's stages on the new graph block
 by block, and chooses the tensor-parallel splits again on it through the same
-`tensor_parallel_blocks`.
+`tensor_parallel_blocks` with the same budget.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Mapping
 import torch.fx
 
 from autopart import passes
-from autopart.cost_models import Cluster
+from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.errors import InputError, PlanError
 from autopart.interfaces import io_spec
 from autopart.passes.blocks import BlockGraph
@@ -32,6 +34,7 @@ from autopart.passes.tensor_parallel import TPAssignment, TPProblemIndex
 from autopart.passes.tensor_parallel.placements import Placement
 from autopart.plan import Plan
 from autopart.plan_choices import PlanRequest
+from autopart.plan_errors import infeasible_error
 from autopart.planner import plan_pipeline
 from autopart.problems import TPSolution
 from autopart.solver import solve_tp
@@ -43,6 +46,8 @@ class SearchResult:
 
     graph: torch.fx.GraphModule
     """The model traced (and costed) at the plan's microbatch size."""
+    blocks: BlockGraph
+    """`graph`'s blocks (their node names: what codegen nests into recompute regions)."""
     plan: Plan
     assignment: TPAssignment | None
     """Per-node placements on the tp axis of `graph`; None when tp = 1."""
@@ -102,11 +107,12 @@ def choose_tp_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, me
 
 
 def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,
-                           training: bool, fixed: Mapping[str, Placement | str] | None
-                           ) -> tuple[BlockGraph, TPAssignment]:
+                           training: bool, fixed: Mapping[str, Placement | str] | None,
+                           memory_budget_bytes: float | None = None) -> tuple[BlockGraph, TPAssignment]:
     """Op splits for a tp group of `tp` devices with stage boundaries replicated: the blocks restated per
-    device of the group, and the assignment. Parameters must fit the smallest device."""
-    budget = min(d.memory_bytes for d in cluster.devices)
+    device of the group, and the assignment. Parameters must fit `memory_budget_bytes` per device
+    (`tp_memory_budgets`; None: the smallest device's memory)."""
+    budget = min(d.memory_bytes for d in cluster.devices) if memory_budget_bytes is None else memory_budget_bytes
     pinned = passes.tensor_parallel.boundaries_replicated(blocks, fixed)
     chosen = _solve_strategies(gm, cluster, tp, budget, fixed=pinned, training=training)
     restated = passes.tensor_parallel.restate_blocks(gm, blocks, cluster, chosen.index, chosen.solution.choice,
@@ -126,19 +132,26 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
     model_class = io_spec(gm).model_class
     fixed = _user_placements(gm, tp_plan)
     results: list[tuple[Plan, TPAssignment | None]] = []
-    errors: list[PlanError] = []
+    errors: list[tuple[int, PlanError]] = []
+    budgets: dict[int, float | None] = {}  # per tp: the strategy ILP's parameter budget the plan was made with
     for tp in tp_choices:
-        try:
-            tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
-                gm, blocks, cluster, tp, training=request.training, fixed=fixed)
-            plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class,
-                                 traced_batch_size=traced_batch_size)
-        except PlanError as error:
-            errors.append(error)
-            continue
-        results.append((_in_real_devices(plan, cluster, tp, assignment), assignment))
+        failed: list[tuple[int, PlanError]] = []
+        for budget in [None] if tp == 1 else tp_memory_budgets(blocks, cluster, request, tp):
+            try:
+                tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
+                    gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget)
+                plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class,
+                                     traced_batch_size=traced_batch_size)
+            except PlanError as error:
+                failed.append((tp, error))
+                continue
+            results.append((_in_real_devices(plan, cluster, tp, assignment), assignment))
+            budgets[tp] = budget
+            break
+        else:
+            errors.extend(failed[-1:])
     if not results:
-        raise errors[0]
+        raise _closest(errors, blocks, cluster, request, traced_batch_size, tuple(tp_choices))
     best, assignment = min(results, key=lambda r: r[0].predicted_step_seconds)
     candidates = tuple(c if plan is best or c.status != "chosen" else dataclasses.replace(c, status="feasible")
                        for plan, _ in results for c in plan.candidates)
@@ -146,8 +159,8 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
                                  num_problems=sum(p.solver.num_problems for p, _ in results))
     best = dataclasses.replace(best, candidates=candidates, solver=solver)
     if best.microbatch_size == traced_batch_size:
-        return SearchResult(graph=gm, plan=best, assignment=assignment)
-    return _at_microbatch_size(best, blocks, cluster, request, tp_plan, retrace)
+        return SearchResult(graph=gm, blocks=blocks, plan=best, assignment=assignment)
+    return _at_microbatch_size(best, blocks, cluster, request, tp_plan, retrace, budgets[best.mesh.tp])
 
 
 def _user_placements(gm: torch.fx.GraphModule, tp_plan: Mapping[str, str] | None) -> dict[str, Placement] | None:
@@ -155,8 +168,8 @@ def _user_placements(gm: torch.fx.GraphModule, tp_plan: Mapping[str, str] | None
 
 
 def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
-                        tp_plan: Mapping[str, str] | None,
-                        retrace: Callable[[int], torch.fx.GraphModule]) -> SearchResult:
+                        tp_plan: Mapping[str, str] | None, retrace: Callable[[int], torch.fx.GraphModule],
+                        tp_budget: float | None) -> SearchResult:
     """The plan restated on the graph traced at its own microbatch size.
 
     Models may trace to slightly different ops at another batch size (a batch
@@ -183,10 +196,44 @@ def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, reques
     assignment = None
     if plan.mesh.tp > 1:
         _, assignment = tensor_parallel_blocks(gm, micro_blocks, cluster, plan.mesh.tp, training=request.training,
-                                               fixed=_user_placements(gm, tp_plan))
+                                               fixed=_user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
     plan = dataclasses.replace(plan, stages=stages,
                                tensor_parallel=assignment.to_dict() if assignment is not None else None)
-    return SearchResult(graph=gm, plan=plan, assignment=assignment)
+    return SearchResult(graph=gm, blocks=micro_blocks, plan=plan, assignment=assignment)
+
+
+def tp_memory_budgets(blocks: BlockGraph, cluster: Cluster, request: PlanRequest, tp: int) -> list[float]:
+    """Parameter bytes per device the strategy ILP may keep, loosest first.
+
+    The ILP chooses splits for the whole model on one tp group and budgets parameter bytes only;
+    a device must also hold their gradients and optimizer state (`optimizer_state_bytes`: Adam 2×)
+    and activations. So the budget is the group's share of the cluster's memory less one
+    microbatch's activations (split over the group), divided by the bytes of training state per
+    parameter byte (1 + 1 + optimizer's; frozen parameters are charged alike, conservatively).
+    A pipeline spreads the model over the N / tp groups, so the loosest budget counts all of
+    them; when the pipeline planner then finds no plan, a tighter budget (half, down to one
+    group's memory) makes the ILP split more, as memory demands.
+    """
+    capacity = float(min(d.memory_bytes for d in cluster.devices))
+    groups = max(cluster.num_devices // tp, 1)
+    factor = 2 + optimizer_state_bytes(1, request.optimizer) if request.training else 1
+    activations = sum(b.saved_bytes for b in blocks.blocks) / tp if request.training else 0.0
+    budgets, share = [], float(groups)
+    while True:
+        budgets.append(max(capacity * share - activations, 0.0) / factor)
+        if share <= 1:
+            return budgets
+        share = max(share / 2, 1.0)
+
+
+def _closest(errors: list[tuple[int, PlanError]], blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
+             traced_batch_size: int, tp_choices: tuple[int, ...]) -> PlanError:
+    """One error for every mesh shape tried: the closest attempt of all of them and the levers."""
+    failures = [dataclasses.replace(f, tried=dict(f.tried, tensor_parallel=tp))
+                for tp, error in errors for f in getattr(error, "failures", [])]
+    if not failures:  # not a memory failure (a choice that cannot be met): the first says why
+        return errors[0][1]
+    return infeasible_error(blocks, cluster, request, failures, traced_batch_size, tensor_parallel=tp_choices)
 
 
 def _in_real_devices(plan: Plan, cluster: Cluster, tp: int, assignment: TPAssignment | None) -> Plan:

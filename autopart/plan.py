@@ -1,18 +1,19 @@
 """The Plan: everything codegen and the runtimes need, and nothing else.
 
-Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 2
+Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 3
 (all times in seconds, sizes in bytes, "per microbatch" where stated):
 
 ```
-{"version": 2, "model_class": str, "batch_size": int, "num_microbatches": int,
+{"version": 3, "model_class": str, "batch_size": int, "num_microbatches": int,
  "schedule": "gpipe" | "1f1b" | "interleaved_1f1b" | "zero_bubble", "optimizer": str,
- "mesh": {"pp": int, "tp": int, "dp": int}, "virtual_stages": int (default 1),
- "data_parallel_mode": "ddp" | "fsdp" (default "ddp"),
+ "mesh": {"pp": int, "tp": int, "dp": int, "dp_shard": int (default 1)}, "virtual_stages": int (default 1),
+ "data_parallel_mode": "ddp" | "zero2" | "zero3" | "hsdp" (default "ddp"),
  "mixed_precision": null | "bf16" (default null: the model's own dtypes),
  "cluster": Cluster.to_dict(),
  "stages": [{"index", "device", "device_name", "blocks": [str], "node_names": [str],
              "fwd_seconds", "bwd_seconds", "comm_seconds", "fwd_flops", "bwd_flops",
-             "num_params", "send_bytes",
+             "num_params", "send_bytes", "recompute": ["none" | "selective" | "full"] (one per block,
+             default all "none"), "recompute_seconds" (default 0),
              "memory": {"params", "grads", "optimizer", "buffers", "activations",
                         "boundary", "capacity"}}],
  "predicted_step_seconds": float, "bubble_fraction": float,
@@ -20,14 +21,18 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 2
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
             "plan_seconds", "num_problems"},
  "candidates": [{"data_parallel", "pipeline_parallel", "num_microbatches", "schedule", "step_seconds" | null,
-                 "status", "detail", "tensor_parallel", "virtual_stages", "data_parallel_mode"}],
+                 "status", "detail", "tensor_parallel", "virtual_stages", "data_parallel_mode",
+                 "recompute"}],
  "tensor_parallel": null | {"tp": int, "nodes": {node: {"strategy", "output", "inputs",
                             "grad_sync", "scaled_bias"}}, "predicted_seconds", "collectives": [...],
                             "param_bytes_per_device", "status", "solve_seconds"}}
 ```
 
-Version 1 named a candidate's pipeline ranks "num_stages"; `Plan.from_json`
-reads it as "pipeline_parallel". "Stages" are model stages throughout:
+Older plans still load (`Plan.from_json` upgrades them as it reads them):
+version 1 named a candidate's pipeline ranks "num_stages" (now
+"pipeline_parallel"); versions 1 and 2 called ZeRO-2 'fsdp' (optimizer state
+and master weights sharded, parameters kept whole through the step: now
+'zero2') and recompute nothing. "Stages" are model stages throughout:
 `Plan.num_stages` = mesh.pp × virtual_stages.
 """
 
@@ -41,9 +46,41 @@ import torch
 
 from autopart.errors import InputError
 
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""Schema versions `Plan.from_json` reads (older ones are upgraded as they are read)."""
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+"""Schema versions `Plan.from_json` reads (older ones are upgraded on load)."""
+
+DATA_PARALLEL_MODES = ("ddp", "zero2", "zero3", "hsdp")
+"""How data-parallel replicas hold and synchronise the training state:
+'ddp': each replica holds all of it, gradients are all-reduced (DDP; FSDP2's replicate in a pipeline);
+'zero2': optimizer state, master weights and reduced gradients sharded over the replicas, parameters
+gathered once per step and kept until the step's last backward (FSDP2 reshard_after_forward=False);
+'zero3': everything sharded, each block's parameters gathered for its forward and again for its
+backward, then freed (FSDP2 reshard_after_forward=True, one FSDP unit per block);
+'hsdp': 'zero3' within each host, replicated across hosts (FSDP2 on a 2-D mesh)."""
+
+DATA_PARALLEL_MODE_ALIASES = {"fsdp": "zero2"}
+"""Older names: 'fsdp' was ZeRO-2 before 'zero3' existed."""
+
+
+def data_parallel_mode_name(mode: str | None) -> str | None:
+    """The current name of a data-parallel mode (aliases resolved), or a ValueError naming the choices."""
+    if mode is None:
+        return None
+    mode = DATA_PARALLEL_MODE_ALIASES.get(mode, mode)
+    if mode not in DATA_PARALLEL_MODES:
+        raise ValueError(f"data_parallel_mode={mode!r} is not known; use one of {DATA_PARALLEL_MODES} or None")
+    return mode
+
+
+def shards_state(mode: str) -> bool:
+    """Whether replicas in `mode` shard the optimizer state (FSDP2 in any form)."""
+    return mode in ("zero2", "zero3", "hsdp")
+
+
+def reshards_parameters(mode: str) -> bool:
+    """Whether `mode` frees each block's gathered parameters after its forward (ZeRO-3, HSDP)."""
+    return mode in ("zero3", "hsdp")
 
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 """`Plan.mixed_precision` names and the autocast dtype each runs. float16 would also need a
@@ -115,10 +152,26 @@ class StagePlan:
     """Activation bytes sent to the next stage per microbatch."""
     memory: StageMemory
     """Peak memory by kind."""
+    recompute: tuple[str, ...] = ()
+    """Per block (as `blocks`): 'none', 'selective' or 'full' (autopart/recompute.py); () = all 'none'."""
+    recompute_seconds: float = 0.0
+    """Of `bwd_seconds`, the forward recomputed in backward for one microbatch."""
 
     @property
     def seconds(self) -> float:
         return self.fwd_seconds + self.bwd_seconds + self.comm_seconds
+
+    def recompute_of(self, block: str) -> str:
+        """How block `block` of this stage recomputes its activations."""
+        return self.recompute[self.blocks.index(block)] if self.recompute else "none"
+
+    @property
+    def recompute_summary(self) -> str:
+        """'none', 'selective' or 'full' when every block does the same, else e.g. '3 full, 2 none'."""
+        modes = self.recompute or ("none",)
+        if len(set(modes)) == 1:
+            return modes[0]
+        return ", ".join(f"{modes.count(m)} {m}" for m in ("full", "selective", "none") if m in modes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +184,9 @@ class Mesh:
     """Tensor-parallel group size."""
     dp: int = 1
     """Data-parallel replicas."""
+    dp_shard: int = 1
+    """Replicas among which FSDP shards the state: 1 for 'ddp', dp for 'zero2' and 'zero3', the
+    replicas on one host for 'hsdp' (dp / dp_shard hosts then hold replicas of the shards)."""
 
     @property
     def num_devices(self) -> int:
@@ -186,7 +242,9 @@ class Candidate:
     virtual_stages: int = 1
     """Stages per pipeline rank."""
     data_parallel_mode: str = "ddp"
-    """'ddp' or 'fsdp'."""
+    """One of `DATA_PARALLEL_MODES`."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective', 'full', or 'mixed' (chosen per block)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,7 +275,7 @@ class Plan:
     virtual_stages: int = 1
     """Stages per pipeline rank: stage s runs on pipeline rank s % mesh.pp."""
     data_parallel_mode: str = "ddp"
-    """How replicas synchronise: 'ddp' (all-reduce) or 'fsdp' (sharded state, FSDP2)."""
+    """How replicas hold and synchronise the state: one of `DATA_PARALLEL_MODES`."""
     mixed_precision: str | None = None
     """'bf16': float32 parameters, gradients and optimizer state, every stage's forward and the loss
     under torch.autocast(bfloat16); None: the model computes in its own dtypes."""
@@ -264,11 +322,21 @@ class Plan:
 
 
 def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
-    """A plan's JSON object in the current schema: version 1's candidates name their pipeline ranks
-    "num_stages" (version 2: "pipeline_parallel")."""
+    """A plan's JSON object in the current schema. Version 1's candidates name their pipeline ranks
+    "num_stages" (now "pipeline_parallel"); versions 1 and 2 name ZeRO-2 'fsdp' (now 'zero2', its
+    state sharded over every replica: mesh.dp_shard = dp)."""
     if data["version"] == 1:
         rename = lambda c: {("pipeline_parallel" if k == "num_stages" else k): v for k, v in c.items()}  # noqa: E731
-        data = {**data, "version": PLAN_VERSION, "candidates": [rename(c) for c in data.get("candidates", [])]}
+        data = {**data, "version": 2, "candidates": [rename(c) for c in data.get("candidates", [])]}
+    if data["version"] == 2:
+        data = {**data, "version": PLAN_VERSION}
+        if data.get("data_parallel_mode") == "fsdp":
+            data["data_parallel_mode"] = "zero2"
+            if isinstance(data.get("mesh"), dict):
+                data["mesh"] = dict(data["mesh"], dp_shard=data["mesh"].get("dp", 1))
+        data["candidates"] = [dict(c, data_parallel_mode=DATA_PARALLEL_MODE_ALIASES.get(
+            c.get("data_parallel_mode", "ddp"), c.get("data_parallel_mode", "ddp")))
+            for c in data.get("candidates", [])]
     return data
 
 

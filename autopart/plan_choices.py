@@ -1,7 +1,7 @@
 """What the user fixed (`PlanRequest`) and the values the planner tries for each choice.
 
 Replicas, pipeline ranks, microbatch counts, schedules, virtual stages and
-the data-parallel mode: each `*_choices` function returns the one value the
+the data-parallel mode and its sharding: each `*_choices` function returns the one value the
 user fixed, checked against the devices, the batch and the model with an
 error that names the argument and the values that would work, or every value
 the search (autopart/planner.py) should try.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from autopart.cost_models import Cluster
 from autopart.errors import InputError, PlanError
+from autopart.plan import DATA_PARALLEL_MODES, data_parallel_mode_name
 from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES, microbatches_per_round
 
 MAX_VIRTUAL_STAGES = 4
@@ -23,12 +24,6 @@ DEFAULT_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 stage) it keeps fewer microbatches in flight than GPipe. Zero bubble only when asked for:
 PyTorch's split weight pass (stage_backward_weight) fails on some graphs, e.g. T5's
 ("Trying to backward through the graph a second time"), which no plan-time check catches."""
-
-DATA_PARALLEL_MODES = ("ddp", "fsdp")
-"""'ddp': every replica holds the whole state, gradients are all-reduced (DDP). 'fsdp':
-optimizer state and master weights sharded over the replicas (FSDP2 `fully_shard`,
-parameters gathered once per step and kept until the last backward: ZeRO-2)."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class PlanRequest:
@@ -46,7 +41,9 @@ class PlanRequest:
     virtual_stages: int | None = None
     """Stages per pipeline rank (interleaved schedules); None lets the planner choose."""
     data_parallel_mode: str | None = None
-    """'ddp' or 'fsdp' (`DATA_PARALLEL_MODES`); None lets the planner choose."""
+    """One of plan.DATA_PARALLEL_MODES ('fsdp' reads as 'zero2'); None lets the planner choose."""
+    recompute: str | None = None
+    """'none', 'selective' or 'full' for every block; None lets the planner choose per block."""
     optimizer: str = "adam"
     mixed_precision: str | None = None
     """'bf16' or None (passes/precision.py): the graph's costs are already priced for it."""
@@ -159,14 +156,44 @@ def virtual_stage_choices(request: PlanRequest, schedule: str, num_ranks: int, n
     return fitting
 
 
-def data_parallel_mode_choices(request: PlanRequest, dp: int) -> list[str]:
-    """'ddp' alone without replicas or training; both otherwise, unless the user fixed one."""
-    mode = request.data_parallel_mode
-    if mode is not None and mode not in DATA_PARALLEL_MODES:
-        raise InputError(f"data_parallel_mode={mode!r} is not known; use one of {DATA_PARALLEL_MODES} or None")
+def data_parallel_mode_choices(request: PlanRequest, dp: int, cluster: Cluster | None = None,
+                               num_ranks: int = 1) -> list[tuple[str, int]]:
+    """(mode, dp_shard) pairs to try: 'ddp' alone without replicas or training; else 'ddp', 'zero2',
+    'zero3', and 'hsdp' where the replicas span hosts evenly (`hsdp_shard_size`), unless the user
+    fixed one."""
+    try:
+        mode = data_parallel_mode_name(request.data_parallel_mode)
+    except ValueError as error:
+        raise InputError(str(error)) from error
     if dp == 1 or not request.training:
-        return ["ddp"]
-    return [mode] if mode is not None else list(DATA_PARALLEL_MODES)
+        return [("ddp", 1)]
+    hsdp = hsdp_shard_size(cluster, dp, num_ranks) if cluster is not None else None
+    modes = [mode] if mode is not None else list(DATA_PARALLEL_MODES)
+    if mode == "hsdp" and hsdp is None:
+        raise InputError(f"data_parallel_mode='hsdp' shards within a host and replicates across hosts, but the "
+                         f"{dp} replicas do not span several hosts evenly; use 'zero3' (shard over all replicas)")
+    shard = {"ddp": 1, "zero2": dp, "zero3": dp, "hsdp": hsdp}
+    return [(m, shard[m]) for m in modes if shard[m] is not None]
+
+
+def hsdp_shard_size(cluster: Cluster, dp: int, num_ranks: int) -> int | None:
+    """Replicas per host when every host holds the same number of consecutive replicas of every
+    pipeline rank, and there are several hosts; None otherwise (HSDP does not apply)."""
+    if dp < 2:
+        return None
+    for rank in range(num_ranks):
+        hosts = [cluster.node_of_device[d * num_ranks + rank] for d in range(dp)]
+        shard = hosts.count(hosts[0])
+        if shard < 2 or shard == dp or dp % shard:
+            return None
+        groups = [hosts[i:i + shard] for i in range(0, dp, shard)]
+        if any(len(set(g)) != 1 for g in groups) or len({g[0] for g in groups}) != len(groups):
+            return None
+        if rank == 0:
+            first = shard
+        elif shard != first:
+            return None
+    return first
 
 
 def pipeline_choices(request: PlanRequest, cluster: Cluster, num_blocks: int, dp: int = 1) -> list[int]:

@@ -77,6 +77,9 @@ class PipelineProblem:
     only if an earlier backward ran (m > k_s); once they all exist, one microbatch has been freed."""
     transient_bytes: np.ndarray | None = None
     """[num_blocks] bytes held once, at the peak of activations (the loss's backward temporaries)."""
+    reserved_bytes: float = 0.0
+    """Bytes every stage holds once whichever blocks it gets (a recomputed block's rebuilt activations,
+    ZeRO-3's gathered units), already taken off `memory_capacity`."""
 
     @property
     def held_bytes(self) -> np.ndarray:

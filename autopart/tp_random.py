@@ -73,6 +73,13 @@ class ShardedStream(torch.nn.Module):
         self.seed = int(seed)
         self._states.clear()
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The stream's generator states, to draw the same numbers again (`restore`)."""
+        return dict(self._states)
+
+    def restore(self, states: dict[str, torch.Tensor]) -> None:
+        self._states = dict(states)
+
     @contextlib.contextmanager
     def forked(self, device: torch.device) -> Iterator[None]:
         """Run the block with this stream as `device`'s default generator, then put the default back."""
@@ -101,6 +108,28 @@ def sharded_random(stream: ShardedStream, op: Any, *args: Any, **kwargs: Any) ->
         device = torch.device(kwargs.get("device") or "cpu")
     with stream.forked(device):
         return op(*args, **kwargs)
+
+
+def streams_of(body: Any) -> list[ShardedStream]:
+    """The sharded streams a region body draws from: a module's own, or those a function lists
+    in its `sharded_streams` attribute (the one-process tensor-parallel simulation's)."""
+    if isinstance(body, torch.nn.Module):
+        return [m for m in body.modules() if isinstance(m, ShardedStream)]
+    return list(getattr(body, "sharded_streams", ()))
+
+
+@contextlib.contextmanager
+def replaying(streams: list[ShardedStream], states: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Draw from `streams` as from `states` (a recomputed forward redraws its dropout masks), then
+    put them back where they were."""
+    after = [stream.snapshot() for stream in streams]
+    for stream, state in zip(streams, states):
+        stream.restore(state)
+    try:
+        yield
+    finally:
+        for stream, state in zip(streams, after):
+            stream.restore(state)
 
 
 def sharded_seed(base_seed: int, tp_index: int, dp_index: int = 0, tp: int = 1) -> int:

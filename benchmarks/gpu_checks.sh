@@ -3,7 +3,7 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|all|compare]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|all|compare]
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -49,4 +49,9 @@ if [ "$what" = compare ]; then  # one GPU: the comparison script's single-device
         python3 benchmarks/gpu_compare.py --model "$model" --nproc 1 --out "$OUT/gpu_compare_${model}_1gpu.json" 2>&1 \
             | tee "$OUT/gpu_compare_${model}_1gpu.log" | tail -15
     done
+fi
+
+if [ "$what" = recompute ] || [ "$what" = all ]; then
+    python3 benchmarks/recompute_gpu.py --out "$OUT/recompute_gpu.json" 2>&1 | tee "$OUT/recompute_gpu.log" \
+        | grep -v -E '^(eager|autopart)_'
 fi

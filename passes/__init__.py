@@ -7,10 +7,11 @@ from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_c
 from autopart.passes.attention import use_causal_attention
 from autopart.passes.device import device_literals, move_to_device
 from autopart.passes.precision import autocast_values
+from autopart.passes.regions import nest_regions
 from autopart.passes.split import split_stages
 
 __all__ = [
     "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "autocast_values", "coarsen",
-    "device_literals", "move_to_device", "node_cost", "split_stages", "stage_modules", "tensor_parallel",
+    "device_literals", "move_to_device", "nest_regions", "node_cost", "split_stages", "stage_modules", "tensor_parallel",
     "use_causal_attention",
 ]

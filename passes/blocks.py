@@ -23,7 +23,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
-from autopart.passes.node_costs import NodeCost, node_cost
+from autopart.passes.node_costs import NodeCost, mutates, node_cost
+from autopart.recompute import SAVED_GRAPH_OPS, op_name
 
 _ELEMENT = re.compile(r"(^|\.)\d+$")  # "layers.3", "0": an element of a ModuleList/Sequential
 ROOT = "<root>"
@@ -85,12 +86,48 @@ class Block:
     parameters: tuple[tuple[str, int, bool, int], ...] = ()
     """(get_attr target, bytes, trainable, elements) of each parameter the block reads: a parameter
     read by several blocks of one stage (tied weights) is held there once."""
+    input_bytes: int = 0
+    """Tensors the block reads from other blocks or the model's inputs (traced batch): what a
+    checkpoint of the block keeps ('full' recomputation, autopart/recompute.py)."""
+    selective_saved_bytes: int = 0
+    """Outputs of its matmul and attention ops (traced batch): what 'selective' keeps besides the inputs."""
+    selective_times: tuple[BlockTimes, ...] = ()
+    """Per device, the forward of the ops 'selective' recomputes (the rest of the block; bwd fields 0)."""
+    autocast_weight_bytes: int = 0
+    """Of `saved_bytes`, the reduced-precision copies of float32 weights that autocast makes for the
+    block's matmuls, one per weight per microbatch. FSDP's bf16 parameters (MixedPrecisionPolicy)
+    need none: autocast finds the weights already in bf16."""
+    recomputable: bool = True
+    """False when an op writes into a tensor it did not make (a buffer's running statistics): a
+    replay would apply the write twice, so the block is never recomputed."""
 
     def time_on(self, device: str) -> BlockTimes:
         for entry in self.times:
             if entry.device == device:
                 return entry
         raise KeyError(f"block {self.name} has no time for device {device!r}")
+
+    def kept_bytes(self, recompute: str, weights_in_compute_dtype: bool = False) -> int:
+        """Bytes kept for backward per microbatch at the traced batch under `recompute`;
+        `weights_in_compute_dtype`: FSDP gathers the weights in bf16, so autocast copies none."""
+        if recompute == "none" or not self.recomputable:
+            return self.saved_bytes - (self.autocast_weight_bytes if weights_in_compute_dtype else 0)
+        if recompute == "full":
+            return min(self.input_bytes, self.saved_bytes)
+        return min(self.input_bytes + self.selective_saved_bytes, self.saved_bytes)
+
+    def recompute_time_on(self, device: str, recompute: str) -> BlockTimes:
+        """The forward that `recompute` replays in the block's backward, on `device` (bwd fields 0)."""
+        if recompute == "none" or not self.recomputable:
+            return BlockTimes(device=device, fwd_fixed_s=0.0, fwd_scaled_s=0.0, bwd_fixed_s=0.0, bwd_scaled_s=0.0)
+        if recompute == "full":
+            t = self.time_on(device)
+            return BlockTimes(device=device, fwd_fixed_s=t.fwd_fixed_s, fwd_scaled_s=t.fwd_scaled_s,
+                              bwd_fixed_s=0.0, bwd_scaled_s=0.0)
+        for entry in self.selective_times:
+            if entry.device == device:
+                return entry
+        raise KeyError(f"block {self.name} has no selective recompute time for device {device!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +261,8 @@ def _block_graph(
         attrs = _attrs_read(members)
         costs = [node_cost(n) for n in members]
         attr_costs = [node_cost(a) for a in attrs]
+        kept = [node_cost(n) for n in members if op_name(n.target) in SAVED_GRAPH_OPS]
+        recomputed = [node_cost(n) for n in members if op_name(n.target) not in SAVED_GRAPH_OPS]
         blocks.append(
             Block(
                 name=name,
@@ -244,6 +283,11 @@ def _block_graph(
                 parameters=tuple({a.target: (a.target, node_cost(a).param_bytes, node_cost(a).trainable,
                                              a.meta["val"].numel())
                                   for a in attrs if node_cost(a).param_bytes > 0}.values()),
+                input_bytes=_input_bytes(members),
+                selective_saved_bytes=sum(c.output_bytes for c in kept),
+                autocast_weight_bytes=_autocast_weight_bytes(members),
+                selective_times=tuple(_times(recomputed, device) for device in devices.values()),
+                recomputable=not _writes_outside(members),
             )
         )
 
@@ -258,6 +302,54 @@ def _block_graph(
             )
     values.sort(key=lambda v: (v.producer, v.node_name))
     return BlockGraph(blocks=tuple(blocks), values=tuple(values), depth=depth)
+
+
+def _autocast_weight_bytes(members: list[torch.fx.Node]) -> int:
+    """Bytes of the weight copies autocast makes for the matmuls of `members` (each weight once: the
+    autocast cache keeps one copy per weight within the region)."""
+    copies: dict[str, int] = {}
+    for node in members:
+        out = node.meta.get("val")
+        if op_name(node.target) not in SAVED_GRAPH_OPS or not isinstance(out, torch.Tensor):
+            continue
+        for arg in node.all_input_nodes:
+            weight = arg.meta.get("val")
+            if (arg.op == "get_attr" and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+                    and weight.dtype != out.dtype and node_cost(arg).param_bytes > 0):
+                copies[arg.target] = weight.numel() * out.element_size()
+    return sum(copies.values())
+
+
+def _writes_outside(members: list[torch.fx.Node]) -> bool:
+    """Whether an op of `members` writes into a tensor no member computed (a buffer, an input)."""
+    inside = set(members)
+    for node in members:
+        if not mutates(node.target):
+            continue
+        schema = node.target._schema
+        for position, argument in enumerate(schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+            written = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.fx.Node)]
+            if any(v not in inside for v in written):
+                return True
+    return False
+
+
+def _input_bytes(members: list[torch.fx.Node]) -> int:
+    """Bytes of the tensors `members` read that no member computes and no get_attr holds (each once)."""
+    inside = set(members)
+    seen: set[torch.fx.Node] = set()
+    total = 0
+    for node in members:
+        for arg in node.all_input_nodes:
+            if arg in inside or arg in seen or arg.op == "get_attr":
+                continue
+            seen.add(arg)
+            total += sum(t.numel() * t.element_size() for t in pytree.tree_leaves(arg.meta.get("val"))
+                         if isinstance(t, torch.Tensor))
+    return total
 
 
 def _attrs_read(members: list[torch.fx.Node]) -> list[torch.fx.Node]:

@@ -31,27 +31,34 @@ def move_to_device(gm: torch.fx.GraphModule, device: torch.device | str, *,
     materialise them with `to_empty`).
     """
     device = torch.device(device)
-    changed = False
-    for node in gm.graph.nodes:
-        if any(isinstance(leaf, torch.device) and leaf != device
-               for leaf in pytree.tree_leaves((node.args, node.kwargs))):
-            node.args, node.kwargs = _retarget((node.args, node.kwargs), device)
-            changed = True
-    if changed:
-        gm.recompile()
+    for graph_module in _graph_modules(gm):
+        changed = False
+        for node in graph_module.graph.nodes:
+            if any(isinstance(leaf, torch.device) and leaf != device
+                   for leaf in pytree.tree_leaves((node.args, node.kwargs))):
+                node.args, node.kwargs = _retarget((node.args, node.kwargs), device)
+                changed = True
+        if changed:
+            graph_module.recompile()
     if move_state and not _on_meta(gm):
         gm.to(device)
     return gm
 
 
 def device_literals(gm: torch.fx.GraphModule) -> list[tuple[str, torch.device]]:
-    """(node name, device) of every device literal left in the graph's arguments."""
+    """(node name, device) of every device literal left in the graph's arguments (nested graphs too)."""
     found = []
-    for node in gm.graph.nodes:
-        for leaf in pytree.tree_leaves((node.args, node.kwargs)):
-            if isinstance(leaf, torch.device):
-                found.append((node.name, leaf))
+    for graph_module in _graph_modules(gm):
+        for node in graph_module.graph.nodes:
+            for leaf in pytree.tree_leaves((node.args, node.kwargs)):
+                if isinstance(leaf, torch.device):
+                    found.append((node.name, leaf))
     return found
+
+
+def _graph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
+    """`gm` and the GraphModules nested in it (the region bodies of passes/regions.py)."""
+    return [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
 
 
 def _retarget(value: Any, device: torch.device) -> Any:

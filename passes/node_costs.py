@@ -225,7 +225,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         output_bytes = sum(_nbytes(t) for t in new_outputs) if node.op == "call_function" else 0
         # An in-place op (relu_, add_) writes its result into an input's
         # storage: no new memory, but real traffic, unlike a view.
-        written = [t for t in outputs if _storage_key(t) in input_storages] if _mutates(node.target) else []
+        written = [t for t in outputs if _storage_key(t) in input_storages] if mutates(node.target) else []
         read_bytes = 0
         if node.op == "call_function" and (new_outputs or written):
             read_bytes = sum(_nbytes(t) for t in inputs)
@@ -294,7 +294,7 @@ def _casts_seconds(casts: list[int], device) -> float:
     return sum(op_seconds(0, AUTOCAST_CAST_BYTES_PER_ELEMENT * n, device, torch.bfloat16) for n in casts)
 
 
-def _mutates(target: Any) -> bool:
+def mutates(target: Any) -> bool:
     """Whether the op writes into one of its arguments (its schema marks it `Tensor(a!)`)."""
     schema = getattr(target, "_schema", None)
     return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

@@ -58,7 +58,8 @@ def test_help_explains_every_option(capsys) -> None:
     out = capsys.readouterr().out
     for option in ("--devices", "--batch-size", "--seq-len", "--input-shape", "--input-dtype", "--pipeline-parallel",
                    "--num-microbatches", "--schedule", "--optimizer", "--inference", "--html", "--json",
-                   "--quiet", "--factory-arg", "examples:", "autopart.zoo:gpt2"):
+                   "--quiet", "--factory-arg", "examples:", "autopart.zoo:gpt2", "--recompute",
+                   "--data-parallel-mode", "zero3", "hsdp"):
         assert option in out, option
     for action in build_parser()._subparsers._group_actions[0].choices["plan"]._actions:
         assert action.help, action.dest
@@ -100,6 +101,18 @@ def test_file_factory_with_input_shape(capsys, models_file, tmp_path) -> None:
     assert code == 0, captured.err
     assert "on 2 × CPU" in captured.out and "tracing" in captured.err
     assert Plan.from_json(out_json.read_text()).batch_size == 6
+
+
+def test_recompute_and_zero3_from_the_command_line(capsys, models_file, tmp_path) -> None:
+    out_json = tmp_path / "p.json"
+    code = main(["plan", f"{models_file}:bare", "--devices", "2", "--input-shape", "8,16", "--batch-size", "8",
+                 "--data-parallel", "2", "--data-parallel-mode", "zero3", "--recompute", "full", "--quiet",
+                 "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = Plan.from_json(out_json.read_text())
+    assert plan.data_parallel_mode == "zero3" and "full" in plan.stages[0].recompute
+    assert "recompute:" in captured.out and "ZeRO-3" in captured.out
 
 
 def test_file_factory_with_seq_len_and_batch_keyword(capsys, models_file) -> None:

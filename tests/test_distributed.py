@@ -93,6 +93,43 @@ def test_training_matches_single_device(nproc, args):
     assert out.count("OK rank") == nproc, out[-4000:]
 
 
+@pytest.mark.parametrize("nproc,args", [
+    (2, ["--stages", "1", "--dp", "2", "--dp-mode", "zero3", "--optimizer", "adam"]),
+    (4, ["--stages", "2", "--dp", "2", "--dp-mode", "zero3", "--optimizer", "adam"]),
+    (4, ["--stages", "1", "--dp", "4", "--hosts", "2", "--dp-mode", "hsdp", "--optimizer", "adam"]),
+    (4, ["--stages", "1", "--dp", "4", "--hosts", "2", "--dp-mode", "hsdp", "--microbatches", "1",
+         "--recompute", "full", "--optimizer", "adam"]),
+], ids=["dp2-zero3-adam", "dp2-zero3-x-pp2-adam", "dp4-hsdp-2-hosts-adam", "dp4-hsdp-recompute-full-adam"])
+def test_full_sharding_matches_single_device(nproc, args):
+    """ZeRO-3 (a FSDP2 unit per block, parameters resharded after forward) and HSDP (ZeRO-3 within
+    each of 2 pretended hosts, replicated across them): 3 Adam steps equal one device's."""
+    code, out = _finish(_torchrun(nproc, *args))
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == nproc, out[-4000:]
+
+
+@pytest.mark.parametrize("nproc,args", [
+    (2, ["--stages", "2", "--recompute", "full", "--optimizer", "adam"]),
+    (2, ["--stages", "2", "--schedule", "gpipe", "--recompute", "selective"]),
+    (2, ["--stages", "2", "--schedule", "interleaved_1f1b", "--virtual-stages", "2", "--microbatches", "4",
+         "--recompute", "selective", "--optimizer", "adam"]),
+    (2, ["--stages", "2", "--schedule", "zero_bubble", "--recompute", "selective", "--optimizer", "adam"]),
+    (2, ["--stages", "2", "--schedule", "zero_bubble", "--recompute", "full"]),
+    (4, ["--stages", "2", "--tp", "2", "--recompute", "selective", "--optimizer", "adam"]),
+    (4, ["--stages", "2", "--dp", "2", "--recompute", "full", "--optimizer", "adam"]),
+    (2, ["--stages", "1", "--dp", "2", "--dp-mode", "zero3", "--recompute", "full", "--mixed-precision", "bf16"]),
+    (2, ["--stages", "1", "--tp", "2", "--recompute", "full", "--mixed-precision", "bf16"]),
+], ids=["pp2-full-adam", "pp2-gpipe-selective", "pp2v2-interleaved-selective-adam", "pp2-zero-bubble-selective-adam",
+        "pp2-zero-bubble-full", "pp2xtp2-selective-adam", "dp2xpp2-full-adam", "dp2-zero3-full-bf16",
+        "tp2-full-bf16"])
+def test_recomputing_plans_train_like_one_device(nproc, args):
+    """Recomputation on real process groups: every schedule (zero bubble's split backward replays a
+    region twice), tp (the replay runs the tp collectives again), dp, and bf16 autocast."""
+    code, out = _finish(_torchrun(nproc, *args))
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == nproc, out[-4000:]
+
+
 @pytest.mark.parametrize("family,schedule,virtual_stages", [
     ("gpt2", "interleaved_1f1b", 2), ("llama", "interleaved_1f1b", 2), ("t5", "interleaved_1f1b", 2),
     ("bert", "1f1b", 1), ("vit", "gpipe", 1), ("gpt2", "zero_bubble", 2), ("bert", "zero_bubble", 1),

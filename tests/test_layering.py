@@ -17,10 +17,13 @@ SOURCES = {"autopart": ROOT / "autopart", "autopart.cost_models": ROOT / "cost_m
            "autopart.passes": ROOT / "passes"}
 
 VOCABULARY = ("autopart.errors", "autopart.plan", "autopart.schedules", "autopart.problems", "autopart.interfaces",
-              "autopart.units", "autopart.batch", "autopart.tp_random")
+              "autopart.units", "autopart.batch", "autopart.tp_random", "autopart.recompute")
 """Plain dataclasses and pure functions every layer shares (tp_random: the random streams that
-codegen gives a rank module and the runtime seeds)."""
-DRIVER = ("autopart", "autopart.__main__", "autopart.api", "autopart.mesh_search", "autopart.planner", "autopart.plan_choices",
+codegen gives a rank module and the runtime seeds; recompute: the region call that codegen
+writes into a rank module and the runtimes run)."""
+DRIVER = ("autopart", "autopart.__main__", "autopart.api", "autopart.mesh_search", "autopart.planner",
+          "autopart.plan_choices", "autopart.step_costs", "autopart.recompute_choice", "autopart.plan_assembly",
+          "autopart.plan_errors",
           "autopart.compiled", "autopart.cli", "autopart.verify", "autopart.devices", "autopart.zoo",
           "autopart.calibrate")
 """The public API and the driver, module by module: they may import every layer."""

@@ -54,22 +54,33 @@ def test_identical_blocks_balance_over_virtual_stages():
     assert [s.device for s in compiled.plan.stages] == [0, 1, 2, 0, 1, 2]
 
 
-@pytest.mark.parametrize("memory_gib,mode", [(0.25, "fsdp"), (80, "ddp")])
-def test_fsdp_is_chosen_when_replicated_state_does_not_fit(memory_gib, mode):
+@pytest.mark.parametrize("memory_gib,sharded", [(0.25, True), (80, False)])
+def test_sharding_is_chosen_when_replicated_state_does_not_fit(memory_gib, sharded):
     """8 blocks of 2.1M parameters with Adam on 4 replicas: 268 MB of state per replica under DDP,
-    201 MB under FSDP (optimizer state and master copies / 4). On 0.25 GiB devices only FSDP
-    fits; with room for both, DDP wins the tie (same bytes moved, no sharding)."""
+    201 MB under ZeRO-2 (optimizer state and master copies / 4), less under ZeRO-3. On 0.25 GiB
+    devices only the sharded modes fit; with room for all, DDP wins (no gathers)."""
     h100 = get_preset("H100")
     cluster = Cluster.from_devices([dataclasses.replace(h100, memory_bytes=int(memory_gib * 2**30))] * 4)
     x = torch.randn(8, 16, 512, device="meta")
     plan = autopart.compile(_meta_model(8), cluster, example_inputs=(x,), data_parallel=4, pipeline_parallel=1,
                             num_microbatches=1, tensor_parallel=1).plan
-    assert plan.data_parallel_mode == mode
-    statuses = {c.data_parallel_mode: c.status for c in plan.candidates if c.schedule == plan.schedule}
-    assert statuses == {"ddp": "infeasible", "fsdp": "chosen"} if mode == "fsdp" else statuses["ddp"] == "chosen"
-    stage = plan.stages[0]
-    if mode == "fsdp":  # Adam's 2 × params of state, sharded 4 ways
+    tried = [c for c in plan.candidates if c.schedule == plan.schedule]
+    if sharded:
+        assert plan.data_parallel_mode in ("zero2", "zero3")
+        assert {c.status for c in tried if c.data_parallel_mode == "ddp"} == {"infeasible"}
+        assert {c.data_parallel_mode for c in tried} >= {"ddp", "zero2", "zero3"}
+        stage = plan.stages[0]  # Adam's 2 × params of state, sharded 4 ways
         assert stage.memory.optimizer == pytest.approx(2 * stage.num_params * 4 / 4, rel=1e-6)
+    else:
+        assert plan.data_parallel_mode == "ddp"
+
+
+def test_fsdp_is_read_as_zero2():
+    """'fsdp' (the name before ZeRO-3 existed) still fixes ZeRO-2."""
+    x = torch.randn(8, 16, 512, device="meta")
+    plan = autopart.compile(_meta_model(2), "2xH100", example_inputs=(x,), data_parallel=2,
+                            data_parallel_mode="fsdp").plan
+    assert plan.data_parallel_mode == "zero2" and plan.mesh.dp_shard == 2
 
 
 def test_last_stage_holds_every_microbatch_output_and_the_loss():
@@ -144,7 +155,8 @@ def test_pipeline_parallel_outside_the_cluster():
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(pipeline_parallel=1, virtual_stages=2), "needs at least 2 pipeline ranks"),
     (dict(schedule="1f1b", virtual_stages=2), "runs one stage per rank but virtual_stages=2"),
-    (dict(data_parallel_mode="zero3"), "data_parallel_mode='zero3' is not known"),
+    (dict(data_parallel_mode="zero4"), "data_parallel_mode='zero4' is not known"),
+    (dict(recompute="some"), "recompute='some' is not known"),
     (dict(schedule="dualpipe"), "schedule='dualpipe' is not known"),
     (dict(pipeline_parallel=2, schedule="interleaved_1f1b", virtual_stages=2, num_microbatches=5, batch=10),
      "multiple of 2"),
@@ -175,7 +187,9 @@ def test_plan_that_cannot_fit_names_stage_bytes_and_device_count():
     assert "no pipeline plan fits 2 device(s)" in message
     assert "stage" in message and "short" in message
     assert "smallest count of small devices that fits is" in message
-    fits = int(message.split("fits is ")[1].split(";")[0])
+    assert "Tried: pipeline ranks 1, 2" in message and "recompute full, none" in message and "tensor parallel 1, 2" in message
+    assert "memory:" in message and "batch:" in message
+    fits = int(message.split("fits is ")[1].split(" ")[0])
     assert fits > 2
     # and that many devices do fit
     compiled = autopart.compile(_meta_model(8), Cluster.from_devices([small] * fits), example_inputs=(x,))
@@ -192,3 +206,18 @@ def test_plan_json_round_trip_of_a_compiled_plan():
 def test_unknown_optimizer_is_refused_at_the_boundary():
     with pytest.raises(autopart.InputError, match="optimizer='lion'.*adam"):
         autopart.compile(nn.Linear(4, 4), 2, example_inputs=(torch.randn(2, 4),), optimizer="lion")
+
+
+@pytest.mark.parametrize("optimizer,tp,most_mib", [("adam", None, 40), ("adam", 4, 40), ("sgd", 4, 20)])
+def test_tensor_parallel_splits_when_the_training_state_does_not_fit(optimizer, tp, most_mib):
+    """Linear(512, 8192) → GELU → Linear(8192, 512): 33.6 MB of float32 weights, 134 MB with Adam's
+    gradients and moments, on 4 devices of 50 MB. The strategy ILP budgets the whole training state
+    (and a microbatch's activations), so it splits the layers: about 34 MB a device with Adam, half
+    that with SGD. Budgeting the parameters alone kept them whole (129 MiB a stage): no plan."""
+    small = DeviceSpec(name="small", memory_bytes=50 * 10**6, memory_bandwidth=1e12,
+                       peak_flops_by_dtype=(("float32", 1e14),))
+    model = nn.Sequential(nn.Linear(512, 8192), nn.GELU(), nn.Linear(8192, 512))
+    plan = autopart.compile(model, Cluster.from_devices([small] * 4), example_inputs=(torch.randn(8, 512),),
+                            optimizer=optimizer, tensor_parallel=tp).plan
+    assert plan.mesh.tp >= 2 and plan.mesh.num_devices == 4
+    assert all(s.memory.total <= min(s.memory.capacity, most_mib * 2**20) for s in plan.stages)

@@ -14,6 +14,7 @@ from autopart.report.summary import (
     is_training,
     model_name,
     precision_label,
+    recompute_summary,
     stage_count_notes,
     tensor_parallel_summary,
 )
@@ -131,6 +132,7 @@ def _cards(plan: Plan) -> str:
               + (f", {plan.virtual_stages} per rank" if plan.virtual_stages > 1 else "")),
         _card("microbatches", str(plan.num_microbatches), f"of {plan.microbatch_size} (batch {plan.batch_size})"),
         _card("schedule", plan.schedule, f"bubble {fmt_percent(plan.bubble_fraction)}"),
+        *([_card("recompute", _recompute_value(plan), recompute_summary(plan))] if is_training(plan) else []),
         _card("fullest device", fmt_percent(fullest.memory.total / fullest.memory.capacity),
               f"device {fullest.device}: {fmt_bytes(fullest.memory.total)}"),
         _card("idle devices", str(len(idle)), "all in use" if not idle else f"of {len(plan.cluster['devices'])}"),
@@ -138,6 +140,11 @@ def _cards(plan: Plan) -> str:
                                                     f"search"),
     ]
     return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _recompute_value(plan: Plan) -> str:
+    modes = {m for stage in plan.stages for m in (stage.recompute or ("none",))}
+    return modes.pop() if len(modes) == 1 else "per block"
 
 
 def _why(plan: Plan) -> str:

@@ -9,6 +9,7 @@ from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
     cluster_label,
+    data_parallel_summary,
     depth_label,
     idle_notes,
     in_flight,
@@ -17,6 +18,7 @@ from autopart.report.summary import (
     mesh_label,
     model_name,
     precision_label,
+    recompute_summary,
     schedule_grid,
     stage_count_notes,
     tensor_parallel_split,
@@ -63,6 +65,8 @@ def _header(plan: Plan) -> str:
         _kv("schedule", f"{plan.schedule}, bubble {fmt_percent(plan.bubble_fraction)}"),
         _kv("mode", mode),
         _kv("tensor parallel", tensor_parallel_summary(plan)),
+        *([_kv("data parallel", data_parallel_summary(plan))] if plan.mesh.dp > 1 else []),
+        *([_kv("recompute", recompute_summary(plan))] if is_training(plan) else []),
     ])
 
 
@@ -81,6 +85,8 @@ def _stage(plan: Plan, stage: StagePlan) -> str:
         _kv("time", f"fwd {fmt_seconds(stage.fwd_seconds)} + bwd {fmt_seconds(stage.bwd_seconds)} + comm "
                     f"{fmt_seconds(stage.comm_seconds)} = {fmt_seconds(stage.seconds)} per microbatch", "  "),
         _kv("sends", sends, "  "),
+        *([_kv("recompute", f"{_recompute_blocks(stage)}; replays {fmt_seconds(stage.recompute_seconds)} of "
+                            "forward in each backward", "  ")] if stage.recompute else []),
         _kv("memory", memory_line(stage), "  "),
         _kv("", state, "  "),
         _kv("", flight, "  "),
@@ -145,21 +151,22 @@ def best_candidates(plan: Plan, limit: int = MAX_CANDIDATES) -> list[Candidate]:
 
 
 def _candidates(plan: Plan) -> str:
-    rows = [("", "dp", "pp", "tp", "m", "schedule", "step", "status", "detail")]
+    rows = [("", "dp", "pp", "tp", "m", "schedule", "recompute", "step", "status", "detail")]
     shown = best_candidates(plan)
     for c in shown:
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "-"
         schedule = c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else "")
         dp = str(c.data_parallel) + (f" {c.data_parallel_mode}" if c.data_parallel > 1 else "")
         rows.append(("*" if c.status == "chosen" else "", dp, str(c.pipeline_parallel),
-                     str(c.tensor_parallel), str(c.num_microbatches), schedule, step, c.status, c.detail))
-    widths = [max(len(r[k]) for r in rows) for k in range(8)]
+                     str(c.tensor_parallel), str(c.num_microbatches), schedule, c.recompute, step, c.status,
+                     c.detail))
+    widths = [max(len(r[k]) for r in rows) for k in range(9)]
     hidden = len(plan.candidates) - len(shown)
     lines = [f"candidates ({len(plan.candidates)} tried; * chosen"
              + (f"; the fastest {len(shown)} shown)" if hidden else ")")]
     for r in rows:
-        cells = [r[k].rjust(widths[k]) if k in (1, 2, 3, 4, 6) else r[k].ljust(widths[k]) for k in range(8)]
-        lines.append("  " + "  ".join(cells) + "  " + r[8])
+        cells = [r[k].rjust(widths[k]) if k in (1, 2, 3, 4, 7) else r[k].ljust(widths[k]) for k in range(9)]
+        lines.append("  " + "  ".join(cells) + "  " + r[9])
     if hidden:
         rest = Counter(c.status for c in plan.candidates if c not in shown)
         kinds = ", ".join(f"{count} {status}" for status, count in sorted(rest.items(), key=lambda kv: -kv[1]))
@@ -176,6 +183,15 @@ def _why(plan: Plan) -> str:
     lines += [f"  {plural(count, 'stage')}: {reason}" for count, reason in notes]
     lines += [f"  {note}" for note in idle]
     return "\n".join(lines)
+
+
+def _recompute_blocks(stage: StagePlan) -> str:
+    """'full (all 5 blocks)', or per mode the blocks it applies to."""
+    modes = stage.recompute
+    if len(set(modes)) == 1:
+        return f"{modes[0]} (all {plural(len(modes), 'block')})"
+    return "; ".join(f"{mode}: {abbreviate_blocks([b for b, m in zip(stage.blocks, modes) if m == mode])}"
+                     for mode in ("full", "selective", "none") if mode in modes)
 
 
 def _indent(text: str, prefix: str = "  ") -> str:

@@ -6,9 +6,12 @@ or v with virtual stages: stage s on pipeline rank s % pp). Stages run under
 `torch.distributed.pipelining`: a PipelineStage each, driven by the schedule
 the plan names (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or
 ScheduleInterleavedZeroBubble). Data-parallel replicas of the pipeline wrap
-each stage in PyTorch's DDP or FSDP2 on the dp group, as the plan says, so
-gradient communication overlaps backward (PipelineStage skips the sync on all
-microbatches but the last). A parameter copied into several stages (tied
+each stage in PyTorch's DDP or FSDP2 on the dp group, as the plan says
+(runtime/data_parallel.py: ZeRO-3 and HSDP shard every block as its own FSDP
+unit), so gradient communication overlaps backward (PipelineStage skips the
+sync on all microbatches but the last). With one stage the runner drives DDP
+or FSDP2 itself, microbatch by microbatch. Blocks the plan recomputes run
+through torch.utils.checkpoint inside the stage modules (passes/regions.py). A parameter copied into several stages (tied
 embeddings) has its gradient summed over those stages after backward.
 
 Every collective has a timeout (`timeout_s`); a peer that dies or hangs makes
@@ -31,10 +34,10 @@ from torch import nn
 from autopart.batch import batch_size_of, split_rows, take_rows
 from autopart.errors import AutopartError, InputError
 from autopart.interfaces import StageInterface, tp_rank_info
-from autopart.plan import autocast_dtype
 from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
 from autopart.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
+from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
 
@@ -263,7 +266,7 @@ class DistributedRunner(StateMixin):
         """The stage replicated over the dp group as the plan says (unchanged without replicas)."""
         if self.mesh.dp == 1:
             return adapter
-        return _data_parallel(adapter, self.groups.dp, self.device, self.plan)
+        return wrap_data_parallel(adapter, self.groups, self.device, self.plan)
 
     # ------------------------------------------------------------------ training
 
@@ -289,6 +292,8 @@ class DistributedRunner(StateMixin):
             try:
                 if isinstance(self.pipeline_stages[0].submod, torch.nn.parallel.DistributedDataParallel):
                     self._accumulate_under_ddp(flat, local_target, losses)
+                elif self.plan.num_stages == 1 and is_fully_sharded(self.pipeline_stages[0].submod):
+                    self._accumulate_under_fsdp(flat, local_target, losses)
                 elif self.is_first_stage and self.is_last_stage:
                     self.schedule.step(*tensors, target=local_target, losses=losses)
                 elif self.is_first_stage:
@@ -320,6 +325,21 @@ class DistributedRunner(StateMixin):
                 loss = self._microbatch_loss(ddp(*[micro[k] for k in self.adapters[0].tensor_positions]),
                                              micro_target)
                 (loss / m).backward()
+            losses.append(loss.detach())
+
+    def _accumulate_under_fsdp(self, flat: list[Any], target: Any, losses: list[torch.Tensor]) -> None:
+        """One stage under FSDP2: microbatches accumulate as FSDP2 documents (gradients reduced by the
+        last microbatch's backward only), and its own backward hooks reduce-scatter each unit's
+        gradients while the units before it compute, which PipelineStage's reduction after the
+        whole backward would not overlap."""
+        fsdp = self.pipeline_stages[0].submod
+        m = self.plan.num_microbatches
+        local_batch = self.plan.batch_size // self.mesh.dp
+        for i, (micro, micro_target) in enumerate(zip(split_rows(flat, local_batch, m),
+                                                      split_rows(target, local_batch, m))):
+            fsdp.set_requires_gradient_sync(i == m - 1)
+            loss = self._microbatch_loss(fsdp(*[micro[k] for k in self.adapters[0].tensor_positions]), micro_target)
+            (loss / m).backward()
             losses.append(loss.detach())
 
     def _autocast(self):
@@ -381,8 +401,9 @@ class DistributedRunner(StateMixin):
                     continue  # replicated over tp: rank 0's copy counts
                 sharded |= grad is not local_tensor(grad)
                 squares += local_tensor(grad).detach().float().pow(2).sum()
-        if sharded:  # FSDP: each replica holds a shard of every gradient
-            dist.all_reduce(squares, group=self.groups.dp)
+        if sharded:  # FSDP: each replica of a shard group holds a shard of every gradient
+            dist.all_reduce(squares, group=self.groups.dp_shard if data_parallel_mode(self.plan) == "hsdp"
+                            else self.groups.dp)
         if self.mesh.tp > 1:
             dist.all_reduce(squares, group=self.groups.tp)
         if self.mesh.pp > 1:
@@ -513,50 +534,6 @@ def _make_schedule(plan, stages: list, loss_fn: Callable[[Any, Any], torch.Tenso
     if plan.schedule not in classes:
         raise InputError(f"the plan's schedule {plan.schedule!r} is not known to this runtime; re-plan")
     return classes[plan.schedule](stages, n_microbatches=m, loss_fn=loss_fn)
-
-
-def _data_parallel(adapter: nn.Module, group, device: torch.device, plan) -> nn.Module:
-    """Replicate the stage over the dp group with PyTorch's own data parallelism, as the plan says.
-
-    'fsdp': FSDP2 `fully_shard`, parameters kept unsharded between forward
-    and backward (ZeRO-2). 'ddp' with one stage per replica (pp = 1):
-    DistributedDataParallel, whose bucketed all-reduce overlaps the last
-    backward. 'ddp' with several stages: FSDP2's `replicate`, the DDP that
-    torch.distributed.pipelining drives (it triggers the reduction once per
-    step). DistributedDataParallel is not used there: its bucket order is
-    recorded twice when the pipeline's shape inference calls it outside
-    `no_sync` (reducer assert), and the zero-bubble weight pass writes
-    `.grad` past its hooks, so gradients would silently not be averaged.
-    """
-    if plan.data_parallel_mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # Mixed precision: bf16 parameters for compute and the all-gather, gradients reduced in
-        # float32; boundary inputs keep their planned dtypes (no forward-input cast).
-        policy = (MixedPrecisionPolicy(param_dtype=autocast_dtype(plan.mixed_precision), reduce_dtype=torch.float32,
-                                       cast_forward_inputs=False)
-                  if plan.mixed_precision else MixedPrecisionPolicy())
-        return fully_shard(adapter, mesh=_device_mesh(group, device), reshard_after_forward=False, mp_policy=policy)
-    if plan.data_parallel_mode != "ddp":
-        raise InputError(f"the plan's data_parallel_mode {plan.data_parallel_mode!r} is not known; "
-                         "use 'ddp' or 'fsdp'")
-    if plan.num_stages == 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(adapter, process_group=group,
-                                       device_ids=[device] if device.type == "cuda" else None)
-    try:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-    except ImportError as error:
-        raise InputError(f"this torch {torch.__version__} lacks FSDP2's replicate, which data parallelism "
-                         "of a pipeline needs in 'ddp' mode; re-plan with data_parallel_mode='fsdp'") from error
-    return replicate(adapter, mesh=_device_mesh(group, device))
-
-
-def _device_mesh(group, device: torch.device):
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return DeviceMesh.from_group(group, device.type)
 
 
 def _default_device() -> torch.device:

@@ -47,6 +47,10 @@ class MeshGroups:
     """The ranks that split this rank's stage (same dp replica and stage)."""
     shared: dict[tuple[int, ...], dist.ProcessGroup | None]
     """Groups of stages (of this pipeline) that hold copies of one parameter, by stage tuple."""
+    dp_shard: dist.ProcessGroup | None = None
+    """HSDP (1 < mesh.dp_shard < mesh.dp): the replicas on this rank's host, which shard the state."""
+    dp_replicate: dist.ProcessGroup | None = None
+    """HSDP: the replicas on other hosts holding the same shard as this rank."""
 
 
 def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]) -> MeshGroups:
@@ -68,6 +72,21 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
             group = dist.new_group(ranks) if mesh.dp > 1 else None
             if stage == me.stage and tp_index == me.tp_index:
                 dp_group, dp_ranks = group, ranks
+    shard_group = replicate_group = None
+    shard = mesh.dp_shard
+    if 1 < shard < mesh.dp:  # HSDP: dp_shard consecutive replicas per host
+        for stage in range(mesh.pp):
+            for tp_index in range(mesh.tp):
+                ranks = [mesh.rank_of(d, stage, tp_index) for d in range(mesh.dp)]
+                mine = stage == me.stage and tp_index == me.tp_index
+                for start in range(0, mesh.dp, shard):
+                    group = dist.new_group(ranks[start:start + shard])
+                    if mine and start <= me.dp_index < start + shard:
+                        shard_group = group
+                for offset in range(shard):
+                    group = dist.new_group(ranks[offset::shard])
+                    if mine and me.dp_index % shard == offset:
+                        replicate_group = group
     tp_group = None
     for dp_index in range(mesh.dp):
         for stage in range(mesh.pp):
@@ -83,4 +102,5 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
                 group = dist.new_group(ranks)
                 if dp_index == me.dp_index and tp_index == me.tp_index and me.stage in stages:
                     shared[stages] = group
-    return MeshGroups(pp=pp_group, pp_ranks=pp_ranks, dp=dp_group, dp_ranks=dp_ranks, tp=tp_group, shared=shared)
+    return MeshGroups(pp=pp_group, pp_ranks=pp_ranks, dp=dp_group, dp_ranks=dp_ranks, tp=tp_group,
+                      dp_shard=shard_group, dp_replicate=replicate_group, shared=shared)

@@ -28,8 +28,9 @@ import torch
 import torch.fx
 
 from autopart.errors import PlanError
-from autopart.interfaces import TPRankInfo, tp_rank_info
-from autopart.tp_random import draws_random
+from autopart.interfaces import TPRankInfo, region_info, tp_rank_info
+from autopart.recompute import run_region
+from autopart.tp_random import draws_random, streams_of
 
 
 def _info(module: torch.fx.GraphModule) -> TPRankInfo:
@@ -58,10 +59,22 @@ def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequenc
     modules = list(rank_modules)
     if [_info(m).rank for m in modules] != list(range(len(modules))):
         raise PlanError("give the rank modules in rank order 0..tp-1, all of them")
-    collectives = set(_info(modules[0]).collectives)
+    inputs = per_rank_inputs if per_rank_inputs is not None else [flat_inputs] * len(modules)
+    return _lockstep(modules, inputs, set(_info(modules[0]).collectives))
+
+
+def _lockstep(modules: list[torch.fx.GraphModule], per_rank_inputs: Sequence[Sequence[Any]],
+              collectives: set[str]) -> list[list[Any]]:
+    """Run `modules` (one per rank, one graph structure) node by node.
+
+    Region submodules (passes/regions.py) are entered in lock step too, and a
+    region that recomputes runs every rank's body under one checkpoint
+    (`autopart.recompute.run_region`): its replay in backward then runs the
+    ranks' collectives together, as the forward did.
+    """
     interps = [torch.fx.Interpreter(m) for m in modules]
     for r, interp in enumerate(interps):
-        interp.args_iter = iter(per_rank_inputs[r] if per_rank_inputs is not None else flat_inputs)
+        interp.args_iter = iter(per_rank_inputs[r])
         interp.env = {}
     outputs: list[list[Any]] = []
     for step in zip(*_check_lock_step(modules)):
@@ -71,6 +84,15 @@ def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequenc
             ys = modules[0].get_submodule(head.target).across_ranks(xs)
             for interp, node, y in zip(interps, step, ys):
                 interp.env[node] = y
+        elif head.op == "call_module" and region_info(modules[0].get_submodule(head.target)) is not None:
+            subs = [m.get_submodule(head.target) for m in modules]
+            args = [interp.fetch_args_kwargs_from_env(node)[0] for interp, node in zip(interps, step)]
+            for interp, node, out in zip(interps, step, _lockstep(subs, args, collectives)):
+                interp.env[node] = tuple(out)  # a region returns a tuple
+        elif head.op == "call_function" and head.target is run_region:
+            values = [interp.fetch_args_kwargs_from_env(node)[0] for interp, node in zip(interps, step)]
+            for interp, node, out in zip(interps, step, _region_in_lock_step(values, collectives)):
+                interp.env[node] = out
         elif head.op == "output":
             for interp, node in zip(interps, step):
                 outputs.append(list(interp.fetch_args_kwargs_from_env(node)[0][0]))
@@ -94,6 +116,23 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
     torch.set_rng_state(state[0])
     if state[1]:
         torch.cuda.set_rng_state_all(state[1])
+
+
+def _region_in_lock_step(values: list[tuple], collectives: set[str]) -> list[tuple]:
+    """`run_region(body, mode, *args)` of every rank as one call: one checkpoint around all bodies."""
+    bodies = [v[0] for v in values]
+    mode = values[0][1]
+    per_rank = [list(v[2:]) for v in values]
+    width = len(per_rank[0])
+
+    def all_ranks(*flat: Any) -> tuple:
+        outs = _lockstep(bodies, [flat[r * width:(r + 1) * width] for r in range(len(bodies))], collectives)
+        return tuple(x for out in outs for x in out)
+
+    all_ranks.sharded_streams = [stream for body in bodies for stream in streams_of(body)]  # rewound on replay
+    flat = run_region(all_ranks, mode, *[a for args in per_rank for a in args])
+    size = len(flat) // len(bodies)
+    return [tuple(flat[r * size:(r + 1) * size]) for r in range(len(bodies))]
 
 
 def simulate_tp(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any]) -> list[Any]:

@@ -139,6 +139,15 @@ def solve_pipeline(
     return _solution(problem, costs, assignment, status, bound / time_scale, solver.name, start)
 
 
+def price_assignment(problem: PipelineProblem, stage_of_block, *, status: str = "FEASIBLE",
+                     backend: str = "given", solve_seconds: float = 0.0) -> PipelineSolution:
+    """A given split (stage per block) priced exactly as a solve would report it; its bound is its own
+    step (nothing is proven about other splits)."""
+    start = time.perf_counter() - solve_seconds
+    return _solution(problem, pipeline_costs(problem), np.asarray(stage_of_block, dtype=np.int64), status, None,
+                     backend, start)
+
+
 def _solution(
     problem: PipelineProblem,
     costs: PipelineCosts,
@@ -476,7 +485,7 @@ def _explain_memory(
                      f"microbatch(es) in flight instead of {k})")
     fixes.append("devices with more memory")
     scope = "every split" if status == "OPTIMAL" else "the best split found"
-    raise PlanError(
+    error = PlanError(
         f"no split of {problem.num_blocks} blocks into {num_stages} pipeline stages fits in "
         f"memory ({problem.schedule}, {m} microbatches): {scope} leaves a stage over capacity, "
         f"at best stage {s} ({len(on_s)} block{'s' * (len(on_s) != 1)}: "
@@ -485,4 +494,6 @@ def _explain_memory(
         f"{fmt_bytes(memory[s], exact=True)} but has {fmt_bytes(costs.capacity[s], exact=True)}, "
         f"{fmt_bytes(memory[s] - costs.capacity[s], exact=True)} short. Try " + ", or ".join(fixes) + "."
     )
+    error.shortfall_bytes = float(memory[s] - costs.capacity[s])  # for the planner: the closest attempt
+    raise error
 

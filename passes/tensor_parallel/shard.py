@@ -179,7 +179,7 @@ class _RankBuilder:
         decision = self.a.nodes.get(node.name)
         if decision is None:   # e.g. _assert_tensor_metadata: runs on the local values as they are
             args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: self.local[a.name])
-            new = self.graph.call_function(node.target, args, kwargs)
+            new = self.graph.create_node("call_function", node.target, args, kwargs, name=node.name)
             new.meta = {k: v for k, v in node.meta.items() if k != "val"}
             return new
         sync = set(decision.grad_sync)
@@ -190,7 +190,7 @@ class _RankBuilder:
 
         args, kwargs = torch.fx.map_arg((node.args, node.kwargs), arg)
         target, args = self._localize(node, decision, list(args), kwargs)
-        new = self.graph.call_function(target, tuple(args), kwargs)
+        new = self.graph.create_node("call_function", target, tuple(args), kwargs, name=node.name)  # plan's names
         new.meta = self._meta(node, decision.output)
         if decision.scaled_bias is not None:
             bias = self._fetch(_arg_node(node, decision.scaled_bias), R, sync=False)

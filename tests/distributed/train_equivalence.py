@@ -39,7 +39,12 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--virtual-stages", type=int, default=1, help="stages per pipeline rank")
-    parser.add_argument("--dp-mode", choices=["ddp", "fsdp"], help="how replicas synchronise (None: planner)")
+    parser.add_argument("--dp-mode", choices=["ddp", "fsdp", "zero2", "zero3", "hsdp"],
+                        help="how replicas synchronise (None: planner)")
+    parser.add_argument("--hosts", type=int, default=1, help="pretend the processes sit on this many hosts "
+                        "(consecutive ranks per host), for HSDP")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"], help="activation recomputation "
+                        "of every block (None: planner)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpoint", help="also check a save/load round trip in this directory")
@@ -65,12 +70,22 @@ def main() -> None:
 
     megatron = {"blocks.*.attn_qkv": "colwise", "blocks.*.attn_proj": "rowwise",
                 "blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}
-    compiled = autopart.compile(model, args.stages * args.dp * args.tp, example_inputs=(batches[0],),
+    devices = args.stages * args.dp * args.tp
+    cluster = devices if args.hosts == 1 else _hosts(devices, args.hosts)
+    compiled = autopart.compile(model, cluster, example_inputs=(batches[0],),
                                 pipeline_parallel=args.stages, num_microbatches=args.microbatches,
                                 schedule=args.schedule, virtual_stages=args.virtual_stages,
                                 data_parallel=args.dp, data_parallel_mode=args.dp_mode, tensor_parallel=args.tp,
-                                tp_plan=megatron if args.tp > 1 else None, mixed_precision=args.mixed_precision)
+                                tp_plan=megatron if args.tp > 1 else None, mixed_precision=args.mixed_precision,
+                                recompute=args.recompute)
+    if args.recompute not in (None, "none"):
+        assert any(m == args.recompute for s in compiled.plan.stages for m in s.recompute), compiled.plan.stages
     runner = compiled.distributed(timeout_s=args.timeout)
+    if compiled.plan.data_parallel_mode in ("zero3", "hsdp"):  # one FSDP unit per block, and the stage's
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for stage in runner.pipeline_stages for m in stage.submod.modules() if isinstance(m, FSDPModule)]
+        assert len(units) > 2, f"ZeRO-3 wraps every block: {len(units)} FSDP units"
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
     optimizer = make[args.optimizer](runner.parameters())
     ref_optimizer = make[args.optimizer](reference.parameters())
@@ -107,6 +122,15 @@ def main() -> None:
     print(f"OK rank {runner.rank} stages {runner.stage_indices} {compiled.plan.schedule} "
           f"{compiled.plan.data_parallel_mode} loss {loss.item():.6f}", flush=True)
     torch.distributed.destroy_process_group()
+
+
+def _hosts(devices: int, hosts: int):
+    """`devices` CPU processes on `hosts` hosts of equal size (consecutive ranks per host)."""
+    from autopart.cost_models import Cluster, get_preset
+    from autopart.cost_models.links import LOOPBACK
+
+    return Cluster(devices=(get_preset("cpu"),) * devices, node_of_device=tuple(i * hosts // devices for i in range(devices)),
+                   intra_node_link=LOOPBACK, inter_node_link=LOOPBACK)
 
 
 def _check_checkpoint(runner, final: dict[str, torch.Tensor], directory: str) -> None:

@@ -1,0 +1,347 @@
+"""What one training setting costs per block and per stage: memory (bytes) and time (seconds).
+
+A setting is the part of a candidate the pipeline ILP does not choose: the
+data-parallel mode and its replicas, and how each block recomputes its
+activations (`Setting`). The planner (autopart/planner.py) turns these
+figures into the arrays of a `PipelineProblem` and, after the solve, adds the
+data-parallel synchronisation and the optimizer step that no stage cut
+changes.
+
+Memory, per block (bytes, at the traced batch unless scaled):
+- state: parameters + buffers + optimizer state, sharded over `dp_shard`
+  replicas under FSDP (`block_state_bytes`);
+- gradients: allocated by the first backward (`block_gradient_bytes`);
+- activations kept per microbatch in flight, after recomputation
+  (`Block.kept_bytes`) plus the loss's float32 log-softmax for the block that
+  computes the model's outputs (`activation_bytes`);
+- reserved once per stage (`reserved_bytes`): the activations a recomputed
+  block rebuilds during its backward (the largest block's), and under ZeRO-3
+  the parameters of the units FSDP has gathered (the one computing and the
+  one prefetched) and one unit's unreduced gradients.
+
+Time: a recomputed block's backward replays its forward, or the part of it
+'selective' does not keep (`recompute_seconds`); the data-parallel
+synchronisation per mode (`data_parallel_sync_seconds`); the optimizer step
+(`optimizer_seconds`). Collectives follow cost_models.comm (ring algorithms,
+Thakur et al. 2005).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from autopart.cost_models import (
+    Cluster,
+    all_gather_seconds,
+    all_reduce_seconds,
+    gradient_bytes,
+    optimizer_state_bytes,
+    optimizer_step_bytes,
+    reduce_scatter_seconds,
+)
+from autopart.passes.blocks import Block, BlockGraph
+from autopart.plan import reshards_parameters, shards_state
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """How the replicas hold the state and how each block keeps its activations."""
+
+    dp: int = 1
+    """Data-parallel replicas."""
+    mode: str = "ddp"
+    """One of plan.DATA_PARALLEL_MODES ('ddp' whenever dp = 1)."""
+    dp_shard: int = 1
+    """Replicas among which FSDP shards the state (Mesh.dp_shard)."""
+    recompute: tuple[str, ...] = ()
+    """Per block of the graph: 'none', 'selective' or 'full'; () = all 'none'."""
+
+    def recompute_of(self, b: int) -> str:
+        return self.recompute[b] if self.recompute else "none"
+
+    @property
+    def shards(self) -> int:
+        """How many ways the optimizer state and master weights are split (1 without FSDP)."""
+        return self.dp_shard if shards_state(self.mode) and self.dp > 1 else 1
+
+    @property
+    def recompute_label(self) -> str:
+        """'none', 'selective', 'full', or 'mixed' when blocks differ."""
+        modes = set(self.recompute or ("none",))
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+
+def unsharded_fraction(request, setting: Setting) -> float:
+    """Size of FSDP's gathered parameters and unreduced gradients relative to the float32 master
+    copy: half under bf16 mixed precision (MixedPrecisionPolicy(param_dtype=bfloat16)), else 1."""
+    return 0.5 if setting.shards > 1 and request.mixed_precision == "bf16" else 1.0
+
+
+def weights_in_compute_dtype(request, setting: Setting) -> bool:
+    """Whether FSDP hands the blocks bf16 weights, so that autocast copies none (mixed precision)."""
+    return setting.shards > 1 and request.mixed_precision == "bf16"
+
+
+def block_state_bytes(block: Block, request, setting: Setting) -> float:
+    """Parameters + optimizer state + buffers of a block (bytes), held the whole step.
+
+    'zero2': optimizer state and master parameters in 1/dp_shard shards, and the gathered
+    parameters kept from the first forward to the step's end (FSDP2 reshard_after_forward=False),
+    in bf16 under mixed precision. 'zero3'/'hsdp': only the shards; the gathered parameters are
+    transient (`reserved_bytes`) or, in a pipeline, kept after the first backward
+    (`block_gradient_bytes`).
+    """
+    state = float(block.param_bytes + block.buffer_bytes)
+    if not request.training:
+        return state
+    optimizer = optimizer_state_bytes(block.trainable_param_bytes, request.optimizer)
+    shards = setting.shards
+    if shards == 1:
+        return state + optimizer
+    sharded = (optimizer + block.param_bytes) / shards + block.buffer_bytes
+    if reshards_parameters(setting.mode):
+        return sharded
+    return sharded + block.param_bytes * unsharded_fraction(request, setting)
+
+
+def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatches: int = 1,
+                         pipelined: bool = False) -> float:
+    """Gradients of a block (bytes): allocated by its first backward, kept to the step's end.
+
+    'ddp' on one stage: the gradients and DistributedDataParallel's bucket copy of them.
+    'zero2': the unreduced full gradients and the reduced 1/dp_shard shard. 'zero3'/'hsdp': the
+    shard; with several microbatches the unreduced gradients accumulate until the last one
+    reduces them (FSDP2's gradient accumulation, float32 as the reduce dtype); in a pipeline
+    (torch.distributed.pipelining) the stage also keeps its gathered parameters from its first
+    backward until the step's end, where it reduces (PipelineStage.perform_reduce_grad).
+    """
+    if not request.training:
+        return 0.0
+    grads = float(gradient_bytes(block.trainable_param_bytes))
+    shards = setting.shards
+    if shards == 1 and setting.mode == "ddp" and setting.dp > 1 and not pipelined:
+        # DistributedDataParallel copies every gradient into its flat all-reduce buckets
+        # (gradient_as_bucket_view=False, its default): the gradients are held twice.
+        return 2 * grads
+    if shards == 1:
+        return grads
+    if not reshards_parameters(setting.mode):
+        return grads * unsharded_fraction(request, setting) + grads / shards
+    held = grads / shards
+    if pipelined:
+        held += grads + block.param_bytes * unsharded_fraction(request, setting)
+    elif num_microbatches > 1:
+        held += grads
+    return held
+
+
+def activation_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:
+    """Bytes a block keeps per microbatch in flight (traced batch): what autograd keeps under
+    `recompute` (`Block.kept_bytes`), plus, for the block computing the model's outputs, the
+    float32 log-softmax of them that a cross-entropy loss saves (the loss is not traced;
+    cross-entropy is assumed)."""
+    if not request.training:
+        return 0.0
+    return (block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
+            + block.model_output_float32_bytes)
+
+
+def loss_backward_bytes(block: Block) -> int:
+    """Bytes the loss's backward holds at once, beyond what is saved (traced batch): cross-entropy's
+    two float32 gradients of its logits' size (nll_loss's, then log_softmax's). With them (and
+    attention priced as the fused kernel, passes/node_costs.py) the bf16 GPT 24×2048 on one H200
+    at batch 32 comes out at 67.5 GiB against the 69 GiB `torch.cuda.max_memory_allocated`
+    measured (REFERENCES.md)."""
+    return 2 * block.model_output_float32_bytes
+
+
+def loss_seconds(block: Block, device, scale: float, request) -> tuple[float, float]:
+    """(forward, backward) seconds of the loss on the block's model outputs: cross-entropy, as
+    assumed for memory. With F the float32 size of the logits, it streams about 3F forward
+    (the float32 conversion, log-softmax's read and write) and 5F backward (nll_loss's
+    gradient written, log-softmax's backward reading 2F and writing F, the conversion back),
+    memory bound at the device's achieved bandwidth. 0 for blocks without outputs and for
+    inference."""
+    if not block.model_output_float32_bytes or not request.training:
+        return 0.0, 0.0
+    per_byte = block.model_output_float32_bytes * scale / device.achieved_bandwidth
+    return 3 * per_byte, 5 * per_byte
+
+
+def returned_output_bytes(block: Block, request, num_microbatches: int, scale: float) -> float:
+    """Model outputs of every microbatch, which the last stage keeps until the training step
+    returns them all (torch.distributed.pipelining merges them at the end); 0 for inference."""
+    return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
+
+
+def recompute_transient_bytes(block: Block, request, setting: Setting, recompute: str) -> float:
+    """Bytes a recomputed block rebuilds for its own backward (traced batch): what 'none' would keep
+    less what `recompute` keeps. One block at a time, so a stage reserves its largest."""
+    if not request.training or recompute == "none":
+        return 0.0
+    keep_all = block.kept_bytes("none", weights_in_compute_dtype(request, setting))
+    return max(0.0, float(keep_all - block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))))
+
+
+def fsdp_unit_transient_bytes(blocks: Sequence[Block], request, setting: Setting) -> float:
+    """ZeRO-3 bytes a stage holds for its FSDP units beyond the shards: the gathered parameters of
+    the unit computing and of the one prefetched (FSDP2's default prefetch depth of one), and the
+    unreduced gradients of the unit whose backward just ran (before its reduce-scatter frees them)."""
+    if not request.training or not reshards_parameters(setting.mode) or setting.shards == 1:
+        return 0.0
+    sizes = sorted((b.param_bytes for b in blocks), reverse=True)
+    gathered = sum(sizes[:2]) * unsharded_fraction(request, setting)
+    return gathered + max((gradient_bytes(b.trainable_param_bytes) for b in blocks), default=0)
+
+
+def recompute_seconds(block: Block, device: str, recompute: str, scale: float, schedule: str) -> float:
+    """Forward a recomputed block replays per microbatch (s): the whole forward for 'full', the ops
+    'selective' does not keep otherwise. Zero bubble's split backward (input gradients, later
+    weight gradients: two autograd passes) replays it in each."""
+    replay = block.recompute_time_on(device, recompute).fwd(scale)
+    return 2 * replay if schedule == "zero_bubble" else replay
+
+
+def unique_parameters(blocks: Sequence[Block]) -> list[tuple[str, int, bool, int]]:
+    """(name, bytes, trainable, elements) of the parameters some block of `blocks` reads, each once."""
+    return list({entry[0]: entry for block in blocks for entry in block.parameters}.values())
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+
+def dp_group(setting: Setting, num_ranks: int, rank: int) -> list[int]:
+    """Devices (of one replica's R pipeline ranks each) holding pipeline rank `rank`'s replicas."""
+    return [d * num_ranks + rank for d in range(setting.dp)]
+
+
+def shard_group(setting: Setting, num_ranks: int, rank: int) -> list[int]:
+    """The first shard group of pipeline rank `rank`: dp_shard consecutive replicas."""
+    return [d * num_ranks + rank for d in range(setting.dp_shard)]
+
+
+def replicate_group(setting: Setting, num_ranks: int, rank: int) -> list[int]:
+    """The replicas holding the same shard (HSDP: one per host)."""
+    return [d * num_ranks + rank for d in range(0, setting.dp, setting.dp_shard)]
+
+
+def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, problem, solution,
+                               setting: Setting) -> float:
+    """Exposed time of the data-parallel synchronisation, the slowest pipeline rank's (s).
+
+    'ddp' without a pipeline (one stage): DistributedDataParallel all-reduces
+    in buckets during the last microbatch's backward, so only the part longer
+    than that backward shows: max(0, all-reduce − one microbatch's backward).
+    'ddp' with a pipeline: FSDP2's replicate, which torch.distributed.pipelining
+    reduces once after the last backward: the all-reduce is exposed.
+    'zero2': each stage is one FSDP unit, so the all-gather of its parameters
+    before the first forward and the reduce-scatter of its gradients after the
+    last backward are exposed. 'zero3'/'hsdp': `zero3_exposed_seconds`.
+    """
+    if setting.dp == 1 or not request.training:
+        return 0.0
+    exposed = 0.0
+    stage_of = solution.stage_of_block
+    for rank in range(problem.num_ranks):
+        stages = range(rank, problem.num_stages, problem.num_ranks)
+        members = [b for b, stage in enumerate(stage_of) if stage in stages]
+        grad_bytes = sum(graph.blocks[b].trainable_param_bytes for b in members)
+        param_bytes = sum(graph.blocks[b].param_bytes for b in members)
+        link = cluster.link_for_group(dp_group(setting, problem.num_ranks, rank))
+        if reshards_parameters(setting.mode):
+            sync = zero3_exposed_seconds(graph, cluster, request, problem, members, stage_of, setting, rank)
+        elif setting.mode == "zero2":
+            fraction = unsharded_fraction(request, setting)
+            sync = (all_gather_seconds(param_bytes * fraction, setting.dp, link)
+                    + reduce_scatter_seconds(grad_bytes, setting.dp, link))
+        elif problem.num_stages > 1:
+            sync = all_reduce_seconds(grad_bytes, setting.dp, link)
+        else:
+            backward = sum(float(problem.bwd_seconds[b, 0]) for b in members)
+            sync = all_reduce_seconds(grad_bytes, setting.dp, link) - backward
+        exposed = max(exposed, sync)
+    return max(0.0, exposed)
+
+
+def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem, members: list[int],
+                          stage_of: Sequence[int], setting: Setting, rank: int) -> float:
+    """Communication ZeRO-3 (or HSDP) leaves exposed on one pipeline rank per step (s).
+
+    Each block is an FSDP unit. FSDP2 gathers a unit's parameters (bf16 under
+    mixed precision) before its forward and again before its backward, and
+    prefetches the next unit's gather while the current one computes; a unit's
+    gradients are reduce-scattered (float32) while the next unit's backward
+    runs. Per unit, the part of the communication longer than the compute it
+    overlaps is exposed: max(0, comm − compute) (the overlap model of the
+    ZeRO paper's analysis, Rajbhandari et al. 2020, and FSDP2's
+    implicit prefetch). The first gather of each pass is exposed whole.
+    HSDP gathers and reduce-scatters within the host's shard group and then
+    all-reduces the shard across hosts.
+
+    Per step: forward gathers every microbatch (parameters are freed after
+    each forward). Without a pipeline (the runner drives FSDP itself) every
+    microbatch's backward gathers again and the last one also reduces, unit by
+    unit under the backward. In a pipeline, torch.distributed.pipelining keeps
+    the parameters gathered from the first backward and reduces the whole
+    stage after the last (PipelineStage.perform_reduce_grad): one backward
+    gather, and the reduce-scatter exposed.
+    """
+    fraction = unsharded_fraction(request, setting)
+    shard_link = cluster.link_for_group(shard_group(setting, problem.num_ranks, rank))
+    replicas = setting.dp // setting.dp_shard
+    cross_link = cluster.link_for_group(replicate_group(setting, problem.num_ranks, rank))
+    blocks = [graph.blocks[b] for b in members]
+    if not blocks:
+        return 0.0
+    gather = [all_gather_seconds(b.param_bytes * fraction, setting.dp_shard, shard_link) for b in blocks]
+    reduce = [reduce_scatter_seconds(gradient_bytes(b.trainable_param_bytes), setting.dp_shard, shard_link)
+              + all_reduce_seconds(gradient_bytes(b.trainable_param_bytes) / setting.dp_shard, replicas, cross_link)
+              for b in blocks]
+    fwd = [float(problem.fwd_seconds[b, stage_of[b]]) for b in members]
+    bwd = [float(problem.bwd_seconds[b, stage_of[b]]) for b in members]
+    m = problem.num_microbatches
+    forward = gather[0] + sum(max(0.0, gather[i] - fwd[i - 1]) for i in range(1, len(blocks)))
+    # backward runs the units last to first: while unit j computes, the gather of the unit before
+    # it (j − 1) and the reduce-scatter of the unit after it (j + 1) are in flight
+    n = len(blocks)
+    gather_back = gather[-1] + sum(max(0.0, gather[j - 1] - bwd[j]) for j in range(n - 1, 0, -1))
+    if problem.num_stages > 1:
+        return m * forward + gather_back + sum(reduce)
+    last = (gather[-1] + sum(max(0.0, (gather[j - 1] if j > 0 else 0.0) + (reduce[j + 1] if j + 1 < n else 0.0)
+                                 - bwd[j]) for j in range(n - 1, -1, -1)) + reduce[0])
+    return m * forward + (m - 1) * gather_back + last
+
+
+def optimizer_seconds(graph: BlockGraph, cluster: Cluster, request, problem, solution, setting: Setting) -> float:
+    """The optimizer step after the last backward, the slowest rank's: the bytes it streams
+    (`cost_models.optimizer_step_bytes`; a 1/dp_shard shard under FSDP) at the device's achieved
+    bandwidth. The step is not overlapped with anything."""
+    if not request.training:
+        return 0.0
+    slowest = 0.0
+    for rank in range(problem.num_ranks):
+        stages = set(range(rank, problem.num_stages, problem.num_ranks))
+        members = [graph.blocks[b] for b, stage in enumerate(solution.stage_of_block) if stage in stages]
+        trainable = sum(b for _, b, train, _ in unique_parameters(members) if train)
+        moved = optimizer_step_bytes(trainable, request.optimizer) / setting.shards
+        slowest = max(slowest, moved / cluster.devices[rank].achieved_bandwidth)
+    return slowest
+
+
+def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request, problem, setting: Setting) -> float:
+    """A bound on `data_parallel_sync_seconds` before solving: the slowest rank moves at least
+    the average rank's bytes (1/R of the model); latency left out. ZeRO-3 may hide everything
+    but its first gather: bound 0."""
+    if (setting.dp == 1 or not request.training or reshards_parameters(setting.mode)
+            or (setting.mode == "ddp" and problem.num_stages == 1)):
+        return 0.0
+    grad_bytes = sum(b.trainable_param_bytes for b in graph.blocks) / problem.num_ranks
+    param_bytes = sum(b.param_bytes for b in graph.blocks) / problem.num_ranks
+    fastest = max(cluster.link_for_group(dp_group(setting, problem.num_ranks, r)).bandwidth
+                  for r in range(problem.num_ranks))
+    if setting.mode == "zero2":  # AG + RS
+        moved = param_bytes * unsharded_fraction(request, setting) + grad_bytes
+    else:  # AR = RS + AG
+        moved = 2 * grad_bytes
+    return (setting.dp - 1) / setting.dp * moved / fastest
