@@ -23,6 +23,7 @@ import autopart
 from autopart import passes, zoo
 from autopart.cost_models import Cluster, get_preset
 from autopart.interfaces import region_info, regions, stage_interface
+from autopart.plan import PLAN_VERSION
 from autopart.passes.random_ops import stream_of
 from autopart.recompute import RECOMPUTE_MODES
 from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
@@ -284,14 +285,17 @@ def test_a_fixed_recompute_mode_applies_to_every_block_and_is_priced():
     assert acts["none"] > acts["selective"] > acts["full"]
 
 
-def test_plans_of_schema_1_still_load():
+@pytest.mark.parametrize("version", [1, 2])
+def test_plans_of_schemas_1_and_2_still_load(version):
+    """Versions 1 and 2 named ZeRO-2 'fsdp' and recomputed nothing; version 1 also named a
+    candidate's pipeline ranks num_stages."""
     entry = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4)
     plan = autopart.compile(entry.model, 2, example_inputs=entry.args, data_parallel=2,
                             data_parallel_mode="zero2").plan
     import json
 
     old = json.loads(plan.to_json())
-    old["version"] = 1
+    old["version"] = version
     old["data_parallel_mode"] = "fsdp"
     old["mesh"].pop("dp_shard")
     for stage in old["stages"]:
@@ -300,8 +304,11 @@ def test_plans_of_schema_1_still_load():
     for candidate in old["candidates"]:
         candidate.pop("recompute")
         candidate["data_parallel_mode"] = "fsdp" if candidate["data_parallel_mode"] == "zero2" else "ddp"
+        if version == 1:
+            candidate["num_stages"] = candidate.pop("pipeline_parallel")
     again = autopart.Plan.from_json(json.dumps(old))
-    assert again.data_parallel_mode == "zero2" and again.mesh.dp_shard == 2 and again.version == 2
+    assert again.data_parallel_mode == "zero2" and again.mesh.dp_shard == 2 and again.version == PLAN_VERSION
+    assert {c.data_parallel_mode for c in again.candidates} <= {"ddp", "zero2"}
     assert all(s.recompute == () for s in again.stages)
 
 

@@ -12,7 +12,7 @@ import pytest
 import autopart
 from autopart import InputError, zoo
 from autopart.cost_models import Cluster
-from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
+from autopart.plan import PLAN_VERSION, Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.report.html import render_html
 from autopart.report.svg import memory_svg
 from autopart.report.summary import abbreviate_blocks, schedule_grid
@@ -333,7 +333,7 @@ def test_json_version_1_reads_a_candidates_num_stages_as_its_pipeline_ranks(gpt2
     """Version 2 renamed Candidate.num_stages (pipeline ranks) to pipeline_parallel: Plan.num_stages
     counts model stages (ranks × virtual stages), and nothing else is called num_stages."""
     data = json.loads(gpt2_interleaved.to_json())
-    assert data["version"] == 2 and all("num_stages" not in c for c in data["candidates"])
+    assert data["version"] == PLAN_VERSION and all("num_stages" not in c for c in data["candidates"])
     data["version"] = 1
     for candidate in data["candidates"]:
         candidate["num_stages"] = candidate.pop("pipeline_parallel")
