@@ -259,7 +259,16 @@ def step_factor(name: str, num_ranks: int, num_microbatches: int, virtual_stages
     (bubble (R-1)/(m·v), Narayanan et al. 2021), and zero bubble less when
     m ≥ R, as its weight gradients fill the 1F1B bubble (Qi et al. 2024),
     though its split backward costs more than B.
+
+    Closed forms where playing gives exactly them (tests/test_schedules.py checks them against
+    the played schedules): GPipe and 1F1B always, interleaved 1F1B once m ≥ R; the planner asks
+    for thousands of these at R and m in the hundreds, which would each play 10^5 actions.
     """
+    if name in ("gpipe", "1f1b") and virtual_stages == 1:
+        return float(num_microbatches + num_ranks - 1)
+    if name == "interleaved_1f1b" and training and num_microbatches >= num_ranks:
+        microbatches_per_round(num_ranks, num_microbatches)  # the same error as building it
+        return float(num_microbatches * virtual_stages + num_ranks - 1)
     schedule = build_schedule(name, num_ranks, num_microbatches, training, virtual_stages)
     slot = _UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0)
     ends = play(schedule, lambda action: _UNIT_COSTS[action.kind]).values()

@@ -88,6 +88,31 @@ def test_step_factors_match_the_literature() -> None:
     assert step_factor("zero_bubble", 2, 12) > step_factor("1f1b", 2, 12)
 
 
+def _played_factor(name: str, num_ranks: int, m: int, v: int, training: bool) -> float:
+    from autopart.schedules import _UNIT_COSTS
+
+    ends = play(build_schedule(name, num_ranks, m, training, v), lambda a: _UNIT_COSTS[a.kind]).values()
+    return max(end for _, end in ends) / (_UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_closed_forms_equal_the_played_schedules(training: bool) -> None:
+    """step_factor and the in-flight counts answer GPipe, 1F1B and interleaved 1F1B (m ≥ R) in
+    closed form; playing the action lists gives exactly the same numbers."""
+    from autopart.problems import _in_flight
+
+    for num_ranks in range(1, 9):
+        for m in range(1, 33):
+            for name in ("gpipe", "1f1b"):
+                assert step_factor(name, num_ranks, m, 1, training) == _played_factor(name, num_ranks, m, 1, training)
+                if training:
+                    assert _in_flight(name, num_ranks, m, 1, True) == peak_in_flight(build_schedule(name, num_ranks, m))
+            for v in (2, 3, 4):
+                if training and num_ranks >= 2 and m >= num_ranks and _valid(num_ranks, m, v):
+                    assert step_factor("interleaved_1f1b", num_ranks, m, v) == _played_factor(
+                        "interleaved_1f1b", num_ranks, m, v, True)
+
+
 def test_in_flight_counts() -> None:
     """1F1B keeps min(m, R - s) on stage s; GPipe all m; interleaved follows its warm-up."""
     assert peak_in_flight(build_schedule("1f1b", 4, 8)) == {0: 4, 1: 3, 2: 2, 3: 1}
