@@ -16,8 +16,6 @@ samples scales them by b / traced size; per-op launch floors do not scale
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,20 +29,21 @@ from autopart.cost_models import (
     optimizer_state_bytes,
     reduce_scatter_seconds,
 )
+from autopart.block_arrays import stage_seconds
 from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.schedules import VIRTUAL_SCHEDULES, bubble_fraction, microbatches_per_round
 from autopart.problems import PipelineProblem, PipelineSolution, ValueFlow
 from autopart.schedules import SCHEDULES
-from autopart.solver import solve_pipeline
 
 
-# The integer program, always: on chains of blocks the solver's exact dynamic
-# program ("auto") is ~10x faster, but the ILP also takes DAGs and is what the
-# joint tensor-parallel model builds on; 24 solves of a 26-block chain take
-# about 0.16 s (benchmarks/solver_backends.py).
-SOLVER_BACKEND = "cpsat"
+# "auto": chains of blocks (every layer reads the one before, as in every transformer) get the
+# solver's exact dynamic program, whose optimum is the ILP's (every split of a chain is
+# contiguous; tests/test_solver_pipeline.py checks both against brute force); DAGs get the
+# CP-SAT model. The DP takes 2–12 ms on 83–130 blocks and 16–128 stages, where model building
+# alone costs CP-SAT more; a search over thousands of layouts needs that.
+SOLVER_BACKEND = "auto"
 
 MAX_VIRTUAL_STAGES = 4
 """Most stages per rank the search tries: each one more adds a boundary per microbatch."""
@@ -84,10 +83,11 @@ class PlanRequest:
     """'bf16' or None (passes/precision.py); the graph's costs are already priced for it."""
     training: bool = True
     """False plans inference: no backward, gradients or optimizer state."""
-    max_microbatches: int = 64
-    """Largest microbatch count tried when the planner chooses."""
+    max_microbatches: int = 512
+    """Largest microbatch count tried when the planner chooses (Megatron-LM's published runs use
+    up to 512 per pipeline: GPT-1T, batch 3072 over 6 replicas, microbatches of one)."""
     verbose: bool = False
-    """Print a line per candidate while searching."""
+    """Print the search's progress (best so far) on stderr."""
 
 
 def microbatch_choices(request: PlanRequest, data_parallel: int = 1) -> list[int]:
@@ -135,69 +135,11 @@ def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
 
 
 def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str) -> Plan:
-    """The fastest feasible dp × pp plan for `graph` on `cluster`."""
-    started = time.perf_counter()
-    schedules = schedule_choices(request)
-    best: tuple[float, PipelineSolution, PipelineProblem, int, str] | None = None
-    candidates: list[Candidate] = []
-    failures: list[tuple[float, str]] = []
-    skipped: list[str] = []  # why fixed choices left a (schedule, ranks, microbatches) without any plan
-    num_problems = 0
-    # Most replicas first: the plans that data parallelism alone makes fast are found early,
-    # so the lower bound prunes the deeper pipelines without solving them.
-    for dp in sorted(data_parallel_choices(request, cluster), reverse=True):
-        for num_ranks in _stage_choices(request, cluster, len(graph.blocks), dp):
-            for m in microbatch_choices(request, dp):
-                for schedule in schedules:
-                    if schedule == "gpipe" and num_ranks == 1 and "1f1b" in schedules:
-                        continue  # one stage: GPipe is 1F1B with more in flight
-                    for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks), skipped):
-                        for mode in data_parallel_mode_choices(request, dp):
-                            tried = dict(data_parallel=dp, num_stages=num_ranks, num_microbatches=m,
-                                         schedule=schedule, virtual_stages=v, data_parallel_mode=mode)
-                            problem = build_problem(graph, cluster, request, num_ranks * v, m, schedule, dp,
-                                                    virtual_stages=v, data_parallel_mode=mode)
-                            bound = lower_bound(problem) + sync_lower_bound(graph, cluster, request, problem, dp,
-                                                                            mode)
-                            if best is not None and bound >= best[0]:
-                                candidates.append(Candidate(
-                                    **tried, step_seconds=None, status="pruned",
-                                    detail=f"lower bound {bound:.3g} s >= best {best[0]:.3g} s"))
-                                continue
-                            num_problems += 1
-                            try:
-                                solution = solve_pipeline(problem, backend=SOLVER_BACKEND)
-                            except PlanError as error:
-                                failures.append((_shortfall(problem), str(error)))
-                                candidates.append(Candidate(**tried, step_seconds=None, status="infeasible",
-                                                            detail=str(error).splitlines()[0]))
-                                continue
-                            step = (solution.step_seconds
-                                    + data_parallel_sync_seconds(graph, cluster, request, problem, solution, dp, mode)
-                                    + optimizer_seconds(graph, cluster, request, problem, solution, dp, mode))
-                            detail = _binding(problem, solution)
-                            candidates.append(Candidate(**tried, step_seconds=step, status="feasible",
-                                                        detail=detail))
-                            if request.verbose:
-                                print(f"  dp={dp} ({mode}) pp={num_ranks}×v{v} m={m} {schedule}: "
-                                      f"{step * 1e3:.3f} ms ({detail})", file=sys.stderr)
-                            if best is None or step < best[0] * (1 - 1e-9):
-                                best = (step, solution, problem, dp, mode)
-    if not candidates and skipped:
-        raise InputError(f"no plan satisfies the choices fixed: {skipped[0]}")
-    if best is None:
-        raise _infeasible_error(graph, cluster, request, failures)
-    step, solution, problem, dp, mode = best
-    chosen = (dp, problem.num_ranks, problem.num_microbatches, problem.schedule, problem.virtual_stages, mode)
-    candidates = [
-        Candidate(**{**c.__dict__, "status": "chosen"})
-        if (c.data_parallel, c.num_stages, c.num_microbatches, c.schedule, c.virtual_stages,
-            c.data_parallel_mode) == chosen and c.status == "feasible"
-        else c
-        for c in candidates
-    ]
-    return _plan(graph, cluster, request, model_class, problem, solution, candidates,
-                 time.perf_counter() - started, num_problems, dp, step, mode)
+    """The fastest feasible dp × pp plan for `graph` on `cluster`: the layout search of
+    autopart/search.py over this one block graph (tp = 1)."""
+    from autopart.search import TPOption, search  # search builds on this module's pieces
+
+    return search([TPOption(tp=1, graph=graph, cluster=cluster)], request, model_class).plan
 
 
 def _stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks, request: PlanRequest, dp: int,
@@ -399,11 +341,7 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     scale = _scale(request, num_microbatches, dp)
     num_ranks = num_stages // virtual_stages
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
-    fwd = np.array([[b.time_on(d.name).fwd(scale) for d in devices] for b in graph.blocks])
-    if request.training:
-        bwd = np.array([[b.time_on(d.name).bwd(scale) for d in devices] for b in graph.blocks])
-    else:
-        bwd = np.zeros_like(fwd)
+    fwd, bwd = stage_seconds(graph, [d.name for d in devices], scale, request.training)
     state = np.array([block_state_bytes(b, request, dp, data_parallel_mode)
                       + returned_output_bytes(b, request, num_microbatches, scale) for b in graph.blocks])
     grads = np.array([block_gradient_bytes(b, request, dp, data_parallel_mode) for b in graph.blocks])
