@@ -13,12 +13,14 @@ import torch.fx
 from autopart import passes
 from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, optimizer_state_bytes
-from autopart.batch import batch_size_of, take_rows
+from autopart.batch import batch_size_of
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError, PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.plan import Plan, autocast_dtype
+from autopart.analysis import Analysis, analyse, annotate_graph, block_strategies, check_blocks, first_rows
 from autopart.mesh_search import plan_mesh, tensor_parallel_choices
+from autopart.passes.stack_assignment import restate_assignment
 from autopart.planner import PlanRequest, smallest_microbatch
 from autopart.tracing import io_spec, trace
 
@@ -40,6 +42,7 @@ def compile(  # noqa: A001 - the public name the project promises
     optimizer: str = "adam",
     mixed_precision: str | None = None,
     training: bool = True,
+    reuse_layers: bool = True,
     verbose: bool = False,
 ) -> CompiledModel:
     """Partition `model` across `devices` and return the plan with one module per rank.
@@ -55,6 +58,10 @@ def compile(  # noqa: A001 - the public name the project promises
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
     gradients and optimizer state; the runtimes enable it and the planner prices it.
+    `reuse_layers` (default) analyses a stack of identical layers once: a copy of the model with
+    three of them is traced, costed and split, and the costs restated for every layer; the whole
+    model is traced only when rank modules are first asked for (`CompiledModel.rank_modules`,
+    `simulate`, `distributed`). False traces every layer up front.
     """
     log = _Phases(verbose)
     cluster = resolve_devices(devices)
@@ -73,37 +80,87 @@ def compile(  # noqa: A001 - the public name the project promises
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
     request = dataclasses.replace(request, traced_batch_size=traced_size)
-    log("trace", f"tracing at microbatch size {traced_size}")
-    gm = trace(model, *_first_rows(flat_batch, in_spec, batch_size, traced_size))  # TRACED: ATen graph
-    log("annotate", "annotating costs")
-    gm = _annotate(gm, cluster, compute_dtype)                              # COSTED: NodeCost per node
-    blocks = passes.coarsen(gm, cluster, min_blocks=(num_stages or 1) * (virtual_stages or 1))  # -> blocks
+    rows = first_rows(flat_batch, in_spec, batch_size, traced_size)
+    analysis = analyse(model, *rows, cluster, compute_dtype, min_blocks=(num_stages or 1) * (virtual_stages or 1),
+                       reuse_layers=reuse_layers, phase=log, note=log.note)  # TRACED, COSTED -> blocks
+    gm, blocks = analysis.gm, analysis.blocks
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
-    log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
+    log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
     plan, assignment = plan_mesh(gm, blocks, cluster, request, io_spec(gm).model_class,  # ILPs -> Plan
-                                 tp_sizes, _tp_fixed(gm, tp_plan))
+                                 tp_sizes, _tp_fixed(gm, tp_plan), restate=analysis.restate,
+                                 progress=log.note if verbose else None)
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
+    if analysis.stack is not None:  # the whole model's graph and rank modules when first asked for
+        if assignment is not None:
+            plan = dataclasses.replace(plan, tensor_parallel={
+                **plan.tensor_parallel, "nodes": {}, "collectives": [],
+                "block_strategies": block_strategies(analysis, assignment),
+                "analysed_layers": f"{analysis.stack.keep} of {analysis.stack.num_layers}"})
+        log("done")
+
+        def whole_model() -> tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]:
+            return _whole_model(model, flat_batch, in_spec, plan, analysis, assignment, cluster, tp_plan, training,
+                                compute_dtype, traced_size)
+
+        return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds, materialize=whole_model)
     if plan.microbatch_size != traced_size:                                 # shapes are static: retrace
         log("retrace", f"retracing at microbatch size {plan.microbatch_size}")
         gm, plan, assignment = _retrace(model, flat_batch, in_spec, plan, blocks, cluster, tp_plan, training,
                                         compute_dtype)
         log("codegen", "cutting stages")
-    split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
-    stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
-    ranks = [_shard(stage, assignment) for stage in stages]                 # its tp ranks, collectives in
+    ranks = _rank_modules(gm, plan, assignment, model)
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=gm, cluster=cluster, phase_seconds=log.seconds)
 
 
-def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
-    """Costs of the graph as it runs: constant attention masks as SDPA's flags (the eager model's
-    kernels), and under autocast the values re-propagated in their autocast dtypes first."""
-    gm = passes.use_causal_attention(gm)
-    if compute_dtype is not None:
-        gm = passes.autocast_values(gm, compute_dtype)
-    return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, model: torch.nn.Module):
+    """[stage][tp rank] GraphModules of `plan` cut from the whole model's graph `gm`."""
+    split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
+    stages = passes.stage_modules(split, _canonical_names(model))           # one GraphModule per stage
+    return [_shard(stage, assignment) for stage in stages]                  # its tp ranks, collectives in
+
+
+def _whole_model(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, analysis: Analysis,
+                 assignment, cluster: Cluster, tp_plan: dict[str, str] | None, training: bool,
+                 compute_dtype: torch.dtype | None, traced_size: int):
+    """The whole model traced at the plan's microbatch, the plan on its nodes, and the rank modules.
+
+    Its blocks are the ones planned, by name; the tp assignment chosen on the analysed copy is
+    restated node by node (at another microbatch size it is chosen again on the copy first).
+    """
+    size = plan.microbatch_size
+    gm = _annotate(trace(model, *first_rows(flat, in_spec, plan.batch_size, size)), cluster, compute_dtype)
+    blocks = passes.coarsen(gm, cluster, depth=analysis.blocks.depth)
+    check_blocks([b for stage in plan.stages for b in stage.blocks], blocks, size, io_spec(gm).model_class)
+    nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    stages = tuple(dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
+                   for stage in plan.stages)
+    whole = None
+    if plan.mesh.tp > 1:
+        copy = analysis
+        if size != traced_size:  # node names and shapes differ at this size: choose the splits on the copy again
+            copy = analyse(model, *first_rows(flat, in_spec, plan.batch_size, size), cluster, compute_dtype,
+                           min_blocks=analysis.num_blocks)
+            _, assignment = passes.tensor_parallel_blocks(
+                copy.gm, copy.blocks, cluster, plan.mesh.tp, training=training, fixed=_tp_fixed(copy.gm, tp_plan),
+                memory_budget_bytes=min(d.memory_bytes for d in cluster.devices))
+        if copy.expansion is not None:
+            whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
+        if whole is None:  # the graphs do not line up node by node: choose the splits on the whole graph
+            _, whole = passes.tensor_parallel_blocks(
+                gm, blocks, cluster, plan.mesh.tp, training=training, fixed=_tp_fixed(gm, tp_plan),
+                memory_budget_bytes=min(d.memory_bytes for d in cluster.devices))
+    tensor_parallel = None
+    if whole is not None:
+        tensor_parallel = {**whole.to_dict(), "analysed_layers": plan.tensor_parallel["analysed_layers"]}
+    plan = dataclasses.replace(plan, stages=stages, tensor_parallel=tensor_parallel)
+    return plan, _rank_modules(gm, plan, whole, model), gm
+
+
+_annotate = annotate_graph
+_first_rows = first_rows
 
 
 def _tp_fixed(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None) -> dict[str, str] | None:
@@ -138,6 +195,12 @@ class _Phases:
         if self.verbose:
             print(f"[autopart {now - self.started:6.2f}s] {message or phase}", file=sys.stderr, flush=True)
 
+    def note(self, message: str) -> None:
+        """A progress line within the current phase (printed when verbose)."""
+        if self.verbose:
+            now = time.perf_counter()
+            print(f"[autopart {now - self.started:6.2f}s]   {message}", file=sys.stderr, flush=True)
+
 
 def _check_model(model: torch.nn.Module) -> None:
     if not isinstance(model, torch.nn.Module):
@@ -161,13 +224,6 @@ def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:
         return autocast_dtype(mixed_precision)
     except ValueError as error:
         raise InputError(str(error)) from error
-
-
-def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
-    """(args, kwargs) of the first `size` samples of the batch."""
-    micro = take_rows(flat, batch_size, 0, size)
-    args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
-    return tuple(args), dict(kwargs)
 
 
 def _retrace(model: torch.nn.Module, flat: list[Any], in_spec, plan: Plan, blocks: BlockGraph,

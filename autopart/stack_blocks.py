@@ -60,7 +60,7 @@ class StackExpansion:
         blocks: list[tuple[int, int, int]] = [(b, PROLOGUE, PROLOGUE) for b in prologue]
         index: dict[tuple[int, int], int] = {}  # (whole-model layer, position) -> whole-model block
         for i in range(stack.num_layers):
-            j = _representative(i, stack)
+            j = representative_layer(i, stack)
             for p, b in enumerate(layers[j]):
                 index[(i, p)] = len(blocks)
                 blocks.append((b, j, i))
@@ -117,7 +117,7 @@ def _relative(name: str, stack: LayerStack, j: int) -> str:
     return "{}" + name[len(stack.layer_prefix(j)):]
 
 
-def _representative(i: int, stack: LayerStack) -> int:
+def representative_layer(i: int, stack: LayerStack) -> int:
     """The kept layer that stands for layer i: the first and last as themselves, inner ones by layer 1."""
     if i == 0:
         return 0
@@ -130,7 +130,7 @@ def _full_layers(stack: LayerStack) -> dict[int, list[int]]:
     """Kept layer j -> the whole-model layers it stands for."""
     out: dict[int, list[int]] = {}
     for i in range(stack.num_layers):
-        out.setdefault(_representative(i, stack), []).append(i)
+        out.setdefault(representative_layer(i, stack), []).append(i)
     return out
 
 
