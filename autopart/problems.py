@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from autopart.schedules import build_schedule, peak_in_flight, step_factor
+from autopart.schedules import build_schedule, interleaved_in_flight, peak_in_flight, step_factor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +168,8 @@ def _in_flight(schedule: str, num_ranks: int, m: int, virtual_stages: int, train
         # Training: the same counts, in closed form (what peak_in_flight counts on their lists).
         stages = num_ranks * virtual_stages
         return {s: m if schedule == "gpipe" else min(m, stages - s) for s in range(stages)}
+    if schedule == "interleaved_1f1b":
+        return interleaved_in_flight(num_ranks, m, virtual_stages)
     return peak_in_flight(build_schedule(schedule, num_ranks, m, training, virtual_stages))
 
 

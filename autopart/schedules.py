@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
+
 from autopart.errors import PlanError
 
 Schedule = tuple[tuple["Action", ...], ...]
@@ -283,6 +285,28 @@ def bubble_fraction(name: str, num_ranks: int, num_microbatches: int, virtual_st
     work = _UNIT_COSTS["F"] + (_UNIT_COSTS["I"] + _UNIT_COSTS["W"] if name == "zero_bubble" and training
                                else _UNIT_COSTS["B"] if training else 0.0)
     return 1.0 - num_microbatches * virtual_stages * work / (factor * slot)
+
+
+def interleaved_in_flight(num_ranks: int, num_microbatches: int, virtual_stages: int) -> dict[int, int]:
+    """`peak_in_flight` of training's interleaved 1F1B without building its action lists (numpy over
+    each rank's ops; the planner asks for R and m in the hundreds): rank r runs, at op o, the
+    forward of local stage (o // per_round) % v while o < v·m, then from its warm-up on the
+    backward of local stage v − 1 − ((o − warm-up) // per_round) % v, as `interleaved` lists them."""
+    m, v = num_microbatches, virtual_stages
+    per_round = microbatches_per_round(num_ranks, m)
+    total = v * m
+    peaks: dict[int, int] = {}
+    for r in range(num_ranks):
+        warmup = min((v - 1) * per_round + 2 * (num_ranks - 1 - r), total)
+        ops = np.arange(total + warmup)
+        forward = np.where(ops < total, (ops // per_round) % v, -1)
+        backward = np.where(ops >= warmup, v - 1 - ((ops - warmup) // per_round) % v, -1)
+        for local in range(v):
+            done_f = np.cumsum(forward == local)
+            done_b = np.concatenate([[0], np.cumsum(backward == local)[:-1]])  # before this op's backward
+            live = (done_f - done_b)[forward == local]
+            peaks[local * num_ranks + r] = int(live.max()) if live.size else 0
+    return dict(sorted(peaks.items()))
 
 
 def peak_in_flight(schedule: Schedule) -> dict[int, int]:

@@ -188,13 +188,14 @@ class _Run:
         for bound, order, shape in shapes:
             if eager:
                 self.expand(shape, order)
-            elif bound == float("inf"):  # no dp mode holds the state: remember how close it came
+            elif bound == float("inf"):  # no layout of it holds the model: remember how close it came
                 self.shapes_pruned += 1
                 first = next(_layouts_of_shape(self.options[shape.option], shape, self.request, self.schedules,
                                                []), None)
                 if first is not None:
                     self.num_layouts += 1
-                    self.note_failure(self.bounds[shape.option].memory_shortfall(first[1]), order, first[1])
+                    self.note_failure(max(self.bounds[shape.option].layout_bound(first[1])[1], 1.0), order,
+                                      first[1])
             else:
                 self.push(bound, order, shape)
 
@@ -205,15 +206,15 @@ class _Run:
                                                   self.schedules, self.skipped):
             key = order + position
             self.num_layouts += 1
-            short = model.memory_shortfall(layout)
+            bound, short = model.layout_bound(layout)
             if short > 0:
                 self.note_failure(short, key, layout)
                 self.rule_out(short, key, layout.candidate(
                     step_seconds=None, status="infeasible",
-                    detail=f"the blocks' state and gradients alone exceed the {layout.num_ranks} devices' "
-                           f"memory by {short / 2**30:.3g} GiB"))
+                    detail=f"memory: the repeated layers, state and gradients alone need {short / 2**30:.3g} GiB "
+                           f"more than the {layout.num_ranks * layout.virtual_stages} stages hold"))
                 continue
-            self.push(model.layout_bound(layout), key, layout)
+            self.push(bound, key, layout)
 
     def note_failure(self, shortfall: float, order: tuple, layout: Layout) -> None:
         """Keep the infeasible layout nearest to fitting, the first tp size's first (its error is shown)."""
@@ -236,7 +237,7 @@ class _Run:
             if isinstance(item, _Shape):
                 self.expand(item, order)
             else:
-                self.evaluate(item, order)
+                self.evaluate(item, order, bound)
             self.report()
         if self.progress is not None:
             self.progress(self.summary())
@@ -257,14 +258,14 @@ class _Run:
 
     # ------------------------------------------------------------------ one layout
 
-    def evaluate(self, layout: Layout, order: tuple) -> None:
+    def evaluate(self, layout: Layout, order: tuple, popped: float) -> None:
         option = self.options[self._option_of(layout)]
         request, dp, mode = self.request, layout.data_parallel, layout.data_parallel_mode
         problem = build_problem(option.graph, option.cluster, request, layout.num_ranks * layout.virtual_stages,
                                 layout.num_microbatches, layout.schedule, dp,
                                 virtual_stages=layout.virtual_stages, data_parallel_mode=mode)
         model = self.bounds[self._option_of(layout)]
-        bound = lower_bound(problem) + model.extra_bound(dp, layout.num_ranks, problem.num_stages, mode)
+        bound = max(popped, lower_bound(problem) + model.extra_bound(dp, layout.num_ranks, problem.num_stages, mode))
         if not self.may_win(bound, order):  # the problem's own bound is tighter than the estimate
             self.prune(bound, order, layout)
             return
@@ -302,7 +303,7 @@ class _Run:
         best = (f"best {self.best.step:.4g} s ({self.best.layout.describe()})" if self.best is not None
                 else "no feasible layout yet")
         return (f"search {time.perf_counter() - self.started:.1f} s: {len(self.solved)} layouts priced "
-                f"({self.num_problems} solves), {self.num_pruned} pruned, {self.shapes_pruned} mesh shapes "
+                f"({self.num_problems} solves), {self.num_pruned} ruled out by a bound, {self.shapes_pruned} mesh shapes "
                 f"pruned whole, {len(self.heap)} left; {best}")
 
     def result(self, model_class: str, seconds: float) -> SearchResult:

@@ -2,40 +2,51 @@
 
 The layout search (autopart/search.py) bounds every layout, and every mesh
 shape (tp, dp, pp) at once over all its layouts, from a few arrays per block
-graph. Each bound is at most what the planner would charge (tests check them
-against the solved steps):
+graph. Each bound is at most what the planner charges (tests/test_search.py
+checks them against solved steps):
 
-- compute: a step lasts at least factor × max(largest block, total work / S)
-  slots, blocks at their fastest device, factor = m + R − 1 for GPipe and 1F1B
-  (exact), m·v + R − 1 for interleaved 1F1B (exact once m ≥ R, less before), m·v
-  for zero bubble (each rank does all its m·v stage passes, the split dearer);
+- compute: a step lasts at least factor × the slowest stage's slot, factor =
+  m + R − 1 for GPipe and 1F1B (exact), m·v + R − 1 for interleaved 1F1B
+  (exact once m ≥ R, less before), m·v for zero bubble (each rank does all its
+  m·v stage passes, the split dearer). The slot is at least the largest block,
+  the average stage, and x layers of the model's repeated layer, where x is the
+  fewest layers the fullest stage can hold when the L layers are spread over S
+  stages, each stage taking at most as many as fit in its memory;
+- memory: stage s keeps k_s microbatches in flight (the schedule's count), so
+  one layer there needs at least the bytes the pipeline ILP charges it
+  (`PipelineProblem.block_memory`); stages hold floor(capacity / that) layers at
+  most, and all L must fit. Blocks other than the layers and boundary buffers
+  are left out, which only makes the bound weaker, never wrong;
 - data-parallel synchronisation: the slowest rank moves at least the average
-  rank's bytes (`planner.sync_lower_bound`, computed for whole shapes here);
+  rank's bytes (`planner.sync_lower_bound`, for whole shapes at once here);
 - optimizer step: the slowest rank streams at least 1/R of the trainable bytes
-  (`planner.optimizer_seconds`);
-- memory: every stage's peak is at least the state and gradients of its blocks,
-  so all of them must fit in the R devices' memory together.
+  (`planner.optimizer_seconds`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
 
 import numpy as np
 
 from autopart.block_arrays import time_table
 from autopart.cost_models import Cluster, optimizer_step_bytes
+from autopart.errors import PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.planner import (
     MAX_VIRTUAL_STAGES,
     PlanRequest,
     _unique_parameters,
+    activation_bytes,
     block_gradient_bytes,
     block_state_bytes,
     data_parallel_mode_choices,
+    loss_backward_bytes,
     microbatch_choices,
     returned_output_bytes,
 )
+from autopart.problems import _in_flight
 
 
 def factor_bound(schedule: str, num_ranks: int, num_microbatches: int, virtual_stages: int) -> float:
@@ -62,11 +73,18 @@ class BoundModel:
         self._trainable = sum(b.trainable_param_bytes for b in graph.blocks)
         self._params = sum(b.param_bytes for b in graph.blocks)
         self._unique_trainable = sum(size for _, size, train, _ in _unique_parameters(graph.blocks) if train)
-        self._memory = np.cumsum([d.memory_bytes for d in cluster.devices])
+        self._capacity = np.array([d.memory_bytes for d in cluster.devices], dtype=np.float64)
+        self._memory = np.cumsum(self._capacity)
         self._bandwidth = np.maximum.accumulate([d.achieved_bandwidth for d in cluster.devices])
+        self._layers = _repeated_layer(graph)
+        self._layer_set = set(self._layers.tolist())
+        edges = set(graph.edges)
+        self._chain = all((b, b + 1) in edges for b in range(len(graph.blocks) - 1))
         self.compute_bound = lru_cache(maxsize=None)(self._compute_bound)
         self.extra_bound = lru_cache(maxsize=None)(self._extra_bound)
         self.held_bytes = lru_cache(maxsize=None)(self._held_bytes)
+        self.layer_bytes = lru_cache(maxsize=None)(self._layer_bytes)
+        self.in_flight = lru_cache(maxsize=None)(self._in_flight)
 
     # ------------------------------------------------------------------ time
 
@@ -77,9 +95,15 @@ class BoundModel:
             return fwd.min(axis=0)
         return (fwd + (self._bwd[:, 0] + scale * self._bwd[:, 1])).min(axis=0)
 
-    def _compute_bound(self, dp: int, num_ranks: int, m: int, schedule: str, v: int) -> float:
+    def _compute_bound(self, dp: int, num_ranks: int, m: int, schedule: str, v: int, layers: int = 0) -> float:
+        """factor × max(largest block, average stage, `layers` repeated layers) (s); `layers` defaults
+        to the fewest the fullest of R·v stages holds, ceil(L / S)."""
         per = self.per_block(self._batch / dp / m)
-        slot = max(float(per.max()), float(per.sum()) / (num_ranks * v))
+        stages = num_ranks * v
+        slot = max(float(per.max()), float(per.sum()) / stages)
+        if self._layers.size:
+            count = layers or -(-self._layers.size // stages)
+            slot = max(slot, count * float(per[self._layers].min()))
         return factor_bound(schedule, num_ranks, m, v) * slot
 
     def _extra_bound(self, dp: int, num_ranks: int, num_stages: int, mode: str) -> float:
@@ -100,26 +124,32 @@ class BoundModel:
         step = optimizer_step_bytes(int(self._unique_trainable / num_ranks), request.optimizer) / shards
         return sync + step / float(self._bandwidth[num_ranks - 1])
 
-    def layout_bound(self, layout) -> float:
-        ranks, v = layout.num_ranks, layout.virtual_stages
-        return (self.compute_bound(layout.data_parallel, ranks, layout.num_microbatches, layout.schedule, v)
-                + self.extra_bound(layout.data_parallel, ranks, ranks * v, layout.data_parallel_mode))
+    def layout_bound(self, layout) -> tuple[float, float]:
+        """(lower bound on the step, bytes by which memory surely falls short (≤ 0: it may fit))."""
+        dp, ranks, v, m = layout.data_parallel, layout.num_ranks, layout.virtual_stages, layout.num_microbatches
+        short = self.memory_shortfall_of(dp, ranks, layout.data_parallel_mode)
+        fewest = 0
+        if short <= 0 and self._layers.size:
+            short, fewest = self._layer_packing(layout)
+        bound = (self.compute_bound(dp, ranks, m, layout.schedule, v, fewest)
+                 + self.extra_bound(dp, ranks, ranks * v, layout.data_parallel_mode))
+        return bound, short
 
     def shape_bound(self, dp: int, num_ranks: int, schedules: list[str]) -> float:
-        """A bound for every layout of the shape (dp, pp ranks); inf when no dp mode fits in memory."""
+        """A bound for every layout of the shape (dp, pp ranks); inf when none can fit in memory."""
         modes = [mode for mode in data_parallel_mode_choices(self.request, dp)
                  if self.memory_shortfall_of(dp, num_ranks, mode) <= 0]
-        if not modes:
-            return float("inf")
         families = []
         if any(s in ("gpipe", "1f1b") for s in schedules):
-            families.append(("1f1b", 1))
+            families += [(s, 1) for s in schedules if s in ("gpipe", "1f1b")]
         if num_ranks >= 2:
             lowest = {"interleaved_1f1b": 2, "zero_bubble": 1}
             families += [(s, v) for s in schedules if s in lowest
                          for v in range(lowest[s], MAX_VIRTUAL_STAGES + 1)]
-        compute = min(self.compute_bound(dp, num_ranks, m, s, v)
-                      for m in microbatch_choices(self.request, dp) for s, v in families) if families else 0.0
+        ms = microbatch_choices(self.request, dp)
+        if not modes or not families or not self._may_fit(dp, num_ranks, max(ms), modes, families):
+            return float("inf")
+        compute = min(self.compute_bound(dp, num_ranks, m, s, v) for m in ms for s, v in families)
         return compute + min(self.extra_bound(dp, num_ranks, num_ranks, mode) for mode in modes)
 
     # ------------------------------------------------------------------ memory
@@ -135,5 +165,104 @@ class BoundModel:
         capacity = float(self._memory[num_ranks - 1])
         return self.held_bytes(dp, mode) - capacity * (1 + 1e-9)
 
-    def memory_shortfall(self, layout) -> float:
-        return self.memory_shortfall_of(layout.data_parallel, layout.num_ranks, layout.data_parallel_mode)
+    def _layer_bytes(self, dp: int, mode: str, m: int) -> tuple[float, float, float, float]:
+        """(state, gradients, activations, transient) bytes of one repeated layer per microbatch of
+        `m`, each the least over the layers (`planner.build_problem`'s terms)."""
+        request, scale = self.request, self._batch / dp / m
+        blocks = [self.graph.blocks[b] for b in self._layers]
+        state = min(block_state_bytes(b, request, dp, mode) + returned_output_bytes(b, request, m, scale)
+                    for b in blocks)
+        grads = min(block_gradient_bytes(b, request, dp, mode) for b in blocks)
+        act = min(activation_bytes(b) * scale if request.training else 0.0 for b in blocks)
+        transient = min(loss_backward_bytes(b) * scale if request.training else 0.0 for b in blocks)
+        return state, grads, act, transient
+
+    def _in_flight(self, schedule: str, num_ranks: int, m: int, v: int) -> np.ndarray | None:
+        try:
+            counts = _in_flight(schedule, num_ranks, m, v, self.request.training)
+        except PlanError:  # m not in whole rounds: no such layout
+            return None
+        return np.array([counts[s] for s in range(num_ranks * v)], dtype=np.float64)
+
+    def _stage_layers(self, dp: int, num_ranks: int, mode: str, m: int, schedule: str, v: int,
+                      relaxed: bool = False) -> np.ndarray | None:
+        """[S] most repeated layers each stage can hold (memory / one layer's bytes there)."""
+        k = self.in_flight(schedule, num_ranks, m, v)
+        if k is None:
+            return None
+        state, grads, act, transient = self.layer_bytes(dp, mode, m)
+        if relaxed:  # parts of the charge that never grow with m (for a bound over all m at once)
+            need = np.maximum(state + k * act, state + grads)
+        else:  # exactly PipelineProblem.block_memory
+            steady = (m > k).astype(np.float64)
+            need = np.maximum(state + steady * grads + k * act + transient, state + grads + np.maximum(k - 1, 0) * act)
+        capacity = self._capacity[np.arange(num_ranks * v) % num_ranks] / v
+        if not relaxed and self._chain:  # a chain's first and last blocks sit on the first and last stage
+            capacity = capacity - self._end_blocks(dp, mode, m, k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fits = np.floor(np.where(need > 0, capacity / np.maximum(need, 1e-300), np.inf) * (1 + 1e-12))
+        return np.where(capacity < 0, -1.0, fits)
+
+    def _end_blocks(self, dp: int, mode: str, m: int, k: np.ndarray) -> np.ndarray:
+        """[S] bytes the chain's first block takes from stage 0 and its last from stage S − 1 (the
+        pipeline ILP's charge), where they are not repeated layers (those are counted as layers)."""
+        request, scale = self.request, self._batch / dp / m
+        taken = np.zeros(k.size)
+        ends = {0: 0, len(self.graph.blocks) - 1: k.size - 1}
+        for b, stage in ends.items():
+            if b in self._layer_set:
+                continue
+            block, kb = self.graph.blocks[b], k[stage]
+            state = block_state_bytes(block, request, dp, mode) + returned_output_bytes(block, request, m, scale)
+            grads = block_gradient_bytes(block, request, dp, mode)
+            act = activation_bytes(block) * scale if request.training else 0.0
+            transient = loss_backward_bytes(block) * scale if request.training else 0.0
+            steady = 1.0 if m > kb else 0.0
+            taken[stage] += max(state + steady * grads + kb * act + transient,
+                                state + grads + max(kb - 1, 0) * act)
+        return taken
+
+    def _layer_packing(self, layout) -> tuple[float, int]:
+        """(shortfall, fewest layers on the fullest stage): the L repeated layers over the stages."""
+        fits = self._stage_layers(layout.data_parallel, layout.num_ranks, layout.data_parallel_mode,
+                                  layout.num_microbatches, layout.schedule, layout.virtual_stages)
+        total = self._layers.size
+        if fits is None:
+            return 0.0, 0
+        room = float(np.minimum(np.maximum(fits, 0), total).sum())
+        if room < total or fits.min() < 0:  # fits < 0: the end blocks alone overflow their stage
+            state, grads, act, transient = self.layer_bytes(layout.data_parallel, layout.data_parallel_mode,
+                                                            layout.num_microbatches)
+            return max(total - room, 1) * (state + grads + act), 0
+        low, high = -(-total // fits.size), total  # fewest x with Σ min(fits, x) ≥ L
+        while low < high:
+            mid = (low + high) // 2
+            if np.minimum(fits, mid).sum() >= total:
+                high = mid
+            else:
+                low = mid + 1
+        return 0.0, int(low)
+
+    def _may_fit(self, dp: int, num_ranks: int, m: int, modes: list[str], families) -> bool:
+        """Some layout of the shape may hold the repeated layers. Every layer's charge is at least
+        max(state + k·activations, state + gradients), which k_s / m never lets grow with m
+        (tests/test_search.py checks k_s / m on the played schedules), so the largest m decides."""
+        if not self._layers.size:
+            return True
+        for mode in modes:
+            for schedule, v in families:
+                fits = self._stage_layers(dp, num_ranks, mode, m, schedule, v, relaxed=True)
+                if fits is None or np.minimum(fits, self._layers.size).sum() >= self._layers.size:
+                    return True
+        return False
+
+
+def _repeated_layer(graph: BlockGraph) -> np.ndarray:
+    """Indices of the most repeated block signature (the model's layer), if it repeats."""
+    counts = Counter(b.signature for b in graph.blocks)
+    if not counts:
+        return np.zeros(0, dtype=np.int64)
+    signature, count = counts.most_common(1)[0]
+    if count < 2:
+        return np.zeros(0, dtype=np.int64)
+    return np.array([i for i, b in enumerate(graph.blocks) if b.signature == signature], dtype=np.int64)

@@ -14,6 +14,7 @@ from autopart.schedules import (
     build_schedule,
     bubble_fraction,
     dependencies,
+    interleaved_in_flight,
     peak_in_flight,
     play,
     step_factor,
@@ -111,6 +112,9 @@ def test_closed_forms_equal_the_played_schedules(training: bool) -> None:
                 if training and num_ranks >= 2 and m >= num_ranks and _valid(num_ranks, m, v):
                     assert step_factor("interleaved_1f1b", num_ranks, m, v) == _played_factor(
                         "interleaved_1f1b", num_ranks, m, v, True)
+                if training and num_ranks >= 2 and _valid(num_ranks, m, v):
+                    assert interleaved_in_flight(num_ranks, m, v) == peak_in_flight(
+                        build_schedule("interleaved_1f1b", num_ranks, m, True, v))
 
 
 def test_in_flight_counts() -> None:
