@@ -144,7 +144,8 @@ def _shares_parameters(layers: list[nn.Module], paths_of: dict[int, int]) -> boo
     """True when a layer's parameter or buffer is reachable by another path too (tied across
     layers or with a module outside the stack): renaming layer by layer would then misname it."""
     for layer in layers:
-        for _, tensor in [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False)]:
+        tensors = [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False)]
+        for _, tensor in tensors:
             if paths_of.get(id(tensor), 0) > 1:
                 return True
     return False

@@ -302,9 +302,9 @@ class _Run:
     def summary(self) -> str:
         best = (f"best {self.best.step:.4g} s ({self.best.layout.describe()})" if self.best is not None
                 else "no feasible layout yet")
-        return (f"search {time.perf_counter() - self.started:.1f} s: {len(self.solved)} layouts priced "
-                f"({self.num_problems} solves), {self.num_pruned} ruled out by a bound, {self.shapes_pruned} mesh shapes "
-                f"pruned whole, {len(self.heap)} left; {best}")
+        return (f"search {time.perf_counter() - self.started:.1f} s: {self.num_problems} layouts solved, "
+                f"{self.num_pruned} ruled out by a bound, {self.shapes_pruned} mesh shapes ruled out whole, "
+                f"{len(self.heap)} left; {best}")
 
     def result(self, model_class: str, seconds: float) -> SearchResult:
         if self.best is None:
