@@ -263,14 +263,17 @@ def step_factor(name: str, num_ranks: int, num_microbatches: int, virtual_stages
     though its split backward costs more than B.
 
     Closed forms where playing gives exactly them (tests/test_schedules.py checks them against
-    the played schedules): GPipe and 1F1B always, interleaved 1F1B once m ≥ R; the planner asks
-    for thousands of these at R and m in the hundreds, which would each play 10^5 actions.
+    the played schedules): GPipe and 1F1B always; interleaved 1F1B m·v + R − 1 once m ≥ R and
+    v·R − 1 + m below (fewer microbatches than ranks: each rank waits for a whole round of
+    v·R stage slots before its first backward). The planner asks for thousands of these at R
+    and m in the hundreds, which would each play 10^5 actions.
     """
     if name in ("gpipe", "1f1b") and virtual_stages == 1:
         return float(num_microbatches + num_ranks - 1)
-    if name == "interleaved_1f1b" and training and num_microbatches >= num_ranks:
+    if name == "interleaved_1f1b" and training:
         microbatches_per_round(num_ranks, num_microbatches)  # the same error as building it
-        return float(num_microbatches * virtual_stages + num_ranks - 1)
+        m, v, r = num_microbatches, virtual_stages, num_ranks
+        return float(m * v + r - 1 if m >= r else v * r - 1 + m)
     schedule = build_schedule(name, num_ranks, num_microbatches, training, virtual_stages)
     slot = _UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0)
     ends = play(schedule, lambda action: _UNIT_COSTS[action.kind]).values()
@@ -288,25 +291,21 @@ def bubble_fraction(name: str, num_ranks: int, num_microbatches: int, virtual_st
 
 
 def interleaved_in_flight(num_ranks: int, num_microbatches: int, virtual_stages: int) -> dict[int, int]:
-    """`peak_in_flight` of training's interleaved 1F1B without building its action lists (numpy over
-    each rank's ops; the planner asks for R and m in the hundreds): rank r runs, at op o, the
-    forward of local stage (o // per_round) % v while o < v·m, then from its warm-up on the
-    backward of local stage v − 1 − ((o − warm-up) // per_round) % v, as `interleaved` lists them."""
-    m, v = num_microbatches, virtual_stages
-    per_round = microbatches_per_round(num_ranks, m)
+    """`peak_in_flight` of training's interleaved 1F1B in closed form (the planner asks for R and m in
+    the hundreds): local stage j of rank r holds the most microbatches just before its first
+    backward, which `interleaved` runs at op b = warm-up + (v − 1 − j)·per_round; by then it has
+    run the forwards of ops ≤ b that fall in its chunks of per_round ops out of every v·per_round
+    (tests/test_schedules.py compares it with the action lists)."""
+    m, v, ranks = num_microbatches, virtual_stages, num_ranks
+    per_round = microbatches_per_round(ranks, m)
     total = v * m
-    peaks: dict[int, int] = {}
-    for r in range(num_ranks):
-        warmup = min((v - 1) * per_round + 2 * (num_ranks - 1 - r), total)
-        ops = np.arange(total + warmup)
-        forward = np.where(ops < total, (ops // per_round) % v, -1)
-        backward = np.where(ops >= warmup, v - 1 - ((ops - warmup) // per_round) % v, -1)
-        for local in range(v):
-            done_f = np.cumsum(forward == local)
-            done_b = np.concatenate([[0], np.cumsum(backward == local)[:-1]])  # before this op's backward
-            live = (done_f - done_b)[forward == local]
-            peaks[local * num_ranks + r] = int(live.max()) if live.size else 0
-    return dict(sorted(peaks.items()))
+    r = np.arange(ranks)[None, :]
+    j = np.arange(v)[:, None]
+    warmup = np.minimum((v - 1) * per_round + 2 * (ranks - 1 - r), total)
+    ops = np.minimum(warmup + (v - 1 - j) * per_round, total - 1) + 1  # ops 0 .. b
+    full, rest = np.divmod(ops, v * per_round)
+    counts = full * per_round + np.clip(rest - j * per_round, 0, per_round)  # [v, R]: stage j·R + r
+    return {int(stage): int(count) for stage, count in enumerate(counts.reshape(-1))}
 
 
 def peak_in_flight(schedule: Schedule) -> dict[int, int]:

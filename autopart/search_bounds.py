@@ -6,9 +6,9 @@ graph. Each bound is at most what the planner charges (tests/test_search.py
 checks them against solved steps):
 
 - compute: a step lasts at least factor × the slowest stage's slot, factor =
-  m + R − 1 for GPipe and 1F1B (exact), m·v + R − 1 for interleaved 1F1B
-  (exact once m ≥ R, less before), m·v for zero bubble (each rank does all its
-  m·v stage passes, the split dearer). The slot is at least the largest block,
+  m + R − 1 for GPipe and 1F1B, m·v + R − 1 (m ≥ R) or v·R − 1 + m for
+  interleaved 1F1B (all exact, `schedules.step_factor`), m·v for zero bubble
+  (each rank does all its m·v stage passes, the split dearer). The slot is at least the largest block,
   the average stage, and x layers of the model's repeated layer, where x is the
   fewest layers the fullest stage can hold when the L layers are spread over S
   stages, each stage taking at most as many as fit in its memory;
@@ -55,7 +55,7 @@ def factor_bound(schedule: str, num_ranks: int, num_microbatches: int, virtual_s
     if schedule in ("gpipe", "1f1b"):
         return float(m + r - 1)
     if schedule == "interleaved_1f1b":
-        return float(m * v + r - 1)
+        return float(m * v + r - 1 if m >= r else v * r - 1 + m)  # exact (schedules.step_factor)
     return float(m * v)
 
 
@@ -80,6 +80,10 @@ class BoundModel:
         self._layer_set = set(self._layers.tolist())
         edges = set(graph.edges)
         self._chain = all((b, b + 1) in edges for b in range(len(graph.blocks) - 1))
+        layer_blocks = [graph.blocks[b] for b in self._layers]
+        self._layer_trainable = min((b.trainable_param_bytes for b in layer_blocks), default=0)
+        self._layer_params = min((b.param_bytes for b in layer_blocks), default=0)
+        self._cut_count, self._cut_bytes = _least_cut(graph) if self._chain else (None, 0.0)
         self.compute_bound = lru_cache(maxsize=None)(self._compute_bound)
         self.extra_bound = lru_cache(maxsize=None)(self._extra_bound)
         self.held_bytes = lru_cache(maxsize=None)(self._held_bytes)
@@ -96,32 +100,53 @@ class BoundModel:
         return (fwd + (self._bwd[:, 0] + scale * self._bwd[:, 1])).min(axis=0)
 
     def _compute_bound(self, dp: int, num_ranks: int, m: int, schedule: str, v: int, layers: int = 0) -> float:
-        """factor × max(largest block, average stage, `layers` repeated layers) (s); `layers` defaults
-        to the fewest the fullest of R·v stages holds, ceil(L / S)."""
-        per = self.per_block(self._batch / dp / m)
+        """factor × the slowest stage's slot (s): at least the largest block, the average stage with
+        its boundaries, and `layers` repeated layers plus one boundary; `layers` defaults to the
+        fewest the fullest of R·v stages holds, ceil(L / S)."""
+        scale = self._batch / dp / m
+        per = self.per_block(scale)
         stages = num_ranks * v
-        slot = max(float(per.max()), float(per.sum()) / stages)
+        cut = self._cut_seconds(num_ranks, v, scale) if stages > 1 else 0.0
+        slot = max(float(per.max()), (float(per.sum()) + 2 * (stages - 1) * cut) / stages)
         if self._layers.size:
             count = layers or -(-self._layers.size // stages)
-            slot = max(slot, count * float(per[self._layers].min()))
+            slot = max(slot, count * float(per[self._layers].min()) + cut)
         return factor_bound(schedule, num_ranks, m, v) * slot
 
+    def _cut_seconds(self, num_ranks: int, v: int, scale: float) -> float:
+        """The least one side of any pipeline boundary spends on the values crossing it (forward and
+        backward): the fewest crossing values' latency and bytes over the fastest link a boundary
+        of this pipeline uses."""
+        if self._cut_count is None:
+            return 0.0
+        hops = [self.cluster.link(r, (r + 1) % num_ranks) for r in range(num_ranks if v > 1 else num_ranks - 1)]
+        alpha = min(link.latency_s for link in hops)
+        beta = max(link.bandwidth for link in hops)
+        directions = 2.0 if self.request.training else 1.0
+        return directions * (self._cut_count * alpha + scale * self._cut_bytes / beta)
+
     def _extra_bound(self, dp: int, num_ranks: int, num_stages: int, mode: str) -> float:
-        """Data-parallel synchronisation and optimizer step, bounded below."""
+        """Data-parallel synchronisation and optimizer step, bounded below: the fullest rank holds at
+        least the average rank's bytes and at least ceil(L / R) repeated layers."""
         request = self.request
         if not request.training:
             return 0.0
+        per_rank = -(-self._layers.size // num_ranks)
         sync = 0.0
         if dp > 1 and not (mode == "ddp" and num_stages == 1):
-            grads, params = self._trainable / num_ranks, self._params / num_ranks
+            grads = max(self._trainable / num_ranks, per_rank * self._layer_trainable)
+            params = max(self._params / num_ranks, per_rank * self._layer_params)
             ids = np.arange(dp)[:, None] * num_ranks + np.arange(num_ranks)[None, :]
             spans = (self._nodes[ids] != self._nodes[ids[0]][None, :]).any(axis=0)
             links = [self.cluster.inter_node_link if s else self.cluster.intra_node_link for s in spans]
             fastest = max(link.bandwidth for link in links)
             moved = (params + grads) if mode == "fsdp" else 2 * grads
-            sync = (dp - 1) / dp * moved / fastest
+            # ring collectives (cost_models.comm): 2(p − 1) latencies, all-gather + reduce-scatter or all-reduce
+            latency = 2 * (dp - 1) * min(link.latency_s for link in links) if moved > 0 else 0.0
+            sync = (dp - 1) / dp * moved / fastest + latency
         shards = dp if mode == "fsdp" else 1
-        step = optimizer_step_bytes(int(self._unique_trainable / num_ranks), request.optimizer) / shards
+        trainable = max(self._unique_trainable / num_ranks, per_rank * self._layer_trainable)
+        step = optimizer_step_bytes(int(trainable), request.optimizer) / shards
         return sync + step / float(self._bandwidth[num_ranks - 1])
 
     def layout_bound(self, layout) -> tuple[float, float]:
@@ -266,3 +291,17 @@ def _repeated_layer(graph: BlockGraph) -> np.ndarray:
     if count < 2:
         return np.zeros(0, dtype=np.int64)
     return np.array([i for i, b in enumerate(graph.blocks) if b.signature == signature], dtype=np.int64)
+
+
+def _least_cut(graph: BlockGraph) -> tuple[int | None, float]:
+    """(fewest values, fewest bytes at the traced batch) crossing any cut between two blocks of a
+    chain; (None, 0) for a single block."""
+    n = len(graph.blocks)
+    if n < 2 or not graph.values:
+        return None, 0.0
+    cuts = np.arange(1, n)[:, None]
+    producer = np.array([v.producer for v in graph.values])[None, :]
+    last = np.array([max(v.consumers) for v in graph.values])[None, :]
+    crossing = (producer < cuts) & (cuts <= last)
+    sizes = np.array([v.num_bytes for v in graph.values], dtype=np.float64)
+    return int(crossing.sum(axis=1).min()), float((crossing * sizes).sum(axis=1).min())
