@@ -224,8 +224,9 @@ class BoundModel:
         capacity = self._capacity[np.arange(num_ranks * v) % num_ranks] / v
         if not relaxed and self._chain:  # a chain's first and last blocks sit on the first and last stage
             capacity = capacity - self._end_blocks(dp, mode, m, k)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fits = np.floor(np.where(need > 0, capacity / np.maximum(need, 1e-300), np.inf) * (1 + 1e-12))
+        fits = np.full(need.shape, np.inf)
+        charged = need > 0
+        fits[charged] = np.floor(capacity[charged] / need[charged] * (1 + 1e-12))
         return np.where(capacity < 0, -1.0, fits)
 
     def _end_blocks(self, dp: int, mode: str, m: int, k: np.ndarray) -> np.ndarray:
