@@ -163,7 +163,8 @@ def _stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks, 
                    + (float(problem.transient_bytes[members].sum())
                       if at_activation_peak and problem.transient_bytes is not None else 0.0)
                    + sum(returned_output_bytes(b, request, problem.num_microbatches,
-                                               _scale(request, problem.num_microbatches, dp)) for b in blocks))
+                                               _scale(request, problem.num_microbatches, dp),
+                                               keeps_model_outputs(problem.num_stages, dp, mode)) for b in blocks))
     return StageMemory(
         params=int(params * (unsharded + (shards > 1) / shards) if shards > 1 else params),
         grads=int(grads),
@@ -342,8 +343,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     num_ranks = num_stages // virtual_stages
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
     fwd, bwd = stage_seconds(graph, [d.name for d in devices], scale, request.training)
+    keeps = keeps_model_outputs(num_stages, dp, data_parallel_mode)
     state = np.array([block_state_bytes(b, request, dp, data_parallel_mode)
-                      + returned_output_bytes(b, request, num_microbatches, scale) for b in graph.blocks])
+                      + returned_output_bytes(b, request, num_microbatches, scale, keeps) for b in graph.blocks])
     grads = np.array([block_gradient_bytes(b, request, dp, data_parallel_mode) for b in graph.blocks])
     activations = np.array([activation_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
     transient = np.array([loss_backward_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
@@ -388,10 +390,19 @@ def loss_backward_bytes(block) -> int:
     return 2 * block.model_output_float32_bytes
 
 
-def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, scale: float) -> float:
+def returned_output_bytes(block, request: PlanRequest, num_microbatches: int, scale: float,
+                          keeps: bool = True) -> float:
     """Model outputs of every microbatch, which the last stage keeps until the training step
-    returns them all (torch.distributed.pipelining merges them at the end); 0 for inference."""
-    return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
+    returns them all (torch.distributed.pipelining merges them at the end); 0 for inference,
+    and 0 when the runtime does not keep them (`keeps_model_outputs`)."""
+    return block.model_output_bytes * scale * num_microbatches if request.training and keeps else 0.0
+
+
+def keeps_model_outputs(num_stages: int, dp: int, mode: str) -> bool:
+    """Whether the runtime keeps every microbatch's model output to the step's end: a pipelining
+    schedule does, one stage under DDP does not (runtime/distributed.py accumulates its
+    microbatches itself, each output freed by its backward)."""
+    return not (num_stages == 1 and dp > 1 and mode == "ddp")
 
 
 def _unsharded_fraction(request: PlanRequest, mode: str, dp: int) -> float:

@@ -42,6 +42,7 @@ from autopart.planner import (
     block_gradient_bytes,
     block_state_bytes,
     data_parallel_mode_choices,
+    keeps_model_outputs,
     loss_backward_bytes,
     microbatch_choices,
     returned_output_bytes,
@@ -179,23 +180,25 @@ class BoundModel:
 
     # ------------------------------------------------------------------ memory
 
-    def _held_bytes(self, dp: int, mode: str) -> float:
+    def _held_bytes(self, dp: int, mode: str, keeps: bool) -> float:
         request = self.request
         scale = self._batch / dp  # returned outputs: m microbatches of scale / m each
         return float(sum(block_state_bytes(b, request, dp, mode) + block_gradient_bytes(b, request, dp, mode)
-                         + returned_output_bytes(b, request, 1, scale) for b in self.graph.blocks))
+                         + returned_output_bytes(b, request, 1, scale, keeps) for b in self.graph.blocks))
 
     def memory_shortfall_of(self, dp: int, num_ranks: int, mode: str) -> float:
-        """Bytes by which the blocks' state and gradients alone exceed the R devices' memory (≤ 0: may fit)."""
+        """Bytes by which the blocks' state and gradients alone exceed the R devices' memory (≤ 0: may fit).
+        One rank means one stage (virtual stages need two ranks)."""
         capacity = float(self._memory[num_ranks - 1])
-        return self.held_bytes(dp, mode) - capacity * (1 + 1e-9)
+        return self.held_bytes(dp, mode, keeps_model_outputs(num_ranks, dp, mode)) - capacity * (1 + 1e-9)
 
-    def _layer_bytes(self, dp: int, mode: str, m: int) -> tuple[float, float, float, float]:
+    def _layer_bytes(self, dp: int, mode: str, m: int, stages: int) -> tuple[float, float, float, float]:
         """(state, gradients, activations, transient) bytes of one repeated layer per microbatch of
         `m`, each the least over the layers (`planner.build_problem`'s terms)."""
         request, scale = self.request, self._batch / dp / m
         blocks = [self.graph.blocks[b] for b in self._layers]
-        state = min(block_state_bytes(b, request, dp, mode) + returned_output_bytes(b, request, m, scale)
+        keeps = keeps_model_outputs(stages, dp, mode)
+        state = min(block_state_bytes(b, request, dp, mode) + returned_output_bytes(b, request, m, scale, keeps)
                     for b in blocks)
         grads = min(block_gradient_bytes(b, request, dp, mode) for b in blocks)
         act = min(activation_bytes(b) * scale if request.training else 0.0 for b in blocks)
@@ -215,7 +218,7 @@ class BoundModel:
         k = self.in_flight(schedule, num_ranks, m, v)
         if k is None:
             return None
-        state, grads, act, transient = self.layer_bytes(dp, mode, m)
+        state, grads, act, transient = self.layer_bytes(dp, mode, m, num_ranks * v)
         if relaxed:  # parts of the charge that never grow with m (for a bound over all m at once)
             need = np.maximum(state + k * act, state + grads)
         else:  # exactly PipelineProblem.block_memory
@@ -223,13 +226,13 @@ class BoundModel:
             need = np.maximum(state + steady * grads + k * act + transient, state + grads + np.maximum(k - 1, 0) * act)
         capacity = self._capacity[np.arange(num_ranks * v) % num_ranks] / v
         if not relaxed and self._chain:  # a chain's first and last blocks sit on the first and last stage
-            capacity = capacity - self._end_blocks(dp, mode, m, k)
+            capacity = capacity - self._end_blocks(dp, mode, m, k, num_ranks * v)
         fits = np.full(need.shape, np.inf)
         charged = need > 0
         fits[charged] = np.floor(capacity[charged] / need[charged] * (1 + 1e-12))
         return np.where(capacity < 0, -1.0, fits)
 
-    def _end_blocks(self, dp: int, mode: str, m: int, k: np.ndarray) -> np.ndarray:
+    def _end_blocks(self, dp: int, mode: str, m: int, k: np.ndarray, stages: int) -> np.ndarray:
         """[S] bytes the chain's first block takes from stage 0 and its last from stage S − 1 (the
         pipeline ILP's charge), where they are not repeated layers (those are counted as layers)."""
         request, scale = self.request, self._batch / dp / m
@@ -239,7 +242,8 @@ class BoundModel:
             if b in self._layer_set:
                 continue
             block, kb = self.graph.blocks[b], k[stage]
-            state = block_state_bytes(block, request, dp, mode) + returned_output_bytes(block, request, m, scale)
+            state = block_state_bytes(block, request, dp, mode) + returned_output_bytes(
+                block, request, m, scale, keeps_model_outputs(stages, dp, mode))
             grads = block_gradient_bytes(block, request, dp, mode)
             act = activation_bytes(block) * scale if request.training else 0.0
             transient = loss_backward_bytes(block) * scale if request.training else 0.0
@@ -258,7 +262,8 @@ class BoundModel:
         room = float(np.minimum(np.maximum(fits, 0), total).sum())
         if room < total or fits.min() < 0:  # fits < 0: the end blocks alone overflow their stage
             state, grads, act, transient = self.layer_bytes(layout.data_parallel, layout.data_parallel_mode,
-                                                            layout.num_microbatches)
+                                                            layout.num_microbatches,
+                                                            layout.num_ranks * layout.virtual_stages)
             return max(total - room, 1) * (state + grads + act), 0
         low, high = -(-total // fits.size), total  # fewest x with Σ min(fits, x) ≥ L
         while low < high:
