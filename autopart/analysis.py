@@ -15,8 +15,9 @@ restates the tp assignment on it (passes/stack_assignment.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
@@ -75,13 +76,19 @@ class Analysis:
 
 def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
             compute_dtype: torch.dtype | None, *, min_blocks: int = 1, reuse_layers: bool = True,
-            phase: Callable[[str, str], None] | None = None, note: Callable[[str], None] | None = None) -> Analysis:
+            pinned: Iterable[str] = (), phase: Callable[[str, str], None] | None = None,
+            note: Callable[[str], None] | None = None) -> Analysis:
     """Trace and cost `model` at the example microbatch (`args`, `kwargs`); `phase(name, message)`
-    is told when tracing and annotating start, `note(message)` what was analysed."""
+    is told when tracing and annotating start, `note(message)` what was analysed. `pinned` are
+    the user's tp_plan patterns: one that names a single layer of the stack ('blocks.7.mlp_fc')
+    cannot be restated from the copy, and the whole model is analysed."""
     phase = phase or (lambda name, message: None)
     log = note
     size = _batch_of(args, kwargs)
     stack = find_layer_stack(model) if reuse_layers else None
+    if stack is not None and any(_names_one_layer(pattern, stack) for pattern in pinned):
+        _say(log, f"tp_plan names single layers of {stack.path}: tracing every layer")
+        stack = None
     if stack is not None:
         try:
             phase("trace", f"tracing {stack.keep} of the {stack.num_layers} identical layers at microbatch size "
@@ -106,6 +113,11 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
     phase("annotate", "annotating costs")
     gm = annotate_graph(traced, cluster, compute_dtype)
     return Analysis(gm=gm, blocks=passes.coarsen(gm, cluster, min_blocks=min_blocks))
+
+
+def _names_one_layer(pattern: str, stack: LayerStack) -> bool:
+    head = re.escape(stack.layer_prefix(0)[:-1])
+    return re.search(rf"(^|\.){head}\d+(\.|$)" if stack.path else r"^\d+(\.|$)", pattern) is not None
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int | str:

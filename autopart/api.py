@@ -82,7 +82,8 @@ def compile(  # noqa: A001 - the public name the project promises
     request = dataclasses.replace(request, traced_batch_size=traced_size)
     rows = first_rows(flat_batch, in_spec, batch_size, traced_size)
     analysis = analyse(model, *rows, cluster, compute_dtype, min_blocks=(num_stages or 1) * (virtual_stages or 1),
-                       reuse_layers=reuse_layers, phase=log, note=log.note)  # TRACED, COSTED -> blocks
+                       reuse_layers=reuse_layers, pinned=tuple(tp_plan or ()), phase=log,
+                       note=log.note)  # TRACED, COSTED -> blocks
     gm, blocks = analysis.gm, analysis.blocks
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, num_stages, data_parallel)
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")

@@ -147,3 +147,12 @@ def test_progress_on_stderr_only_when_verbose(capfd):
     err = capfd.readouterr().err
     assert "12 identical layers (blocks): analysed 3" in err
     assert "search" in err and "best" in err and "layouts solved" in err
+
+
+def test_a_tp_plan_naming_one_layer_analyses_every_layer():
+    entry = zoo.gpt(layers=6, d_model=64, heads=4, vocab=128, seq=16, batch=4)
+    plan = {"blocks.*.attn_qkv": "colwise", "blocks.4.mlp_fc": "colwise"}
+    compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, num_stages=2, tensor_parallel=2,
+                                tp_plan=plan)
+    assert all(stage.node_names for stage in compiled.plan.stages)  # the whole model was traced
+    assert "analysed_layers" not in compiled.plan.tensor_parallel
