@@ -88,8 +88,13 @@ class BoundModel:
         self.compute_bound = lru_cache(maxsize=None)(self._compute_bound)
         self.extra_bound = lru_cache(maxsize=None)(self._extra_bound)
         self.held_bytes = lru_cache(maxsize=None)(self._held_bytes)
-        self.layer_bytes = lru_cache(maxsize=None)(self._layer_bytes)
+        self._layer_bytes_cached = lru_cache(maxsize=None)(self._layer_bytes)
         self.in_flight = lru_cache(maxsize=None)(self._in_flight)
+        self.fastest_hop = lru_cache(maxsize=None)(self._fastest_hop)
+        # layers with the same signature hold the same bytes: one of each kind of layer is enough
+        kinds = {(b.param_bytes, b.trainable_param_bytes, b.buffer_bytes, b.saved_bytes, b.model_output_bytes,
+                  b.model_output_float32_bytes): b for b in (graph.blocks[i] for i in self._layers)}
+        self._layer_kinds = list(kinds.values())
 
     # ------------------------------------------------------------------ time
 
@@ -120,11 +125,15 @@ class BoundModel:
         of this pipeline uses."""
         if self._cut_count is None:
             return 0.0
-        hops = [self.cluster.link(r, (r + 1) % num_ranks) for r in range(num_ranks if v > 1 else num_ranks - 1)]
-        alpha = min(link.latency_s for link in hops)
-        beta = max(link.bandwidth for link in hops)
+        alpha, beta = self.fastest_hop(num_ranks, v > 1)
         directions = 2.0 if self.request.training else 1.0
         return directions * (self._cut_count * alpha + scale * self._cut_bytes / beta)
+
+    def _fastest_hop(self, num_ranks: int, wraps: bool) -> tuple[float, float]:
+        """(least α, most β) over the links between consecutive pipeline ranks (and back to rank 0
+        when stages wrap around the ranks)."""
+        hops = [self.cluster.link(r, (r + 1) % num_ranks) for r in range(num_ranks if wraps else num_ranks - 1)]
+        return min(link.latency_s for link in hops), max(link.bandwidth for link in hops)
 
     def _extra_bound(self, dp: int, num_ranks: int, num_stages: int, mode: str) -> float:
         """Data-parallel synchronisation and optimizer step, bounded below: the fullest rank holds at
@@ -192,12 +201,14 @@ class BoundModel:
         capacity = float(self._memory[num_ranks - 1])
         return self.held_bytes(dp, mode, keeps_model_outputs(num_ranks, dp, mode)) - capacity * (1 + 1e-9)
 
-    def _layer_bytes(self, dp: int, mode: str, m: int, stages: int) -> tuple[float, float, float, float]:
+    def layer_bytes(self, dp: int, mode: str, m: int, stages: int) -> tuple[float, float, float, float]:
+        return self._layer_bytes_cached(dp, mode, m, keeps_model_outputs(stages, dp, mode))
+
+    def _layer_bytes(self, dp: int, mode: str, m: int, keeps: bool) -> tuple[float, float, float, float]:
         """(state, gradients, activations, transient) bytes of one repeated layer per microbatch of
         `m`, each the least over the layers (`planner.build_problem`'s terms)."""
         request, scale = self.request, self._batch / dp / m
-        blocks = [self.graph.blocks[b] for b in self._layers]
-        keeps = keeps_model_outputs(stages, dp, mode)
+        blocks = self._layer_kinds
         state = min(block_state_bytes(b, request, dp, mode) + returned_output_bytes(b, request, m, scale, keeps)
                     for b in blocks)
         grads = min(block_gradient_bytes(b, request, dp, mode) for b in blocks)
