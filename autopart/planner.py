@@ -1,10 +1,12 @@
-"""Search over pipeline configurations: replicas, pipeline ranks, virtual stages,
-microbatch counts, schedules, and how the replicas synchronise (DDP or FSDP).
+"""Pipeline configurations: replicas, pipeline ranks, virtual stages, microbatch
+counts, schedules, and how the replicas synchronise (DDP or FSDP).
 
-For each candidate (dp replicas, R ranks × v stages each, m microbatches,
-schedule, dp mode) the block graph becomes a `PipelineProblem` (costs scaled to
-one microbatch) and the ILP places the blocks. Candidates whose lower bound cannot beat the best found are pruned
-without a solve. The best candidate becomes the `Plan`.
+The choices each dimension offers (`*_choices`), the price of a candidate (dp
+replicas, R ranks × v stages each, m microbatches, schedule, dp mode): its block
+graph as a `PipelineProblem` (costs scaled to one microbatch) whose split the
+solver finds, plus the exposed synchronisation and the optimizer step; and the
+`Plan` of the best. The search over candidates, with its bounds, is
+autopart/search.py.
 
 Scaling to a microbatch: the graph is traced at one microbatch size
 (`PlanRequest.traced_batch_size`); FLOPs, roofline time, saved activations and
