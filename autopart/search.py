@@ -60,7 +60,7 @@ from autopart.solver import solve_pipeline
 MAX_LISTED_PRUNED = 200
 """Pruned layouts `Plan.candidates` lists (those whose bound came closest); all are counted."""
 
-EAGER_SHAPES = 256
+EAGER_SHAPES = 64
 """Up to this many mesh shapes every layout is bounded and listed (small searches read like the
 full table); beyond it a shape whose bound cannot win is pruned whole, its layouts never listed."""
 
