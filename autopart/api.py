@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -13,12 +14,15 @@ import torch.fx
 from autopart import passes
 from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, optimizer_state_bytes
-from autopart.batch import batch_size_of, take_rows
+from autopart.batch import batch_size_of
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError
-from autopart.mesh_search import search_mesh, tensor_parallel_choices
+from autopart.mesh_search import search_mesh, tensor_parallel_blocks, tensor_parallel_choices
 from autopart.passes.blocks import BlockGraph
+from autopart.analysis import Analysis, analyse, annotate_graph, block_strategies, check_blocks, first_rows
+from autopart.interfaces import io_spec
 from autopart.passes.random_ops import route_sharded_random
+from autopart.passes.stack_assignment import restate_assignment
 from autopart.plan import Plan, autocast_dtype, data_parallel_mode_name, reshards_parameters
 from autopart.plan_choices import PlanRequest, smallest_microbatch
 from autopart.recompute import check_mode
@@ -43,6 +47,7 @@ def compile(  # noqa: A001 - the public name the project promises
     optimizer: str = "adam",
     mixed_precision: str | None = None,
     training: bool = True,
+    reuse_layers: bool = True,
     verbose: bool = False,
 ) -> CompiledModel:
     """Partition `model` across `devices` and return the plan with one module per rank.
@@ -61,6 +66,10 @@ def compile(  # noqa: A001 - the public name the project promises
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
     gradients and optimizer state; the runtimes enable it and the planner prices it.
+    `reuse_layers` (default) analyses a stack of identical layers once: a copy of the model with
+    three of them is traced, costed and split, and the costs restated for every layer; the whole
+    model is traced only when rank modules are first asked for (`CompiledModel.rank_modules`,
+    `simulate`, `distributed`). False traces every layer up front.
     """
     log = _Phases(verbose)
     cluster = resolve_devices(devices)
@@ -86,35 +95,89 @@ def compile(  # noqa: A001 - the public name the project promises
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
-    log("trace", f"tracing at microbatch size {traced_size}")
-    gm = trace(model, *rows(traced_size))                                   # TRACED: ATen graph
-    log("annotate", "annotating costs")
-    gm = _annotate(gm, cluster, compute_dtype)                              # COSTED: NodeCost per node
-    blocks = passes.coarsen(gm, cluster, min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1))  # -> blocks
+    analysis = analyse(model, *rows(traced_size), cluster, compute_dtype,  # TRACED, COSTED -> blocks (a
+                       min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1),  # stack of identical layers:
+                       reuse_layers=reuse_layers, pinned=tuple(tp_plan or ()),     # three of them, restated)
+                       phase=log, note=log.note)
+    stacked = analysis.stack is not None
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, pipeline_parallel, data_parallel)
-    log("plan", f"planning over {len(blocks.blocks)} blocks, tp in {tp_sizes}")
-    found = search_mesh(gm, blocks, cluster, request, traced_batch_size=traced_size,  # ILPs -> Plan, and
-                        tp_choices=tp_sizes, tp_plan=tp_plan, retrace=retrace)        # its microbatch's graph
+    log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
+    found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs ->
+                        tp_choices=tp_sizes, tp_plan=tp_plan, retrace=None if stacked else retrace,  # Plan, and its
+                        restate=analysis.restate, progress=log.note if verbose else None)  # microbatch's graph
     plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
-    split = passes.split_stages(found.graph, plan.stage_of_node(), plan.num_stages)  # cut into stage submodules
-    stages = passes.stage_modules(split, _canonical_names(model))                    # one GraphModule per stage
-    ranks = passes.tensor_parallel.shard_stages(stages, found.assignment)            # its tp ranks, collectives in
-    ranks = [route_sharded_random(r) if len(r) > 1 else r for r in ranks]           # dropout on shards: own RNG
-    ranks = [[_regions(r, plan, s, found.blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
+    if stacked:  # the whole model's graph and rank modules when first asked for
+        if found.assignment is not None:
+            plan = dataclasses.replace(plan, tensor_parallel={
+                **plan.tensor_parallel, "nodes": {}, "collectives": [],
+                "block_strategies": block_strategies(analysis, found.assignment),
+                "analysed_layers": f"{analysis.stack.keep} of {analysis.stack.num_layers}"})
+        log("done")
+
+        def whole_model() -> tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]:
+            return _whole_model(model, rows, plan, analysis, found.assignment, found.tp_budget, cluster, tp_plan,
+                                training, compute_dtype, traced_size)
+
+        return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds, materialize=whole_model)
+    ranks = _rank_modules(found.graph, plan, found.assignment, found.blocks, model)
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
 
 
-def _annotate(gm: torch.fx.GraphModule, cluster: Cluster, compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
-    """Costs of the graph as it runs: constant attention masks as SDPA's flags (the eager model's
-    kernels), and under autocast the values re-propagated in their autocast dtypes first."""
-    gm = passes.use_causal_attention(gm)
-    if compute_dtype is not None:
-        gm = passes.autocast_values(gm, compute_dtype)
-    return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, blocks: BlockGraph, model: torch.nn.Module):
+    """[stage][tp rank] GraphModules of `plan` cut from the whole model's graph `gm` (whose blocks are `blocks`)."""
+    split = passes.split_stages(gm, plan.stage_of_node(), plan.num_stages)    # cut into stage submodules
+    stages = passes.stage_modules(split, _canonical_names(model))             # one GraphModule per stage
+    ranks = passes.tensor_parallel.shard_stages(stages, assignment)           # its tp ranks, collectives in
+    ranks = [route_sharded_random(r) if len(r) > 1 else r for r in ranks]    # dropout on shards: own RNG
+    return [[_regions(r, plan, s, blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
+
+
+def _whole_model(model: torch.nn.Module, rows, plan: Plan, analysis: Analysis, assignment, tp_budget: float | None,
+                 cluster: Cluster, tp_plan: dict[str, str] | None, training: bool,
+                 compute_dtype: torch.dtype | None, traced_size: int):
+    """The whole model traced at the plan's microbatch, the plan on its nodes, and the rank modules.
+
+    Its blocks are the ones planned, by name; the tp assignment chosen on the analysed copy is
+    restated node by node (at another microbatch size it is chosen again on the copy first,
+    under the same parameter budget).
+    """
+    size = plan.microbatch_size
+    gm = _annotate(trace(model, *rows(size)), cluster, compute_dtype)
+    blocks = passes.coarsen(gm, cluster, depth=analysis.blocks.depth)
+    check_blocks([b for stage in plan.stages for b in stage.blocks], blocks, size, io_spec(gm).model_class)
+    nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    stages = tuple(dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
+                   for stage in plan.stages)
+    whole = None
+    if plan.mesh.tp > 1:
+        copy = analysis
+        if size != traced_size:  # node names and shapes differ at this size: choose the splits on the copy again
+            copy = analyse(model, *rows(size), cluster, compute_dtype, min_blocks=analysis.num_blocks)
+            _, assignment = tensor_parallel_blocks(copy.gm, copy.blocks, cluster, plan.mesh.tp, training=training,
+                                                   fixed=_user_placements(copy.gm, tp_plan),
+                                                   memory_budget_bytes=tp_budget)
+        if copy.expansion is not None:
+            whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
+        if whole is None:  # the graphs do not line up node by node: choose the splits on the whole graph
+            _, whole = tensor_parallel_blocks(gm, blocks, cluster, plan.mesh.tp, training=training,
+                                              fixed=_user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
+    tensor_parallel = None
+    if whole is not None:
+        tensor_parallel = {**whole.to_dict(), "analysed_layers": plan.tensor_parallel["analysed_layers"]}
+    plan = dataclasses.replace(plan, stages=stages, tensor_parallel=tensor_parallel)
+    return plan, _rank_modules(gm, plan, whole, blocks, model), gm
+
+
+def _user_placements(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None):
+    return passes.tensor_parallel.plan_placements(gm, tp_plan) if tp_plan else None
+
+
+_annotate = annotate_graph
+_first_rows = first_rows
 
 
 def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:
@@ -141,6 +204,12 @@ class _Phases:
         self.current, self.last = phase, now
         if self.verbose:
             print(f"[autopart {now - self.started:6.2f}s] {message or phase}", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        """A progress line within the current phase (printed when verbose)."""
+        if self.verbose:
+            now = time.perf_counter()
+            print(f"[autopart {now - self.started:6.2f}s]   {message}", file=sys.stderr, flush=True)
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -174,11 +243,6 @@ def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:
         raise InputError(str(error)) from error
 
 
-def _first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
-    """(args, kwargs) of the first `size` samples of the batch: one microbatch to trace."""
-    micro = take_rows(flat, batch_size, 0, size)
-    args, kwargs = torch.utils._pytree.tree_unflatten(micro, in_spec)
-    return tuple(args), dict(kwargs)
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -25,29 +26,64 @@ class CompiledModel:
     which codegen and the tracer wrote on the modules; never the traced graph.
     """
 
-    def __init__(self, *, plan: Plan, stages: list[list[torch.fx.GraphModule]],
-                 graph: torch.fx.GraphModule, cluster: Cluster,
-                 phase_seconds: dict[str, float] | None = None) -> None:
+    def __init__(self, *, plan: Plan, cluster: Cluster, stages: list[list[torch.fx.GraphModule]] | None = None,
+                 graph: torch.fx.GraphModule | None = None, phase_seconds: dict[str, float] | None = None,
+                 materialize: Callable[[], tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]]
+                 | None = None) -> None:
         self.plan = plan
+        """The plan. Compiled with a layer stack analysed once, its stages list no graph nodes (and its
+        tp placements no nodes) until the whole model's graph exists; the first call that needs rank
+        modules traces it and replaces this with the plan on its nodes (same stages, same costs)."""
         self.cluster = cluster
         self.phase_seconds = dict(phase_seconds or {})
         """Wall time of each compile phase: trace, annotate, plan (with the tensor-parallel solves), retrace
-        (when the plan's microbatch size is not the traced one), codegen."""
+        (when the plan's microbatch size is not the traced one), codegen; whole_model when a layer stack
+        analysed once is traced whole later."""
+        self._materialize = materialize
+        if stages is not None:
+            self._attach(stages, graph)
+        elif materialize is None:
+            raise ValueError("CompiledModel needs the rank modules or a way to build them (materialize)")
+
+    def _attach(self, stages: list[list[torch.fx.GraphModule]], graph: torch.fx.GraphModule) -> None:
+        plan = self.plan
         self._stages = stages  # [stage][tp rank] -> GraphModule
         self._graph = graph  # the traced microbatch graph (for users: the runtimes read `io`)
-        self.interfaces: tuple[StageInterface, ...] = tuple(stage_interface(ranks[0]) for ranks in stages)
-        """How each stage connects to its neighbours and to the model, stage 0 first."""
-        self.io: IOSpec = io_spec(graph)
-        """How a call's (args, kwargs) flatten into the stage inputs and the outputs rebuild the model's."""
+        self._interfaces: tuple[StageInterface, ...] = tuple(stage_interface(ranks[0]) for ranks in stages)
+        self._io: IOSpec = io_spec(graph)
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
-        self._local = LocalPipeline(stages, self.interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
+        self._local = LocalPipeline(stages, self._interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
                                     plan.batch_size, virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
                                     mixed_precision=plan.mixed_precision)
+        self._materialize = None
+
+    def _whole(self) -> None:
+        """Trace the whole model and build the rank modules, once (a compile that analysed a layer
+        stack once defers this until something needs them)."""
+        if self._materialize is not None:
+            started = time.perf_counter()
+            plan, stages, graph = self._materialize()
+            self.plan = plan
+            self._attach(stages, graph)
+            self.phase_seconds["whole_model"] = time.perf_counter() - started
+
+    @property
+    def interfaces(self) -> tuple[StageInterface, ...]:
+        """How each stage connects to its neighbours and to the model, stage 0 first."""
+        self._whole()
+        return self._interfaces
+
+    @property
+    def io(self) -> IOSpec:
+        """How a call's (args, kwargs) flatten into the stage inputs and the outputs rebuild the model's."""
+        self._whole()
+        return self._io
 
     @property
     def graph(self) -> torch.fx.GraphModule:
         """The traced whole-model graph (one microbatch), with cost annotations."""
+        self._whole()
         return self._graph
 
     @property
@@ -73,6 +109,7 @@ class CompiledModel:
         With `device`, every device the graphs carry (factory ops, `to(device)`, traced on the CPU)
         is rewritten to it, in place (passes/device.py); parameters stay where they are.
         """
+        self._whole()
         mesh = self.plan.mesh
         if not 0 <= rank < mesh.num_devices:
             raise InputError(f"rank={rank} is outside 0..{mesh.num_devices - 1} "
@@ -85,6 +122,7 @@ class CompiledModel:
 
     def stage_module(self, stage: int, tp_index: int = 0) -> torch.fx.GraphModule:
         """The GraphModule of pipeline stage `stage`, tensor-parallel rank `tp_index`."""
+        self._whole()
         return self._stages[stage][tp_index]
 
     def report(self) -> str:
@@ -108,6 +146,7 @@ class CompiledModel:
         """
         from autopart.runtime.distributed import DistributedRunner
 
+        self._whole()
         return DistributedRunner(self, **kwargs)
 
     # ------------------------------------------------------------------ simulation
@@ -115,6 +154,7 @@ class CompiledModel:
     def simulate(self, *args: Any, **kwargs: Any) -> Any:
         """Forward over all ranks in one process, microbatched as planned; the model's own output."""
         self._check_caller_autocast()
+        self._whole()
         per_microbatch = self._local.forward(self.io.flatten(args, kwargs))
         return self.io.unflatten(_concat_microbatches(per_microbatch, self.plan.microbatch_size))
 
@@ -127,6 +167,7 @@ class CompiledModel:
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
         self._check_caller_autocast()
+        self._whole()
         flat = self.io.flatten(args, kwargs)
         targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 

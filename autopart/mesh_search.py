@@ -1,26 +1,31 @@
 """Search over mesh shapes dp × pp × tp for the fastest plan, and the graph it runs on.
 
-For every tensor-parallel size tp that divides the devices (and fits in one
-host), the strategy problem of passes/tensor_parallel is built with the stage
-boundaries kept Replicate, the solver answers it (identical layers share
-variables), and the blocks are restated per device of the tp group
-(`tensor_parallel_blocks`); the pipeline planner then cuts them over the
-N / tp groups and chooses dp, pp, microbatches, schedule, sharding and
-recomputation (autopart/planner.py). The strategy ILP budgets parameter bytes
-only, so its budget is the whole training state's share of memory
-(`tp_memory_budgets`), tightened until the pipeline planner finds a plan. The plan with the lowest predicted step time wins; the
-report lists every shape tried.
+For every tensor-parallel size tp that divides the devices and the devices of a
+host (tp groups never span hosts; pipeline and data parallelism cross them over
+the cluster's inter-host link), the strategy problem of passes/tensor_parallel
+is built with the stage boundaries kept Replicate, the solver answers it
+(identical layers share variables), and the blocks are restated per device of
+the tp group (`tensor_parallel_blocks`). The layout search (autopart/search.py)
+then cuts the restated blocks over the N / tp groups and chooses dp, pp,
+microbatches, schedule, sharding and recomputation for all tp sizes at once,
+best first under a lower bound. The strategy ILP budgets parameter bytes only,
+so its budget is the whole training state's share of memory
+(`tp_memory_budgets`), tightened until the search finds a plan. The plan with
+the lowest predicted step time wins; the report lists the layouts tried.
 
 Shapes are static: the graph is costed at one microbatch size. When the
 winner uses another, `search_mesh` has the model traced again at that size
 (its `retrace` argument), restates the plan's stages on the new graph block
 by block, and chooses the tensor-parallel splits again on it through the same
-`tensor_parallel_blocks` with the same budget.
+`tensor_parallel_blocks` with the same budget. Given a layer stack analysed
+once (`restate`), the plan stays on the blocks: the whole model is traced
+later (autopart/api.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Mapping
 
 import torch.fx
@@ -34,9 +39,8 @@ from autopart.passes.tensor_parallel import TPAssignment, TPProblemIndex
 from autopart.passes.tensor_parallel.placements import Placement
 from autopart.plan import Plan
 from autopart.plan_choices import PlanRequest
-from autopart.plan_errors import infeasible_error
-from autopart.planner import plan_pipeline
 from autopart.problems import TPSolution
+from autopart.search import TPOption, search
 from autopart.solver import solve_tp
 
 
@@ -51,6 +55,8 @@ class SearchResult:
     plan: Plan
     assignment: TPAssignment | None
     """Per-node placements on the tp axis of `graph`; None when tp = 1."""
+    tp_budget: float | None = None
+    """The strategy ILP's parameter budget per device the assignment was chosen under (None: tp = 1)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,7 +80,9 @@ def tensor_parallel_choices(cluster: Cluster, fixed: int | None, fixed_ranks: in
         return [fixed]
     per_host = sum(1 for node in cluster.node_of_device if node == cluster.node_of_device[0])
     groups = (fixed_ranks or 1) * (fixed_replicas or 1)
-    return [t for t in range(1, per_host + 1) if n % t == 0 and t * groups <= n]
+    # t divides the host's devices too, so that no group straddles two hosts (ranks are laid
+    # out tp fastest: group g holds devices g·t .. g·t + t − 1)
+    return [t for t in range(1, per_host + 1) if n % t == 0 and per_host % t == 0 and t * groups <= n]
 
 
 def group_cluster(cluster: Cluster, tp: int) -> Cluster:
@@ -122,45 +130,72 @@ def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster
 
 def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, request: PlanRequest, *,
                 traced_batch_size: int, tp_choices: list[int], tp_plan: Mapping[str, str] | None,
-                retrace: Callable[[int], torch.fx.GraphModule]) -> SearchResult:
+                retrace: Callable[[int], torch.fx.GraphModule] | None,
+                restate: Callable[[BlockGraph], BlockGraph] | None = None,
+                progress: Callable[[str], None] | None = None) -> SearchResult:
     """The best plan over the tp sizes given, on the model traced at its microbatch size.
 
     `gm` is the costed graph of `traced_batch_size` samples and `blocks` its
     blocks; `tp_plan` fixes layers' splits (passes/tensor_parallel/user_plan.py);
-    `retrace(size)` returns the costed graph of `size` samples.
+    `retrace(size)` returns the costed graph of `size` samples (None: the plan
+    stays at the traced size's graph). `restate` turns `gm`'s blocks into the
+    blocks the plan places (the repeated layers of the whole model when `gm`
+    holds a few of them: passes/layer_stack.py); `progress` receives a line
+    per tp size and the search's progress.
     """
     model_class = io_spec(gm).model_class
     fixed = _user_placements(gm, tp_plan)
-    results: list[tuple[Plan, TPAssignment | None]] = []
-    errors: list[tuple[int, PlanError]] = []
-    budgets: dict[int, float | None] = {}  # per tp: the strategy ILP's parameter budget the plan was made with
-    for tp in tp_choices:
-        failed: list[tuple[int, PlanError]] = []
-        for budget in [None] if tp == 1 else tp_memory_budgets(blocks, cluster, request, tp):
-            try:
-                tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
-                    gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget)
-                plan = plan_pipeline(tp_blocks, group_cluster(cluster, tp), request, model_class,
-                                     traced_batch_size=traced_batch_size)
-            except PlanError as error:
-                failed.append((tp, error))
+    whole = restate(blocks) if restate is not None else blocks
+    levels = {tp: [None] if tp == 1 else tp_memory_budgets(whole, cluster, request, tp) for tp in tp_choices}
+    solved: dict[tuple[int, float | None], tuple[TPOption, TPAssignment | None] | PlanError] = {}
+    errors: list[PlanError] = []
+    for level in range(max(len(budgets) for budgets in levels.values())):
+        options, assignments, budgets = [], {}, {}
+        for tp in tp_choices:
+            budget = levels[tp][min(level, len(levels[tp]) - 1)]
+            if (tp, budget) not in solved:
+                solved[(tp, budget)] = _tp_option(gm, blocks, cluster, request, tp, fixed, budget, restate, progress)
+            found = solved[(tp, budget)]
+            if isinstance(found, PlanError):
+                errors.append(found)
                 continue
-            results.append((_in_real_devices(plan, cluster, tp, assignment), assignment))
-            budgets[tp] = budget
-            break
-        else:
-            errors.extend(failed[-1:])
-    if not results:
-        raise _closest(errors, blocks, cluster, request, traced_batch_size, tuple(tp_choices))
-    best, assignment = min(results, key=lambda r: r[0].predicted_step_seconds)
-    candidates = tuple(c if plan is best or c.status != "chosen" else dataclasses.replace(c, status="feasible")
-                       for plan, _ in results for c in plan.candidates)
-    solver = dataclasses.replace(best.solver, plan_seconds=sum(p.solver.plan_seconds for p, _ in results),
-                                 num_problems=sum(p.solver.num_problems for p, _ in results))
-    best = dataclasses.replace(best, candidates=candidates, solver=solver)
-    if best.microbatch_size == traced_batch_size:
-        return SearchResult(graph=gm, blocks=blocks, plan=best, assignment=assignment)
-    return _at_microbatch_size(best, blocks, cluster, request, tp_plan, retrace, budgets[best.mesh.tp])
+            options.append(found[0])
+            assignments[tp], budgets[tp] = found[1], budget
+        if not options:
+            continue
+        try:
+            result = search(options, request, model_class, traced_batch_size=traced_batch_size, progress=progress)
+        except PlanError as error:
+            errors.append(error)
+            if not getattr(error, "failures", None):
+                raise  # not a memory failure (a choice that cannot be met): a tighter budget will not help
+            continue
+        tp = result.option.tp
+        best = _in_real_devices(result.plan, cluster, tp, assignments[tp])
+        if retrace is None or best.microbatch_size == traced_batch_size:
+            return SearchResult(graph=gm, blocks=blocks, plan=best, assignment=assignments[tp], tp_budget=budgets[tp])
+        return _at_microbatch_size(best, blocks, cluster, request, tp_plan, retrace, budgets[tp])
+    raise _closest(errors, tp_choices)
+
+
+def _tp_option(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, request: PlanRequest, tp: int,
+               fixed: Mapping[str, Placement] | None, budget: float | None,
+               restate: Callable[[BlockGraph], BlockGraph] | None,
+               progress: Callable[[str], None] | None) -> tuple[TPOption, TPAssignment | None] | PlanError:
+    """The blocks as a tp group of `tp` runs them (the op splits chosen under `budget`), or why none fits."""
+    started = time.perf_counter()
+    try:
+        tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
+            gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget)
+    except PlanError as error:
+        if progress is not None:
+            progress(f"tp={tp}: no op split fits ({str(error).splitlines()[0]})")
+        return error
+    if progress is not None and tp > 1:
+        progress(f"tp={tp}: op splits chosen in {time.perf_counter() - started:.2f} s")
+    option = TPOption(tp=tp, graph=restate(tp_blocks) if restate is not None else tp_blocks,
+                      cluster=group_cluster(cluster, tp))
+    return option, assignment
 
 
 def _user_placements(gm: torch.fx.GraphModule, tp_plan: Mapping[str, str] | None) -> dict[str, Placement] | None:
@@ -199,7 +234,7 @@ def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, reques
                                                fixed=_user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
     plan = dataclasses.replace(plan, stages=stages,
                                tensor_parallel=assignment.to_dict() if assignment is not None else None)
-    return SearchResult(graph=gm, blocks=micro_blocks, plan=plan, assignment=assignment)
+    return SearchResult(graph=gm, blocks=micro_blocks, plan=plan, assignment=assignment, tp_budget=tp_budget)
 
 
 def tp_memory_budgets(blocks: BlockGraph, cluster: Cluster, request: PlanRequest, tp: int) -> list[float]:
@@ -226,23 +261,29 @@ def tp_memory_budgets(blocks: BlockGraph, cluster: Cluster, request: PlanRequest
         share = max(share / 2, 1.0)
 
 
-def _closest(errors: list[tuple[int, PlanError]], blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
-             traced_batch_size: int, tp_choices: tuple[int, ...]) -> PlanError:
-    """One error for every mesh shape tried: the closest attempt of all of them and the levers."""
-    failures = [dataclasses.replace(f, tried=dict(f.tried, tensor_parallel=tp))
-                for tp, error in errors for f in getattr(error, "failures", [])]
-    if not failures:  # not a memory failure (a choice that cannot be met): the first says why
-        return errors[0][1]
-    return infeasible_error(blocks, cluster, request, failures, traced_batch_size, tensor_parallel=tp_choices)
+def _closest(errors: list[PlanError], tp_choices: list[int]) -> PlanError:
+    """The error to raise when no budget gave a plan: the last search's (its budgets the tightest, its
+    closest attempt over every tp size searched), with the tp sizes whose op splits fit no budget."""
+    searched = [e for e in errors if getattr(e, "failures", None)]
+    if not searched:
+        return errors[0]
+    last = searched[-1]
+    in_search = {f.tried.get("tensor_parallel", 1) for f in last.failures}
+    unsplit = [tp for tp in tp_choices if tp not in in_search]
+    if not unsplit:
+        return last
+    error = PlanError(f"{last}\n  Tensor parallel {', '.join(map(str, unsplit))}: no split of the ops fits a "
+                      "device's parameter budget (the strategy ILP's).")
+    error.failures, error.shortfall_bytes = last.failures, getattr(last, "shortfall_bytes", None)
+    return error
 
 
 def _in_real_devices(plan: Plan, cluster: Cluster, tp: int, assignment: TPAssignment | None) -> Plan:
     """Restate a plan made over tp groups in the cluster's own devices."""
     stages = tuple(dataclasses.replace(s, device=s.device * tp) for s in plan.stages)
     used = plan.mesh.dp * plan.mesh.pp * tp
-    candidates = tuple(dataclasses.replace(c, tensor_parallel=tp) for c in plan.candidates)
     return dataclasses.replace(
         plan, stages=stages, mesh=dataclasses.replace(plan.mesh, tp=tp), cluster=cluster.to_dict(),
-        idle_devices=tuple(range(used, cluster.num_devices)), candidates=candidates,
+        idle_devices=tuple(range(used, cluster.num_devices)),
         tensor_parallel=assignment.to_dict() if assignment is not None else None,
     )

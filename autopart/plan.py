@@ -19,7 +19,7 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 3
  "predicted_step_seconds": float, "bubble_fraction": float,
  "idle_devices": [int],
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
-            "plan_seconds", "num_problems"},
+            "plan_seconds", "num_problems", "num_pruned", "num_shapes_pruned"},
  "candidates": [{"data_parallel", "pipeline_parallel", "num_microbatches", "schedule", "step_seconds" | null,
                  "status", "detail", "tensor_parallel", "virtual_stages", "data_parallel_mode",
                  "recompute"}],
@@ -219,6 +219,10 @@ class SolverInfo:
     """Wall time of the whole search (all candidates)."""
     num_problems: int
     """ILPs solved during the search."""
+    num_pruned: int = 0
+    """Layouts a bound ruled out without a solve (`candidates` lists the closest few hundred)."""
+    num_shapes_pruned: int = 0
+    """Mesh shapes (tp × dp × pp) a bound ruled out whole, their layouts never listed."""
 
 
 @dataclass(frozen=True, kw_only=True)

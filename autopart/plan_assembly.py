@@ -14,6 +14,7 @@ from autopart.schedules import bubble_fraction
 from autopart.step_costs import (
     Setting,
     fsdp_unit_transient_bytes,
+    keeps_model_outputs,
     recompute_seconds,
     recompute_transient_bytes,
     returned_output_bytes,
@@ -74,7 +75,8 @@ def stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks: l
     activations = (float(problem.activation_bytes[members].sum()) * held
                    + (float(problem.transient_bytes[members].sum())
                       if at_activation_peak and problem.transient_bytes is not None else 0.0)
-                   + sum(returned_output_bytes(b, request, problem.num_microbatches, scale) for b in blocks)
+                   + sum(returned_output_bytes(b, request, problem.num_microbatches, scale,
+                                         keeps_model_outputs(problem.num_stages, setting.dp)) for b in blocks)
                    + rebuilt)
     return StageMemory(
         params=int(param_held),

@@ -49,10 +49,11 @@ class PlanRequest:
     """'bf16' or None (passes/precision.py): the graph's costs are already priced for it."""
     training: bool = True
     """False plans inference: no backward, gradients or optimizer state."""
-    max_microbatches: int = 64
-    """Largest microbatch count tried when the planner chooses."""
+    max_microbatches: int = 512
+    """Largest microbatch count tried when the planner chooses (Megatron-LM's published runs use
+    up to 512 per pipeline: GPT-1T, batch 3072 over 6 replicas, microbatches of one)."""
     verbose: bool = False
-    """Print a line per candidate while searching."""
+    """Print the search's progress (best so far) on stderr."""
 
 
 def microbatch_choices(request: PlanRequest, data_parallel: int = 1) -> list[int]:

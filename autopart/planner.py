@@ -1,16 +1,16 @@
-"""Search over pipeline configurations: replicas, pipeline ranks, virtual stages,
-microbatch counts, schedules, how the replicas hold the state (DDP, ZeRO-2,
-ZeRO-3, HSDP) and how blocks keep their activations (recomputation).
+"""The price of one candidate: replicas and how they hold the state (DDP,
+ZeRO-2, ZeRO-3, HSDP), pipeline ranks, virtual stages, microbatches, schedule,
+and how blocks keep their activations (recomputation).
 
 The values tried for each choice (or the one the user fixed) come from
-autopart/plan_choices.py. For each candidate (dp replicas and their mode, R
-ranks × v stages each, m microbatches, schedule) the block graph becomes a `PipelineProblem` (costs
-scaled to one microbatch, priced by autopart/step_costs.py) and the ILP places
-the blocks. A candidate that does not fit without recomputation is solved
-again with every block recomputed, and then each stage keeps as much as its
-memory allows, block by block (autopart/recompute_choice.py). Candidates whose
-lower bound cannot beat the best found are pruned without a solve. The best
-candidate becomes the `Plan` (autopart/plan_assembly.py).
+autopart/plan_choices.py; the best-first search over them, with its bounds, is
+autopart/search.py. A candidate's block graph becomes a `PipelineProblem`
+(costs scaled to one microbatch, priced by autopart/step_costs.py) whose split
+the solver finds (`price_candidate`); one that does not fit without
+recomputation is solved again with every block recomputed, and then each
+stage keeps as much as its memory allows, block by block
+(autopart/recompute_choice.py). The best candidate becomes the `Plan`
+(autopart/plan_assembly.py).
 
 Scaling to a microbatch: the graph is traced at one microbatch size
 (`traced_batch_size`); FLOPs, roofline time, saved activations and
@@ -23,27 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from autopart.block_arrays import stage_seconds
 from autopart.cost_models import Cluster
-from autopart.errors import InputError, PlanError
+from autopart.errors import PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.plan import Candidate, Plan
-from autopart.plan_assembly import assemble_plan, scale_of
-from autopart.plan_choices import (
-    PlanRequest,
-    data_parallel_choices,
-    data_parallel_mode_choices,
-    microbatch_choices,
-    pipeline_choices,
-    schedule_choices,
-    virtual_stage_choices,
-)
-from autopart.plan_errors import Failure, failure_of_error, infeasible_error, shortfall
+from autopart.plan_assembly import scale_of
+from autopart.plan_choices import PlanRequest
+from autopart.plan_errors import Failure, failure_of_error, shortfall
 from autopart.problems import PipelineProblem, PipelineSolution, ValueFlow
 from autopart.recompute_choice import choose_recompute_per_block, recompute_choices, uniform_recompute
 from autopart.solver import solve_pipeline
@@ -56,6 +48,7 @@ from autopart.step_costs import (
     fsdp_unit_transient_bytes,
     loss_backward_bytes,
     loss_seconds,
+    keeps_model_outputs,
     optimizer_seconds,
     recompute_seconds,
     recompute_transient_bytes,
@@ -64,117 +57,89 @@ from autopart.step_costs import (
 )
 
 
-# The integer program, always: on chains of blocks the solver's exact dynamic
-# program ("auto") is ~10x faster, but the ILP also takes DAGs and is what the
-# joint tensor-parallel model builds on; 24 solves of a 26-block chain take
-# about 0.16 s (benchmarks/solver_backends.py).
-SOLVER_BACKEND = "cpsat"
+# "auto": chains of blocks (every layer reads the one before, as in every transformer) get the
+# solver's exact dynamic program, whose optimum is the ILP's (every split of a chain is
+# contiguous; tests/test_solver_pipeline.py checks both against brute force); DAGs get the
+# CP-SAT model. The DP takes 2–12 ms on 83–130 blocks and 16–128 stages, where model building
+# alone costs CP-SAT more; a search over thousands of layouts needs that.
+SOLVER_BACKEND = "auto"
 
 def plan_pipeline(graph: BlockGraph, cluster: Cluster, request: PlanRequest, model_class: str, *,
                   traced_batch_size: int) -> Plan:
-    """The fastest feasible dp × pp plan for `graph` (costed at `traced_batch_size` samples) on `cluster`."""
-    started = time.perf_counter()
-    schedules = schedule_choices(request)
-    search = _Search(graph, cluster, request, traced_batch_size)
-    # Most replicas first: the plans that data parallelism alone makes fast are found early,
-    # so the lower bound prunes the deeper pipelines without solving them.
-    for dp in sorted(data_parallel_choices(request, cluster), reverse=True):
-        for num_ranks in pipeline_choices(request, cluster, len(graph.blocks), dp):
-            for m in microbatch_choices(request, dp):
-                for schedule in schedules:
-                    if schedule == "gpipe" and num_ranks == 1 and "1f1b" in schedules:
-                        continue  # one stage: GPipe is 1F1B with more in flight
-                    for v in virtual_stage_choices(request, schedule, num_ranks, m, len(graph.blocks),
-                                                   search.skipped):
-                        for mode, shard in data_parallel_mode_choices(request, dp, cluster, num_ranks):
-                            search.candidate(Setting(dp=dp, mode=mode, dp_shard=shard), num_ranks, m, schedule, v)
-    if not search.candidates and search.skipped:
-        raise InputError(f"no plan satisfies the choices fixed: {search.skipped[0]}")
-    if search.best is None:
-        raise infeasible_error(graph, cluster, request, search.failures, traced_batch_size)
-    best = search.best
-    chosen = best.tried
-    candidates = [
-        Candidate(**{**c.__dict__, "status": "chosen"})
-        if c.status == "feasible" and all(getattr(c, k) == v for k, v in chosen.items())
-        else c
-        for c in search.candidates
-    ]
-    return assemble_plan(graph, cluster, request, traced_batch_size, model_class, best.problem, best.solution,
-                         candidates, time.perf_counter() - started, search.num_problems, best.setting, best.step)
+    """The fastest feasible dp × pp plan for `graph` (costed at `traced_batch_size` samples) on
+    `cluster`: the layout search of autopart/search.py over this one block graph (tp = 1)."""
+    from autopart.search import TPOption, search  # the search builds on this module
+
+    return search([TPOption(tp=1, graph=graph, cluster=cluster)], request, model_class,
+                  traced_batch_size=traced_batch_size).plan
 
 
 @dataclass
-class _Best:
-    step: float
-    solution: PipelineSolution
-    problem: PipelineProblem
-    setting: Setting
-    tried: dict
+class Priced:
+    """What pricing one candidate found: a line per recompute policy tried, the fitting one if any."""
+
+    candidates: list[Candidate] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    num_problems: int = 0
+    step: float | None = None
+    """Predicted step (s) of the candidate as it fits, None when it does not (or was pruned)."""
+    solution: PipelineSolution | None = None
+    problem: PipelineProblem | None = None
+    setting: Setting | None = None
+    label: dict = field(default_factory=dict)
+    """The chosen Candidate's fields."""
 
 
-class _Search:
-    """The candidates tried so far, the best one, and why the others failed."""
+def price_candidate(graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batch_size: int,
+                    setting: Setting, num_ranks: int, m: int, schedule: str, v: int, tried: dict,
+                    may_win: Callable[[float], bool] = lambda bound: True) -> Priced:
+    """Price one (dp and its mode, R, m, schedule, v): without recomputation first, then, when that
+    does not fit and the user left it open, with recomputation chosen per block
+    (autopart/recompute_choice.py). `tried` holds the candidate's fields; `may_win(bound)` says
+    whether a lower bound can still beat the best step found (False: pruned without a solve)."""
+    priced = Priced()
 
-    def __init__(self, graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batch_size: int) -> None:
-        self.graph, self.cluster, self.request = graph, cluster, request
-        self.traced_batch_size = traced_batch_size
-        self.best: _Best | None = None
-        self.candidates: list[Candidate] = []
-        self.failures: list[Failure] = []
-        self.skipped: list[str] = []  # why fixed choices left a (schedule, ranks, microbatches) without any plan
-        self.num_problems = 0
+    def build(with_setting: Setting) -> PipelineProblem:
+        return build_problem(graph, cluster, request, num_ranks * v, m, schedule, with_setting, virtual_stages=v,
+                             traced_batch_size=traced_batch_size)
 
-    def candidate(self, setting: Setting, num_ranks: int, m: int, schedule: str, v: int) -> None:
-        """Price one (dp, mode, R, m, schedule, v): without recomputation first, then, when that does not
-        fit and the user left it open, with recomputation chosen per block (autopart/recompute_choice.py)."""
-        graph, cluster, request = self.graph, self.cluster, self.request
-        tried = dict(data_parallel=setting.dp, pipeline_parallel=num_ranks, num_microbatches=m, schedule=schedule,
-                     virtual_stages=v, data_parallel_mode=setting.mode)
-
-        def build(with_setting: Setting) -> PipelineProblem:
-            return build_problem(graph, cluster, request, num_ranks * v, m, schedule, with_setting, virtual_stages=v,
-                                 traced_batch_size=self.traced_batch_size)
-
-        for policy in recompute_choices(request):
-            current = dataclasses.replace(setting, recompute=uniform_recompute(graph, policy))
-            problem = build(current)
-            bound = lower_bound(problem) + sync_lower_bound(graph, cluster, request, problem, current)
-            label = dict(tried, recompute=current.recompute_label)
-            if self.best is not None and bound >= self.best.step:
-                self.candidates.append(Candidate(**label, step_seconds=None, status="pruned",
-                                                 detail=f"lower bound {bound:.3g} s >= best {self.best.step:.3g} s"))
-                return  # recomputing costs more time still
-            if shortfall(problem) > 0:  # more than all devices together hold: no split can fit
-                failure = Failure.of(problem, current, request, tried)
-                self.failures.append(failure)
-                self.candidates.append(Candidate(**label, step_seconds=None, status="infeasible",
-                                                 detail=failure.summary))
-                continue
-            self.num_problems += 1
-            try:
-                solution = solve_pipeline(problem, backend=SOLVER_BACKEND)
-            except PlanError as error:
-                failure = failure_of_error(problem, current, request, tried, error)
-                self.failures.append(failure)
-                self.candidates.append(Candidate(**label, step_seconds=None, status="infeasible",
-                                                 detail=str(error).splitlines()[0]))
-                continue
-            if request.recompute is None and policy != "none":
-                current, problem, solution = choose_recompute_per_block(graph, request, build, current, problem,
-                                                                        solution, self.traced_batch_size)
-            step = (solution.step_seconds
-                    + data_parallel_sync_seconds(graph, cluster, request, problem, solution, current)
-                    + optimizer_seconds(graph, cluster, request, problem, solution, current))
-            detail = _binding(problem, solution)
-            label = dict(tried, recompute=current.recompute_label)
-            self.candidates.append(Candidate(**label, step_seconds=step, status="feasible", detail=detail))
-            if request.verbose:
-                print(f"  dp={setting.dp} ({setting.mode}) pp={num_ranks}×v{v} m={m} {schedule} "
-                      f"recompute {current.recompute_label}: {step * 1e3:.3f} ms ({detail})", file=sys.stderr)
-            if self.best is None or step < self.best.step * (1 - 1e-9):
-                self.best = _Best(step, solution, problem, current, label)
-            return  # fits: recomputing more only costs time
+    for policy in recompute_choices(request):
+        current = dataclasses.replace(setting, recompute=uniform_recompute(graph, policy))
+        problem = build(current)
+        bound = lower_bound(problem) + sync_lower_bound(graph, cluster, request, problem, current)
+        label = dict(tried, recompute=current.recompute_label)
+        if not may_win(bound):
+            priced.candidates.append(Candidate(**label, step_seconds=None, status="pruned",
+                                               detail=f"lower bound {bound:.3g} s cannot beat the best"))
+            return priced  # recomputing costs more time still
+        if shortfall(problem) > 0:  # more than all devices together hold: no split can fit
+            failure = Failure.of(problem, current, request, tried)
+            priced.failures.append(failure)
+            priced.candidates.append(Candidate(**label, step_seconds=None, status="infeasible",
+                                               detail=failure.summary))
+            continue
+        priced.num_problems += 1
+        try:
+            solution = solve_pipeline(problem, backend=SOLVER_BACKEND)
+        except PlanError as error:
+            failure = failure_of_error(problem, current, request, tried, error)
+            priced.failures.append(failure)
+            priced.candidates.append(Candidate(**label, step_seconds=None, status="infeasible",
+                                               detail=str(error).splitlines()[0]))
+            continue
+        if request.recompute is None and policy != "none":
+            current, problem, solution = choose_recompute_per_block(graph, request, build, current, problem,
+                                                                    solution, traced_batch_size)
+        step = (solution.step_seconds
+                + data_parallel_sync_seconds(graph, cluster, request, problem, solution, current)
+                + optimizer_seconds(graph, cluster, request, problem, solution, current))
+        label = dict(tried, recompute=current.recompute_label)
+        priced.candidates.append(Candidate(**label, step_seconds=step, status="feasible",
+                                           detail=binding(problem, solution)))
+        priced.step, priced.solution, priced.problem, priced.setting, priced.label = (
+            step, solution, problem, current, label)
+        return priced  # fits: recomputing more only costs time
+    return priced
 
 
 def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
@@ -195,16 +160,17 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     pipelined = num_stages > 1
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
     modes = [setting.recompute_of(b) for b in range(len(graph.blocks))]
-    fwd = np.array([[b.time_on(d.name).fwd(scale) + loss_seconds(b, d, scale, request)[0] for d in devices]
-                    for b in graph.blocks])
-    if request.training:
-        bwd = np.array([[b.time_on(d.name).bwd(scale) + loss_seconds(b, d, scale, request)[1]
-                         + recompute_seconds(b, d.name, mode, scale, schedule)
-                         for d in devices] for b, mode in zip(graph.blocks, modes)])
-    else:
-        bwd = np.zeros_like(fwd)
+    fwd, bwd = stage_seconds(graph, [d.name for d in devices], scale, request.training)
+    for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
+        if block.model_output_float32_bytes and request.training:
+            loss = [loss_seconds(block, d, scale, request) for d in devices]
+            fwd[b] += [f for f, _ in loss]
+            bwd[b] += [w for _, w in loss]
+        if modes[b] != "none" and request.training:
+            bwd[b] += [recompute_seconds(block, d.name, modes[b], scale, schedule) for d in devices]
+    keeps = keeps_model_outputs(num_stages, setting.dp)
     state = np.array([block_state_bytes(b, request, setting)
-                      + returned_output_bytes(b, request, num_microbatches, scale) for b in graph.blocks])
+                      + returned_output_bytes(b, request, num_microbatches, scale, keeps) for b in graph.blocks])
     grads = np.array([block_gradient_bytes(b, request, setting, num_microbatches, pipelined) for b in graph.blocks])
     activations = np.array([activation_bytes(b, request, setting, mode) * scale
                             for b, mode in zip(graph.blocks, modes)])
@@ -241,7 +207,8 @@ def lower_bound(problem: PipelineProblem) -> float:
     return problem.step_factor() * slot
 
 
-def _binding(problem: PipelineProblem, solution: PipelineSolution) -> str:
+def binding(problem: PipelineProblem, solution: PipelineSolution) -> str:
+    """What limits a solved candidate: its slowest stage and its fullest."""
     slowest = int(np.argmax(solution.stage_seconds))
     fullest = int(np.argmax(np.array(solution.stage_memory_bytes) / problem.memory_capacity))
     used = solution.stage_memory_bytes[fullest] / problem.memory_capacity[fullest]

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from autopart.schedules import build_schedule, peak_in_flight, step_factor
+from autopart.schedules import build_schedule, interleaved_in_flight, peak_in_flight, step_factor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,9 +166,13 @@ class PipelineSolution:
 def _in_flight(schedule: str, num_ranks: int, m: int, virtual_stages: int, training: bool) -> dict[int, int]:
     """Peak in-flight microbatches per stage, from the schedule's action lists (cached: the
     planner asks for every stage of every candidate)."""
-    if not training:  # forward only: activations are dropped; boundary buffers as 1F1B / GPipe would keep them
+    if not training or (schedule in ("gpipe", "1f1b") and virtual_stages == 1):
+        # forward only: activations are dropped; boundary buffers as 1F1B / GPipe would keep them.
+        # Training: the same counts, in closed form (what peak_in_flight counts on their lists).
         stages = num_ranks * virtual_stages
         return {s: m if schedule == "gpipe" else min(m, stages - s) for s in range(stages)}
+    if schedule == "interleaved_1f1b":
+        return interleaved_in_flight(num_ranks, m, virtual_stages)
     return peak_in_flight(build_schedule(schedule, num_ranks, m, training, virtual_stages))
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
+
 from autopart.errors import PlanError
 
 Schedule = tuple[tuple["Action", ...], ...]
@@ -259,7 +261,19 @@ def step_factor(name: str, num_ranks: int, num_microbatches: int, virtual_stages
     (bubble (R-1)/(m·v), Narayanan et al. 2021), and zero bubble less when
     m ≥ R, as its weight gradients fill the 1F1B bubble (Qi et al. 2024),
     though its split backward costs more than B.
+
+    Closed forms where playing gives exactly them (tests/test_schedules.py checks them against
+    the played schedules): GPipe and 1F1B always; interleaved 1F1B m·v + R − 1 once m ≥ R and
+    v·R − 1 + m below (fewer microbatches than ranks: each rank waits for a whole round of
+    v·R stage slots before its first backward). The planner asks for thousands of these at R
+    and m in the hundreds, which would each play 10^5 actions.
     """
+    if name in ("gpipe", "1f1b") and virtual_stages == 1:
+        return float(num_microbatches + num_ranks - 1)
+    if name == "interleaved_1f1b" and training:
+        microbatches_per_round(num_ranks, num_microbatches)  # the same error as building it
+        m, v, r = num_microbatches, virtual_stages, num_ranks
+        return float(m * v + r - 1 if m >= r else v * r - 1 + m)
     schedule = build_schedule(name, num_ranks, num_microbatches, training, virtual_stages)
     slot = _UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0)
     ends = play(schedule, lambda action: _UNIT_COSTS[action.kind]).values()
@@ -274,6 +288,24 @@ def bubble_fraction(name: str, num_ranks: int, num_microbatches: int, virtual_st
     work = _UNIT_COSTS["F"] + (_UNIT_COSTS["I"] + _UNIT_COSTS["W"] if name == "zero_bubble" and training
                                else _UNIT_COSTS["B"] if training else 0.0)
     return 1.0 - num_microbatches * virtual_stages * work / (factor * slot)
+
+
+def interleaved_in_flight(num_ranks: int, num_microbatches: int, virtual_stages: int) -> dict[int, int]:
+    """`peak_in_flight` of training's interleaved 1F1B in closed form (the planner asks for R and m in
+    the hundreds): local stage j of rank r holds the most microbatches just before its first
+    backward, which `interleaved` runs at op b = warm-up + (v − 1 − j)·per_round; by then it has
+    run the forwards of ops ≤ b that fall in its chunks of per_round ops out of every v·per_round
+    (tests/test_schedules.py compares it with the action lists)."""
+    m, v, ranks = num_microbatches, virtual_stages, num_ranks
+    per_round = microbatches_per_round(ranks, m)
+    total = v * m
+    r = np.arange(ranks)[None, :]
+    j = np.arange(v)[:, None]
+    warmup = np.minimum((v - 1) * per_round + 2 * (ranks - 1 - r), total)
+    ops = np.minimum(warmup + (v - 1 - j) * per_round, total - 1) + 1  # ops 0 .. b
+    full, rest = np.divmod(ops, v * per_round)
+    counts = full * per_round + np.clip(rest - j * per_round, 0, per_round)  # [v, R]: stage j·R + r
+    return {int(stage): int(count) for stage, count in enumerate(counts.reshape(-1))}
 
 
 def peak_in_flight(schedule: Schedule) -> dict[int, int]:

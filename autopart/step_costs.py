@@ -169,10 +169,18 @@ def loss_seconds(block: Block, device, scale: float, request) -> tuple[float, fl
     return 3 * per_byte, 5 * per_byte
 
 
-def returned_output_bytes(block: Block, request, num_microbatches: int, scale: float) -> float:
+def returned_output_bytes(block: Block, request, num_microbatches: int, scale: float, keeps: bool = True) -> float:
     """Model outputs of every microbatch, which the last stage keeps until the training step
-    returns them all (torch.distributed.pipelining merges them at the end); 0 for inference."""
-    return block.model_output_bytes * scale * num_microbatches if request.training else 0.0
+    returns them all (torch.distributed.pipelining merges them at the end); 0 for inference,
+    and 0 when the runtime does not keep them (`keeps_model_outputs`)."""
+    return block.model_output_bytes * scale * num_microbatches if request.training and keeps else 0.0
+
+
+def keeps_model_outputs(num_stages: int, dp: int) -> bool:
+    """Whether the runtime keeps every microbatch's model output to the step's end: a pipelining
+    schedule does; one stage with replicas does not (runtime/distributed.py drives DDP or FSDP2
+    microbatch by microbatch itself, each output freed by its backward)."""
+    return not (num_stages == 1 and dp > 1)
 
 
 def recompute_transient_bytes(block: Block, request, setting: Setting, recompute: str) -> float:

@@ -320,8 +320,8 @@ class Cluster:
         ids = list(device_ids)
         if not ids:
             raise ValueError("Cluster.link_for_group(device_ids=[]): give at least one device index")
-        for k in ids:
-            self.link(k, k)  # validates the index
+        for k in (min(ids), max(ids)):
+            self.link(k, k)  # validates the index range (one check each end: groups of thousands)
         spans_hosts = len({self.node_of_device[k] for k in ids}) > 1
         return self.inter_node_link if spans_hosts else self.intra_node_link
 

@@ -14,6 +14,7 @@ from autopart.schedules import (
     build_schedule,
     bubble_fraction,
     dependencies,
+    interleaved_in_flight,
     peak_in_flight,
     play,
     step_factor,
@@ -86,6 +87,34 @@ def test_step_factors_match_the_literature() -> None:
     assert bubble_fraction("zero_bubble", 4, 8) == pytest.approx(0.1261, abs=1e-4)
     # on 2 ranks with 12 microbatches the bubble is small and 1F1B is the faster
     assert step_factor("zero_bubble", 2, 12) > step_factor("1f1b", 2, 12)
+
+
+def _played_factor(name: str, num_ranks: int, m: int, v: int, training: bool) -> float:
+    from autopart.schedules import _UNIT_COSTS
+
+    ends = play(build_schedule(name, num_ranks, m, training, v), lambda a: _UNIT_COSTS[a.kind]).values()
+    return max(end for _, end in ends) / (_UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_closed_forms_equal_the_played_schedules(training: bool) -> None:
+    """step_factor and the in-flight counts answer GPipe, 1F1B and interleaved 1F1B in closed form;
+    playing the action lists gives exactly the same numbers."""
+    from autopart.problems import _in_flight
+
+    for num_ranks in range(1, 9):
+        for m in range(1, 33):
+            for name in ("gpipe", "1f1b"):
+                assert step_factor(name, num_ranks, m, 1, training) == _played_factor(name, num_ranks, m, 1, training)
+                if training:
+                    assert _in_flight(name, num_ranks, m, 1, True) == peak_in_flight(build_schedule(name, num_ranks, m))
+            for v in (2, 3, 4):
+                if training and num_ranks >= 2 and _valid(num_ranks, m, v):
+                    assert step_factor("interleaved_1f1b", num_ranks, m, v) == _played_factor(
+                        "interleaved_1f1b", num_ranks, m, v, True)
+                if training and num_ranks >= 2 and _valid(num_ranks, m, v):
+                    assert interleaved_in_flight(num_ranks, m, v) == peak_in_flight(
+                        build_schedule("interleaved_1f1b", num_ranks, m, True, v))
 
 
 def test_in_flight_counts() -> None:

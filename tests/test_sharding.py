@@ -99,7 +99,7 @@ def test_8b_gpt_on_two_h200s_gets_a_plan_under_055_s():
     plan = autopart.compile(model, "2xH200", example_inputs=(ids,), optimizer="adamw", mixed_precision="bf16").plan
     assert plan.predicted_step_seconds <= 0.55, plan.predicted_step_seconds
     assert all(s.memory.total <= s.memory.capacity for s in plan.stages)
-    tried = {(c.data_parallel, c.data_parallel_mode, c.recompute): c.status for c in plan.candidates
-             if c.pipeline_parallel == 1 and c.tensor_parallel == 1 and c.num_microbatches == 1}
-    assert tried[(2, "ddp", "none")] == "infeasible", "DDP holds 133 GB of state per GPU"
+    ddp = {c.status for c in plan.candidates if c.data_parallel == 2 and c.data_parallel_mode == "ddp"
+           and c.pipeline_parallel == 1 and c.tensor_parallel == 1 and c.num_microbatches == 1}
+    assert ddp == {"infeasible"}, "DDP holds 133 GB of state per GPU, whatever it recomputes"
     assert plan.data_parallel_mode in ("zero3", "zero2") and plan.mesh.dp == 2

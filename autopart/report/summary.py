@@ -148,6 +148,11 @@ def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
         strategy = nodes.get(name, {}).get("strategy", "replicate")
         if strategy not in _QUIET_STRATEGIES:
             counts[strategy] = counts.get(strategy, 0) + 1
+    by_block = plan.tensor_parallel.get("block_strategies")
+    if not stage.node_names and by_block:  # a layer stack analysed once: counted per block
+        for name in stage.blocks:
+            for strategy, count in by_block.get(name, {}).items():
+                counts[strategy] = counts.get(strategy, 0) + count
     if not counts:
         return f"replicated on tp={plan.mesh.tp}"
     return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) + f" (stage {stage.index}, tp={plan.mesh.tp})"

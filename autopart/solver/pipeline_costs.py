@@ -82,7 +82,7 @@ def pipeline_costs(problem: PipelineProblem) -> PipelineCosts:
         value_seconds=(directions * (alpha[None, :] + num_bytes[:, None] / beta[None, :])).reshape(
             len(problem.values), num_stages - 1
         ),
-        block_memory=np.stack([problem.block_memory(s) for s in range(num_stages)], axis=1),
+        block_memory=_block_memory(problem, in_flight),
         value_memory=(num_bytes[:, None] * in_flight[None, :]).reshape(
             len(problem.values), num_stages
         ),
@@ -123,3 +123,20 @@ def evaluate_assignments(
         memory[:, :-1] += np.einsum("kvs,vs->ks", cross, costs.value_memory[:, :-1])
         memory[:, 1:] += np.einsum("kvs,vs->ks", cross, costs.value_memory[:, 1:])
     return seconds, memory
+
+
+def _block_memory(problem: PipelineProblem, in_flight: np.ndarray) -> np.ndarray:
+    """[n, S] `problem.block_memory(s)` for every stage at once (the same sums, in the same order)."""
+    k = in_flight[None, :]
+    state = np.asarray(problem.state_bytes, dtype=np.float64)[:, None]
+    act = np.asarray(problem.activation_bytes, dtype=np.float64)[:, None]
+    grads = (np.zeros_like(state) if problem.gradient_bytes is None
+             else np.asarray(problem.gradient_bytes, np.float64)[:, None])
+    transient = (np.zeros_like(state) if problem.transient_bytes is None
+                 else np.asarray(problem.transient_bytes, np.float64)[:, None])
+    steady = (problem.num_microbatches > k).astype(np.float64)
+    at_activation_peak = state + steady * grads + k * act + transient
+    if problem.gradient_bytes is None:
+        return at_activation_peak
+    once_all_gradients = state + grads + np.maximum(k - 1, 0) * act
+    return np.maximum(at_activation_peak, once_all_gradients)

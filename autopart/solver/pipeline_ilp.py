@@ -96,6 +96,7 @@ def solve_pipeline(
     backend: str = "auto",
     time_limit_s: float = 10.0,
     log_progress: bool = False,
+    explain: bool = True,
 ) -> PipelineSolution:
     """Assign every block to a stage minimising the pipeline step time.
 
@@ -104,15 +105,22 @@ def solve_pipeline(
     edge) the exact dynamic program `contiguous_split` ('dp', about 10× faster
     than building any model), else CP-SAT. Raises PlanError when no split fits
     in memory (naming the stage and its shortfall) or when there are more
-    stages than blocks; InputError when the problem's arrays are malformed.
+    stages than blocks; InputError when the problem's arrays are malformed. With
+    explain=False a split that cannot fit raises `MemoryInfeasible` (a PlanError) at once,
+    without the second solve that finds the least-overflowing stage (a search that tries
+    thousands of candidates explains only the closest one).
     """
     start = time.perf_counter()
     validate_problem(problem)
-    structure = _Structure.of(problem)
+    chain = backend == "auto" and _is_chain(problem)
+    structure = None if chain else _Structure.of(problem)
     costs = pipeline_costs(problem)
     hint = contiguous_split(costs)  # the best contiguous split: hint and upper bound
-    if backend == "auto" and structure.is_chain:  # every split of a chain is contiguous
+    if chain:  # every split of a chain is contiguous
         if hint is None:
+            if not explain:
+                raise MemoryInfeasible(f"no split of {problem.num_blocks} blocks into {problem.num_stages} "
+                                       "stages fits in memory")
             _explain_memory(problem, structure, costs, None, time_limit_s, log_progress)
         return _solution(problem, costs, hint, "OPTIMAL", None, "dp", start)
     name = DEFAULT_BACKEND if backend == "auto" else backend
@@ -124,6 +132,9 @@ def solve_pipeline(
     model = _build(solver, structure, scaled, objective="time", bounds=bounds, hint=hint)
     status, bound = solver.solve(time_limit_s, log_progress)
     if status == "INFEASIBLE":
+        if not explain:
+            raise MemoryInfeasible(f"no split of {problem.num_blocks} blocks into {problem.num_stages} "
+                                   "stages fits in memory")
         _explain_memory(problem, structure, costs, name, time_limit_s, log_progress)
     if status in ("OPTIMAL", "FEASIBLE"):
         assignment = model.assignment(solver)
@@ -235,6 +246,17 @@ def validate_problem(problem: PipelineProblem) -> None:
             f"least one block; use at most {n} stages, or coarsen the graph less so that "
             f"it has at least {num_stages} blocks"
         )
+
+
+def _is_chain(problem: PipelineProblem) -> bool:
+    """Every (b, b+1) is an edge or a value flow: the only valid splits are contiguous runs."""
+    pairs = set(problem.edges)
+    pairs.update((v.producer, c) for v in problem.values for c in v.consumers)
+    return all((b, b + 1) in pairs for b in range(problem.num_blocks - 1))
+
+
+class MemoryInfeasible(PlanError):
+    """No split fits in memory (raised unexplained by `solve_pipeline(explain=False)`)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ per device; budget M.
     y_s ≥ x[g_s,a_s] + x[g,k] − 1     for (g,k) ∈ T_s, y_s ∈ {0,1}      (5)
                                      (y_s ≥ x[g,k] when s has no source)
     Σ_{g,k} m[g,k] x[g,k] ≤ M                                          (6)
-    minimise Σ c[g,k] x[g,k] + Σ C_uv[a,b] e[u,v,a,b] + Σ c_s y_s
+    minimise Σ c[g,k] x[g,k] + Σ C_uv[a,b] e[u,v,a,b] + Σ c_s y_s, then Σ m[g,k] x[g,k]
 
 All costs are ≥ 0, so at the optimum e and y equal the products and maxima
 they bound. CP-SAT needs integers: seconds are scaled by 2^30 / U (U ≥ the
@@ -140,7 +140,7 @@ def solve_tp(problem: TPProblem, *, time_limit_s: float = 10.0, num_workers: int
         terms = {x[g][k]: int(m) for g, mem in enumerate(problem.param_bytes) for k, m in enumerate(mem) if m}
         if terms:
             solver.add_le(terms, int(problem.memory_budget_bytes))              # (6)
-    solver.minimize_sum(objective)
+    solver.minimize_sum(_fewest_bytes_among_fastest(objective, x, problem))
     status, _ = solver.solve(time_limit_s, log=False)
     if status not in ("OPTIMAL", "FEASIBLE"):
         raise PlanError(
@@ -152,3 +152,20 @@ def solve_tp(problem: TPProblem, *, time_limit_s: float = 10.0, num_workers: int
     seconds, memory = evaluate(problem, choice)
     return TPSolution(choice=choice, objective_seconds=seconds, param_bytes=memory, status=status,
                       solve_seconds=time.perf_counter() - start)
+
+
+_MIB = 2**20
+
+
+def _fewest_bytes_among_fastest(objective: dict, x: list[list], problem: TPProblem) -> dict:
+    """The time objective, ties broken by parameter bytes per device (MiB, rounded up): time units
+    weigh more than all the bytes together, so the optimum in time is unchanged, and among equal
+    times the solver returns the one that holds least (an embedding sharded rather than replicated
+    at the same speed), whichever of its workers finds it first."""
+    weight = 1 + sum(int(np.ceil(float(np.max(m)) / _MIB)) for m in problem.param_bytes if m.size)
+    terms = {var: units * weight for var, units in objective.items()}
+    for g, mem in enumerate(problem.param_bytes):
+        for k, m in enumerate(mem):
+            if m > 0 and np.isfinite(problem.node_seconds[g][k]):
+                terms[x[g][k]] = terms.get(x[g][k], 0) + int(np.ceil(m / _MIB))
+    return terms

@@ -65,9 +65,18 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
     scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
                               bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)
                    for t in block.times)
+    # recomputation's figures follow the same splits: what 'selective' keeps (matmul outputs) and the
+    # autocast copies of the weights shrink as the saved tensors and the weights do; the block's inputs
+    # (a stage boundary, replicated) do not; the replayed forward takes the block's new time
+    kept = saved / block.saved_bytes if block.saved_bytes else 1.0
+    selective = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
+                                 bwd_fixed_s=0.0, bwd_scaled_s=0.0) for t in block.selective_times)
     return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
                                trainable_param_bytes=int(block.trainable_param_bytes * share),
                                saved_bytes=int(saved),
+                               selective_saved_bytes=int(block.selective_saved_bytes * kept),
+                               autocast_weight_bytes=int(block.autocast_weight_bytes * share),
+                               selective_times=selective,
                                parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable,
                                                  int(numel * param_bytes.get(attr_node.get(t), 0) / size) if size else 0)
                                                 for t, size, trainable, numel in block.parameters))
