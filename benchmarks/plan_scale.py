@@ -12,7 +12,7 @@ included).
 
 Columns: compile = `autopart.compile` wall time; search = the layout search
 (`Plan.solver.plan_seconds`); peak = maximum RSS; mesh dp × pp × tp (m
-microbatches, schedule, dp mode); step = predicted step time; MFU = the traced
+microbatches, schedule, dp mode, blocks recomputed); step = predicted step time; MFU = the traced
 graph's FLOPs per step / (step × devices used × 989.4 TFLOP/s, the H100's dense
 bf16 peak). "does not fit" means no layout holds the model without activation
 recomputation, which the planner does not yet choose.
@@ -80,9 +80,16 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None) -> dic
                    mesh=f"{mesh.dp}×{mesh.pp}×{mesh.tp}", m=plan.num_microbatches,
                    schedule=plan.schedule + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else ""),
                    mode=plan.data_parallel_mode, step_s=plan.predicted_step_seconds,
+                   recompute=_recompute(plan),
                    mfu=flops / (plan.predicted_step_seconds * mesh.num_devices * H100_BF16_PEAK),
                    phases={k: round(v, 3) for k, v in compiled.phase_seconds.items()})
     return row
+
+
+def _recompute(plan) -> str:
+    """'none', or the count of blocks per recompute mode ('80 full, 2 selective')."""
+    modes = [m for s in plan.stages for m in s.recompute if m != "none"]
+    return ", ".join(f"{modes.count(m)} {m}" for m in ("full", "selective") if m in modes) or "none"
 
 
 def _run(model_name: str, hosts: int, batch: int, layers: int | None) -> dict:
@@ -95,7 +102,7 @@ def _run(model_name: str, hosts: int, batch: int, layers: int | None) -> dict:
 
 
 HEADER = ("| model | layers | devices | compile s | search s | solves | peak MiB | mesh dp×pp×tp | m | schedule "
-          "| dp mode | step s | MFU |")
+          "| dp mode | recompute | step s | MFU |")
 
 
 def _print_header() -> None:
@@ -107,11 +114,11 @@ def _print(r: dict) -> None:
     if r.get("fits"):
         print(f"| {r['model']} | {r['layers']} | {r['devices']} | {r['compile_s']:.2f} | {r['search_s']:.2f} | "
               f"{r['solves']} | {r['peak_mib']:.0f} | {r['mesh']} | {r['m']} | {r['schedule']} | {r['mode']} | "
-              f"{r['step_s']:.3f} | {r['mfu']:.1%} |")
+              f"{r['recompute']} | {r['step_s']:.3f} | {r['mfu']:.1%} |")
     else:
         print(f"| {r['model']} | {r['layers']} | {r['devices']} | {r['compile_s']:.2f} | - | - | "
-              f"{r['peak_mib']:.0f} | does not fit | | | | | |")
-        print(f"|   | | | | | | | {r.get('why', '')[:150]} | | | | | |")
+              f"{r['peak_mib']:.0f} | does not fit | | | | | | |")
+        print(f"|   | | | | | | | {r.get('why', '')[:150]} | | | | | | |")
     sys.stdout.flush()
 
 
