@@ -10,11 +10,10 @@ have eight 200 Gb/s HDR InfiniBand NICs: 25 GB/s per GPU across nodes (NVLink 3 
 Each row plans the model twice with `autopart.compile` on the meta device (bf16 autocast
 over float32 state, Adam): "published" fixes the mesh to (d, p, t) with `data_parallel`,
 `pipeline_parallel` and `tensor_parallel` and lets autopart choose the rest for it (microbatches,
-schedule, DDP or FSDP); "autopart" chooses everything. Both are priced by the same cost
-model, so autopart's step is never slower unless the search misses (the published mesh is
-one of the layouts it searches). Neither uses activation recomputation (the paper's runs
-do; autopart does not choose it yet): a published layout that then does not fit in 80 GB
-is marked so. "paper" is the iteration time the paper's measured TFLOP/s per GPU implies
+schedule, DDP/ZeRO-2/ZeRO-3/HSDP, recomputation per block); "autopart" chooses everything.
+Both are priced by the same cost model, so autopart's step is never slower unless the search
+misses (the published mesh is one of the layouts it searches). A published layout that does
+not fit in 80 GB even recomputing is marked so. "paper" is the iteration time the paper's measured TFLOP/s per GPU implies
 (its eq. 3: 96·B·s·l·h²·(1 + s/6h + V/16lh) FLOPs per iteration, with recomputation).
 
     python benchmarks/megatron_layouts.py [--models 1.7B 3.6B 7.5B 18.4B 39.1B]
