@@ -111,7 +111,9 @@ class Block:
         """Bytes kept for backward per microbatch at the traced batch under `recompute`;
         `weights_in_compute_dtype`: FSDP gathers the weights in bf16, so autocast copies none."""
         if recompute == "none" or not self.recomputable:
-            return self.saved_bytes - (self.autocast_weight_bytes if weights_in_compute_dtype else 0)
+            # never below 0: a copy is saved only where the matmul's other operand needs a gradient
+            # (not after the model's inputs), which the count of copies does not see
+            return max(self.saved_bytes - (self.autocast_weight_bytes if weights_in_compute_dtype else 0), 0)
         if recompute == "full":
             return min(self.input_bytes, self.saved_bytes)
         return min(self.input_bytes + self.selective_saved_bytes, self.saved_bytes)
@@ -315,6 +317,7 @@ def _autocast_weight_bytes(members: list[torch.fx.Node]) -> int:
         for arg in node.all_input_nodes:
             weight = arg.meta.get("val")
             if (arg.op == "get_attr" and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+                    and weight.dim() >= 2  # a bias's copy is not saved: its gradient is a sum
                     and weight.dtype != out.dtype and node_cost(arg).param_bytes > 0):
                 copies[arg.target] = weight.numel() * out.element_size()
     return sum(copies.values())
