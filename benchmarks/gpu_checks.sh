@@ -17,10 +17,12 @@ python3 -c "import torch, transformers, ortools; print('torch', torch.__version_
 what=${1:-all}
 
 if [ "$what" = family ] || [ "$what" = all ]; then
+    # RECOMPUTE=selective|full: every block recomputed that way (checkpointed regions on the GPU)
     pids=()
     for family in gpt2 llama mistral qwen2 bert t5 vit; do
         for precision in fp32 bf16; do
             flag=""; [ "$precision" = bf16 ] && flag="--mixed-precision bf16"
+            [ -n "${RECOMPUTE:-}" ] && flag="$flag --recompute $RECOMPUTE"
             python3 -m torch.distributed.run --standalone --nproc_per_node=1 tests/distributed/family_step.py \
                 --family "$family" --stages 1 $flag >"$OUT/family_${family}_${precision}.log" 2>&1 &
             pids+=($!)

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--virtual-stages", type=int, default=1)
     parser.add_argument("--stages", type=int, default=2, help="pipeline ranks (torchrun's process count)")
     parser.add_argument("--mixed-precision", choices=["bf16"])
+    parser.add_argument("--recompute", choices=["none", "selective", "full"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -54,7 +55,8 @@ def main() -> None:
 
     compiled = autopart.compile(entry.model, args.stages, example_inputs=entry.args, example_kwargs=kwargs or None,
                                 pipeline_parallel=args.stages, num_microbatches=2, schedule=args.schedule,
-                                virtual_stages=args.virtual_stages, mixed_precision=args.mixed_precision)
+                                virtual_stages=args.virtual_stages, mixed_precision=args.mixed_precision,
+                                recompute=args.recompute)
     runner = compiled.distributed(timeout_s=120)
     device = runner.device
     reference = copy.deepcopy(entry.model).to(device)
@@ -89,7 +91,8 @@ def main() -> None:
             checked += 1
     assert checked > 0, "no parameter was checked"
     print(f"OK rank {runner.rank} {args.family} {args.schedule} v={args.virtual_stages} on {device.type} "
-          f"{args.mixed_precision or 'fp32'}: {checked} gradients, loss {loss.item():.6f} vs {ref_loss.item():.6f}"
+          f"{args.mixed_precision or 'fp32'}" + (f" recompute {args.recompute}" if args.recompute else "") + ": "
+          f"{checked} gradients, loss {loss.item():.6f} vs {ref_loss.item():.6f}"
           + (f", worst gradient error {worst:.2e}" if args.mixed_precision else ""), flush=True)
     torch.distributed.destroy_process_group()
 
