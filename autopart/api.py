@@ -104,7 +104,7 @@ def compile(  # noqa: A001 - the public name the project promises
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
     found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs ->
                         tp_choices=tp_sizes, tp_plan=tp_plan, retrace=None if stacked else retrace,  # Plan, and its
-                        restate=analysis.restate, progress=log.note if verbose else None)  # microbatch's graph
+                        restate=analysis.restate, progress=log.note)  # microbatch's graph
     plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
@@ -206,9 +206,10 @@ class _Phases:
             print(f"[autopart {now - self.started:6.2f}s] {message or phase}", file=sys.stderr, flush=True)
 
     def note(self, message: str) -> None:
-        """A progress line within the current phase (printed when verbose)."""
-        if self.verbose:
-            now = time.perf_counter()
+        """A progress line within the current phase (printed when verbose; the search's own lines
+        always, which it sends only once it has run a second or more)."""
+        now = time.perf_counter()
+        if self.verbose or self.current == "plan":
             print(f"[autopart {now - self.started:6.2f}s]   {message}", file=sys.stderr, flush=True)
 
 

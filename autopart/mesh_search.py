@@ -140,8 +140,8 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
     `retrace(size)` returns the costed graph of `size` samples (None: the plan
     stays at the traced size's graph). `restate` turns `gm`'s blocks into the
     blocks the plan places (the repeated layers of the whole model when `gm`
-    holds a few of them: passes/layer_stack.py); `progress` receives a line
-    per tp size and the search's progress.
+    holds a few of them: passes/layer_stack.py); `progress` receives the
+    search's progress (autopart/search.py) and, with `request.verbose`, a line per tp size.
     """
     model_class = io_spec(gm).model_class
     fixed = _user_placements(gm, tp_plan)
@@ -188,10 +188,10 @@ def _tp_option(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, r
         tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
             gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget)
     except PlanError as error:
-        if progress is not None:
+        if progress is not None and request.verbose:
             progress(f"tp={tp}: no op split fits ({str(error).splitlines()[0]})")
         return error
-    if progress is not None and tp > 1:
+    if progress is not None and request.verbose and tp > 1:
         progress(f"tp={tp}: op splits chosen in {time.perf_counter() - started:.2f} s")
     option = TPOption(tp=tp, graph=restate(tp_blocks) if restate is not None else tp_blocks,
                       cluster=group_cluster(cluster, tp))

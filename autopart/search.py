@@ -148,7 +148,7 @@ def search(options: list[TPOption], request: PlanRequest, model_class: str, *, t
     `traced_batch_size` samples); PlanError if none fits (with `.failures`, the layouts tried).
 
     `progress` receives a line at most about once a second while the search runs, and one
-    when it ends (None: silent).
+    when it ends if it ran a second or more, or `request.verbose` (None: silent).
     """
     started = time.perf_counter()
     run = _Run(options, request, traced_batch_size, progress, started)
@@ -265,8 +265,8 @@ class _Run:
             else:
                 self.evaluate(item, order, bound)
             self.report()
-        if self.progress is not None:
-            self.progress(self.summary())
+        if self.progress is not None and (self.request.verbose or time.perf_counter() - self.started >= 1.0):
+            self.progress(self.summary())  # quick searches end silently unless asked (verbose)
 
     def may_win(self, bound: float, order: tuple) -> bool:
         if self.best is None:
