@@ -28,7 +28,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from autopart.passes.attrs import fetch_attr
+from autopart.passes.attrs import fetch_attr, named_arguments
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -47,7 +47,7 @@ def use_causal_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _SDPA:
             continue
-        args = _sdpa_args(node)
+        args = named_arguments(node)
         mask = args["attn_mask"]
         if not isinstance(mask, torch.fx.Node) or args["is_causal"]:
             continue
@@ -75,7 +75,7 @@ def use_causal_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _use_gqa(node: torch.fx.Node) -> bool:
     """SDPA on keys and values repeated per query head -> SDPA with enable_gqa on the originals."""
-    args = _sdpa_args(node)
+    args = named_arguments(node)
     if args["attn_mask"] is not None or args.get("enable_gqa") or "enable_gqa" not in args:
         return False
     sources = [_repeated_from(args[name]) for name in ("key", "value")]
@@ -121,14 +121,6 @@ def _whole(node: torch.fx.Node) -> bool:
     _, dim, start, end, step = args[:5]
     size = node.args[0].meta["val"].shape[dim if dim is not None else 0]
     return (start in (None, 0)) and (end is None or end >= size) and (step in (None, 1))
-
-
-def _sdpa_args(node: torch.fx.Node) -> dict[str, Any]:
-    names = [a.name for a in _SDPA._schema.arguments]
-    values = {a.name: a.default_value if a.has_default_value() else None for a in _SDPA._schema.arguments}
-    values.update(zip(names, node.args))
-    values.update(node.kwargs)
-    return values
 
 
 def _mask_kind(mask: torch.Tensor, num_queries: int, num_keys: int) -> str | None:

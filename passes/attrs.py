@@ -1,4 +1,4 @@
-"""Reading a GraphModule's attributes by their dotted get_attr targets."""
+"""Reading a GraphModule's attributes by their dotted get_attr targets, and a call's arguments by name."""
 
 from __future__ import annotations
 
@@ -22,3 +22,13 @@ def is_parameter(module: torch.nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def named_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """A call_function node's arguments by their schema's names, defaults filled in (ATen ops;
+    overloads of one op may order them differently)."""
+    schema = node.target._schema
+    values = {a.name: a.default_value if a.has_default_value() else None for a in schema.arguments}
+    values.update(zip([a.name for a in schema.arguments], node.args))
+    values.update(node.kwargs)
+    return values

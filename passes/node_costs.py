@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.cost_models import Cluster, op_flops, op_seconds
 from autopart.errors import MissingAnnotationError
-from autopart.passes.precision import AUTOCAST_DEVICE_TYPE, fake_like
+from autopart.passes.precision import AUTOCAST_DEVICE_TYPE, devices_on_cpu, fake_like
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -148,8 +148,7 @@ class _CostInterpreter(torch.fx.Interpreter):
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         if self.autocast_dtype is not None:  # the graph's device literals follow the fakes to the CPU
-            args, kwargs = pytree.tree_map(lambda a: torch.device("cpu") if isinstance(a, torch.device) else a,
-                                           (args, kwargs))
+            args, kwargs = devices_on_cpu(args, kwargs)
         return super().call_function(target, args, kwargs)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -68,9 +68,12 @@ class FakesOnCpu(torch.fx.Interpreter):
         return self.fake_attrs[target]
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        args, kwargs = pytree.tree_map(lambda a: torch.device("cpu") if isinstance(a, torch.device) else a,
-                                       (args, kwargs))
-        return super().call_function(target, args, kwargs)
+        return super().call_function(target, *devices_on_cpu(args, kwargs))
+
+
+def devices_on_cpu(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's arguments with every device literal the CPU's: where the graph's fakes live."""
+    return pytree.tree_map(lambda a: torch.device("cpu") if isinstance(a, torch.device) else a, (args, kwargs))
 
 
 def fake_like(value: Any) -> Any:

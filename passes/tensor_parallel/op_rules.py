@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from autopart.passes.attrs import named_arguments
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard, can_shard
 from autopart.passes.tensor_parallel.strategy import Strategy, dim_arg, make_strategy, replicate, shape_of
 from autopart.passes.tensor_parallel.view_rules import (
@@ -116,13 +117,8 @@ def mm_rule(node: torch.fx.Node, tp: int, groups: set[int], cands: Candidates) -
 
 def _sdpa_mask_and_dropout(node: torch.fx.Node) -> tuple[Any, Any]:
     """(attn_mask, dropout_p) of either SDPA overload (their argument orders differ)."""
-    args, kwargs = node.args, node.kwargs
-    if node.target == aten._scaled_dot_product_flash_attention_for_cpu.default:
-        # (q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None)
-        return kwargs.get("attn_mask"), args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
-    # (q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False)
-    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-    return mask, args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+    args = named_arguments(node)
+    return args.get("attn_mask"), args.get("dropout_p", 0.0)
 
 
 def sdpa_rule(node, tp, groups, cands):
