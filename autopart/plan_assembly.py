@@ -6,13 +6,14 @@ from typing import Sequence
 
 import numpy as np
 
-from autopart.cost_models import Cluster, gradient_bytes, optimizer_state_bytes
+from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.passes.blocks import Block, BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan, reshards_parameters
 from autopart.problems import PipelineProblem, PipelineSolution
 from autopart.schedules import bubble_fraction
 from autopart.step_costs import (
     Setting,
+    fsdp_unit_bytes,
     fsdp_unit_transient_bytes,
     keeps_model_outputs,
     recompute_seconds,
@@ -53,11 +54,7 @@ def stage_memory(problem: PipelineProblem, s: int, members: list[int], blocks: l
     shards = setting.shards if request.training else 1
     fraction = unsharded_fraction(request, setting)
     rebuilt, _ = stage_reserved_bytes(blocks, modes, request, setting, scale)
-    gathered = unreduced = 0.0
-    if shards > 1 and reshards_parameters(setting.mode):
-        sizes = sorted((b.param_bytes for b in blocks), reverse=True)
-        gathered = sum(sizes[:2]) * fraction
-        unreduced = max((gradient_bytes(b.trainable_param_bytes) for b in blocks), default=0)
+    gathered, unreduced = fsdp_unit_bytes(blocks, request, setting)
     held_grads = float(problem.gradient_bytes[members].sum()) if problem.gradient_bytes is not None else 0.0
     if shards > 1 and reshards_parameters(setting.mode) and problem.num_stages > 1:
         held_grads -= params * fraction  # kept gathered after the first backward: parameters, below

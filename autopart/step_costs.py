@@ -192,15 +192,21 @@ def recompute_transient_bytes(block: Block, request, setting: Setting, recompute
     return max(0.0, float(keep_all - block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))))
 
 
-def fsdp_unit_transient_bytes(blocks: Sequence[Block], request, setting: Setting) -> float:
-    """ZeRO-3 bytes a stage holds for its FSDP units beyond the shards: the gathered parameters of
-    the unit computing and of the one prefetched (FSDP2's default prefetch depth of one), and the
-    unreduced gradients of the unit whose backward just ran (before its reduce-scatter frees them)."""
+def fsdp_unit_bytes(blocks: Sequence[Block], request, setting: Setting) -> tuple[float, float]:
+    """(gathered parameters, unreduced gradients) ZeRO-3 holds for a stage's FSDP units beyond the
+    shards: the parameters of the unit computing and of the one prefetched (FSDP2's default
+    prefetch depth of one), and the gradients of the unit whose backward just ran (before its
+    reduce-scatter frees them); (0, 0) without ZeRO-3."""
     if not request.training or not reshards_parameters(setting.mode) or setting.shards == 1:
-        return 0.0
+        return 0.0, 0.0
     sizes = sorted((b.param_bytes for b in blocks), reverse=True)
     gathered = sum(sizes[:2]) * unsharded_fraction(request, setting)
-    return gathered + max((gradient_bytes(b.trainable_param_bytes) for b in blocks), default=0)
+    return gathered, float(max((gradient_bytes(b.trainable_param_bytes) for b in blocks), default=0))
+
+
+def fsdp_unit_transient_bytes(blocks: Sequence[Block], request, setting: Setting) -> float:
+    """All `fsdp_unit_bytes` together: what a stage reserves once for its units."""
+    return sum(fsdp_unit_bytes(blocks, request, setting))
 
 
 def recompute_seconds(block: Block, device: str, recompute: str, scale: float, schedule: str) -> float:
