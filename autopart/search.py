@@ -74,7 +74,7 @@ class TPOption:
 
     tp: int
     graph: BlockGraph
-    """Block costs per device of the tp group (passes/tp_blocks.py), or the plain blocks at tp = 1."""
+    """Block costs per device of the tp group (passes/tensor_parallel/blocks.py), or the plain blocks at tp = 1."""
     cluster: Cluster
     """One device per tp group (`mesh_search.group_cluster`)."""
 
