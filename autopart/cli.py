@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="optimizer whose state is priced: sgd, momentum, adam (default), adamw, ...")
     choices.add_argument("--inference", action="store_true",
                          help="plan the forward pass only: no gradients, no optimizer state")
+    choices.add_argument("--mixed-precision", choices=("bf16",),
+                         help="train as torch.autocast(bfloat16) over float32 parameters and optimizer state")
+    choices.add_argument("--no-reuse-layers", action="store_true",
+                         help="trace every layer up front instead of analysing a stack of identical layers once")
     output = plan.add_argument_group("output")
     output.add_argument("--html", metavar="PATH", help="write the report as one self-contained HTML file")
     output.add_argument("--json", metavar="PATH", help="write the plan as JSON (autopart.Plan.from_json reads it)")
@@ -166,7 +170,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         pipeline_parallel=args.pipeline_parallel, num_microbatches=args.num_microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, data_parallel_mode=args.data_parallel_mode,
         recompute=args.recompute, data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
-        optimizer=args.optimizer, training=not args.inference, verbose=not args.quiet)
+        optimizer=args.optimizer, mixed_precision=args.mixed_precision, training=not args.inference,
+        reuse_layers=not args.no_reuse_layers, verbose=not args.quiet)
     sys.stdout.write(compiled.report())
     sys.stdout.flush()
     if args.json:
@@ -183,12 +188,19 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _check(compiled: Any, workload: Any) -> None:
-    from autopart.verify import verify
+    from autopart.verify import BF16_RTOL, verify
 
     print("\nchecking the plan on this CPU against the single-device model ...", flush=True)
     if any(t.is_meta for t in workload.model.parameters()):
         raise CliError("--check needs real weights; the model was built on the meta device")
     result = verify(compiled, workload.model, tuple(workload.args), workload.kwargs)
+    if compiled.plan.mixed_precision:
+        print(f"  against eager torch.autocast(bfloat16), norm-wise within rtol {BF16_RTOL:g}:")
+        print(f"  forward equal: worst relative error {result.max_output_diff:.2e}")
+        print(f"  loss equal: {result.loss:.6f} vs {result.reference_loss:.6f}")
+        print(f"  gradients of all {result.num_grads} parameters equal: worst relative error "
+              f"{result.max_grad_diff:.2e}")
+        return
     print(f"  forward equal (rtol 1e-5, atol 1e-5): max |diff| {result.max_output_diff:.2e}")
     print(f"  loss equal: {result.loss:.6f} vs {result.reference_loss:.6f}")
     print(f"  gradients of all {result.num_grads} parameters equal (rtol 1e-5, atol 4e-5): "

@@ -6,6 +6,12 @@ the loss and the gradient of every parameter with float32 tolerances
 (PyTorch's pipelining tests): forward rtol 1e-5 / atol 1e-5, gradients rtol
 1e-5 / atol 4e-5. The loss is the mean square of every floating-point output,
 so any model can be checked without knowing its task.
+
+A plan with bf16 mixed precision is checked against the model under eager
+`torch.autocast(bfloat16)`: loss within torch.testing's bf16 rtol (1.6e-2),
+outputs and gradients norm-wise within it, ‖x − x_eager‖ ≤ 1.6e-2 ‖x_eager‖
+(another microbatch split or tp group sums in another order, and every bf16
+result rounds there; tests/test_mixed_precision.py).
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import contextlib
+
 import torch
 import torch.utils._pytree as pytree
 
 FORWARD_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 GRADIENT_TOLERANCE = dict(rtol=1e-5, atol=4e-5)
+BF16_RTOL = 1.6e-2
+"""torch.testing's bf16 rtol, norm-wise for outputs and gradients under mixed precision."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,9 +35,11 @@ class Verification:
     """What the check measured."""
 
     max_output_diff: float
+    """Largest |difference| of an output element (mixed precision: the worst norm-wise relative error)."""
     loss: float
     reference_loss: float
     max_grad_diff: float
+    """Largest |difference| of a gradient element (mixed precision: the worst norm-wise relative error)."""
     num_grads: int
 
 
@@ -42,23 +54,37 @@ def _loss(output: Any, _target: Any = None) -> torch.Tensor:
 def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
     """Raise AssertionError (naming the tensor) if the plan differs from the model; else the figures."""
     kwargs = dict(kwargs or {})
+    mixed = compiled.plan.mixed_precision is not None
+    eager = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed else contextlib.nullcontext
+    compare = _close_norm_wise if mixed else _close
     model.eval()  # dropout off in both runs
-    expected = _float_leaves(model(*args, **kwargs))
+    with eager():
+        expected = _float_leaves(model(*args, **kwargs))
     got = _float_leaves(compiled.simulate(*args, **kwargs))
-    worst_out = 0.0
-    for k, (a, b) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, b, **FORWARD_TOLERANCE, msg=lambda m: f"output {k}: {m}")
-        worst_out = max(worst_out, (a - b).abs().max().item())
+    worst_out = max((compare(a, b, FORWARD_TOLERANCE, f"output {k}") for k, (a, b) in enumerate(zip(got, expected))),
+                    default=0.0)
     loss, grads = compiled.simulate_train_step(*args, target=None, loss_fn=_loss, **kwargs)
     model.zero_grad()
-    reference = _loss(model(*args, **kwargs))
+    with eager():
+        reference = _loss(model(*args, **kwargs))
     reference.backward()
-    torch.testing.assert_close(loss, reference.detach(), **FORWARD_TOLERANCE)
-    worst_grad = 0.0
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        torch.testing.assert_close(grads[name], param.grad, **GRADIENT_TOLERANCE, msg=lambda m: f"{name}: {m}")
-        worst_grad = max(worst_grad, (grads[name] - param.grad).abs().max().item())
+    torch.testing.assert_close(loss, reference.detach(), **(dict(rtol=BF16_RTOL, atol=0.0) if mixed
+                                                            else FORWARD_TOLERANCE))
+    worst_grad = max((compare(grads[name], param.grad, GRADIENT_TOLERANCE, name)
+                      for name, param in model.named_parameters() if param.grad is not None), default=0.0)
     return Verification(max_output_diff=worst_out, loss=loss.item(), reference_loss=reference.item(),
                         max_grad_diff=worst_grad, num_grads=len(grads))
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: dict, what: str) -> float:
+    """float32: elementwise within `tolerance`; the largest |difference|."""
+    torch.testing.assert_close(got, expected, **tolerance, msg=lambda m: f"{what}: {m}")
+    return (got - expected).detach().abs().max().item() if got.numel() else 0.0
+
+
+def _close_norm_wise(got: torch.Tensor, expected: torch.Tensor, _tolerance: dict, what: str) -> float:
+    """bf16 mixed precision: ‖got − expected‖ ≤ BF16_RTOL ‖expected‖ (in float32); the relative error."""
+    got, expected = got.detach().float(), expected.detach().float()
+    error = float((got - expected).norm() / max(float(expected.norm()), 1e-30))
+    assert error <= BF16_RTOL, f"{what}: off by {error:.2e} norm-wise (bf16 rtol {BF16_RTOL})"
+    return error

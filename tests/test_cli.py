@@ -151,6 +151,25 @@ def test_report_command_rerenders_a_saved_plan(capsys, models_file, tmp_path) ->
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_check_proves_a_mixed_precision_plan_against_eager_autocast():
+    result = _run("plan", "autopart.zoo:gpt2", "--devices", "4", "--pipeline-parallel", "2", "--tensor-parallel", "2",
+                  "--mixed-precision", "bf16", "--check", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "against eager torch.autocast(bfloat16)" in result.stdout and "gradients of all" in result.stdout
+    assert "bf16 mixed precision" in result.stdout  # the report says how the plan computes
+
+
+def test_no_reuse_layers_traces_every_layer_up_front(capsys, tmp_path) -> None:
+    out_json = tmp_path / "p.json"
+    args = ["plan", "autopart.zoo:gpt2", "--factory-arg", "layers=6", "--devices", "2", "--pipeline-parallel", "2",
+            "--quiet", "--json", str(out_json)]
+    assert main(args) == 0
+    assert not any(s.node_names for s in Plan.from_json(out_json.read_text()).stages)  # a stack analysed once
+    assert main(args + ["--no-reuse-layers"]) == 0
+    assert all(s.node_names for s in Plan.from_json(out_json.read_text()).stages)
+    capsys.readouterr()
+
+
 def test_check_proves_the_plan_on_the_cpu():
     result = _run("plan", "autopart.zoo:gpt2", "--devices", "4", "--pipeline-parallel", "2", "--tensor-parallel", "2",
                   "--check", "--quiet")
