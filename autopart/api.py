@@ -17,7 +17,13 @@ from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.batch import batch_size_of
 from autopart.devices import DevicesArg, resolve_devices
 from autopart.errors import InputError
-from autopart.mesh_search import search_mesh, tensor_parallel_blocks, tensor_parallel_choices
+from autopart.mesh_search import (
+    search_mesh,
+    stages_on_blocks,
+    tensor_parallel_blocks,
+    tensor_parallel_choices,
+    user_placements,
+)
 from autopart.passes.blocks import BlockGraph
 from autopart.analysis import Analysis, analyse, annotate_graph, block_strategies, check_blocks, first_rows
 from autopart.interfaces import io_spec
@@ -86,11 +92,11 @@ def compile(  # noqa: A001 - the public name the project promises
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
                           training=training, verbose=verbose)
-    rows = functools.partial(_first_rows, flat_batch, in_spec, batch_size)
+    rows = functools.partial(first_rows, flat_batch, in_spec, batch_size)
 
     def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size
         log("retrace", f"retracing at microbatch size {size}")
-        return _annotate(trace(model, *rows(size)), cluster, compute_dtype)
+        return annotate_graph(trace(model, *rows(size)), cluster, compute_dtype)
 
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
@@ -146,38 +152,28 @@ def _whole_model(model: torch.nn.Module, rows, plan: Plan, analysis: Analysis, a
     under the same parameter budget).
     """
     size = plan.microbatch_size
-    gm = _annotate(trace(model, *rows(size)), cluster, compute_dtype)
+    gm = annotate_graph(trace(model, *rows(size)), cluster, compute_dtype)
     blocks = passes.coarsen(gm, cluster, depth=analysis.blocks.depth)
     check_blocks([b for stage in plan.stages for b in stage.blocks], blocks, size, io_spec(gm).model_class)
-    nodes_of = {b.name: b.node_names for b in blocks.blocks}
-    stages = tuple(dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
-                   for stage in plan.stages)
+    stages = stages_on_blocks(plan, blocks)
     whole = None
     if plan.mesh.tp > 1:
         copy = analysis
         if size != traced_size:  # node names and shapes differ at this size: choose the splits on the copy again
             copy = analyse(model, *rows(size), cluster, compute_dtype, min_blocks=analysis.num_blocks)
             _, assignment = tensor_parallel_blocks(copy.gm, copy.blocks, cluster, plan.mesh.tp, training=training,
-                                                   fixed=_user_placements(copy.gm, tp_plan),
+                                                   fixed=user_placements(copy.gm, tp_plan),
                                                    memory_budget_bytes=tp_budget)
         if copy.expansion is not None:
             whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
         if whole is None:  # the graphs do not line up node by node: choose the splits on the whole graph
             _, whole = tensor_parallel_blocks(gm, blocks, cluster, plan.mesh.tp, training=training,
-                                              fixed=_user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
+                                              fixed=user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
     tensor_parallel = None
     if whole is not None:
         tensor_parallel = {**whole.to_dict(), "analysed_layers": plan.tensor_parallel["analysed_layers"]}
     plan = dataclasses.replace(plan, stages=stages, tensor_parallel=tensor_parallel)
     return plan, _rank_modules(gm, plan, whole, blocks, model), gm
-
-
-def _user_placements(gm: torch.fx.GraphModule, tp_plan: dict[str, str] | None):
-    return passes.tensor_parallel.plan_placements(gm, tp_plan) if tp_plan else None
-
-
-_annotate = annotate_graph
-_first_rows = first_rows
 
 
 def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:

@@ -144,7 +144,7 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
     search's progress (autopart/search.py) and, with `request.verbose`, a line per tp size.
     """
     model_class = io_spec(gm).model_class
-    fixed = _user_placements(gm, tp_plan)
+    fixed = user_placements(gm, tp_plan)
     whole = restate(blocks) if restate is not None else blocks
     levels = {tp: [None] if tp == 1 else tp_memory_budgets(whole, cluster, request, tp) for tp in tp_choices}
     solved: dict[tuple[int, float | None], tuple[TPOption, TPAssignment | None] | PlanError] = {}
@@ -198,8 +198,16 @@ def _tp_option(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, r
     return option, assignment
 
 
-def _user_placements(gm: torch.fx.GraphModule, tp_plan: Mapping[str, str] | None) -> dict[str, Placement] | None:
+def user_placements(gm: torch.fx.GraphModule, tp_plan: Mapping[str, str] | None) -> dict[str, Placement] | None:
+    """The splits a user's `tp_plan` fixes, as placements of `gm`'s nodes (None without a plan)."""
     return passes.tensor_parallel.plan_placements(gm, tp_plan) if tp_plan else None
+
+
+def stages_on_blocks(plan: Plan, blocks: BlockGraph) -> tuple:
+    """The plan's stages with the node names of `blocks`, a graph cut into the blocks planned (by name)."""
+    nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    return tuple(dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
+                 for stage in plan.stages)
 
 
 def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
@@ -223,15 +231,11 @@ def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, reques
             f"than at the traced size (first difference: {first[0]} vs {first[1]}); its structure "
             f"depends on the batch size: fix num_microbatches={plan.num_microbatches} or use a larger batch"
         )
-    nodes_of = {b.name: b.node_names for b in micro_blocks.blocks}
-    stages = tuple(
-        dataclasses.replace(stage, node_names=tuple(n for name in stage.blocks for n in nodes_of[name]))
-        for stage in plan.stages
-    )
+    stages = stages_on_blocks(plan, micro_blocks)
     assignment = None
     if plan.mesh.tp > 1:
         _, assignment = tensor_parallel_blocks(gm, micro_blocks, cluster, plan.mesh.tp, training=request.training,
-                                               fixed=_user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
+                                               fixed=user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
     plan = dataclasses.replace(plan, stages=stages,
                                tensor_parallel=assignment.to_dict() if assignment is not None else None)
     return SearchResult(graph=gm, blocks=micro_blocks, plan=plan, assignment=assignment, tp_budget=tp_budget)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.passes.blocks import Block, BlockGraph
 from autopart.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan, reshards_parameters

@@ -18,6 +18,7 @@ from autopart.cost_models import Cluster
 from autopart.errors import PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.plan_choices import microbatch_choices
+from autopart.recompute_choice import least_keeping_recompute, uniform_recompute
 from autopart.problems import PipelineProblem
 from autopart.step_costs import (
     Setting,
@@ -102,8 +103,8 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     tried = _levers_tried(failures, tensor_parallel)
     if tried:
         lines.append(f"  Tried: {tried}.")
-    recompute = request.recompute if request.recompute is not None else ("full" if request.training else "none")
-    setting = Setting(recompute=tuple(recompute if b.recomputable else "none" for b in graph.blocks))
+    recompute = least_keeping_recompute(request)
+    setting = Setting(recompute=uniform_recompute(graph, recompute))
     fits = min_devices_that_fit(graph, cluster, request, traced_batch_size, setting)
     m = microbatch_choices(request)[-1]
     how = (f" (a 1F1B pipeline of {m} microbatch{'es' if m > 1 else ''}"

@@ -47,11 +47,22 @@ def recompute_choices(request) -> list[str]:
     return ["none", "full"]
 
 
+def least_keeping_recompute(request) -> str:
+    """The allowed policy that keeps the least (the last `recompute_choices` tries)."""
+    return recompute_choices(request)[-1]
+
+
+def block_recompute(block, policy: str) -> str:
+    """`policy` as it applies to `block`: 'none' for a block that cannot replay its forward
+    (`Block.recomputable`)."""
+    return policy if block.recomputable else "none"
+
+
 def uniform_recompute(graph: BlockGraph, policy: str) -> tuple[str, ...]:
-    """`policy` for every block that can replay its forward (`Block.recomputable`); () for 'none'."""
+    """`policy` for every block (`block_recompute`); () for 'none'."""
     if policy == "none":
         return ()
-    return tuple(policy if block.recomputable else "none" for block in graph.blocks)
+    return tuple(block_recompute(block, policy) for block in graph.blocks)
 
 
 def choose_recompute_per_block(graph: BlockGraph, request, build: Callable[[Setting], PipelineProblem],

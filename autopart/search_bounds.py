@@ -41,6 +41,7 @@ from autopart.errors import PlanError
 from autopart.passes.blocks import BlockGraph
 from autopart.plan import reshards_parameters
 from autopart.plan_choices import MAX_VIRTUAL_STAGES, PlanRequest, data_parallel_mode_choices, microbatch_choices
+from autopart.recompute_choice import block_recompute, least_keeping_recompute
 from autopart.problems import _in_flight
 from autopart.step_costs import (
     Setting,
@@ -70,8 +71,7 @@ class BoundModel:
 
     def __init__(self, graph: BlockGraph, cluster: Cluster, request: PlanRequest, traced_batch_size: int) -> None:
         self.graph, self.cluster, self.request = graph, cluster, request
-        self.least_memory_policy = (request.recompute if request.recompute is not None
-                                    else "full" if request.training else "none")
+        self.least_memory_policy = least_keeping_recompute(request)
         """The recompute policy that keeps the least: the bounds' activations are kept as it keeps them."""
         names = list(dict.fromkeys(d.name for d in cluster.devices))
         tables = np.stack([time_table(graph, name) for name in names])  # [devices, 4, n]
@@ -200,8 +200,8 @@ class BoundModel:
     # ------------------------------------------------------------------ memory
 
     def _kept(self, block) -> str:
-        """The least-keeping policy allowed, as it applies to `block` (`recompute_choice.uniform_recompute`)."""
-        return self.least_memory_policy if block.recomputable else "none"
+        """The least-keeping policy allowed, as it applies to `block`."""
+        return block_recompute(block, self.least_memory_policy)
 
     def _held_bytes(self, setting: Setting, keeps: bool, pipelined: bool) -> float:
         request = self.request
