@@ -305,8 +305,7 @@ class _Run:
         step = priced.step
         if step is None:
             return
-        if self.best is None or step < self.best.step * (1 - _TOLERANCE) or (
-                step <= self.best.step * (1 + _TOLERANCE) and order < self.best.order):
+        if self.may_win(step, order):  # faster, or as fast and earlier in loop order
             self.best = _Best(step, order, layout, priced.problem, priced.solution, priced.setting, priced.label)
             if self.progress is not None and self.request.verbose:
                 self.progress(f"best so far {step:.4g} s: {layout.describe()}, recompute {priced.setting.recompute_label}")
