@@ -228,14 +228,15 @@ def test_calibrated_spec_keeps_datasheet_peaks_and_stores_fractions() -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_gloo_ranks_calibrate_the_link_between_them() -> None:
+def test_two_gloo_ranks_calibrate_the_link_between_them(tmp_path) -> None:
     from test_distributed import _finish, _torchrun
 
     script = os.path.join(os.path.dirname(__file__), "distributed", "calibrate_links.py")
-    code, out = _finish(_torchrun(2, script=script), timeout=120)
+    cluster_path = tmp_path / "cluster.json"
+    code, out = _finish(_torchrun(2, str(cluster_path), script=script), timeout=120)
     assert code == 0, out[-4000:]
     assert out.count("OK rank") == 2, out[-4000:]
-    cluster = Cluster.from_dict(json.loads(out.split("CLUSTER ", 1)[1].splitlines()[0]))
+    cluster = Cluster.from_dict(json.loads(cluster_path.read_text()))
     link = cluster.intra_node_link
     assert link.latency_s >= 0 and link.bandwidth > 0
     assert "send/recv over 2 ranks" in out and "all-reduce over 2 ranks" in out

@@ -1,15 +1,17 @@
 """Run under torchrun: calibrate with every rank, check the links were measured and the ranks agree.
 
-Prints "OK rank R" on success, and rank 0 prints the cluster as one JSON line
-after "CLUSTER ".
+Prints "OK rank R" on success; rank 0 writes the cluster as JSON to the path
+given as the first argument (a file, not stdout: the ranks' prints share one
+pipe and may interleave within a line).
 
-    torchrun --nproc_per_node=2 tests/distributed/calibrate_links.py
+    torchrun --nproc_per_node=2 tests/distributed/calibrate_links.py cluster.json
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 
 import torch.distributed as dist
 
@@ -30,7 +32,8 @@ def main() -> None:
     dist.all_gather_object(texts, cluster.to_json())
     assert all(t == texts[0] for t in texts), "ranks calibrated different clusters"
     if rank == 0:
-        print("CLUSTER " + json.dumps(cluster.to_dict()), flush=True)
+        with open(sys.argv[1], "w") as out:
+            json.dump(cluster.to_dict(), out)
     print(f"OK rank {rank}", flush=True)
     dist.destroy_process_group()
 
