@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import contextlib
+import functools
 
 import torch
 import torch.utils._pytree as pytree
@@ -56,12 +57,14 @@ def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     kwargs = dict(kwargs or {})
     mixed = compiled.plan.mixed_precision is not None
     eager = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed else contextlib.nullcontext
-    compare = _close_norm_wise if mixed else _close
+    # mixed precision: one norm-wise bound for outputs and gradients; float32: elementwise, each its own
+    check_output = _close_norm_wise if mixed else functools.partial(_close, tolerance=FORWARD_TOLERANCE)
+    check_gradient = _close_norm_wise if mixed else functools.partial(_close, tolerance=GRADIENT_TOLERANCE)
     model.eval()  # dropout off in both runs
     with eager():
         expected = _float_leaves(model(*args, **kwargs))
     got = _float_leaves(compiled.simulate(*args, **kwargs))
-    worst_out = max((compare(a, b, FORWARD_TOLERANCE, f"output {k}") for k, (a, b) in enumerate(zip(got, expected))),
+    worst_out = max((check_output(a, b, f"output {k}") for k, (a, b) in enumerate(zip(got, expected))),
                     default=0.0)
     loss, grads = compiled.simulate_train_step(*args, target=None, loss_fn=_loss, **kwargs)
     model.zero_grad()
@@ -70,19 +73,19 @@ def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     reference.backward()
     torch.testing.assert_close(loss, reference.detach(), **(dict(rtol=BF16_RTOL, atol=0.0) if mixed
                                                             else FORWARD_TOLERANCE))
-    worst_grad = max((compare(grads[name], param.grad, GRADIENT_TOLERANCE, name)
+    worst_grad = max((check_gradient(grads[name], param.grad, name)
                       for name, param in model.named_parameters() if param.grad is not None), default=0.0)
     return Verification(max_output_diff=worst_out, loss=loss.item(), reference_loss=reference.item(),
                         max_grad_diff=worst_grad, num_grads=len(grads))
 
 
-def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: dict, what: str) -> float:
+def _close(got: torch.Tensor, expected: torch.Tensor, what: str, *, tolerance: dict) -> float:
     """float32: elementwise within `tolerance`; the largest |difference|."""
     torch.testing.assert_close(got, expected, **tolerance, msg=lambda m: f"{what}: {m}")
     return (got - expected).detach().abs().max().item() if got.numel() else 0.0
 
 
-def _close_norm_wise(got: torch.Tensor, expected: torch.Tensor, _tolerance: dict, what: str) -> float:
+def _close_norm_wise(got: torch.Tensor, expected: torch.Tensor, what: str) -> float:
     """bf16 mixed precision: ‖got − expected‖ ≤ BF16_RTOL ‖expected‖ (in float32); the relative error."""
     got, expected = got.detach().float(), expected.detach().float()
     error = float((got - expected).norm() / max(float(expected.norm()), 1e-30))
