@@ -149,6 +149,7 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
     levels = {tp: [None] if tp == 1 else tp_memory_budgets(whole, cluster, request, tp) for tp in tp_choices}
     solved: dict[tuple[int, float | None], tuple[TPOption, TPAssignment | None] | PlanError] = {}
     errors: list[PlanError] = []
+    searched: list[list[tuple]] = []  # the op splits of every search that found no plan
     for level in range(max(len(budgets) for budgets in levels.values())):
         options, assignments, budgets = [], {}, {}
         for tp in tp_choices:
@@ -163,6 +164,10 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
             assignments[tp], budgets[tp] = found[1], budget
         if not options:
             continue
+        splits = [(o.tp, assignments[o.tp].nodes if assignments[o.tp] is not None else None) for o in options]
+        if splits in searched:  # the tighter budget chose the same splits: the same search would fail again
+            continue
+        searched.append(splits)
         try:
             result = search(options, request, model_class, traced_batch_size=traced_batch_size, progress=progress)
         except PlanError as error:

@@ -165,6 +165,7 @@ class _Run:
         self.options, self.request, self.progress, self.started = options, request, progress, started
         self.traced_batch_size = traced_batch_size
         self.bounds = [BoundModel(o.graph, o.cluster, request, traced_batch_size) for o in options]
+        self.largest_memory = [max(d.memory_bytes for d in o.cluster.devices) for o in options]
         self.schedules = schedule_choices(request)
         self.heap: list[tuple[float, tuple, int, object]] = []
         self.counter = 0
@@ -243,7 +244,7 @@ class _Run:
 
     def _bound_failure(self, short: float, layout: Layout, option: int, detail: str) -> Failure:
         """A layout the memory bound ruled out, as the error reports it."""
-        capacity = max(d.memory_bytes for d in self.options[option].cluster.devices) / layout.virtual_stages
+        capacity = self.largest_memory[option] / layout.virtual_stages
         policy = self.bounds[option].least_memory_policy
         return Failure(shortfall_bytes=float(short), capacity_bytes=float(capacity),
                        tried=dict(layout.tried(), recompute=policy), setting=layout.setting, message=detail)

@@ -98,6 +98,7 @@ class BoundModel:
         self.held_bytes = lru_cache(maxsize=None)(self._held_bytes)
         self._layer_bytes_cached = lru_cache(maxsize=None)(self._layer_bytes)
         self.in_flight = lru_cache(maxsize=None)(self._in_flight)
+        self.end_block_bytes = lru_cache(maxsize=None)(self._end_block_bytes)
         self.fastest_hop = lru_cache(maxsize=None)(self._fastest_hop)
         # layers with the same signature hold the same bytes: one of each kind of layer is enough
         kinds = {(b.param_bytes, b.trainable_param_bytes, b.buffer_bytes, b.saved_bytes, b.model_output_bytes,
@@ -264,22 +265,32 @@ class BoundModel:
     def _end_blocks(self, setting: Setting, m: int, k: np.ndarray, stages: int) -> np.ndarray:
         """[S] bytes the chain's first block takes from stage 0 and its last from stage S − 1 (the
         pipeline ILP's charge), where they are not repeated layers (those are counted as layers)."""
-        request, scale = self.request, self._batch / setting.dp / m
         taken = np.zeros(k.size)
-        ends = {0: 0, len(self.graph.blocks) - 1: k.size - 1}
-        for b, stage in ends.items():
+        for first, (state, grads, act, transient) in self.end_block_bytes(setting, m, stages):
+            stage = 0 if first else k.size - 1
+            kb = k[stage]
+            steady = 1.0 if m > kb else 0.0
+            taken[stage] += max(state + steady * grads + kb * act + transient,
+                                state + grads + max(kb - 1, 0) * act)
+        return taken
+
+    def _end_block_bytes(self, setting: Setting, m: int, stages: int) -> list[tuple[bool, tuple]]:
+        """(first?, (state, gradients, activations, transient) bytes) of the chain's end blocks that
+        are not repeated layers, per microbatch of `m` (cached: the same for every schedule)."""
+        request, scale = self.request, self._batch / setting.dp / m
+        ends = []
+        for b in dict.fromkeys((0, len(self.graph.blocks) - 1)):  # one block: both ends, counted once
+            first = b == 0
             if b in self._layer_set:
                 continue
-            block, kb = self.graph.blocks[b], k[stage]
+            block = self.graph.blocks[b]
             state = block_state_bytes(block, request, setting) + returned_output_bytes(
                 block, request, m, scale, keeps_model_outputs(stages, setting.dp))
             grads = block_gradient_bytes(block, request, setting, m, stages > 1)
             act = activation_bytes(block, request, setting, self._kept(block)) * scale
             transient = loss_backward_bytes(block) * scale if request.training else 0.0
-            steady = 1.0 if m > kb else 0.0
-            taken[stage] += max(state + steady * grads + kb * act + transient,
-                                state + grads + max(kb - 1, 0) * act)
-        return taken
+            ends.append((first, (state, grads, act, transient)))
+        return ends
 
     def _layer_packing(self, layout) -> tuple[float, int]:
         """(shortfall, fewest layers on the fullest stage): the L repeated layers over the stages."""

@@ -14,8 +14,8 @@ Columns: compile = `autopart.compile` wall time; search = the layout search
 (`Plan.solver.plan_seconds`); peak = maximum RSS; mesh dp × pp × tp (m
 microbatches, schedule, dp mode, blocks recomputed); step = predicted step time; MFU = the traced
 graph's FLOPs per step / (step × devices used × 989.4 TFLOP/s, the H100's dense
-bf16 peak). "does not fit" means no layout holds the model without activation
-recomputation, which the planner does not yet choose.
+bf16 peak). "does not fit" means no layout holds the model, even with every block
+recomputed and the state fully sharded; the planner's reason follows on the next line.
 
     python benchmarks/plan_scale.py [--models 1b 8b 70b 405b] [--hosts 1 8 64 512] [--batch 1024]
     python benchmarks/plan_scale.py --layers 20 40 80 160      # one model, time against depth

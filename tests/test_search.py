@@ -143,3 +143,22 @@ def test_large_cluster_plans_with_few_solves():
     assert solver.num_shapes_pruned > 100
     assert compiled.plan.mesh.num_devices <= 512
     assert len(compiled.plan.candidates) <= solver.num_problems + search_module.MAX_LISTED_PRUNED
+
+
+def test_a_tighter_tp_budget_that_splits_alike_is_not_searched_again(monkeypatch):
+    """52B parameters with AdamW cannot fit 8 H100s. The tp budgets tighten level by level, but the
+    strategy ILP splits every op alike under each: one search proves it, not one per level."""
+    from autopart import mesh_search
+
+    searched = []
+    real = mesh_search.search
+
+    def recording(options, *args, **kwargs):
+        searched.append([(o.tp, o.graph) for o in options])
+        return real(options, *args, **kwargs)
+
+    monkeypatch.setattr(mesh_search, "search", recording)
+    entry = zoo.gpt(layers=64, d_model=8192, heads=64, vocab=32000, seq=1024, batch=8, device="meta")
+    with pytest.raises(PlanError, match="no pipeline plan fits 8 device"):
+        autopart.compile(entry.model, "8xH100", example_inputs=entry.args, optimizer="adamw")
+    assert [[tp for tp, _ in options] for options in searched] == [[1, 2, 4, 8]]
