@@ -11,20 +11,20 @@ each stage in PyTorch's DDP or FSDP2 on the dp group, as the plan says
 unit), so gradient communication overlaps backward (PipelineStage skips the
 sync on all microbatches but the last). With one stage the runner drives DDP
 or FSDP2 itself, microbatch by microbatch. Blocks the plan recomputes run
-through torch.utils.checkpoint inside the stage modules (passes/regions.py). A parameter copied into several stages (tied
-embeddings) has its gradient summed over those stages after backward.
+through torch.utils.checkpoint inside the stage modules (passes/regions.py).
+A parameter copied into several stages (tied embeddings) has its gradient
+summed over those stages after backward. How a stage module meets
+PipelineStage (what crosses stages, the static shapes, the schedule class) is
+runtime/pipelining.py.
 
 Every collective has a timeout (`timeout_s`); a peer that dies or hangs makes
-the others raise `AutopartError` naming this rank and its stage.
+the others raise `AutopartError` naming this rank and its stage
+(runtime/process_group.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
-import sys
-import threading
 from typing import Any, Callable
 
 import torch
@@ -34,66 +34,15 @@ from torch import nn
 from autopart.batch import batch_size_of, split_rows, take_rows
 from autopart.errors import AutopartError, InputError
 from autopart.interfaces import StageInterface, tp_rank_info
-from autopart.runtime.precision import cast_like, check_caller_autocast, stage_autocast
+from autopart.runtime.pipelining import (
+    StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, wire_dtype,
+)
+from autopart.runtime.precision import check_caller_autocast, stage_autocast
+from autopart.runtime.process_group import Watchdog, all_gather_rows, default_device, init_process_group
 from autopart.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
-
-
-class _StageAdapter(nn.Module):
-    """Calls a stage module with its inputs in the order its placeholders want.
-
-    Stage 0 receives the model's tensor inputs; later stages the previous
-    stage's outputs. Non-tensor model inputs (static at trace time) come from
-    `constants`. The last stage returns the model's flat outputs. Point-to-point
-    sends need contiguous tensors: outputs are made contiguous, and so are the
-    gradients that flow back to the received inputs. Outputs are not views
-    either: the zero-bubble input-gradient pass detaches them in place.
-
-    Integer and boolean tensors cross stages as float64 (exact below 2**53):
-    torch 2.11's PipelineStage makes every received buffer require grad, which
-    only floating tensors can. The receiver casts them back, and a zero-valued
-    term ties them to an output so that every buffer expecting a gradient gets
-    one (of zeros).
-    """
-
-    def __init__(self, module: torch.fx.GraphModule, interface: StageInterface, tensor_positions: list[int],
-                 received_vals: list[torch.Tensor], output_vals: list[torch.Tensor],
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
-        super().__init__()
-        self.autocast = autocast
-        """The plan's precision: a new torch.autocast context (or a null one) per call."""
-        self.module = module
-        self.interface = interface
-        self.tensor_positions = tensor_positions
-        self.received_vals = received_vals
-        """Example (traced) values of what the stage receives for one microbatch: the model's tensor
-        inputs for stage 0, else the previous stage's outputs as that stage computes them."""
-        self.output_vals = output_vals
-        """Example values of what it returns (the model's outputs for the last stage)."""
-        self.constants: list[Any] = []
-
-    def forward(self, *received: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cast: list[torch.Tensor] = []  # received integer tensors that travelled as float64 with a gradient
-        if self.interface.stage == 0:
-            flat = list(self.constants)
-            for position, tensor in zip(self.tensor_positions, received):
-                flat[position] = tensor
-            args = [flat[src.index] for src in self.interface.inputs]
-        else:
-            cast = [x for x, v in zip(received, self.received_vals) if x.requires_grad and x.dtype != v.dtype]
-            received = tuple(_from_wire(x, v.dtype) for x, v in zip(received, self.received_vals))
-            args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
-                    for src in self.interface.inputs]
-        with self.autocast():
-            outputs = tuple(self.module(*args))
-        if self.interface.stage == self.interface.num_stages - 1:
-            outputs = tuple(outputs[i] for i in self.interface.model_outputs)
-        outputs = tuple(cast_like(x, v) for x, v in zip(outputs, self.output_vals))  # the planned dtypes
-        if self.interface.stage < self.interface.num_stages - 1:
-            outputs = tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
-        return _with_zero_gradients(outputs, cast) if cast else outputs
 
 
 _SPLIT_FAILURES = (
@@ -112,51 +61,6 @@ def _chain(error: BaseException) -> str:
     return "\n".join(parts)
 
 
-_WIRE_DTYPE = torch.float64
-"""How integer and boolean tensors travel between stages."""
-
-
-def _wire_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype.is_floating_point or dtype.is_complex else _WIRE_DTYPE
-
-
-def _sendable(x: torch.Tensor) -> torch.Tensor:
-    """`x` as it travels: its own contiguous storage (a copy only for views and strided tensors);
-    integers and booleans as float64."""
-    if _wire_dtype(x.dtype) != x.dtype:
-        return x.to(_WIRE_DTYPE)
-    return x.clone(memory_format=torch.contiguous_format) if x._is_view() or not x.is_contiguous() else x
-
-
-def _from_wire(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A received tensor as the stage reads it: cast back, or with a contiguous gradient."""
-    if dtype != x.dtype or not x.requires_grad:
-        return x.detach().to(dtype)
-    return _ContiguousGradient.apply(x)
-
-
-def _with_zero_gradients(outputs: tuple, cast: list[torch.Tensor]) -> tuple:
-    """Add 0 · Σ(cast inputs) to the first output that carries gradients: values unchanged,
-    and backward gives each cast input a gradient of zeros for the previous stage."""
-    for i, out in enumerate(outputs):
-        if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
-            zero = sum(_ContiguousGradient.apply(x).sum() for x in cast) * 0  # the zeros get sent: contiguous
-            return (*outputs[:i], out + zero.to(out.dtype), *outputs[i + 1:])
-    return outputs
-
-
-class _ContiguousGradient(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous (it is sent to the previous stage)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
 class DistributedRunner(StateMixin):
     """This process's share of a compiled plan, ready to train or infer."""
 
@@ -169,8 +73,8 @@ class DistributedRunner(StateMixin):
         self.plan = compiled.plan
         self.mesh = self.plan.mesh
         self.timeout_s = timeout_s
-        self.device = torch.device(device) if device is not None else _default_device()
-        _init_process_group(self.device, timeout_s)
+        self.device = torch.device(device) if device is not None else default_device()
+        init_process_group(self.device, timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         if self.world_size != self.mesh.num_devices:
@@ -189,29 +93,29 @@ class DistributedRunner(StateMixin):
         self.groups: MeshGroups = build_groups(self.mesh, self.rank, sorted(
             {ranks for ranks in self.shared_names.values() if len(ranks) > 1}))
         tensor_positions = [i for i, leaf in enumerate(compiled.io.example_inputs) if isinstance(leaf, torch.Tensor)]
-        self.adapters: list[_StageAdapter] = []
+        self.adapters: list[StageAdapter] = []
         for stage, module in zip(self.stage_indices, compiled.rank_modules(self.rank, device=self.device)):
             interface = compiled.interfaces[stage]
             module = _materialise(module, self.device, state_dict, init_fn, interface)
             if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
                 for target in tp_rank_info(module).collectives:
                     module.get_submodule(target).attach(self.groups.tp)
-            self.adapters.append(_StageAdapter(module, interface, tensor_positions,
-                                               _received_vals(compiled, interface, tensor_positions),
-                                               _stage_output_vals(compiled, interface.stage), self._autocast))
+            self.adapters.append(StageAdapter(module, interface, tensor_positions,
+                                               received_vals(compiled, interface, tensor_positions),
+                                               stage_output_vals(compiled, interface.stage), self._autocast))
         self._seed_random_streams()
-        self._model_output_vals = _stage_output_vals(compiled, self.plan.num_stages - 1)
+        self._model_output_vals = stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
         # would run stages on uninitialised inputs (token ids out of range) and call DDP outside no_sync.
         self.pipeline_stages = [
             PipelineStage(self._data_parallel(adapter), adapter.interface.stage, self.plan.num_stages, self.device,
-                          input_args=_example_inputs(adapter, self.device),
-                          output_args=_example_outputs(adapter, self.device),
+                          input_args=example_inputs(adapter, self.device),
+                          output_args=example_outputs(adapter, self.device),
                           group=self.groups.pp)
             for adapter in self.adapters]
         self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self._no_target = False
-        self.schedule = _make_schedule(self.plan, self.pipeline_stages, self._microbatch_loss)
+        self.schedule = make_schedule(self.plan, self.pipeline_stages, self._microbatch_loss)
 
     def _seed_random_streams(self) -> None:
         """Random ops (dropout) draw fresh masks in every replica and microbatch, the same masks on a
@@ -288,7 +192,7 @@ class DistributedRunner(StateMixin):
             local_target = torch.zeros(self.plan.batch_size // self.mesh.dp, device=self.device)
         tensors = [flat[i] for i in self.adapters[0].tensor_positions]
         losses: list[torch.Tensor] = []
-        with _Watchdog(self.timeout_s, self.describe(), "step"):
+        with Watchdog(self.timeout_s, self.describe(), "step"):
             try:
                 if isinstance(self.pipeline_stages[0].submod, torch.nn.parallel.DistributedDataParallel):
                     self._accumulate_under_ddp(flat, local_target, losses)
@@ -425,13 +329,13 @@ class DistributedRunner(StateMixin):
         for adapter in self.adapters:
             adapter.constants = flat
         local_batch = self.plan.batch_size // self.mesh.dp
-        with _Watchdog(self.timeout_s, self.describe(), "forward"):
+        with Watchdog(self.timeout_s, self.describe(), "forward"):
             try:
                 chunks = [self._forward_microbatch(micro)
                           for micro in split_rows(flat, local_batch, self.plan.num_microbatches)]
                 outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
                 if self.mesh.dp > 1:
-                    outputs = [_all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
+                    outputs = [all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
             except (RuntimeError, dist.DistBackendError) as error:
                 raise self._peer_error("forward", error) from error
         return self.compiled.io.unflatten(tuple(outputs))
@@ -446,7 +350,7 @@ class DistributedRunner(StateMixin):
             if s == 0:
                 received = [micro[i].to(self.device) for i in adapter.tensor_positions]
             else:
-                received = [torch.empty(v.shape, dtype=_wire_dtype(v.dtype), device=self.device)
+                received = [torch.empty(v.shape, dtype=wire_dtype(v.dtype), device=self.device)
                             for v in adapter.received_vals]
                 for tensor in received:
                     dist.recv(tensor, src=pp_ranks[(s - 1) % self.mesh.pp], group=self.groups.pp)
@@ -489,72 +393,6 @@ class DistributedRunner(StateMixin):
 # ----------------------------------------------------------------------------- helpers
 
 
-class _Watchdog:
-    """Abort this process, naming it, if a step outlives `timeout_s`.
-
-    Collectives honour the process group's timeout, but a point-to-point
-    receive on gloo waits for ever when its peer hangs; like NCCL's own
-    watchdog, this ends the process (exit code 3) with a message instead.
-    """
-
-    def __init__(self, timeout_s: float, who: str, what: str) -> None:
-        self.timeout_s, self.who, self.what = timeout_s, who, what
-        self.timer: threading.Timer | None = None
-
-    def _fire(self) -> None:
-        print(f"autopart: {self.who}: {self.what} did not finish within timeout_s={self.timeout_s:g}; "
-              "a peer process died or hangs. Aborting this process.", file=sys.stderr, flush=True)
-        os._exit(3)
-
-    def __enter__(self) -> "_Watchdog":
-        self.timer = threading.Timer(self.timeout_s, self._fire)
-        self.timer.daemon = True
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-
-
-def _make_schedule(plan, stages: list, loss_fn: Callable[[Any, Any], torch.Tensor]):
-    """The torch.distributed.pipelining schedule the plan names, over this rank's stages."""
-    from torch.distributed.pipelining import (
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-        ScheduleInterleavedZeroBubble,
-    )
-
-    m = plan.num_microbatches
-    if plan.schedule in ("gpipe", "1f1b"):
-        return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[plan.schedule](stages[0], n_microbatches=m,
-                                                                             loss_fn=loss_fn)
-    classes = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}
-    if plan.schedule not in classes:
-        raise InputError(f"the plan's schedule {plan.schedule!r} is not known to this runtime; re-plan")
-    return classes[plan.schedule](stages, n_microbatches=m, loss_fn=loss_fn)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def _init_process_group(device: torch.device, timeout_s: float) -> None:
-    if dist.is_initialized():
-        return
-    for variable in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if variable not in os.environ:
-            raise InputError(f"environment variable {variable} is not set: start the script with torchrun, "
-                             "e.g. torchrun --nproc_per_node=4 train.py")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-
-
 def _holders(compiled) -> dict[str, list[int]]:
     """Original parameter name -> the stages that hold a copy."""
     holders: dict[str, list[int]] = {}
@@ -568,48 +406,6 @@ def _shared_parameters(holders: dict[str, list[int]], pp: int) -> dict[str, tupl
     """Original parameter name -> the pipeline ranks that hold a copy, for names held by
     several stages (one rank may hold several copies, with virtual stages)."""
     return {name: tuple(sorted({s % pp for s in stages})) for name, stages in holders.items() if len(stages) > 1}
-
-
-def _like(value: torch.Tensor, device: torch.device, requires_grad: bool, wire: bool = True) -> torch.Tensor:
-    """An empty tensor shaped like `value`, in the dtype it travels in between stages (`wire`)."""
-    dtype = _wire_dtype(value.dtype) if wire else value.dtype
-    tensor = torch.empty(value.shape, dtype=dtype, device=device)
-    return tensor.requires_grad_(requires_grad and (tensor.is_floating_point() or tensor.is_complex()))
-
-
-def _received_vals(compiled, interface: StageInterface, tensor_positions: list[int]) -> list[torch.Tensor]:
-    """What a stage receives for one microbatch: the model's tensor inputs for stage 0 (the graph
-    is traced at the microbatch size), else the previous stage's outputs."""
-    if interface.stage == 0:
-        return [compiled.io.example_inputs[i] for i in tensor_positions]
-    return _output_vals(compiled.stage_module(interface.stage - 1))
-
-
-def _stage_output_vals(compiled, stage: int) -> list[torch.Tensor]:
-    """What stage `stage` returns: its outputs, or the model's outputs for the last stage."""
-    module = compiled.stage_module(stage)
-    vals = _output_vals(module)
-    if stage == compiled.plan.num_stages - 1:
-        return [vals[i] for i in compiled.interfaces[stage].model_outputs]
-    return vals
-
-
-def _example_inputs(adapter: _StageAdapter, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Empty tensors as the stage receives them; past stage 0 in their travelling dtype, and
-    gradients flow back to them."""
-    later = adapter.interface.stage > 0
-    return tuple(_like(v, device, requires_grad=later, wire=later) for v in adapter.received_vals)
-
-
-def _example_outputs(adapter: _StageAdapter, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Empty tensors as the stage returns them (sent in their travelling dtype, unless last)."""
-    last = adapter.interface.stage == adapter.interface.num_stages - 1
-    return tuple(_like(v, device, requires_grad=True, wire=not last) for v in adapter.output_vals)
-
-
-def _output_vals(module: torch.fx.GraphModule) -> list[torch.Tensor]:
-    output = next(n for n in module.graph.nodes if n.op == "output")
-    return [v.meta["val"] for v in output.args[0]]
 
 
 def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict, init_fn,
@@ -632,12 +428,6 @@ def _materialise(module: torch.fx.GraphModule, device: torch.device, state_dict,
                 init_fn(name, module.get_parameter(path) if (path, name) in interface.parameters
                         else module.get_buffer(path))
     return module
-
-
-def _all_gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
 
 
 __all__ = ["DistributedRunner"]
