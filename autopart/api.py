@@ -66,7 +66,7 @@ def compile(  # noqa: A001 - the public name the project promises
     (stages per pipeline rank, for the last two: the plan has pipeline_parallel ×
     virtual_stages stages), `data_parallel_mode` ('ddp', 'zero2', 'zero3' or 'hsdp';
     see plan.DATA_PARALLEL_MODES) and `recompute` ('none', 'selective' or 'full' for
-    every block; autopart/recompute.py) fix those choices; None lets the planner choose
+    every block whose replay frees memory; autopart/recompute.py) fix those choices; None lets the planner choose
     (recomputation then per block, only where memory demands it). `tp_plan` fixes layers' splits,
     e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.

@@ -54,8 +54,11 @@ def least_keeping_recompute(request) -> str:
 
 def block_recompute(block, policy: str) -> str:
     """`policy` as it applies to `block`: 'none' for a block that cannot replay its forward
-    (`Block.recomputable`)."""
-    return policy if block.recomputable else "none"
+    (`Block.recomputable`) and for one that would keep as much as it saves (a head whose only
+    saved tensor is its input: replaying it costs a forward and frees nothing)."""
+    if policy == "none" or not block.recomputable or block.kept_bytes(policy) >= block.saved_bytes:
+        return "none"
+    return policy
 
 
 def uniform_recompute(graph: BlockGraph, policy: str) -> tuple[str, ...]:

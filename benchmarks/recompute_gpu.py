@@ -14,13 +14,16 @@ another on the same device (each frees its memory before the next):
   hand-checkpointed loop runs it; the planner must choose recomputation itself (per block);
 - `autopart_large`: the plan when the planner also chooses the microbatch count (it may prefer
   gradient accumulation to recomputation: reported, not checked);
-- `autopart_small`: batch 16, where everything fits: the plan must not recompute.
+- `autopart_small`: batch 16, where everything fits: the plan must not recompute;
+- `autopart_small_selective`, `autopart_small_full`: batch 16 with `recompute=` forcing the mode on
+  every block, beside `eager_checkpoint_small` (every block checkpointed by hand, batch 16): each
+  mode's time and memory as priced against what it measures.
 
 Each run: `--warmup` steps, then the median of `--steps` timed steps; tokens/s = batch × sequence /
 step; peak memory = `torch.cuda.max_memory_allocated` over the timed steps (after the warm-up).
 Checks (in the JSON's "checks"): the batch-128 plan recomputes, its measured peak is within ±10%
 of the plan's predicted stage memory, its tokens/s is at least 0.97× the hand-checkpointed loop's,
-and the batch-16 plan recomputes nothing.
+and the batch-16 plan recomputes nothing; the forced modes' peaks are within ±10% of predicted.
 
 --tiny: GPT 4×64 on the CPU (float32), batches 32 and 4, on a CPU "device" whose memory lies
 halfway between the batch-32 plan with every block recomputed and with none: the same decisions,
@@ -126,14 +129,14 @@ def run_eager(preset: peers.Preset, device: torch.device, args, checkpointed: bo
 
 
 def run_autopart(preset: peers.Preset, devices: Any, device: torch.device, args,
-                 num_microbatches: int | None, execute: bool = True) -> dict[str, Any]:
+                 num_microbatches: int | None, execute: bool = True, recompute: str | None = None) -> dict[str, Any]:
     gpu = device.type == "cuda"
     _free(gpu)
     model = peers.build_gpt(preset)  # meta: the runner materialises it on the device
     ids_meta = torch.zeros(preset.batch, preset.seq, dtype=torch.long, device="meta")
     started = time.perf_counter()
     compiled = autopart.compile(model, devices, example_inputs=(ids_meta,), optimizer="sgd",
-                                num_microbatches=num_microbatches)
+                                num_microbatches=num_microbatches, recompute=recompute)
     compile_s = time.perf_counter() - started
     plan = compiled.plan
     stage = plan.stages[0]
@@ -200,6 +203,11 @@ def main() -> int:
         ("autopart_large_m1", lambda: run_autopart(large, devices, device, args, num_microbatches=1)),
         ("autopart_large", lambda: run_autopart(large, devices, device, args, num_microbatches=None)),
         ("autopart_small", lambda: run_autopart(fits, devices, device, args, num_microbatches=None)),
+        ("eager_checkpoint_small", lambda: run_eager(fits, device, args, checkpointed=True)),
+        ("autopart_small_selective", lambda: run_autopart(fits, devices, device, args, num_microbatches=1,
+                                                          recompute="selective")),
+        ("autopart_small_full", lambda: run_autopart(fits, devices, device, args, num_microbatches=1,
+                                                     recompute="full")),
     ]:
         try:
             runs[name] = run()
@@ -210,15 +218,15 @@ def main() -> int:
     checks = _checks(runs, gpu)
     name = torch.cuda.get_device_name(0) if gpu else "CPU"
     print(f"\n{name}, torch {torch.__version__}; batches {big} and {small} × {large.seq}")
-    print(f"{'run':<18}{'m':>3}{'recompute':>30}{'step s':>9}{'tokens/s':>10}{'pred s':>9}{'peak GiB':>10}"
+    print(f"{'run':<25}{'m':>3}{'recompute':>30}{'step s':>9}{'tokens/s':>10}{'pred s':>9}{'peak GiB':>10}"
           f"{'pred GiB':>10}")
     for run_name, r in runs.items():
         if "error" in r:
-            print(f"{run_name:<18} failed: {r['error'][:120]}")
+            print(f"{run_name:<25} failed: {r['error'][:120]}")
             continue
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
         pred = f"{r['predicted_peak_bytes'] / 2**30:.2f}" if "predicted_peak_bytes" in r else "-"
-        print(f"{run_name:<18}{r.get('num_microbatches', 1):>3}{r.get('recompute', 'every block (hand)'):>30}"
+        print(f"{run_name:<25}{r.get('num_microbatches', 1):>3}{r.get('recompute', 'every block (hand)'):>30}"
               f"{r['step_s']:>9.4f}{r['tokens_per_s']:>10.0f}{r.get('predicted_step_s', float('nan')):>9.4f}"
               f"{peak:>10}{pred:>10}")
     print("checks:", json.dumps(checks))
@@ -246,6 +254,13 @@ def _checks(runs: dict[str, dict[str, Any]], gpu: bool) -> dict[str, bool | None
     if ok(planned):
         ratio = planned.get("predicted_over_measured_peak")
         checks["peak_within_10pct_of_predicted"] = (abs(ratio - 1) <= MEMORY_TOLERANCE if ratio else None)
+    forced = [runs[name] for name in ("autopart_small_selective", "autopart_small_full")]
+    checks["forced_modes_recompute_every_block"] = all(
+        ok(r) and set(r["recompute_per_block"].values()) <= {mode, "none"} and mode in r["recompute"]
+        for r, mode in zip(forced, ("selective", "full")))
+    ratios = [r.get("predicted_over_measured_peak") for r in forced if ok(r)]
+    checks["forced_modes_peak_within_10pct_of_predicted"] = (
+        len(ratios) == 2 and all(abs(x - 1) <= MEMORY_TOLERANCE for x in ratios) if gpu else None)
     return checks
 
 

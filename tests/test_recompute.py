@@ -21,6 +21,7 @@ from torch import nn
 
 import autopart
 from autopart import passes, zoo
+from autopart.analysis import analyse
 from autopart.cost_models import Cluster, get_preset
 from autopart.interfaces import region_info, regions, stage_interface
 from autopart.plan import PLAN_VERSION
@@ -38,6 +39,14 @@ GPT_MEGATRON = {"blocks.*.attn_qkv": "colwise", "blocks.*.attn_proj": "rowwise",
 
 def _recomputed(compiled) -> set[str]:
     return {m for stage in compiled.plan.stages for m in stage.recompute}
+
+
+def _blocks_freeing_memory(model: nn.Module, x: torch.Tensor, recompute: str, min_blocks: int) -> set[str]:
+    """The blocks, as the planner cuts the model at tp = 1, that keep less under `recompute` than they
+    save without it: those a forced mode replays (recompute_choice.block_recompute)."""
+    analysis = analyse(model, (x,), {}, Cluster.from_devices([get_preset("cpu")]), None, min_blocks=min_blocks)
+    return {b.name for b in analysis.restate(analysis.blocks).blocks
+            if b.recomputable and b.kept_bytes(recompute) < b.saved_bytes}
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,7 +75,11 @@ def test_recomputing_plans_match_single_device(program, recompute, schedule, num
         assert "blocks" in str(error)
         return
     if recompute != "none":
-        assert recompute in _recomputed(compiled)
+        assert _recomputed(compiled) <= {recompute, "none"}
+        if tp == 1:  # exactly the blocks whose replay frees memory (tp restates the blocks' bytes)
+            replayed = {b for stage in compiled.plan.stages for b, m in zip(stage.blocks, stage.recompute)
+                        if m == recompute}
+            assert replayed == _blocks_freeing_memory(model, x, recompute, num_stages * virtual)
         assert all(regions(m) for s in range(compiled.plan.num_stages) for m in [compiled.stage_module(s)]
                    if recompute in compiled.plan.stages[s].recompute)
     else:
@@ -208,7 +221,9 @@ def test_a_block_that_writes_a_buffer_is_never_recomputed():
     class Running(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)])
+            # layers.0 frees its tanh's output when replayed; a lone Linear saves only its input (kept anyway)
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.BatchNorm1d(8),
+                                         nn.Linear(8, 8)])
 
         def forward(self, x):
             for layer in self.layers:
