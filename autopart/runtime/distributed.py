@@ -101,8 +101,8 @@ class DistributedRunner(StateMixin):
                 for target in tp_rank_info(module).collectives:
                     module.get_submodule(target).attach(self.groups.tp)
             self.adapters.append(StageAdapter(module, interface, tensor_positions,
-                                               received_vals(compiled, interface, tensor_positions),
-                                               stage_output_vals(compiled, interface.stage), self._autocast))
+                                              received_vals(compiled, interface, tensor_positions),
+                                              stage_output_vals(compiled, interface.stage), self._autocast))
         self._seed_random_streams()
         self._model_output_vals = stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
