@@ -4,9 +4,9 @@ from autopart.api import compile
 from autopart.calibrate import calibrate
 from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, DeviceSpec
-from autopart.errors import AutopartError, InputError, MissingAnnotationError, PlanError, TraceError
-from autopart.plan import Plan
-from autopart.tracing import trace
+from autopart.core.errors import AutopartError, InputError, MissingAnnotationError, PlanError, TraceError
+from autopart.core.plan import Plan
+from autopart.frontend.tracing import trace
 
 __all__ = [
     "AutopartError",

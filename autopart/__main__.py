@@ -1,5 +1,5 @@
 """`python -m autopart ...`: the same command line as the `autopart` script."""
 
-from autopart.cli import main
+from autopart.cli.commands import main
 
 raise SystemExit(main())

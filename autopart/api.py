@@ -12,28 +12,22 @@ import torch
 import torch.fx
 
 from autopart import passes
+from autopart.axes import AXES, SearchShape
 from autopart.compiled import CompiledModel
-from autopart.cost_models import Cluster, optimizer_state_bytes
-from autopart.batch import batch_size_of
-from autopart.devices import DevicesArg, resolve_devices
-from autopart.errors import InputError
-from autopart.mesh_search import (
-    search_mesh,
-    stages_on_blocks,
-    tensor_parallel_blocks,
-    tensor_parallel_choices,
-    user_placements,
-)
-from autopart.passes.blocks import BlockGraph
-from autopart.analysis import Analysis, analyse, annotate_graph, block_strategies, check_blocks, first_rows
-from autopart.interfaces import io_spec
+from autopart.core.blocks import BlockGraph
+from autopart.core.errors import InputError
+from autopart.core.modes import check_recompute, data_parallel_mode_name, reshards_parameters
+from autopart.core.plan import Plan, TensorParallelPlan, autocast_dtype
+from autopart.core.request import PlanRequest
+from autopart.cost_models import optimizer_state_bytes
+from autopart.frontend.analysis import Analysis, analyse, block_strategies
+from autopart.frontend.device_arg import DevicesArg, resolve_devices
+from autopart.frontend.source import ModelSource
 from autopart.passes.random_ops import route_sharded_random
 from autopart.passes.stack_assignment import restate_assignment
-from autopart.plan import Plan, autocast_dtype, data_parallel_mode_name, reshards_parameters
-from autopart.plan_choices import PlanRequest, smallest_microbatch
-from autopart.recompute import check_mode
-from autopart.tracing import trace
-
+from autopart.passes.tensor_parallel import TPAssignment
+from autopart.planner.choices import smallest_microbatch
+from autopart.planner.mesh_search import choose_splits, search_mesh, stages_on_blocks
 
 def compile(  # noqa: A001 - the public name the project promises
     model: torch.nn.Module,
@@ -84,50 +78,42 @@ def compile(  # noqa: A001 - the public name the project promises
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
     data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
-
-    flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
-    batch_size = batch_size_of(flat_batch)
-    request = PlanRequest(batch_size=batch_size, pipeline_parallel=pipeline_parallel,
-                          num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
+    source = ModelSource.of(model, example_inputs, example_kwargs, cluster, compute_dtype)
+    request = PlanRequest(batch_size=source.batch_size, pipeline_parallel=pipeline_parallel,
+                          num_microbatches=num_microbatches, data_parallel=data_parallel,
+                          tensor_parallel=tensor_parallel, tp_plan=tuple((tp_plan or {}).items()), schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
-                          training=training, verbose=verbose)
-    rows = functools.partial(first_rows, flat_batch, in_spec, batch_size)
-
-    def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size
-        log("retrace", f"retracing at microbatch size {size}")
-        return annotate_graph(trace(model, *rows(size)), cluster, compute_dtype)
+                          training=training, reuse_layers=reuse_layers, verbose=verbose)
 
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
     traced_size = smallest_microbatch(request, cluster)
-    analysis = analyse(model, *rows(traced_size), cluster, compute_dtype,  # TRACED, COSTED -> blocks (a
+    analysis = analyse(model, *source.rows(traced_size), cluster, compute_dtype,  # TRACED, COSTED -> blocks (a
                        min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1),  # stack of identical layers:
                        reuse_layers=reuse_layers, pinned=tuple(tp_plan or ()),     # three of them, restated)
                        phase=log, note=log.note)
     stacked = analysis.stack is not None
-    tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, pipeline_parallel, data_parallel)
+    tp_sizes = AXES["tp"].degrees(request, cluster, SearchShape())
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
     found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs ->
-                        tp_choices=tp_sizes, tp_plan=tp_plan, retrace=None if stacked else retrace,  # Plan, and its
-                        restate=analysis.restate, progress=log.note)  # microbatch's graph
+                        tp_choices=tp_sizes, retrace=None if stacked else source,  # Plan, and its
+                        restate=analysis.restate, progress=log.note, phase=log)  # microbatch's graph
     plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
     if stacked:  # the whole model's graph and rank modules when first asked for
         if found.assignment is not None:
-            plan = dataclasses.replace(plan, tensor_parallel={
-                **plan.tensor_parallel, "nodes": {}, "collectives": [],
-                "block_strategies": block_strategies(analysis, found.assignment),
-                "analysed_layers": f"{analysis.stack.keep} of {analysis.stack.num_layers}"})
+            plan = dataclasses.replace(plan, tensor_parallel=dataclasses.replace(
+                plan.tensor_parallel, nodes={}, collectives=(),
+                block_strategies=block_strategies(analysis, found.assignment),
+                analysed_layers=f"{analysis.stack.keep} of {analysis.stack.num_layers}"))
         log("done")
-
-        def whole_model() -> tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]:
-            return _whole_model(model, rows, plan, analysis, found.assignment, found.tp_budget, cluster, tp_plan,
-                                training, compute_dtype, traced_size)
-
-        return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds, materialize=whole_model)
+        whole = _WholeModel(source=source, request=request, analysis=analysis, assignment=found.assignment,
+                            tp_budget=found.tp_budget, traced_size=traced_size)
+        return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds,
+                             materialize=functools.partial(whole.rank_modules, plan))
     ranks = _rank_modules(found.graph, plan, found.assignment, found.blocks, model)
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
@@ -142,38 +128,48 @@ def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, blocks: Bloc
     return [[_regions(r, plan, s, blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
 
 
-def _whole_model(model: torch.nn.Module, rows, plan: Plan, analysis: Analysis, assignment, tp_budget: float | None,
-                 cluster: Cluster, tp_plan: dict[str, str] | None, training: bool,
-                 compute_dtype: torch.dtype | None, traced_size: int):
-    """The whole model traced at the plan's microbatch, the plan on its nodes, and the rank modules.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _WholeModel:
+    """What tracing the whole model later needs, after a layer stack was analysed once."""
 
-    Its blocks are the ones planned, by name; the tp assignment chosen on the analysed copy is
-    restated node by node (at another microbatch size it is chosen again on the copy first,
-    under the same parameter budget).
-    """
-    size = plan.microbatch_size
-    gm = annotate_graph(trace(model, *rows(size)), cluster, compute_dtype)
-    blocks = passes.coarsen(gm, cluster, depth=analysis.blocks.depth)
-    check_blocks([b for stage in plan.stages for b in stage.blocks], blocks, size, io_spec(gm).model_class)
-    stages = stages_on_blocks(plan, blocks)
-    whole = None
-    if plan.mesh.tp > 1:
-        copy = analysis
-        if size != traced_size:  # node names and shapes differ at this size: choose the splits on the copy again
-            copy = analyse(model, *rows(size), cluster, compute_dtype, min_blocks=analysis.num_blocks)
-            _, assignment = tensor_parallel_blocks(copy.gm, copy.blocks, cluster, plan.mesh.tp, training=training,
-                                                   fixed=user_placements(copy.gm, tp_plan),
-                                                   memory_budget_bytes=tp_budget)
-        if copy.expansion is not None:
-            whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
-        if whole is None:  # the graphs do not line up node by node: choose the splits on the whole graph
-            _, whole = tensor_parallel_blocks(gm, blocks, cluster, plan.mesh.tp, training=training,
-                                              fixed=user_placements(gm, tp_plan), memory_budget_bytes=tp_budget)
-    tensor_parallel = None
-    if whole is not None:
-        tensor_parallel = {**whole.to_dict(), "analysed_layers": plan.tensor_parallel["analysed_layers"]}
-    plan = dataclasses.replace(plan, stages=stages, tensor_parallel=tensor_parallel)
-    return plan, _rank_modules(gm, plan, whole, blocks, model), gm
+    source: ModelSource
+    request: PlanRequest
+    analysis: Analysis
+    """The copy with a few layers the plan was made on."""
+    assignment: TPAssignment | None
+    """The tp splits chosen on the copy (None at tp = 1)."""
+    tp_budget: float | None
+    """The strategy ILP's parameter budget they were chosen under."""
+    traced_size: int
+    """The microbatch size the copy was traced at."""
+
+    def rank_modules(self, plan: Plan) -> tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]:
+        """The whole model traced at the plan's microbatch, the plan on its nodes, and the rank modules.
+
+        Its blocks are the ones planned, by name; the tp assignment chosen on the analysed copy is
+        restated node by node (at another microbatch size it is chosen again on the copy first,
+        under the same parameter budget).
+        """
+        size, cluster = plan.microbatch_size, self.source.cluster
+        planned = [b for stage in plan.stages for b in stage.blocks]
+        gm, blocks = self.source.planned_graph(size, self.analysis.blocks.depth, planned, plan.model_class)
+        whole = None
+        if plan.mesh.tp > 1:
+            copy, assignment = self.analysis, self.assignment
+            if size != self.traced_size:  # node names and shapes differ at this size: choose the splits again
+                copy = analyse(self.source.model, *self.source.rows(size), cluster, self.source.compute_dtype,
+                               min_blocks=self.analysis.num_blocks)
+                assignment = choose_splits(copy.gm, copy.blocks, cluster, self.request, plan.mesh.tp, self.tp_budget)
+            if copy.expansion is not None:
+                whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
+            if whole is None:  # the graphs do not line up node by node: choose the splits on the whole graph
+                whole = choose_splits(gm, blocks, cluster, self.request, plan.mesh.tp, self.tp_budget)
+        tensor_parallel = None
+        if whole is not None:
+            tensor_parallel = dataclasses.replace(TensorParallelPlan.of(whole),
+                                                  analysed_layers=plan.tensor_parallel.analysed_layers)
+        plan = dataclasses.replace(plan, stages=stages_on_blocks(plan, blocks), tensor_parallel=tensor_parallel)
+        return plan, _rank_modules(gm, plan, whole, blocks, self.source.model), gm
 
 
 def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:
@@ -228,7 +224,7 @@ def _check_optimizer(optimizer: str) -> None:
 
 def _check_modes(data_parallel_mode: str | None, recompute: str | None) -> tuple[str | None, str | None]:
     try:
-        return data_parallel_mode_name(data_parallel_mode), check_mode(recompute)
+        return data_parallel_mode_name(data_parallel_mode), check_recompute(recompute)
     except ValueError as error:
         raise InputError(str(error)) from error
 

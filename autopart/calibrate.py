@@ -1,6 +1,6 @@
 """`autopart.calibrate()`: measure the machine at hand and return the `Cluster` that describes it.
 
-The measurements themselves are in `autopart.cost_models.calibrate`; this
+The measurements themselves are in `autopart.cost_models.measure`; this
 module picks the device, asks every rank to agree on one set of figures,
 chooses the links (measured under torchrun, the preset for the kind of
 device otherwise) and reports progress on stderr.
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from autopart.cost_models import Cluster, DeviceSpec, Link
-from autopart.cost_models import calibrate as measure
+from autopart.cost_models import measure
 from autopart.cost_models.devices import _dtype_name
-from autopart.devices import gpu_preset
-from autopart.errors import InputError
+from autopart.frontend.device_arg import gpu_preset
+from autopart.core.errors import InputError
 
 
 def calibrate(device: torch.device | str | None = None, *,
@@ -28,7 +28,7 @@ def calibrate(device: torch.device | str | None = None, *,
               verbose: bool = True) -> Cluster:
     """Measure this process's device, and the links between ranks when several run, into a `Cluster`.
 
-    Measures (see `autopart.cost_models.calibrate` for how): the matmul rate
+    Measures (see `autopart.cost_models.measure` for how): the matmul rate
     for each of `dtypes` at transformer shapes (float32 always, with TF32
     off; a dtype the device cannot multiply in is skipped), the memory
     bandwidth of a large copy, the per-op launch floor, the memory capacity

@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx
 
-from autopart.batch import split_rows
+from autopart.core.batch import split_rows
 from autopart.cost_models import Cluster
-from autopart.errors import InputError
-from autopart.interfaces import IOSpec, StageInterface, io_spec, stage_interface
-from autopart.plan import Plan
+from autopart.core.errors import InputError
+from autopart.core.interfaces import IOSpec, StageInterface, io_spec, stage_interface
+from autopart.core.plan import Plan
 from autopart.passes.device import move_to_device
 from autopart.runtime.local import LocalPipeline
-from autopart.runtime.precision import check_caller_autocast
+from autopart.runtime.autocast import check_caller_autocast
+
+
+@dataclass(frozen=True)
+class _RankModules:
+    """The rank modules and what the runtimes read with them, built once."""
+
+    plan: Plan
+    """The plan on the traced graph's nodes (stages name their nodes, tp splits per node)."""
+    stages: list[list[torch.fx.GraphModule]]
+    """[stage][tp rank] -> GraphModule."""
+    graph: torch.fx.GraphModule
+    """The traced microbatch graph (for users: the runtimes read `io`)."""
+    interfaces: tuple[StageInterface, ...]
+    io: IOSpec
+    local: LocalPipeline
+    seconds: float = 0.0
+    """Wall time to build them after compile (a layer stack analysed once: the whole model's trace)."""
 
 
 class CompiledModel:
@@ -24,67 +42,85 @@ class CompiledModel:
     What the runtimes read besides the Plan: the rank modules, `interfaces` (one
     `StageInterface` per stage) and `io` (the model's input/output structure),
     which codegen and the tracer wrote on the modules; never the traced graph.
+    Nothing it shows changes after `autopart.compile` returns: a compile that
+    analysed a layer stack once builds the rank modules when first asked for them,
+    and keeps them apart from `plan`.
     """
 
     def __init__(self, *, plan: Plan, cluster: Cluster, stages: list[list[torch.fx.GraphModule]] | None = None,
                  graph: torch.fx.GraphModule | None = None, phase_seconds: dict[str, float] | None = None,
                  materialize: Callable[[], tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]]
                  | None = None) -> None:
-        self.plan = plan
-        """The plan. Compiled with a layer stack analysed once, its stages list no graph nodes (and its
-        tp placements no nodes) until the whole model's graph exists; the first call that needs rank
-        modules traces it and replaces this with the plan on its nodes (same stages, same costs)."""
-        self.cluster = cluster
-        self.phase_seconds = dict(phase_seconds or {})
-        """Wall time of each compile phase: trace, annotate, plan (with the tensor-parallel solves), retrace
-        (when the plan's microbatch size is not the traced one), codegen; whole_model when a layer stack
-        analysed once is traced whole later."""
-        self._materialize = materialize
-        if stages is not None:
-            self._attach(stages, graph)
-        elif materialize is None:
+        if stages is None and materialize is None:
             raise ValueError("CompiledModel needs the rank modules or a way to build them (materialize)")
+        self._plan = plan
+        self._cluster = cluster
+        self._compile_seconds = dict(phase_seconds or {})
+        self._materialize = materialize
+        self._built: _RankModules | None = None
+        if stages is not None:
+            self._built = self._assemble(plan, stages, graph)
 
-    def _attach(self, stages: list[list[torch.fx.GraphModule]], graph: torch.fx.GraphModule) -> None:
-        plan = self.plan
-        self._stages = stages  # [stage][tp rank] -> GraphModule
-        self._graph = graph  # the traced microbatch graph (for users: the runtimes read `io`)
-        self._interfaces: tuple[StageInterface, ...] = tuple(stage_interface(ranks[0]) for ranks in stages)
-        self._io: IOSpec = io_spec(graph)
+    @property
+    def plan(self) -> Plan:
+        """The plan. Compiled with a layer stack analysed once, its stages list blocks but no graph
+        nodes, and its tp splits are counted per block (`graph_plan` has them per node)."""
+        return self._plan
+
+    @property
+    def cluster(self) -> Cluster:
+        return self._cluster
+
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Wall time of each compile phase: trace, annotate, plan (with the tensor-parallel solves), retrace
+        (when the plan's microbatch size is not the traced one), codegen; whole_model once a layer stack
+        analysed once has been traced whole."""
+        seconds = dict(self._compile_seconds)
+        if self._materialize is not None and self._built is not None:
+            seconds["whole_model"] = self._built.seconds
+        return seconds
+
+    @property
+    def graph_plan(self) -> Plan:
+        """The plan on the traced whole-model graph: every stage names its nodes and the tp splits are
+        per node (traces the whole model first if compile analysed a layer stack once)."""
+        return self._modules().plan
+
+    def _assemble(self, plan: Plan, stages: list[list[torch.fx.GraphModule]], graph: torch.fx.GraphModule,
+                  seconds: float = 0.0) -> _RankModules:
+        interfaces = tuple(stage_interface(ranks[0]) for ranks in stages)
         # Data-parallel replicas average their gradients: in one process that is
         # the same as one pipeline over all dp × m microbatches of the batch.
-        self._local = LocalPipeline(stages, self._interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
-                                    plan.batch_size, virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
-                                    mixed_precision=plan.mixed_precision)
-        self._materialize = None
+        local = LocalPipeline(stages, interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
+                              plan.batch_size, virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
+                              mixed_precision=plan.mixed_precision)
+        return _RankModules(plan=plan, stages=stages, graph=graph, interfaces=interfaces, io=io_spec(graph),
+                            local=local, seconds=seconds)
 
-    def _whole(self) -> None:
-        """Trace the whole model and build the rank modules, once (a compile that analysed a layer
-        stack once defers this until something needs them)."""
-        if self._materialize is not None:
+    def _modules(self) -> _RankModules:
+        """The rank modules, built once (a compile that analysed a layer stack once defers this until
+        something needs them)."""
+        if self._built is None:
             started = time.perf_counter()
             plan, stages, graph = self._materialize()
-            self.plan = plan
-            self._attach(stages, graph)
-            self.phase_seconds["whole_model"] = time.perf_counter() - started
+            self._built = self._assemble(plan, stages, graph, time.perf_counter() - started)
+        return self._built
 
     @property
     def interfaces(self) -> tuple[StageInterface, ...]:
         """How each stage connects to its neighbours and to the model, stage 0 first."""
-        self._whole()
-        return self._interfaces
+        return self._modules().interfaces
 
     @property
     def io(self) -> IOSpec:
         """How a call's (args, kwargs) flatten into the stage inputs and the outputs rebuild the model's."""
-        self._whole()
-        return self._io
+        return self._modules().io
 
     @property
     def graph(self) -> torch.fx.GraphModule:
         """The traced whole-model graph (one microbatch), with cost annotations."""
-        self._whole()
-        return self._graph
+        return self._modules().graph
 
     @property
     def num_ranks(self) -> int:
@@ -109,12 +145,11 @@ class CompiledModel:
         With `device`, every device the graphs carry (factory ops, `to(device)`, traced on the CPU)
         is rewritten to it, in place (passes/device.py); parameters stay where they are.
         """
-        self._whole()
         mesh = self.plan.mesh
         if not 0 <= rank < mesh.num_devices:
             raise InputError(f"rank={rank} is outside 0..{mesh.num_devices - 1} "
                              f"(the plan uses dp={mesh.dp} × pp={mesh.pp} × tp={mesh.tp} ranks)")
-        modules = [self._stages[s][rank % mesh.tp] for s in self.plan.stages_of_rank((rank // mesh.tp) % mesh.pp)]
+        modules = [self._modules().stages[s][rank % mesh.tp] for s in self.plan.stages_of_rank((rank // mesh.tp) % mesh.pp)]
         if device is not None:
             for module in modules:
                 move_to_device(module, device, move_state=False)
@@ -122,8 +157,7 @@ class CompiledModel:
 
     def stage_module(self, stage: int, tp_index: int = 0) -> torch.fx.GraphModule:
         """The GraphModule of pipeline stage `stage`, tensor-parallel rank `tp_index`."""
-        self._whole()
-        return self._stages[stage][tp_index]
+        return self._modules().stages[stage][tp_index]
 
     def report(self) -> str:
         """The partition report as text."""
@@ -146,7 +180,7 @@ class CompiledModel:
         """
         from autopart.runtime.distributed import DistributedRunner
 
-        self._whole()
+        self._modules()
         return DistributedRunner(self, **kwargs)
 
     # ------------------------------------------------------------------ simulation
@@ -154,8 +188,7 @@ class CompiledModel:
     def simulate(self, *args: Any, **kwargs: Any) -> Any:
         """Forward over all ranks in one process, microbatched as planned; the model's own output."""
         self._check_caller_autocast()
-        self._whole()
-        per_microbatch = self._local.forward(self.io.flatten(args, kwargs))
+        per_microbatch = self._modules().local.forward(self.io.flatten(args, kwargs))
         return self.io.unflatten(_concat_microbatches(per_microbatch, self.plan.microbatch_size))
 
     def simulate_train_step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -167,17 +200,17 @@ class CompiledModel:
         over microbatches. Returns (loss, gradient of every original parameter by name).
         """
         self._check_caller_autocast()
-        self._whole()
         flat = self.io.flatten(args, kwargs)
         targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
 
         def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
             return loss_fn(self.io.unflatten(flat_outputs), micro_target)
 
-        self._local.zero_grad()
-        loss = self._local.train_step(flat, targets, loss_of)
-        grads = self._local.gradients()
-        self._local.zero_grad()
+        local = self._modules().local
+        local.zero_grad()
+        loss = local.train_step(flat, targets, loss_of)
+        grads = local.gradients()
+        local.zero_grad()
         return loss, grads
 
 

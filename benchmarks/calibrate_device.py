@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 import autopart
 from autopart.cost_models import Cluster, DeviceSpec, Link, all_reduce_seconds, get_preset, p2p_seconds
-from autopart.cost_models import calibrate as measure
-from autopart.devices import gpu_preset
+from autopart.cost_models import measure
+from autopart.frontend.device_arg import gpu_preset
 
 
 def _preset(device: torch.device) -> DeviceSpec:

@@ -34,7 +34,7 @@ import autopart
 from autopart import zoo
 from autopart.cost_models import Cluster, register_missing_flop_formulas
 from autopart.passes import annotate, node_cost
-from autopart.tracing import flatten_inputs, io_spec
+from autopart.frontend.tracing import flatten_inputs, io_spec
 
 
 def eager_kwargs(gm: torch.fx.GraphModule, entry: zoo.ZooModel) -> dict:

@@ -1,4 +1,4 @@
-"""Peak training memory: the estimate from `passes.annotate` against a measurement on the CPU.
+"""Peak training memory: the planner's memory model against a measurement on the CPU.
 
 One training step = forward, then backward from the output's gradient, the
 gradients left in `.grad` (no optimizer step). Both sides count parameters,
@@ -15,36 +15,13 @@ output) is not seen, and the estimate does not price it either. Two runs per
 model: the traced GraphModule (the program autopart executes) and the
 original nn.Module.
 
-Estimated (`estimate_training_peak`): a replay over the annotated graph of
-what autograd holds, from the NodeCost fields and the graph's edges:
-  forward end:   params + buffers + Σ saved_bytes + outputs;
-  backward of node n (graph order reversed, as autograd runs it):
-                 params + buffers + outputs
-               + gradients of the parameters already reached (tied: once)
-               + saved_bytes of the nodes at or before n (a node's saved tensors
-                 die after its backward; a storage is counted on its first
-                 saver, the last backward to need it)
-               + activation gradients in flight: a value's gradient lives from
-                 the backward of its last differentiable reader until its
-                 producer's backward, with the producer's output_bytes; a plain
-                 view's readers count as its base's; select/slice-like views
-                 have gradients of their own and hand their base a base-sized
-                 one (select_backward: zeros + copy), two such summed out of place;
-                 the outputs' gradients come from the loss.
-The peak is the largest of those. The loss is outside the graph: backward
-starts from an output gradient of ones, made inside autograd so it dies like
-a loss's would; a real loss adds its own temporaries. Not modelled: the
-temporaries inside one op's backward formula (pow's grad·2·x¹ makes two); a
-graph input counts only where autograd saves it (then it is in saved_bytes),
-so an unsaved one is missed (nn.TransformerEncoder's x, which attention
-transposes and copies first: the fwd-end column's 2.5%); an output that
-autograd also saves is counted twice (the zoo's are logits, never saved).
-
-`sum_bound` is the coarser params + grads + Σ saved + outputs (each term at
-its largest at once), which is how the planner adds memory per microbatch; the
-table shows how far it is from the peak of one step.
-
-    python benchmarks/memory_estimate.py
+Estimated: the planner's own memory model (planner/step_costs.py, the figure every plan
+is priced with): `autopart.compile` on one CPU device, one microbatch, SGD (no optimizer
+state: the measured step takes none), and the stage's peak (`StageMemory.total`:
+parameters, gradients, buffers, saved activations, the loss's float32 log-softmax of the
+outputs and its backward temporaries). The stand-in loss here is lighter than that
+cross-entropy, so the estimate may sit a little above the measurement on models with
+large outputs.
 """
 
 from __future__ import annotations
@@ -63,10 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopart
 from autopart import zoo
-from autopart.cost_models import Cluster
-from autopart.passes import annotate
-from autopart.passes.memory import Estimate, estimate_training_peak
-from autopart.tracing import io_spec
+from autopart.frontend.tracing import io_spec
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -157,16 +131,14 @@ def measure_training_peak(
     return Measured(start=start, forward_end=forward_end, peak=mode.peak)
 
 
-# ----------------------------------------------------------------------------- estimate
-
-
 # ----------------------------------------------------------------------------- comparison
 
 
 @dataclass(frozen=True, kw_only=True)
 class Row:
     name: str
-    estimate: Estimate
+    estimate: int
+    """The planner's peak for the step (bytes)."""
     graph: Measured
     """The traced GraphModule run eagerly: the program autopart executes."""
     eager: Measured
@@ -174,10 +146,11 @@ class Row:
 
 
 def compare(name: str, z: zoo.ZooModel) -> Row:
-    """Trace and annotate `z`, estimate its peak, and measure the graph and the model."""
+    """Plan `z` for one CPU device, take the plan's peak, and measure the graph and the model."""
     gm = autopart.trace(z.model, z.args, z.kwargs)
-    annotate(gm, Cluster.cpu(1))
-    estimate = estimate_training_peak(gm)
+    plan = autopart.compile(z.model, 1, example_inputs=z.args, example_kwargs=z.kwargs, num_microbatches=1,
+                            optimizer="sgd").plan
+    estimate = plan.stages[0].memory.total
     # The same keywords as the trace (it adds use_cache=False: a KV cache would
     # hold every layer's keys and values, which training does not).
     kwargs = {**dict(io_spec(gm).default_kwargs), **z.kwargs}
@@ -205,8 +178,7 @@ def _mib(n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
-    header = (f"{'model':36s} {'est MiB':>9s} {'graph MiB':>9s} {'ratio':>6s} {'eager MiB':>9s} {'ratio':>6s}"
-              f" {'sum-bound':>9s} {'ratio':>6s} {'fwd-end':>7s}  peak at")
+    header = f"{'model':36s} {'est MiB':>9s} {'graph MiB':>9s} {'ratio':>6s} {'eager MiB':>9s} {'ratio':>6s}"
     print(header)
     print("-" * len(header))
     for name, make in CASES.items():
@@ -214,14 +186,9 @@ def main() -> None:
         started = time.perf_counter()
         row = compare(name, make())
         e = row.estimate
-        print(f"{name:36s} {_mib(e.peak)} {_mib(row.graph.peak)} {e.peak / row.graph.peak:6.3f}"
-              f" {_mib(row.eager.peak)} {e.peak / row.eager.peak:6.3f}"
-              f" {_mib(e.sum_bound)} {e.sum_bound / row.graph.peak:6.3f}"
-              f" {e.forward_end / row.graph.forward_end:7.4f}  {e.peak_at}"
-              f"  ({time.perf_counter() - started:.1f} s)")
-    print("\nratio = estimate / measured peak; graph = the traced GraphModule, eager = the nn.Module;"
-          "\nsum-bound = params + grads + saved + outputs (every term at its maximum at once);"
-          "\nfwd-end = estimated / measured live bytes when the traced graph's forward ends.")
+        print(f"{name:36s} {_mib(e)} {_mib(row.graph.peak)} {e / row.graph.peak:6.3f}"
+              f" {_mib(row.eager.peak)} {e / row.eager.peak:6.3f}  ({time.perf_counter() - started:.1f} s)")
+    print("\nratio = the planner's peak / measured peak; graph = the traced GraphModule, eager = the nn.Module.")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from autopart.errors import PlanError
-from autopart.problems import PipelineProblem, ValueFlow
+from autopart.core.errors import PlanError
+from autopart.core.problems import PipelineProblem, ValueFlow
+from autopart.cost_models import Link, p2p_seconds
 from autopart.solver import solve_pipeline
 
 
@@ -48,9 +49,15 @@ def transformer_chain(
         state_bytes=state, activation_bytes=np.full(n, 12.0 * act),
         edges=tuple(edges), values=tuple(values),
         memory_capacity=np.full(num_stages, 80e9),
-        link_latency=np.full(num_stages - 1, 10e-6), link_bandwidth=np.full(num_stages - 1, 50e9),
+        boundary_seconds=_boundary(values, num_stages, Link(latency_s=10e-6, bandwidth=50e9)),
         num_microbatches=num_microbatches, schedule=schedule,
     )
+
+
+def _boundary(values: list[ValueFlow], num_stages: int, link: Link) -> np.ndarray:
+    """[values, stages - 1] seconds to send each value over each link (cost_models.comm)."""
+    return np.array([[p2p_seconds(v.num_bytes, link)] * (num_stages - 1) for v in values],
+                    dtype=float).reshape(len(values), num_stages - 1)
 
 
 def random_dag(num_blocks: int, num_stages: int, *, seed: int = 0) -> PipelineProblem:
@@ -74,7 +81,7 @@ def random_dag(num_blocks: int, num_stages: int, *, seed: int = 0) -> PipelinePr
         activation_bytes=rng.uniform(10e6, 200e6, num_blocks),
         edges=tuple(edges), values=tuple(values),
         memory_capacity=np.full(num_stages, 80e9),
-        link_latency=np.full(num_stages - 1, 10e-6), link_bandwidth=np.full(num_stages - 1, 25e9),
+        boundary_seconds=_boundary(values, num_stages, Link(latency_s=10e-6, bandwidth=25e9)),
         num_microbatches=16, schedule="1f1b",
     )
 
@@ -96,7 +103,7 @@ def towers(num_towers: int, depth: int, num_stages: int, *, seed: int = 0) -> Pi
         state_bytes=np.full(n, 1e9), activation_bytes=np.full(n, 5e7),
         edges=tuple(sorted({(v.producer, c) for v in values for c in v.consumers})),
         values=tuple(values), memory_capacity=np.full(num_stages, 80e9),
-        link_latency=np.full(num_stages - 1, 1e-5), link_bandwidth=np.full(num_stages - 1, 1e10),
+        boundary_seconds=_boundary(values, num_stages, Link(latency_s=1e-5, bandwidth=1e10)),
         num_microbatches=8, schedule="1f1b",
     )
 

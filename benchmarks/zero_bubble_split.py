@@ -24,7 +24,7 @@ import time
 import torch
 
 from autopart import zoo
-from autopart.schedules import build_schedule, play, step_factor
+from autopart.core.schedules import build_schedule, play, step_factor
 
 
 def main() -> None:

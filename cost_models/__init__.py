@@ -11,7 +11,6 @@ from autopart.cost_models.comm import (
     all_gather_seconds,
     all_reduce_seconds,
     all_to_all_seconds,
-    broadcast_seconds,
     p2p_seconds,
     reduce_scatter_seconds,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "all_gather_seconds",
     "all_reduce_seconds",
     "all_to_all_seconds",
-    "broadcast_seconds",
     "conv_flops",
     "einsum_flops",
     "get_preset",

@@ -70,14 +70,3 @@ def all_to_all_seconds(num_bytes: float, group_size: int, link: Link) -> float:
     # Thakur et al. 2005 §3.3 (pairwise exchange): p−1 steps, each sending n/p bytes.
     return (p - 1) * link.latency_s + (p - 1) / p * num_bytes / link.bandwidth
 
-
-def broadcast_seconds(num_bytes: float, group_size: int, link: Link) -> float:
-    """Pipelined ring broadcast of `num_bytes` from one root: (p−1)α + n/β."""
-    _check("broadcast_seconds", num_bytes, group_size)
-    p = group_size
-    if p == 1 or num_bytes == 0:
-        return 0.0
-    # NCCL's ring broadcast pipelines chunks along the ring: p−1 hops of
-    # latency, and every rank receives n bytes once (nccl-tests
-    # PERFORMANCE.md: broadcast bus bandwidth = algorithm bandwidth).
-    return (p - 1) * link.latency_s + num_bytes / link.bandwidth

@@ -1,12 +1,13 @@
 """Every function that reads or rewrites a GraphModule."""
 
 from autopart.passes import tensor_parallel
-from autopart.passes.blocks import Block, BlockGraph, BlockValue, coarsen
+from autopart.core.blocks import Block, BlockGraph, BlockValue
+from autopart.passes.coarsen import coarsen
 from autopart.passes.codegen import stage_modules
 from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_cost
 from autopart.passes.attention import use_causal_attention
 from autopart.passes.device import device_literals, move_to_device
-from autopart.passes.precision import autocast_values
+from autopart.passes.autocast_values import autocast_values
 from autopart.passes.regions import nest_regions
 from autopart.passes.split import split_stages
 

@@ -19,8 +19,8 @@ from typing import Mapping
 import torch
 import torch.fx
 
-from autopart.errors import PlanError
-from autopart.interfaces import STAGE_INTERFACE_META_KEY, InputSource, StageInterface
+from autopart.core.errors import PlanError
+from autopart.core.interfaces import STAGE_INTERFACE_META_KEY, InputSource, StageInterface
 from autopart.passes.attrs import fetch_attr
 from autopart.passes.split import SOURCE_META_KEY
 

@@ -18,7 +18,7 @@ What it measures per node, and how:
   at the dtype the op computes in.
 
 With `autocast_dtype` (mixed precision) the graph runs under `torch.autocast`
-on fake CPU tensors (passes/precision.py): matmuls compute and are priced in
+on fake CPU tensors (passes/autocast_values.py): matmuls compute and are priced in
 bf16, and what autograd saves is what autocast makes — the bf16 activations,
 and each microbatch's bf16 copy of every weight a matmul reads.
 """
@@ -36,8 +36,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.cost_models import Cluster, op_flops, op_seconds
-from autopart.errors import MissingAnnotationError
-from autopart.passes.precision import AUTOCAST_DEVICE_TYPE, devices_on_cpu, fake_like
+from autopart.core.errors import MissingAnnotationError
+from autopart.passes.autocast_values import AUTOCAST_DEVICE_TYPE, devices_on_cpu, fake_like
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

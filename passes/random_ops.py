@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from autopart.passes.tensor_parallel.shard import PLACEMENT_META_KEY
-from autopart.tp_random import STREAM_ATTR, ShardedStream, draws_random, sharded_random, sharded_seed
+from autopart.core.tp_random import STREAM_ATTR, ShardedStream, draws_random, sharded_random, sharded_seed
 
 
 def route_sharded_random(ranks: list[torch.fx.GraphModule], base_seed: int | None = None) -> list[torch.fx.GraphModule]:
@@ -39,8 +39,3 @@ def route_sharded_random(ranks: list[torch.fx.GraphModule], base_seed: int | Non
             gm.graph.erase_node(node)
         gm.recompile()
     return ranks
-
-
-def stream_of(gm: torch.fx.GraphModule) -> ShardedStream | None:
-    """The rank module's sharded stream, if it has sharded random ops."""
-    return getattr(gm, STREAM_ATTR, None)

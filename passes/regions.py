@@ -4,7 +4,7 @@ A transform pass (GraphModule → GraphModule, policy as an argument): each
 block the plan recomputes, or that must be an FSDP unit of its own (ZeRO-3,
 HSDP), becomes one submodule call. Its nodes move into a parameter-less
 `body` GraphModule, and the region calls it through
-`autopart.recompute.run_region(body, mode, ...)`, so recomputation is PyTorch's
+`autopart.core.recompute.run_region(body, mode, ...)`, so recomputation is PyTorch's
 non-reentrant checkpoint around exactly the block's nodes.
 
 Parameters keep their paths. When every tensor under one module path P of
@@ -31,10 +31,11 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from autopart.errors import PlanError
-from autopart.interfaces import REGION_META_KEY, RegionInfo
+from autopart.core.errors import PlanError
+from autopart.core.interfaces import REGION_META_KEY, RegionInfo
 from autopart.passes.attrs import fetch_attr
-from autopart.recompute import RECOMPUTE_MODES, run_region
+from autopart.core.recompute import run_region
+from autopart.core.modes import RECOMPUTE_MODES
 
 _CALLS = ("call_function", "call_method", "call_module")
 

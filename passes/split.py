@@ -25,7 +25,7 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
-from autopart.errors import PlanError
+from autopart.core.errors import PlanError
 
 RELAY = torch.ops.aten.alias.default
 STAGE_OF_NODE_META_KEY = "autopart_stage_of_node"

@@ -17,7 +17,7 @@ import dataclasses
 import torch.fx
 
 from autopart.passes.layer_stack import LayerStack
-from autopart.passes.blocks import BlockGraph
+from autopart.core.blocks import BlockGraph
 from autopart.passes.node_costs import node_cost
 from autopart.passes.tensor_parallel.assignment import Collective, NodePlacement, TPAssignment
 from autopart.passes.tensor_parallel.placements import Shard

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 from autopart.passes.layer_stack import LayerStack
-from autopart.passes.blocks import Block, BlockGraph, BlockValue
+from autopart.core.blocks import Block, BlockGraph, BlockValue
 
 PROLOGUE, EPILOGUE = -1, -2
 """Segments of blocks outside the layers (layer segments are the layer index 0 .. k−1)."""

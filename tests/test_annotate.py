@@ -19,7 +19,7 @@ import autopart
 from autopart import zoo
 from autopart.cost_models import Cluster
 from autopart.passes import COST_META_KEY, NodeCost, annotate, node_cost
-from autopart.tracing import flatten_inputs
+from autopart.frontend.tracing import flatten_inputs
 
 aten = torch.ops.aten
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import autopart
-from autopart.cli import main as cli_main
+from autopart.cli.commands import main as cli_main
 from autopart.cost_models import Cluster, DeviceSpec, Link, all_reduce_seconds, get_preset, op_seconds, p2p_seconds
-from autopart.cost_models import calibrate as measure
-from autopart.devices import resolve_devices
-from autopart.errors import InputError
+from autopart.cost_models import measure
+from autopart.frontend.device_arg import resolve_devices
+from autopart.core.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from autopart.cli import build_parser, main
-from autopart.plan import Plan
+from autopart.cli.commands import build_parser, main
+from autopart.core.plan import Plan
 
 
 def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -175,4 +175,4 @@ def test_check_proves_the_plan_on_the_cpu():
                   "--check", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "forward equal" in result.stdout and "gradients of all" in result.stdout
-    assert "mesh:            pp=2 × tp=2" in result.stdout
+    assert "mesh:            dp=1 × pp=2 × tp=2" in result.stdout

@@ -19,7 +19,6 @@ from autopart.cost_models import (
     all_gather_seconds,
     all_reduce_seconds,
     all_to_all_seconds,
-    broadcast_seconds,
     conv_flops,
     einsum_flops,
     get_preset,
@@ -479,8 +478,7 @@ _N = 8e6  # bytes
 
 
 def test_group_of_one_or_no_bytes_costs_nothing():
-    for fn in (all_reduce_seconds, all_gather_seconds, reduce_scatter_seconds, all_to_all_seconds,
-               broadcast_seconds):
+    for fn in (all_reduce_seconds, all_gather_seconds, reduce_scatter_seconds, all_to_all_seconds):
         assert fn(_N, 1, _LINK) == 0.0
         assert fn(0, 8, _LINK) == 0.0
     assert p2p_seconds(0, _LINK) == 0.0
@@ -493,7 +491,6 @@ def test_collectives_by_hand(p):
     assert all_gather_seconds(_N, p, _LINK) == pytest.approx((p - 1) * alpha + (p - 1) / p * _N / beta)
     assert reduce_scatter_seconds(_N, p, _LINK) == pytest.approx((p - 1) * alpha + (p - 1) / p * _N / beta)
     assert all_to_all_seconds(_N, p, _LINK) == pytest.approx((p - 1) * alpha + (p - 1) / p * _N / beta)
-    assert broadcast_seconds(_N, p, _LINK) == pytest.approx((p - 1) * alpha + _N / beta)
     # An all-reduce is a reduce-scatter followed by an all-gather.
     assert all_reduce_seconds(_N, p, _LINK) == pytest.approx(
         reduce_scatter_seconds(_N, p, _LINK) + all_gather_seconds(_N, p, _LINK)

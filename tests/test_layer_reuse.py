@@ -19,10 +19,10 @@ from torch import nn
 
 import autopart
 from autopart import zoo
-from autopart.analysis import analyse
+from autopart.frontend.analysis import analyse
 from autopart.cost_models import Cluster
 from autopart.passes.layer_stack import find_layer_stack, shortened
-from autopart.mesh_search import tensor_parallel_choices
+from autopart.axes.tensor import tensor_parallel_choices
 from autopart.verify import verify
 
 
@@ -61,7 +61,8 @@ def test_reused_analysis_plans_like_the_whole_model(family, devices, kwargs):
     before = _comparable(reused.plan)
     assert all(not stage.node_names for stage in reused.plan.stages)  # the whole graph is not traced yet
     reused.rank_modules(0)  # traces the whole model: node names and tp placements on its nodes
-    after = _comparable(reused.plan)
+    assert _comparable(reused.plan) == before  # the compiled plan itself never changes
+    after = _comparable(reused.graph_plan)
     expected = _comparable(whole.plan)
     assert after == expected
     for stage in before["stages"]:  # the plan before tracing already had every cut and cost
@@ -76,10 +77,10 @@ def test_reused_plan_computes_the_model():
     entry = zoo.llama(layers=5)
     compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, pipeline_parallel=2, tensor_parallel=2,
                                 num_microbatches=2)
-    assert compiled.plan.tensor_parallel["analysed_layers"] == "3 of 5"
+    assert compiled.plan.tensor_parallel.analysed_layers == "3 of 5"
     result = verify(compiled, entry.model, entry.args)
     assert result.max_output_diff <= 1e-5 and result.max_grad_diff <= 4e-5
-    assert all(stage.node_names for stage in compiled.plan.stages)
+    assert all(stage.node_names for stage in compiled.graph_plan.stages)
 
 
 def test_report_before_the_whole_graph_counts_tp_splits_per_block():
@@ -147,7 +148,7 @@ def test_progress_on_stderr_only_when_verbose_or_slow(capfd, monkeypatch):
     entry = zoo.gpt(layers=12, d_model=256, heads=4, vocab=512, seq=64, batch=64, device="meta")
     with monkeypatch.context() as patch:
         clock = iter(range(10**9))
-        patch.setattr(autopart.search, "time", SimpleNamespace(perf_counter=lambda: 0.3 * next(clock)))
+        patch.setattr(autopart.planner.search, "time", SimpleNamespace(perf_counter=lambda: 0.3 * next(clock)))
         autopart.compile(entry.model, "4x8xH100", example_inputs=entry.args)
     slow = capfd.readouterr().err
     assert "layouts solved" in slow and "identical layers" not in slow and "best so far" not in slow
@@ -166,4 +167,4 @@ def test_a_tp_plan_naming_one_layer_analyses_every_layer():
     compiled = autopart.compile(entry.model, 4, example_inputs=entry.args, pipeline_parallel=2, tensor_parallel=2,
                                 tp_plan=plan)
     assert all(stage.node_names for stage in compiled.plan.stages)  # the whole model was traced
-    assert "analysed_layers" not in compiled.plan.tensor_parallel
+    assert compiled.plan.tensor_parallel.analysed_layers is None

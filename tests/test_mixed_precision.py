@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import autopart
 from autopart import zoo
-from autopart.interfaces import stage_interface
+from autopart.core.interfaces import stage_interface
 from autopart.passes.device import device_literals, move_to_device
 
 BF16_RTOL = 1.6e-2
@@ -158,7 +158,7 @@ def test_autocast_conversions_are_priced_as_kernels_of_their_own():
     """Under autocast a linear on float32 input and weight first converts both to bf16: two
     memory-bound kernels (4 bytes read, 2 written an element) on top of the bf16 matmul."""
     from autopart.cost_models import get_preset, op_seconds
-    from autopart.devices import resolve_devices
+    from autopart.frontend.device_arg import resolve_devices
     from autopart.passes.node_costs import annotate, node_cost
 
     model = torch.nn.Linear(4096, 4096, bias=False)
@@ -177,7 +177,7 @@ def test_autocast_conversions_are_priced_as_kernels_of_their_own():
 
 
 def passes_autocast(gm):
-    from autopart.passes.precision import autocast_values
+    from autopart.passes.autocast_values import autocast_values
 
     return autocast_values(gm, torch.bfloat16)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import autopart
 from autopart import zoo
-from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
+from autopart.core.modes import SCHEDULES, VIRTUAL_SCHEDULES
 from random_models import build, programs
 
 FWD = dict(rtol=1e-5, atol=1e-5)
@@ -100,10 +100,10 @@ def test_tied_embedding_is_replicated_and_gradients_summed():
     compiled = autopart.compile(entry.model, 2, example_inputs=entry.args, pipeline_parallel=2, num_microbatches=2)
     holders = [r for r in range(compiled.num_ranks)
                if any(name == "transformer.wte.weight"
-                      for _, name in autopart.interfaces.stage_interface(compiled.rank_module(r)).parameters)]
+                      for _, name in autopart.core.interfaces.stage_interface(compiled.rank_module(r)).parameters)]
     assert holders == [0, 1], "embedding (stage 0) and tied lm_head (stage 1) each hold a copy"
     copies = [compiled.rank_module(r).get_parameter(path) for r in holders
-              for path, name in autopart.interfaces.stage_interface(compiled.rank_module(r)).parameters
+              for path, name in autopart.core.interfaces.stage_interface(compiled.rank_module(r)).parameters
               if name == "transformer.wte.weight"]
     assert len(copies) == 2 and copies[0] is not copies[1]
     assert_plan_matches_model(entry.model, entry.args, {}, compiled, entry.main_output)
@@ -115,7 +115,7 @@ def test_skip_connection_is_relayed_through_middle_stages():
     compiled = autopart.compile(model, 4, example_inputs=(x,), pipeline_parallel=4, num_microbatches=2)
     # each middle stage passes the model input along rather than stage 0 sending it far
     for rank in range(1, 4):
-        interface = autopart.interfaces.stage_interface(compiled.rank_module(rank))
+        interface = autopart.core.interfaces.stage_interface(compiled.rank_module(rank))
         assert all(src.kind == "previous_stage" for src in interface.inputs)
     assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)
 
@@ -125,7 +125,7 @@ def test_buffers_stay_with_their_users():
     x = torch.randn(2, 4, 8)
     compiled = autopart.compile(model, 3, example_inputs=(x,), pipeline_parallel=3)
     owners = [r for r in range(3) if any(name == "layers.1.scale" for _, name in
-                                         autopart.interfaces.stage_interface(compiled.rank_module(r)).buffers)]
+                                         autopart.core.interfaces.stage_interface(compiled.rank_module(r)).buffers)]
     assert len(owners) == 1
     assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)
 

@@ -21,13 +21,13 @@ from torch import nn
 
 import autopart
 from autopart import passes, zoo
-from autopart.analysis import analyse
+from autopart.frontend.analysis import analyse
 from autopart.cost_models import Cluster, get_preset
-from autopart.interfaces import region_info, regions, stage_interface
-from autopart.plan import PLAN_VERSION
-from autopart.passes.random_ops import stream_of
-from autopart.recompute import RECOMPUTE_MODES
-from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
+from autopart.core.interfaces import region_info, regions, stage_interface
+from autopart.core.plan import PLAN_VERSION
+from autopart.core.tp_random import streams_of
+from autopart.core.modes import RECOMPUTE_MODES
+from autopart.core.modes import SCHEDULES, VIRTUAL_SCHEDULES
 from random_models import build, programs
 from test_pipeline_equivalence import assert_plan_matches_model
 
@@ -181,7 +181,7 @@ def test_dropout_on_tp_shards_replays_the_same_mask(recompute):
         cm = autopart.compile(model, 2, example_inputs=(x,), pipeline_parallel=1, tensor_parallel=2,
                               num_microbatches=2, recompute=mode, tp_plan={"layers.*.0": "colwise",
                                                                             "layers.*.3": "rowwise"})
-        assert all(stream_of(cm.stage_module(0, t)) is not None for t in range(2))  # the dropout is on shards
+        assert all(streams_of(cm.stage_module(0, t)) for t in range(2))  # the dropout is on shards
         torch.manual_seed(7)
         return cm, cm.simulate_train_step(x, target=None, loss_fn=lambda out, _: out.square().mean())
 

@@ -12,13 +12,13 @@ import pytest
 import autopart
 from autopart import InputError, zoo
 from autopart.cost_models import Cluster
-from autopart.plan import PLAN_VERSION, Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
+from autopart.core.plan import PLAN_VERSION, Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.report.html import render_html
 from autopart.report.svg import memory_svg
 from autopart.report.summary import abbreviate_blocks, schedule_grid
 from autopart.report.text import render_text
 from autopart.report.timing import makespan, predicted_timeline
-from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
+from autopart.core.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def synthetic_plan(num_stages: int = 8, num_microbatches: int = 64, blocks_per_s
 def test_text_report_has_every_part(gpt2_pipeline: Plan) -> None:
     text = render_text(gpt2_pipeline)
     assert text.startswith("autopart plan: GPT2LMHeadModel on 4 × H100")
-    assert "pp=4 × tp=1 × dp=1" in text and "devices 0-3 (H100)" in text
+    assert "dp=1 × pp=4 × tp=1" in text and "devices 0-3 (H100)" in text
     for stage in gpt2_pipeline.stages:
         assert f"stage {stage.index} · device {stage.device} (H100)" in text
     assert "transformer.h.0" in text and "lm_head" in text
@@ -176,7 +176,7 @@ def test_reports_of_an_interleaved_plan(gpt2_interleaved: Plan) -> None:
     assert plan.bubble_fraction == pytest.approx(1 / 9)
     text = render_text(plan)
     assert "schedule: interleaved_1f1b, 4 microbatches, bubble 11%" in text and "2 stages per rank" in text
-    assert "pp=2 (2 stages each) × tp=1 × dp=1" in text
+    assert "dp=1 × pp=2 (2 stages each) × tp=1" in text
     grid_rows = [line for line in text.splitlines() if line.strip().startswith("rank ")]
     assert "F0s0" in grid_rows[0] and "F0s2" in grid_rows[0] and "F0s3" in grid_rows[1]
     html = render_html(plan)

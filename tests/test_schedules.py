@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from autopart.errors import PlanError
-from autopart.schedules import (
-    SCHEDULES,
+from autopart.core.errors import PlanError
+from autopart.core.schedules import (
     Action,
     build_schedule,
     bubble_fraction,
@@ -20,6 +19,7 @@ from autopart.schedules import (
     step_factor,
     timeline,
 )
+from autopart.core.modes import SCHEDULES
 
 
 def _valid(num_ranks: int, m: int, v: int) -> bool:
@@ -90,7 +90,7 @@ def test_step_factors_match_the_literature() -> None:
 
 
 def _played_factor(name: str, num_ranks: int, m: int, v: int, training: bool) -> float:
-    from autopart.schedules import _UNIT_COSTS
+    from autopart.core.schedules import _UNIT_COSTS
 
     ends = play(build_schedule(name, num_ranks, m, training, v), lambda a: _UNIT_COSTS[a.kind]).values()
     return max(end for _, end in ends) / (_UNIT_COSTS["F"] + (_UNIT_COSTS["B"] if training else 0.0))
@@ -100,7 +100,7 @@ def _played_factor(name: str, num_ranks: int, m: int, v: int, training: bool) ->
 def test_closed_forms_equal_the_played_schedules(training: bool) -> None:
     """step_factor and the in-flight counts answer GPipe, 1F1B and interleaved 1F1B in closed form;
     playing the action lists gives exactly the same numbers."""
-    from autopart.problems import _in_flight
+    from autopart.core.problems import _in_flight
 
     for num_ranks in range(1, 9):
         for m in range(1, 33):

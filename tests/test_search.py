@@ -15,18 +15,21 @@ import torch
 from torch import nn
 
 import autopart
-from autopart import search as search_module, zoo
-from autopart.analysis import analyse
+from autopart import zoo
+from autopart.planner import search as search_module
+from autopart.frontend.analysis import analyse
 from autopart.cost_models import Cluster
-from autopart.errors import PlanError
-from autopart.mesh_search import group_cluster, tensor_parallel_blocks, tensor_parallel_choices
-from autopart.plan_choices import (
-    PlanRequest, data_parallel_choices, pipeline_choices, schedule_choices, smallest_microbatch,
-)
-from autopart.planner import price_candidate
-from autopart.schedules import interleaved_in_flight, microbatches_per_round
-from autopart.search import TPOption, _layouts_of_shape, _Shape, search
-from autopart.search_bounds import BoundModel
+from autopart.core.errors import PlanError
+from autopart.planner.mesh_search import tensor_parallel_blocks
+from autopart.axes.tensor import group_cluster, tensor_parallel_choices
+from autopart.planner.choices import smallest_microbatch
+from autopart.axes.data import data_parallel_choices
+from autopart.axes.pipeline import pipeline_choices, schedule_choices
+from autopart.core.request import PlanRequest
+from autopart.planner.pricing import PricingBasis, price_candidate
+from autopart.core.schedules import interleaved_in_flight, microbatches_per_round
+from autopart.planner.search import TPOption, _layouts_of_shape, _Shape, search
+from autopart.planner.bounds import BoundModel
 
 
 class Residual(nn.Module):
@@ -66,9 +69,9 @@ def _exhaustive(options, request, traced):
                 shape_bound = model.shape_bound(dp, ranks, schedules)
                 for _, layout in _layouts_of_shape(option, _Shape(index, dp, ranks), request, schedules, []):
                     bound, short = model.layout_bound(layout)
-                    priced = price_candidate(option.graph, option.cluster, request, traced, layout.setting, ranks,
-                                             layout.num_microbatches, layout.schedule, layout.virtual_stages,
-                                             layout.tried())
+                    basis = PricingBasis(graph=option.graph, cluster=option.cluster, request=request,
+                                         traced_batch_size=traced)
+                    priced = price_candidate(basis, layout)
                     rows.append((layout, bound, short, shape_bound, priced.step))
                     if priced.step is not None and (best is None or priced.step < best[1] * (1 - 1e-9)):
                         best = (layout, priced.step)
@@ -95,7 +98,7 @@ CASES = [
 @pytest.mark.parametrize("name,build,devices,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_search_finds_the_exhaustive_optimum_and_bounds_hold(name, build, devices, kwargs, monkeypatch):
     model, args = build()
-    cluster = autopart.devices.resolve_devices(devices)
+    cluster = autopart.frontend.device_arg.resolve_devices(devices)
     request = PlanRequest(batch_size=args[0].shape[0], optimizer="adamw", mixed_precision=kwargs.get("mixed_precision"))
     traced = smallest_microbatch(request, cluster)
     args = (args[0][:traced],)
@@ -148,7 +151,7 @@ def test_large_cluster_plans_with_few_solves():
 def test_a_tighter_tp_budget_that_splits_alike_is_not_searched_again(monkeypatch):
     """52B parameters with AdamW cannot fit 8 H100s. The tp budgets tighten level by level, but the
     strategy ILP splits every op alike under each: one search proves it, not one per level."""
-    from autopart import mesh_search
+    from autopart.planner import mesh_search
 
     searched = []
     real = mesh_search.search

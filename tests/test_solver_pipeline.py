@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autopart.errors import InputError, PlanError
-from autopart.problems import PipelineProblem, PipelineSolution, ValueFlow
-from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
+from autopart.core.errors import InputError, PlanError
+from autopart.core.problems import PipelineProblem, PipelineSolution, ValueFlow
+from autopart.core.modes import SCHEDULES, VIRTUAL_SCHEDULES
 from autopart.solver import brute_force_pipeline, solve_pipeline
 from autopart.solver.chain_split import contiguous_split
 from autopart.solver.pipeline_costs import evaluate_assignments, pipeline_costs
@@ -49,8 +49,8 @@ def make_problem(
         edges=tuple(edges),
         values=tuple(values),
         memory_capacity=np.full(num_stages, 1.0) * capacity,
-        link_latency=np.full(num_stages - 1, latency),
-        link_bandwidth=np.full(num_stages - 1, bandwidth),
+        boundary_seconds=np.array([[latency + v.num_bytes / bandwidth] * (num_stages - 1) for v in values],
+                                  dtype=float).reshape(len(values), num_stages - 1),
         num_microbatches=num_microbatches,
         schedule=schedule,
         virtual_stages=virtual_stages,
@@ -208,8 +208,10 @@ def test_more_stages_than_blocks() -> None:
         ({"num_microbatches": 0}, "num_microbatches"),
         ({"schedule": "zb"}, "schedule 'zb'"),
         ({"fwd_seconds": np.ones((3, 3))}, r"fwd_seconds has shape \(3, 3\)"),
-        ({"link_bandwidth": np.zeros(1)}, "link_bandwidth"),
-        ({"values": (ValueFlow(producer=2, consumers=(1,), num_bytes=4),)}, "must come after"),
+        ({"boundary_seconds": -np.ones((2, 1))}, "boundary_seconds"),
+        ({"boundary_seconds": np.ones((1, 1))}, r"boundary_seconds has shape \(1, 1\)"),
+        ({"values": (ValueFlow(producer=2, consumers=(1,), num_bytes=4),), "boundary_seconds": np.ones((1, 1))},
+         "must come after"),
     ],
 )
 def test_malformed_problem(change: dict, match: str) -> None:

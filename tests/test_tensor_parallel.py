@@ -21,6 +21,8 @@ import socket
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,9 +37,8 @@ import autopart
 from autopart import zoo
 from autopart.cost_models import Cluster, Link
 from autopart.cost_models.devices import CPU
-from autopart.errors import PlanError
+from autopart.core.errors import PlanError
 from autopart.passes import annotate
-from autopart.mesh_search import choose_tp_strategies
 from autopart.passes.tensor_parallel.assignment import TPAssignment
 from autopart.passes.tensor_parallel.collectives import attach_process_group, collective_log, count_collectives
 from autopart.passes.tensor_parallel.placements import R, Shard
@@ -45,11 +46,42 @@ from autopart.passes.tensor_parallel.problem import assignment_from_solution, bu
 from autopart.passes.tensor_parallel.shard import shard_graph
 from autopart.passes.tensor_parallel.user_plan import MEGATRON_PLANS, plan_placements
 from autopart.passes.tensor_parallel.view_rules import merge_split_placement, view_shapes_map
-from autopart.runtime.spmd import simulate_tp, tp_train_step
-from autopart.problems import SharedCost, TPProblem
+from autopart.runtime.spmd import gather_gradients, run_ranks, simulate_tp
+from autopart.core.problems import SharedCost, TPProblem
 from autopart.solver import brute_force_tp, solve_tp
-from autopart.tracing import flatten_inputs
+from autopart.frontend.tracing import flatten_inputs
 from random_models import build, programs
+
+@dataclass(frozen=True, kw_only=True)
+class TPStep:
+    """One simulated training step over a tp group's rank modules."""
+
+    loss: torch.Tensor
+    """Rank 0's loss (every rank computes the same)."""
+    grads: dict[str, torch.Tensor]
+    """Original parameter name -> full gradient, rebuilt from the ranks' slices."""
+    outputs: list[Any]
+    """Rank 0's flat outputs, detached."""
+
+
+def tp_train_step(rank_modules, flat_inputs, loss_fn) -> TPStep:
+    """Forward, `loss_fn(flat outputs)` on every rank, backward; gradients keyed by original name."""
+    for m in rank_modules:
+        m.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        outputs = run_ranks(rank_modules, flat_inputs)
+        losses = [loss_fn(outs) for outs in outputs]
+        torch.autograd.backward(losses)
+    return TPStep(loss=losses[0].detach(), grads=gather_gradients(rank_modules),
+                  outputs=[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs[0]])
+
+
+def choose_tp_strategies(gm, cluster, tp: int, memory_budget_bytes: float, *, fixed=None) -> TPAssignment:
+    """The cheapest strategy per op on a tp group of `cluster`'s first `tp` devices (the strategy
+    problem built by the pass, answered by the solver, read back as placements)."""
+    index = build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=fixed)
+    return assignment_from_solution(gm, index, solve_tp(index.problem))
+
 
 FWD = dict(rtol=1e-5, atol=1e-5)
 GRAD = dict(rtol=1e-5, atol=4e-5)

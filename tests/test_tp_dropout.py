@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import autopart
-from autopart.tp_random import ShardedStream, sharded_random
+from autopart.core.tp_random import ShardedStream, sharded_random
 
 from test_distributed import _finish, _torchrun
 

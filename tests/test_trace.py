@@ -9,7 +9,7 @@ import torch
 
 import autopart
 from autopart import zoo
-from autopart.tracing import flatten_inputs, io_spec, unflatten_output
+from autopart.frontend.tracing import flatten_inputs, io_spec
 
 
 def _run_graph(gm, entry):
@@ -60,7 +60,7 @@ def test_traced_module_is_called_as_the_model_is(family):
     torch.testing.assert_close(entry.main_output(got), entry.main_output(eager), rtol=1e-5, atol=1e-5)
     flat = torch.fx.Interpreter(gm).run(*flatten_inputs(gm, entry.args, entry.kwargs))
     assert isinstance(flat, tuple)
-    torch.testing.assert_close(entry.main_output(unflatten_output(gm, flat)), entry.main_output(eager),
+    torch.testing.assert_close(entry.main_output(io_spec(gm).unflatten(flat)), entry.main_output(eager),
                                rtol=1e-5, atol=1e-5)
 
 

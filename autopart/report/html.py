@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from autopart.plan import Plan
+from autopart.core.plan import Plan
 from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
@@ -21,7 +21,7 @@ from autopart.report.summary import (
 from autopart.report.svg import ACTION_COLOURS, MEMORY_COLOURS, layers_svg, memory_svg, stage_colour, timeline_svg
 from autopart.report.text import render_text
 from autopart.report.timing import makespan, predicted_timeline
-from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
+from autopart.core.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
 
 _CSS = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f7f8fa; --card:#fff; --accent:#4e79a7; }

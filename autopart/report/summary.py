@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from autopart.plan import Candidate, Plan, StagePlan
-from autopart.units import fmt_seconds, fmt_bytes, fmt_percent, fmt_ranges, plural
-from autopart.schedules import Action, bubble_fraction, build_schedule, grid, peak_in_flight, timeline
+from autopart.axes import AXES
+from autopart.core.plan import QUIET_STRATEGIES, Candidate, Plan, StagePlan
+from autopart.core.units import fmt_seconds, fmt_bytes, fmt_percent, fmt_ranges, plural
+from autopart.core.schedules import Action, bubble_fraction, build_schedule, grid, peak_in_flight, timeline
 
 MEMORY_KINDS = ("params", "grads", "optimizer", "buffers", "activations", "boundary")
 """StageMemory fields, in the order reports stack them."""
@@ -49,15 +50,11 @@ def model_name(plan: Plan) -> str:
 
 
 def mesh_label(plan: Plan) -> str:
-    """'pp=4 × tp=1 × dp=1 (4 of 8 devices)', with the stages per rank and the dp mode when they matter:
-    'pp=2 (2 stages each) × tp=1 × dp=2 fsdp (4 of 4 devices)'."""
-    mesh = plan.mesh
+    """Each axis's part in the rank layout's order (autopart/axes/), e.g. 'dp=1 × pp=4 × tp=1 (4 of 8
+    devices)', or 'dp=2 zero2 × pp=2 (2 stages each) × tp=1 (4 of 4 devices)'."""
     total = len(plan.cluster["devices"])
-    pp = f"pp={mesh.pp}" + (f" ({plan.virtual_stages} stages each)" if plan.virtual_stages > 1 else "")
-    dp = f"dp={mesh.dp}" + (f" {plan.data_parallel_mode}" if mesh.dp > 1 else "")
-    if plan.data_parallel_mode == "hsdp" and mesh.dp > 1:
-        dp += f" ({mesh.dp // mesh.dp_shard} hosts × {mesh.dp_shard})"
-    return f"{pp} × tp={mesh.tp} × {dp} ({mesh.num_devices} of {plural(total, 'device')})"
+    parts = " × ".join(axis.describe(plan) for axis in AXES.values())
+    return f"{parts} ({plan.mesh.num_devices} of {plural(total, 'device')})"
 
 
 def devices_of_stage(plan: Plan, stage: StagePlan) -> list[int]:
@@ -130,9 +127,6 @@ def abbreviate_blocks(blocks: tuple[str, ...] | list[str], max_items: int = 6) -
     return text if len(blocks) <= 2 else f"{text} ({plural(len(blocks), 'block')})"
 
 
-_QUIET_STRATEGIES = {"param", "follow", "replicate", "input"}
-
-
 def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
     """How the ops of `stage` are split across its tensor-parallel group.
 
@@ -142,13 +136,14 @@ def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
     """
     if plan.mesh.tp == 1 or not plan.tensor_parallel:
         return "none"
-    nodes = plan.tensor_parallel.get("nodes", {})
+    nodes = plan.tensor_parallel.nodes
     counts: dict[str, int] = {}
     for name in stage.node_names:
-        strategy = nodes.get(name, {}).get("strategy", "replicate")
-        if strategy not in _QUIET_STRATEGIES:
+        split = nodes.get(name)
+        strategy = split.strategy if split is not None else "replicate"
+        if strategy not in QUIET_STRATEGIES:
             counts[strategy] = counts.get(strategy, 0) + 1
-    by_block = plan.tensor_parallel.get("block_strategies")
+    by_block = plan.tensor_parallel.block_strategies
     if not stage.node_names and by_block:  # a layer stack analysed once: counted per block
         for name in stage.blocks:
             for strategy, count in by_block.get(name, {}).items():

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from html import escape
 
-from autopart.plan import Plan, StagePlan
+from autopart.core.plan import Plan, StagePlan
 from autopart.report.summary import MEMORY_KINDS, devices_of_stage, tensor_parallel_split
 from autopart.report.timing import TimedAction, busy_fraction, makespan
-from autopart.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_seconds
+from autopart.core.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_seconds
 
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
                  "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -21,7 +21,6 @@ ACTION_COLOURS = {"F": "#4e79a7", "B": "#f28e2b", "I": "#f28e2b", "W": "#59a14f"
 _ACTION_NAMES = {"F": "forward", "B": "backward", "I": "input-gradient backward", "W": "weight-gradient backward"}
 MEMORY_COLOURS = {"params": "#4e79a7", "grads": "#76b7b2", "optimizer": "#edc948",
                   "buffers": "#b07aa1", "activations": "#f28e2b", "boundary": "#e15759"}
-CAPACITY_COLOUR = "#c0392b"
 _CHAR_PX = 7.2
 """Width to allow for one character of 11 px bold sans-serif text (generous: labels must not clip)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from autopart.plan import Candidate, Plan, StagePlan
+from autopart.core.plan import Candidate, Plan, StagePlan
 from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
@@ -25,7 +25,7 @@ from autopart.report.summary import (
     tensor_parallel_summary,
     used_devices,
 )
-from autopart.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
+from autopart.core.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_ranges, fmt_seconds, plural
 
 _LABEL = 17
 """Width of the label column of 'label: value' lines."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autopart.plan import Plan
+from autopart.core.plan import Plan
 from autopart.report.summary import is_training
-from autopart.schedules import build_schedule, play
+from autopart.core.schedules import build_schedule, play
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autopart.errors import InputError
-from autopart.interfaces import region_info, regions
-from autopart.plan import autocast_dtype, data_parallel_mode_name, reshards_parameters, shards_state
+from autopart.core.errors import InputError
+from autopart.core.interfaces import region_info, regions
+from autopart.core.plan import autocast_dtype
+from autopart.core.modes import data_parallel_mode_name, reshards_parameters, shards_state
 from autopart.runtime.mesh import MeshGroups
 
 

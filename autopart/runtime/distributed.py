@@ -31,15 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autopart.batch import batch_size_of, split_rows, take_rows
-from autopart.errors import AutopartError, InputError
-from autopart.interfaces import StageInterface, tp_rank_info
+from autopart.core.batch import batch_size_of, split_rows, take_rows
+from autopart.core.errors import AutopartError, InputError
+from autopart.core.interfaces import StageInterface, tp_rank_info
 from autopart.runtime.pipelining import (
     StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, wire_dtype,
 )
-from autopart.runtime.precision import check_caller_autocast, stage_autocast
+from autopart.runtime.autocast import check_caller_autocast, stage_autocast
 from autopart.runtime.process_group import Watchdog, all_gather_rows, default_device, init_process_group
-from autopart.tp_random import STREAM_ATTR, replica_seed, sharded_seed
+from autopart.core.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor

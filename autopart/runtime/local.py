@@ -14,11 +14,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from autopart.batch import batch_size_of, split_microbatches
-from autopart.errors import InputError
-from autopart.interfaces import StageInterface
-from autopart.runtime.precision import stage_autocast
-from autopart.schedules import Action, build_schedule, timeline
+from autopart.core.batch import batch_size_of, split_microbatches
+from autopart.core.errors import InputError
+from autopart.core.interfaces import StageInterface
+from autopart.runtime.autocast import stage_autocast
+from autopart.core.schedules import Action, build_schedule, timeline
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LocalPipeline:
                  replicas: int = 1, mixed_precision: str | None = None) -> None:
         self.stages = [list(ranks) for ranks in stages]
         self.mixed_precision = mixed_precision
-        """The plan's precision: stages and the loss run under its autocast (runtime/precision.py)."""
+        """The plan's precision: stages and the loss run under its autocast (runtime/autocast.py)."""
         self.tp = len(self.stages[0])
         self.interfaces = list(interfaces)
         self.schedule = schedule

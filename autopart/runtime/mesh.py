@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from autopart.plan import Mesh
+from autopart.axes import AXES
+from autopart.core.plan import Mesh
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,46 +55,20 @@ class MeshGroups:
 
 
 def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]) -> MeshGroups:
-    """Create every group of the mesh (collectively) and return this rank's."""
+    """Create every group of the mesh (collectively) and return this rank's.
+
+    Each axis says which groups it needs (`Axis.groups`, autopart/axes/); every rank creates all of
+    them in the axes' order, then the groups of the stages that share a parameter (tied weights).
+    """
+    mine: dict[str, dist.ProcessGroup] = {}
+    ranks_of: dict[str, list[int]] = {}
+    for axis in AXES.values():
+        for name, groups in axis.groups(mesh).items():
+            for ranks in groups:
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine[name], ranks_of[name] = group, ranks
     me = coordinates(mesh, rank)
-    pp_group = dp_group = None
-    pp_ranks: list[int] = []
-    dp_ranks: list[int] = []
-    for dp_index in range(mesh.dp):
-        for tp_index in range(mesh.tp):
-            ranks = [mesh.rank_of(dp_index, s, tp_index) for s in range(mesh.pp)]
-            # a group even of one stage: PipelineStage would otherwise take the whole world
-            group = dist.new_group(ranks)
-            if dp_index == me.dp_index and tp_index == me.tp_index:
-                pp_group, pp_ranks = group, ranks
-    for stage in range(mesh.pp):
-        for tp_index in range(mesh.tp):
-            ranks = [mesh.rank_of(d, stage, tp_index) for d in range(mesh.dp)]
-            group = dist.new_group(ranks) if mesh.dp > 1 else None
-            if stage == me.stage and tp_index == me.tp_index:
-                dp_group, dp_ranks = group, ranks
-    shard_group = replicate_group = None
-    shard = mesh.dp_shard
-    if 1 < shard < mesh.dp:  # HSDP: dp_shard consecutive replicas per host
-        for stage in range(mesh.pp):
-            for tp_index in range(mesh.tp):
-                ranks = [mesh.rank_of(d, stage, tp_index) for d in range(mesh.dp)]
-                mine = stage == me.stage and tp_index == me.tp_index
-                for start in range(0, mesh.dp, shard):
-                    group = dist.new_group(ranks[start:start + shard])
-                    if mine and start <= me.dp_index < start + shard:
-                        shard_group = group
-                for offset in range(shard):
-                    group = dist.new_group(ranks[offset::shard])
-                    if mine and me.dp_index % shard == offset:
-                        replicate_group = group
-    tp_group = None
-    for dp_index in range(mesh.dp):
-        for stage in range(mesh.pp):
-            ranks = [mesh.rank_of(dp_index, stage, t) for t in range(mesh.tp)]
-            group = dist.new_group(ranks) if mesh.tp > 1 else None
-            if dp_index == me.dp_index and stage == me.stage:
-                tp_group = group
     shared: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
     for stages in shared_stage_sets:
         for dp_index in range(mesh.dp):
@@ -102,5 +77,6 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
                 group = dist.new_group(ranks)
                 if dp_index == me.dp_index and tp_index == me.tp_index and me.stage in stages:
                     shared[stages] = group
-    return MeshGroups(pp=pp_group, pp_ranks=pp_ranks, dp=dp_group, dp_ranks=dp_ranks, tp=tp_group,
-                      dp_shard=shard_group, dp_replicate=replicate_group, shared=shared)
+    return MeshGroups(pp=mine["pp"], pp_ranks=ranks_of["pp"], dp=mine.get("dp"),
+                      dp_ranks=ranks_of.get("dp", [rank]), tp=mine.get("tp"), dp_shard=mine.get("dp_shard"),
+                      dp_replicate=mine.get("dp_replicate"), shared=shared)

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from autopart.errors import InputError
-from autopart.interfaces import StageInterface
-from autopart.runtime.precision import cast_like
+from autopart.core.errors import InputError
+from autopart.core.interfaces import StageInterface
+from autopart.runtime.autocast import cast_like
 
 
 class StageAdapter(nn.Module):

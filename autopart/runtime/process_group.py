@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart.errors import InputError
+from autopart.core.errors import InputError
 
 
 class Watchdog:

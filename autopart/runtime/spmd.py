@@ -21,16 +21,15 @@ rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx
 
-from autopart.errors import PlanError
-from autopart.interfaces import TPRankInfo, region_info, tp_rank_info
-from autopart.recompute import run_region
-from autopart.tp_random import draws_random, streams_of
+from autopart.core.errors import PlanError
+from autopart.core.interfaces import TPRankInfo, region_info, tp_rank_info
+from autopart.core.recompute import run_region
+from autopart.core.tp_random import draws_random, streams_of
 
 
 def _info(module: torch.fx.GraphModule) -> TPRankInfo:
@@ -69,7 +68,7 @@ def _lockstep(modules: list[torch.fx.GraphModule], per_rank_inputs: Sequence[Seq
 
     Region submodules (passes/regions.py) are entered in lock step too, and a
     region that recomputes runs every rank's body under one checkpoint
-    (`autopart.recompute.run_region`): its replay in backward then runs the
+    (`autopart.core.recompute.run_region`): its replay in backward then runs the
     ranks' collectives together, as the forward did.
     """
     interps = [torch.fx.Interpreter(m) for m in modules]
@@ -144,31 +143,6 @@ def simulate_tp(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Seque
             if isinstance(a, torch.Tensor) and not torch.equal(a, b):
                 raise PlanError(f"output {i} differs between rank 0 and rank {r}: outputs must be replicated")
     return outputs[0]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TPStep:
-    """One simulated training step."""
-
-    loss: torch.Tensor
-    """Rank 0's loss (every rank computes the same)."""
-    grads: dict[str, torch.Tensor]
-    """Original parameter name → full gradient, rebuilt from the ranks' slices."""
-    outputs: list[Any]
-    """Rank 0's flat outputs, detached."""
-
-
-def tp_train_step(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequence[Any],
-                  loss_fn: Callable[[list[Any]], torch.Tensor]) -> TPStep:
-    """Forward, `loss_fn(flat outputs)` on every rank, backward; gradients keyed by original name."""
-    for m in rank_modules:
-        m.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        outputs = run_ranks(rank_modules, flat_inputs)
-        losses = [loss_fn(outs) for outs in outputs]
-        torch.autograd.backward(losses)
-    return TPStep(loss=losses[0].detach(), grads=gather_gradients(rank_modules),
-                  outputs=[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs[0]])
 
 
 def gather_gradients(rank_modules: Sequence[torch.fx.GraphModule]) -> dict[str, torch.Tensor]:

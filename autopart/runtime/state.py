@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart.errors import InputError
-from autopart.interfaces import ParamSlice, StageInterface, tp_rank_info
+from autopart.core.errors import InputError
+from autopart.core.interfaces import ParamSlice, StageInterface, tp_rank_info
 
 MANIFEST = "autopart_checkpoint.json"
 

@@ -13,7 +13,7 @@ import numpy as np
 from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
-from autopart.errors import InputError
+from autopart.core.errors import InputError
 
 _MIP_SOLVERS = ("SCIP", "HIGHS", "CBC")
 """pywraplp solvers tried in order for backend 'mip' (all three ship with OR-Tools 9.15).

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from autopart.errors import InputError, PlanError
-from autopart.problems import PipelineProblem, PipelineSolution, TPProblem, TPSolution
+from autopart.core.errors import InputError, PlanError
+from autopart.core.problems import PipelineProblem, PipelineSolution, TPProblem, TPSolution
 from autopart.solver.pipeline_costs import evaluate_assignments, pipeline_costs
 from autopart.solver.strategy_ilp import evaluate, validate
 

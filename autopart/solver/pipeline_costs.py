@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopart.problems import PipelineProblem
+from autopart.core.problems import PipelineProblem
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,11 +75,9 @@ def pipeline_costs(problem: PipelineProblem) -> PipelineCosts:
     directions = 2.0 if np.any(bwd > 0) else 1.0
     in_flight = np.array([problem.in_flight(s) for s in range(num_stages)], dtype=np.float64)
     num_bytes = np.array([v.num_bytes for v in problem.values], dtype=np.float64)
-    alpha = np.asarray(problem.link_latency, dtype=np.float64)
-    beta = np.asarray(problem.link_bandwidth, dtype=np.float64)
     return PipelineCosts(
         compute=fwd + bwd,
-        value_seconds=(directions * (alpha[None, :] + num_bytes[:, None] / beta[None, :])).reshape(
+        value_seconds=directions * np.asarray(problem.boundary_seconds, dtype=np.float64).reshape(
             len(problem.values), num_stages - 1
         ),
         block_memory=_block_memory(problem, in_flight),

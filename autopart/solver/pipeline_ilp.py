@@ -64,13 +64,13 @@ from typing import Any
 
 import numpy as np
 
-from autopart.errors import InputError, PlanError
+from autopart.core.errors import InputError, PlanError
 from autopart.solver.backends import _CpSat, _Mip, _make_backend
-from autopart.problems import PipelineProblem, PipelineSolution
-from autopart.schedules import SCHEDULES, VIRTUAL_SCHEDULES
+from autopart.core.problems import PipelineProblem, PipelineSolution
+from autopart.core.modes import SCHEDULES, VIRTUAL_SCHEDULES
 from autopart.solver.chain_split import contiguous_split
 from autopart.solver.pipeline_costs import PipelineCosts, crossings, evaluate_assignments, pipeline_costs
-from autopart.units import fmt_bytes
+from autopart.core.units import fmt_bytes
 
 _TIME_UNITS = 2**30
 """CP-SAT integer time units per upper bound of T_max."""
@@ -199,20 +199,17 @@ def validate_problem(problem: PipelineProblem) -> None:
         "bwd_seconds": (np.shape(problem.bwd_seconds), (n, num_stages)),
         "state_bytes": (np.shape(problem.state_bytes), (n,)),
         "activation_bytes": (np.shape(problem.activation_bytes), (n,)),
-        "link_latency": (np.shape(problem.link_latency), (num_stages - 1,)),
-        "link_bandwidth": (np.shape(problem.link_bandwidth), (num_stages - 1,)),
+        "boundary_seconds": (np.shape(problem.boundary_seconds), (len(problem.values), num_stages - 1)),
     }
     for field, (got, want) in shapes.items():
         if got != want:
             raise InputError(
                 f"PipelineProblem.{field} has shape {got} but {n} blocks and {num_stages} "
-                f"stages need {want} (rows: blocks, columns: stages, links: stages - 1)"
+                f"stages need {want} (rows: blocks or values, columns: stages, or links: stages - 1)"
             )
         values = np.asarray(getattr(problem, field), dtype=np.float64)
         if not np.all(np.isfinite(values)) or np.any(values < 0):
             raise InputError(f"PipelineProblem.{field} must be finite and ≥ 0, got {values}")
-    if np.any(np.asarray(problem.link_bandwidth) <= 0):
-        raise InputError(f"link_bandwidth must be > 0 bytes/s, got {problem.link_bandwidth}")
     if not np.all(np.isfinite(problem.memory_capacity)):
         raise InputError(f"memory_capacity must be finite, got {problem.memory_capacity}")
     for u, v in problem.edges:

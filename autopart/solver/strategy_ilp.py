@@ -37,8 +37,8 @@ import time
 
 import numpy as np
 
-from autopart.errors import InputError, PlanError
-from autopart.problems import TPProblem, TPSolution
+from autopart.core.errors import InputError, PlanError
+from autopart.core.problems import TPProblem, TPSolution
 from autopart.solver.backends import _make_backend
 
 _UNITS = 2**30

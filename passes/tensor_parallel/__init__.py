@@ -25,7 +25,7 @@ arrays; the driver (autopart/mesh_search.py) has the solver answer them.
 """
 
 from autopart.passes.tensor_parallel.assignment import TPAssignment
-from autopart.passes.tensor_parallel.blocks import boundaries_replicated, restate_blocks
+from autopart.passes.tensor_parallel.block_costs import boundaries_replicated, restate_blocks
 from autopart.passes.tensor_parallel.problem import TPProblemIndex, assignment_from_solution, build_tp_problem
 from autopart.passes.tensor_parallel.shard import shard_graph, shard_stages
 from autopart.passes.tensor_parallel.user_plan import plan_placements

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.fx
 
-from autopart.interfaces import merge_shards, take_shard
+from autopart.core.interfaces import merge_shards, take_shard
 
 KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter")
 COMMUNICATES = {

@@ -10,7 +10,7 @@ A value of the graph sits on the `tp` ranks of the axis in one of three ways
   is what a fused projection needs: the [q; k; v] output of one linear is
   sharded so that every rank holds its heads of q, of k and of v, and
   ``split(d, -1)`` then yields plain shards (DTensor calls this `_StridedShard`);
-  `autopart.interfaces.take_shard` and `merge_shards` cut and join a tensor so;
+  `autopart.core.interfaces.take_shard` and `merge_shards` cut and join a tensor so;
 - `Partial()`: every rank holds a full-size addend; the value is their sum.
 
 Gradients follow Megatron-LM's convention (Shoeybi et al. 2019, §3): the

@@ -2,7 +2,7 @@
 
 `graph_strategies` lists, per node, the strategies of op_rules.py (placements
 of inputs and output); `build_tp_problem` prices them and turns the graph into
-the plain arrays of `autopart.problems.TPProblem`, which the driver has the
+the plain arrays of `autopart.core.problems.TPProblem`, which the driver has the
 solver answer (`autopart.solver.solve_tp`); `assignment_from_solution` reads
 the answer back as a `TPAssignment`, which shard.py applies.
 
@@ -32,15 +32,15 @@ import torch
 import torch.fx
 
 from autopart.cost_models import Cluster, Link, all_gather_seconds, all_reduce_seconds, reduce_scatter_seconds
-from autopart.errors import InputError
+from autopart.core.errors import InputError
 from autopart.passes.node_costs import node_cost
 from autopart.passes.attrs import is_parameter
-from autopart.passes.blocks import coarsen
+from autopart.passes.coarsen import coarsen
 from autopart.passes.tensor_parallel.assignment import Collective, NodePlacement, TPAssignment
 from autopart.passes.tensor_parallel.op_rules import op_strategies
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Replicate, Shard, can_shard, parse_placement
 from autopart.passes.tensor_parallel.strategy import Strategy, replicate, shape_of
-from autopart.problems import SharedCost, TPProblem, TPSolution
+from autopart.core.problems import SharedCost, TPProblem, TPSolution
 
 INF = float("inf")
 
@@ -310,7 +310,7 @@ def _readers(node: torch.fx.Node, graph: GraphStrategies) -> list[str]:
 
 def _tie_groups(gm: torch.fx.GraphModule, cluster: Cluster, graph: GraphStrategies) -> dict[str, int]:
     """One group per node, except that nodes at the same position of identical layers
-    (equal `Block.signature`, passes/blocks.py) with equal strategy lists share one."""
+    (equal `Block.signature`, passes/coarsen.py) with equal strategy lists share one."""
     blocks = coarsen(gm, cluster, depth=0).blocks
     key_of: dict[str, tuple] = {}
     readers: dict[str, set[int]] = {}

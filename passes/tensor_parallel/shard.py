@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from autopart.errors import PlanError
-from autopart.interfaces import TP_RANK_META_KEY, ParamSlice, TPRankInfo, take_shard
+from autopart.core.errors import PlanError
+from autopart.core.interfaces import TP_RANK_META_KEY, ParamSlice, TPRankInfo, take_shard
 from autopart.passes.attrs import fetch_attr, is_parameter
 from autopart.passes.node_costs import COST_META_KEY
 from autopart.passes.tensor_parallel.assignment import TPAssignment

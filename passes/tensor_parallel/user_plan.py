@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 import torch.fx
 
-from autopart.errors import InputError
+from autopart.core.errors import InputError
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard
 
 aten = torch.ops.aten

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import autopart
-from autopart.tp_random import sharded_random
+from autopart.core.tp_random import sharded_random
 
 P = 0.5
 

@@ -1,0 +1,12 @@
+"""The parallel axes, one module each, reached through `AXES` (see base.py for what an axis declares).
+
+Registered in the rank layout's order, slowest first: rank = (dp · pp + pp rank) · tp + tp rank.
+"""
+
+from autopart.axes import pipeline, data, tensor  # noqa: F401  (each registers its axis)
+from autopart.axes.base import Axis, GroupRanks, SearchShape, registered
+
+AXES: dict[str, Axis] = {name: registered()[name] for name in ("dp", "pp", "tp")}
+"""Every axis by name, in the rank layout's order."""
+
+__all__ = ["AXES", "Axis", "GroupRanks", "SearchShape"]

@@ -1,0 +1,5 @@
+"""The command line: `autopart plan` and `autopart report` (commands.py)."""
+
+from autopart.cli.commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,14 @@
+"""Which microbatch size the planner traces at, from the choices each axis offers."""
+
+from __future__ import annotations
+
+from autopart.axes.data import data_parallel_choices
+from autopart.axes.pipeline import microbatch_choices
+from autopart.core.request import PlanRequest
+from autopart.cost_models import Cluster
+
+
+def smallest_microbatch(request: PlanRequest, cluster: Cluster) -> int:
+    """Samples in the smallest microbatch any candidate uses: the size to trace at."""
+    return min(request.batch_size // dp // microbatch_choices(request, dp)[-1]
+               for dp in data_parallel_choices(request, cluster))

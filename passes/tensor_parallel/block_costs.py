@@ -1,0 +1,82 @@
+"""Block costs under a tensor-parallel assignment, for the pipeline planner.
+
+For one tp group size the strategy problem (problem.py) is built with stage
+boundaries pinned Replicate (`boundaries_replicated`: every value that crosses
+blocks), so any pipeline cut between blocks needs no resharding. Once the
+driver has it solved, `restate_blocks` restates each block's cost per device
+of the tp group: compute of the chosen strategies plus the collectives of the
+values the block computes, parameter bytes of the chosen slices, and saved
+activations divided by tp where the value is sharded. The pipeline planner
+places these blocks on tp groups as it places unsplit blocks on devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import torch
+import torch.fx
+
+from autopart.cost_models import Cluster
+from autopart.core.blocks import Block, BlockGraph, BlockTimes
+from autopart.passes.node_costs import node_cost
+from autopart.passes.tensor_parallel.assignment import TPAssignment
+from autopart.passes.tensor_parallel.placements import Placement, R
+from autopart.passes.tensor_parallel.problem import TPProblemIndex
+
+
+def boundaries_replicated(blocks: BlockGraph,
+                          fixed: Mapping[str, Placement | str] | None = None) -> dict[str, Placement | str]:
+    """Fixed placements for a pipeline's strategy problem: every value that crosses blocks
+    Replicate, then the user's own (`fixed`, which may override them)."""
+    pinned: dict[str, Placement | str] = {v.node_name: R for v in blocks.values}
+    pinned.update(fixed or {})
+    return pinned
+
+
+def restate_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, index: TPProblemIndex,
+                   choice: Sequence[int], assignment: TPAssignment) -> BlockGraph:
+    """`blocks` with every cost per device of the tp group, under the strategy `choice` (one per group
+    of `index.problem`) and the `assignment` read back from it."""
+    chosen = {name: choice[g] for name, g in index.node_group.items()}
+    seconds = {name: float(index.node_seconds[name][k]) for name, k in chosen.items()}
+    param_bytes = {name: int(index.node_param_bytes[name][k]) for name, k in chosen.items()}
+    for collective in assignment.collectives:
+        seconds[collective.value] = seconds.get(collective.value, 0.0) + collective.seconds
+    attr_node = {n.target: n.name for n in gm.graph.nodes if n.op == "get_attr"}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    device = cluster.devices[0].name
+    new_blocks = tuple(_restate(block, nodes, attr_node, seconds, param_bytes, assignment, device)
+                       for block in blocks.blocks)
+    return dataclasses.replace(blocks, blocks=new_blocks)
+
+
+def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:
+    times = block.time_on(device)
+    old = times.fwd(1.0) + times.bwd(1.0)
+    new = sum(seconds.get(name, 0.0) for name in block.node_names)
+    ratio = new / old if old > 0 else 1.0
+    held = sum(param_bytes.get(attr_node[t], 0) for t in block.param_names if t in attr_node)
+    share = held / block.param_bytes if block.param_bytes else 1.0
+    saved = sum(node_cost(nodes[name]).saved_bytes / (1 if assignment.output_placement(name) == R else assignment.tp)
+                for name in block.node_names)
+    # the pipeline planner prices fwd and bwd separately: keep the block's own split of the two
+    scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
+                              bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)
+                   for t in block.times)
+    # recomputation's figures follow the same splits: what 'selective' keeps (matmul outputs) and the
+    # autocast copies of the weights shrink as the saved tensors and the weights do; the block's inputs
+    # (a stage boundary, replicated) do not; the replayed forward takes the block's new time
+    kept = saved / block.saved_bytes if block.saved_bytes else 1.0
+    selective = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
+                                 bwd_fixed_s=0.0, bwd_scaled_s=0.0) for t in block.selective_times)
+    return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
+                               trainable_param_bytes=int(block.trainable_param_bytes * share),
+                               saved_bytes=int(saved),
+                               selective_saved_bytes=int(block.selective_saved_bytes * kept),
+                               autocast_weight_bytes=int(block.autocast_weight_bytes * share),
+                               selective_times=selective,
+                               parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable,
+                                                 int(numel * param_bytes.get(attr_node.get(t), 0) / size) if size else 0)
+                                                for t, size, trainable, numel in block.parameters))
