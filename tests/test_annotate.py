@@ -145,6 +145,8 @@ def test_peak_training_memory_within_15_percent(name):
     assert estimate.peak == pytest.approx(row.eager.peak, rel=0.15)
     # in practice within 2% of both here (the benchmark prints the ratios)
     assert estimate.peak == pytest.approx(row.graph.peak, rel=0.02)
+    # the planner's own (per-block) model of the same step, which leaves the example inputs out
+    assert row.planned == pytest.approx(row.graph.peak, rel=0.15)
 
 
 def test_tracking_allocator_counts_a_hand_sized_step():

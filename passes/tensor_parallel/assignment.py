@@ -1,32 +1,21 @@
 """What the strategy choice decided for a graph: a placement per node, and the collectives it implies.
 
 `TPAssignment` is the only thing shard.py reads, and the form the Plan keeps
-(`Plan.tensor_parallel` is its `to_dict()`; `from_dict` reads it back).
+(`Plan.tensor_parallel` is `TensorParallelPlan.of(assignment)`; `from_dict` reads its dict back).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from autopart.core.plan import PlannedCollective
 from autopart.passes.tensor_parallel.placements import Placement, R, parse_placement
 from autopart.passes.tensor_parallel.strategy import Strategy
 
-
-@dataclass(frozen=True, kw_only=True)
-class Collective:
-    """One collective the assignment needs, priced with cost_models.comm."""
-
-    kind: str
-    """'all_reduce', 'all_gather', 'reduce_scatter', or 'grad_all_reduce' (Megatron's f, backward)."""
-    value: str
-    """Graph node whose value is communicated."""
-    phase: str
-    """'forward' or 'backward'."""
-    num_bytes: int
-    """Full (unsharded) size of the buffer in bytes."""
-    seconds: float
-    """α–β time of the collective on the tp group's link."""
+Collective = PlannedCollective
+"""One collective the assignment needs (the Plan keeps it as it is)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +78,7 @@ class TPAssignment:
                              "grad_sync": list(d.grad_sync), "scaled_bias": d.scaled_bias}
                       for name, d in self.nodes.items()},
             "predicted_seconds": self.predicted_seconds,
-            "collectives": [vars(c) for c in self.collectives],
+            "collectives": [dataclasses.asdict(c) for c in self.collectives],
             "param_bytes_per_device": self.param_bytes_per_device,
             "status": self.status, "solve_seconds": self.solve_seconds,
         }
