@@ -262,6 +262,8 @@ class CheckpointMixin:
             for piece in info["pieces"]:
                 piece["crc32"] = crcs[(piece["file"], piece["key"])]
         index["files"] = {m["file"]: m["bytes"] for m in markers}
+        index["other_crc32"] = {m["file"]: {k: v for k, v in m["crc32"].items() if k.startswith(("rng/", "extra/"))}
+                                for m in markers}
         index["rng"] = {str(m["rank"]): m["rng"] for m in markers}
         if index["optimizer"] is not None:
             kinds, values = {}, {}
@@ -313,6 +315,7 @@ class CheckpointMixin:
         """
         self.wait_for_save()
         problems: list[str] = []
+        shapes = None
         directory = index = None
         try:
             if is_gathered_v1(resolve(path)):
@@ -321,10 +324,11 @@ class CheckpointMixin:
                 self._load_gathered_v1(path)
                 return None
             directory, index = read_index(path)
-            problems += self._mismatches(index, optimizer, directory)
+            found, shapes = self._mismatches(index, optimizer, directory)
+            problems += found
         except InputError as error:
             problems.append(str(error))
-        self._raise_any(problems, InputError)
+        self._raise_any(problems, InputError, shapes)
         errors = []
         try:
             with PieceReader(directory, index) as reader, torch.no_grad():
@@ -335,7 +339,7 @@ class CheckpointMixin:
                 if optimizer is not None:
                     self._load_optimizer(optimizer, reader, index)
             if index["layout"] == self._layout():
-                self._restore_rng(directory, index["rng"][str(self.rank)])
+                self._restore_rng(directory, index["rng"][str(self.rank)], index["other_crc32"][rank_file(self.rank)])
             extra = read_extra(directory, index)
         except (InputError, OSError) as error:
             errors.append(f"rank {self.rank}: {error}")
@@ -343,16 +347,56 @@ class CheckpointMixin:
         self.loaded_step = index.get("step")
         return extra
 
-    def _raise_any(self, problems: list[str], kind: type) -> None:
-        everyone = self._gather(problems)
-        merged = list(dict.fromkeys(line for lines in everyone for line in lines))
-        if merged:
-            raise kind("; ".join(merged[:_MISMATCHES_SHOWN * 2]))
+    def load_hf(self, directory: str) -> None:
+        """Load Hugging Face safetensors weights (`model.safetensors`, or shards listed in
+        `model.safetensors.index.json`) under the model's own names (collective); each rank reads only
+        the rows of its own slices. On a plan compiled on the meta device, build the runner with
+        `cm.distributed(init_fn=lambda name, tensor: None)` and call this before training.
+        Tensors in the files that the model lacks are ignored (a tied head saved once, say)."""
+        from autopart.runtime.checkpoint_offline import hf_index
 
-    def _mismatches(self, index: dict, optimizer, directory: str) -> list[str]:
+        self.wait_for_save()
+        problems: list[str] = []
+        shapes = None
+        index = None
+        try:
+            index = hf_index(directory)
+            found, shapes = self._mismatches(index, None, directory, allow_unexpected=True)
+            problems += found
+        except InputError as error:
+            problems.append(str(error))
+        self._raise_any(problems, InputError, shapes)
+        errors = []
+        try:
+            with PieceReader(directory, index) as reader, torch.no_grad():
+                for entry in self._model_entries():
+                    local = local_part(entry.tensor)
+                    for box in boxes_of(entry.tensor, entry.piece)[1]:
+                        reader.fill(entry.key, local, box)
+        except (InputError, OSError) as error:
+            errors.append(f"rank {self.rank}: {error}")
+        self._raise_any(errors, InputError)
+
+    def _raise_any(self, problems: list[str], kind: type, shapes: tuple[str, list[str]] | None = None) -> None:
+        """Raise on every rank what any rank found: its messages, then the shape mismatches of all
+        ranks' tensors (`shapes`: the checkpoint's description and this rank's lines), first ones first."""
+        everyone = self._gather({"problems": problems, "shapes": list(shapes[1]) if shapes else []})
+        merged = list(dict.fromkeys(line for part in everyone for line in part["problems"]))
+        shape_lines = list(dict.fromkeys(line for part in everyone for line in part["shapes"]))
+        if shape_lines:
+            merged.append(f"{shapes[0]}: shapes differ ({len(shape_lines)} tensors): "
+                          f"{shape_lines[:_MISMATCHES_SHOWN]}")
+        if merged:
+            raise kind("; ".join(merged))
+
+    def _mismatches(self, index: dict, optimizer, directory: str, *,
+                    allow_unexpected: bool = False) -> tuple[list[str], tuple[str, list[str]]]:
+        """(problems, (what the checkpoint is, this rank's shape mismatches)) of `index` against this plan."""
         saved = {key[len("model/"):]: info for key, info in index["tensors"].items() if key.startswith("model/")}
         expected = set(self._writer_stage())
         missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        if allow_unexpected:
+            unexpected = []
         shapes = []
         for entry in self._model_entries():
             name = entry.key[len("model/"):]
@@ -360,17 +404,15 @@ class CheckpointMixin:
                 full = tuple(boxes_of(entry.tensor, entry.piece)[0])
                 if tuple(saved[name]["shape"]) != full:
                     shapes.append(f"{name}: saved {tuple(saved[name]['shape'])}, this model {full}")
+        what = f"the checkpoint at {directory} is of another model ({index.get('model_class', 'unknown class')})"
         problems = []
-        if missing or unexpected or shapes:
+        if missing or unexpected:
             parts = []
             if missing:
                 parts.append(f"missing {missing[:_MISMATCHES_SHOWN]} ({len(missing)} in all)")
             if unexpected:
                 parts.append(f"not in this model {unexpected[:_MISMATCHES_SHOWN]} ({len(unexpected)} in all)")
-            if shapes:
-                parts.append(f"shapes differ: {shapes[:_MISMATCHES_SHOWN]}")
-            problems.append(f"the checkpoint at {directory} is of another model "
-                            f"({index.get('model_class')}): " + "; ".join(parts))
+            problems.append(f"{what}: " + "; ".join(parts))
         if optimizer is not None:
             saved_optimizer = index.get("optimizer")
             if saved_optimizer is None:
@@ -378,7 +420,7 @@ class CheckpointMixin:
             elif len(saved_optimizer["param_groups"]) != len(optimizer.param_groups):
                 problems.append(f"the checkpoint's optimizer has {len(saved_optimizer['param_groups'])} parameter "
                                 f"groups, this one {len(optimizer.param_groups)}")
-        return problems
+        return problems, (what, shapes)
 
     def _load_optimizer(self, optimizer, reader: PieceReader, index: dict) -> None:
         saved = index["optimizer"]
@@ -413,17 +455,18 @@ class CheckpointMixin:
                 else:
                     optimizer.state.pop(param, None)
 
-    def _restore_rng(self, directory: str, record: dict) -> None:
+    def _restore_rng(self, directory: str, record: dict, crcs: dict[str, list[int]]) -> None:
         with SafetensorsFile(os.path.join(directory, rank_file(self.rank))) as file:
-            torch.set_rng_state(file.read(record["default"]).clone())
+            read = lambda key: file.read(key, crcs.get(key)).clone()  # noqa: E731
+            torch.set_rng_state(read(record["default"]))
             if "cuda" in record and self.device.type == "cuda":
-                torch.cuda.set_rng_state(file.read(record["cuda"]).clone(), self.device)
+                torch.cuda.set_rng_state(read(record["cuda"]), self.device)
             for adapter in self.adapters:
                 stream = getattr(adapter.module, STREAM_ATTR, None)
                 saved = record["streams"].get(str(adapter.interface.stage))
                 if stream is not None and saved is not None:
                     stream.reseed(saved["seed"])
-                    stream.restore({device: file.read(key).clone() for device, key in saved["states"].items()})
+                    stream.restore({device: read(key) for device, key in saved["states"].items()})
 
 
 def _jsonable(value: Any, what: str) -> Any:

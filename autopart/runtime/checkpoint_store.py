@@ -329,8 +329,9 @@ def read_extra(directory: str, index: dict) -> Any:
     extra = index.get("extra")
     if extra is None:
         return None
+    crcs = index.get("other_crc32", {}).get(rank_file(0), {})
     with SafetensorsFile(os.path.join(directory, rank_file(0))) as file:
-        return decode_extra(extra, lambda key: file.read(key).clone())
+        return decode_extra(extra, lambda key: file.read(key, crcs.get(key)).clone())
 
 
 __all__ = ["INDEX", "FORMAT", "VERSION", "PieceReader", "read_index", "resolve", "is_checkpoint", "dtype_name",

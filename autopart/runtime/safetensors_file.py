@@ -176,9 +176,11 @@ class SafetensorsFile:
         rows = buffer[lo - lo_block:hi - lo_block].view(entry.dtype)
         return rows.view((stop - start,) + entry.shape[1:]) if entry.shape else rows.view(())
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, crcs: list[int] | None = None) -> torch.Tensor:
+        if key not in self.entries:
+            raise InputError(f"{self.path} lacks tensor {key!r}; the file is corrupt or of another checkpoint")
         entry = self.entries[key]
-        return self.read_rows(key, 0, entry.shape[0] if entry.shape else 1)
+        return self.read_rows(key, 0, entry.shape[0] if entry.shape else 1, crcs)
 
     def close(self) -> None:
         self._file.close()
