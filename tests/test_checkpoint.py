@@ -95,3 +95,20 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(tmp_path):
     other = str(tmp_path / "other")
     save_module(other, GPT(3, 48, 4, 64, 8, attn_bias=False))
     _job(2, "bad-input", "pp2", tmp_path, "--other", other)
+
+
+def test_hf_safetensors_load_into_a_plan_built_on_the_meta_device(tmp_path):
+    """A model's weights exported as Hugging Face safetensors; a pp 2 × tp 2 plan of the model built on the
+    meta device loads them with runner.load_hf, each rank reading exactly the bytes of its own slices,
+    and computes what the model on one device computes."""
+    from autopart import zoo
+    from autopart.runtime.checkpoint_offline import export_hf, save_module
+
+    torch.manual_seed(0)
+    model = zoo.gpt(layers=4, d_model=64, heads=4, vocab=128, seq=8, batch=8, attn_bias=False).model
+    save_module(str(tmp_path / "ckpt"), model)
+    assert export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf")) == ["model.safetensors"]
+    code, out = _finish(_torchrun(4, "--dir", str(tmp_path / "hf"),
+                                  script=os.path.join(os.path.dirname(SCRIPT), "load_hf.py")))
+    assert code == 0, out[-4000:]
+    assert out.count("HF OK rank") == 4, out[-4000:]

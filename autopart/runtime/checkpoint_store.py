@@ -253,7 +253,9 @@ class PieceReader:
             if piece["key"] not in file.entries:
                 raise InputError(f"{file.path} lacks tensor {piece['key']!r} that the index lists; the checkpoint "
                                  "is corrupt")
-            if sizes:
+            if len(sizes) > 1 and "crc32" not in piece and list(sizes[1:]) != list(piece["sizes"][1:]):
+                source = file.read_box(piece["key"], start, list(sizes))  # a column slice: its columns only
+            elif sizes:
                 source = file.read_rows(piece["key"], start[0], start[0] + sizes[0], piece.get("crc32"))
                 for dim in range(1, len(sizes)):
                     source = source.narrow(dim, start[dim], sizes[dim])
