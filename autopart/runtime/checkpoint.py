@@ -444,7 +444,11 @@ class CheckpointMixin:
                         value = reader.whole(entry_key)
                         state[key] = value.to(param.device if on_device else "cpu")
                     else:
-                        value = torch.zeros_like(param, dtype=dtype).detach()
+                        value = optimizer.state.get(param, {}).get(key)
+                        if not (isinstance(value, torch.Tensor) and value.shape == param.shape
+                                and value.dtype == dtype and type(value) is type(param.data)):
+                            value = torch.zeros_like(param, dtype=dtype).detach()  # as the optimizer makes it
+                        # else: filled in place, so a load needs no second copy of the moments
                         local = local_part(value)
                         for box in boxes_of(value, piece)[1]:
                             reader.fill(entry_key, local, box)

@@ -47,6 +47,7 @@ import torch
 from autopart.errors import AutopartError, InputError
 from autopart.runtime.checkpoint_layout import Box, intersection
 from autopart.runtime.safetensors_file import DTYPES, Deferred, SafetensorsFile, dtype_name, write_file
+from autopart.runtime import safetensors_file
 
 INDEX = "autopart_checkpoint.json"
 FORMAT = "autopart-checkpoint"
@@ -232,6 +233,14 @@ class PieceReader:
     def __init__(self, directory: str, index: dict) -> None:
         self.directory, self.index = directory, index
         self._files: dict[str, SafetensorsFile] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        """One read buffer for all pieces (each is copied out before the next read), grown to the largest."""
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._files:
@@ -253,10 +262,15 @@ class PieceReader:
             if piece["key"] not in file.entries:
                 raise InputError(f"{file.path} lacks tensor {piece['key']!r} that the index lists; the checkpoint "
                                  "is corrupt")
+            item = DTYPES[entry["dtype"]].itemsize
             if len(sizes) > 1 and "crc32" not in piece and list(sizes[1:]) != list(piece["sizes"][1:]):
-                source = file.read_box(piece["key"], start, list(sizes))  # a column slice: its columns only
+                scratch = self._buffer(sizes[0] * math.prod(piece["sizes"][1:]) * item)
+                source = file.read_box(piece["key"], start, list(sizes), scratch)  # a column slice: its columns
             elif sizes:
-                source = file.read_rows(piece["key"], start[0], start[0] + sizes[0], piece.get("crc32"))
+                # whole CRC blocks may be read around the rows: room for the piece or the rows plus two blocks
+                row = math.prod(piece["sizes"][1:]) * item
+                scratch = self._buffer(min(math.prod(piece["sizes"]) * item, sizes[0] * row + 2 * safetensors_file.CRC_BLOCK_BYTES))
+                source = file.read_rows(piece["key"], start[0], start[0] + sizes[0], piece.get("crc32"), scratch)
                 for dim in range(1, len(sizes)):
                     source = source.narrow(dim, start[dim], sizes[dim])
             else:

@@ -146,9 +146,13 @@ class SafetensorsFile:
                 raise InputError(f"{path} is truncated: tensor {key!r} ends at byte {start + end} but the file "
                                  f"has {size}; the save that wrote it did not finish, use another checkpoint")
 
-    def read_rows(self, key: str, start: int, stop: int, crcs: list[int] | None = None) -> torch.Tensor:
+    def read_rows(self, key: str, start: int, stop: int, crcs: list[int] | None = None,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of dim 0 of tensor `key` (the whole of a 0-dim one), verifying the
-        CRC32 of every block the read touches when `crcs` is given."""
+        CRC32 of every block the read touches when `crcs` is given. With `scratch` (a uint8 buffer
+        large enough) the rows are read into it and the result is a view of it, valid until the
+        next read into the same buffer: a reader that copies each piece out at once then allocates
+        one buffer for all of them, which keeps its peak at one piece."""
         entry = self.entries[key]
         if not entry.shape:
             start, stop = 0, 1
@@ -161,7 +165,8 @@ class SafetensorsFile:
                 -(-hi // CRC_BLOCK_BYTES) * CRC_BLOCK_BYTES, entry.end - entry.begin)
         else:
             lo_block, hi_block = lo, hi
-        buffer = torch.empty(hi_block - lo_block, dtype=torch.uint8)
+        size = hi_block - lo_block
+        buffer = scratch[:size] if scratch is not None and scratch.numel() >= size else torch.empty(size, dtype=torch.uint8)
         self._file.seek(entry.begin + lo_block)
         if buffer.numel() and self._file.readinto(memoryview(buffer.numpy())) != buffer.numel():
             raise InputError(f"{self.path} is truncated: tensor {key!r} could not be read whole")
@@ -176,7 +181,7 @@ class SafetensorsFile:
         rows = buffer[lo - lo_block:hi - lo_block].view(entry.dtype)
         return rows.view((stop - start,) + entry.shape[1:]) if entry.shape else rows.view(())
 
-    def read_box(self, key: str, start: list[int], sizes: list[int]) -> torch.Tensor:
+    def read_box(self, key: str, start: list[int], sizes: list[int], scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The box `start`/`sizes` of tensor `key`, reading per row of dim 0 only the span of that row
         between the box's first and last element (a column slice of a row-major matrix reads just
         its columns). No checksum: for files without one (Hugging Face's)."""
@@ -189,7 +194,11 @@ class SafetensorsFile:
         span = sum((s + n - 1) * st for s, n, st in zip(start[1:], sizes[1:], strides)) - first + 1
         row = math.prod(inner)
         item = entry.dtype.itemsize
-        buffer = torch.empty(sizes[0], span, dtype=entry.dtype)
+        size = sizes[0] * span * item
+        if scratch is not None and scratch.numel() >= size:
+            buffer = scratch[:size].view(entry.dtype).view(sizes[0], span)
+        else:
+            buffer = torch.empty(sizes[0], span, dtype=entry.dtype)
         raw = buffer.view(torch.uint8).numpy() if buffer.numel() else None
         for i in range(sizes[0]):
             self._file.seek(entry.begin + ((start[0] + i) * row + first) * item)
