@@ -161,3 +161,25 @@ def test_exported_weights_load_with_from_pretrained(tmp_path, max_shard_bytes):
     expected = model.state_dict()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_checkpoint_loads_into_a_compiled_plan_in_one_process(tmp_path):
+    """A plain model's checkpoint into the rank modules of a pp 2 × tp 2 plan (fused q/k/v split in
+    interleaved chunks) of a differently initialised copy: cm.simulate computes what the model does."""
+    import autopart
+    from autopart import zoo
+    from autopart.runtime.checkpoint_offline import load_compiled
+
+    torch.manual_seed(0)
+    trained = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4, attn_bias=False)
+    save_module(str(tmp_path / "ckpt"), trained.model)
+    torch.manual_seed(1)
+    other = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4, attn_bias=False)
+    cm = autopart.compile(other.model, 4, example_inputs=other.args, pipeline_parallel=2, tensor_parallel=2,
+                          data_parallel=1, num_microbatches=2,
+                          tp_plan={"blocks.*.attn_qkv": "colwise", "blocks.*.attn_proj": "rowwise",
+                                   "blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"})
+    with torch.no_grad():
+        assert not torch.allclose(cm.simulate(*trained.args), trained.model(*trained.args))
+        load_compiled(str(tmp_path / "ckpt"), cm)
+        torch.testing.assert_close(cm.simulate(*trained.args), trained.model(*trained.args), rtol=1e-5, atol=1e-5)

@@ -196,10 +196,10 @@ class CheckpointMixin:
                     info["pieces"].append({"file": rank_file(rank), "key": piece_key(key, offsets),
                                            "offsets": offsets, "sizes": sizes})
         directory = partial_dir(path, token)
+        for key, info in tensors.items():  # every element written exactly once (all ranks know all pieces)
+            if not tiles(tuple(info["shape"]), [(tuple(p["offsets"]), tuple(p["sizes"])) for p in info["pieces"]]):
+                raise AutopartError(f"checkpoint save: the pieces of {key} do not tile its shape {info['shape']}")
         if self.rank == 0:
-            for key, info in tensors.items():  # every element written exactly once
-                if not tiles(tuple(info["shape"]), [(tuple(p["offsets"]), tuple(p["sizes"])) for p in info["pieces"]]):
-                    raise AutopartError(f"checkpoint save: the pieces of {key} do not tile its shape {info['shape']}")
             remove_partials(path, token)
         os.makedirs(directory, exist_ok=True)
 

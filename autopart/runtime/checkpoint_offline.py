@@ -3,6 +3,8 @@
 - `save_module` / `load_module`: a plain `nn.Module` (and its optimizer)
   written or read in the sharded format, so a checkpoint of a plan resumes
   on one device without torch.distributed, and the other way round;
+- `load_compiled`: the same into every rank module of a CompiledModel, for
+  `cm.simulate` in one process;
 - `read_entries`: every entry of a checkpoint as a whole tensor, by name;
 - `export_hf`: the model's weights as `model.safetensors` (sharded with
   `model.safetensors.index.json` past `max_shard_bytes`) under the original
@@ -124,6 +126,36 @@ def load_module(path: str, model: nn.Module, *, optimizer: torch.optim.Optimizer
                     state.update(saved_optimizer["state_values"].get(name, {}))
                     if state:
                         optimizer.state[param] = state
+    return read_extra(directory, index)
+
+
+def load_compiled(path: str, compiled) -> Any:
+    """Load a checkpoint of any plan into every rank module of a CompiledModel in this process (what
+    `cm.simulate` and `cm.simulate_train_step` run); returns its `extra`."""
+    from autopart.runtime.checkpoint_layout import boxes_of
+    from autopart.runtime.state import _tp_slices
+
+    directory, index = read_index(path)
+    targets = []
+    for stage, interface in enumerate(compiled.interfaces):
+        for tp_index in range(compiled.plan.mesh.tp):
+            module = compiled.stage_module(stage, tp_index)
+            slices = _tp_slices(module)
+            targets += [(f"model/{name}", module.get_parameter(attr), slices.get(attr)) for attr, name in interface.parameters]
+            targets += [(f"model/{name}", module.get_buffer(attr), slices.get(attr)) for attr, name in interface.buffers]
+    saved = {k for k in index["tensors"] if k.startswith("model/")}
+    expected = {key for key, _, _ in targets}
+    shapes = sorted({f"{key[6:]}: saved {tuple(index['tensors'][key]['shape'])}, this model {full}"
+                     for key, tensor, piece in targets if key in saved
+                     for full in [boxes_of(tensor, piece)[0]] if tuple(index["tensors"][key]["shape"]) != full})
+    if expected - saved or saved - expected or shapes:
+        raise InputError(f"the checkpoint at {directory} is of another model: missing "
+                         f"{sorted(k[6:] for k in expected - saved)[:5]}, not in this model "
+                         f"{sorted(k[6:] for k in saved - expected)[:5]}, shapes differ {shapes[:5]}")
+    with PieceReader(directory, index) as reader, torch.no_grad():
+        for key, tensor, piece in targets:
+            for box in boxes_of(tensor, piece)[1]:
+                reader.fill(key, tensor, box)
     return read_extra(directory, index)
 
 
