@@ -12,7 +12,9 @@ to the end of the last rank:
 - autopart save: `runner.save(path, optimizer=opt)` (every rank writes its own safetensors file,
   CRC32 per 8 MiB block, fsync, rank 0 commits the index by rename);
 - torch.save: every rank `torch.save`s the same tensors (its share: parameter shards and AdamW
-  moments, as a dict) into its own file and fsyncs it, the same durability as autopart's;
+  moments, as a dict) into a new file of its own, fsyncs it and renames it over the previous one:
+  the durability and crash safety of autopart's save (which also writes beside the previous
+  checkpoint, then renames and deletes it);
 - async: how long `runner.save(..., async_save=True)` blocks training (copy to host), then the wait;
 - autopart load: `runner.load(path, optimizer=opt)` into the live runner (index read, every file's
   size checked, each rank's pieces read with their CRC32s checked, copied in place);
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/autopart-checkpoint-io")
     parser.add_argument("--out", help="write the results as JSON here (rank 0)")
+    parser.add_argument("--check-margin-mb", type=float, help="assert on every rank that the peak during autopart's "
+                        "save and load stays within the largest piece plus this margin, and that torch.load's does "
+                        "not (the sampler sees a share-sized allocation); prints 'MEMORY OK rank R'")
     args = parser.parse_args()
 
     world = int(os.environ["WORLD_SIZE"])
@@ -129,11 +134,12 @@ def main() -> None:
         os.makedirs(args.dir)
     dist.barrier()
 
-    def torch_save() -> None:
-        with open(peer, "wb") as f:
+    def torch_save() -> None:  # crash-safe like autopart's: a new file, fsync'd, renamed over the old one
+        with open(peer + ".tmp", "wb") as f:
             torch.save(share, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(peer + ".tmp", peer)
 
     def torch_load() -> None:
         loaded = torch.load(peer, weights_only=True)
@@ -166,6 +172,16 @@ def main() -> None:
 
     seconds = {k: statistics.median(v) for k, v in results.items()}
     worst = {k: max(v) for k, v in memory.items()}
+    if args.check_margin_mb is not None:
+        bound = largest + args.check_margin_mb * 2**20
+        for name in ("save", "load"):
+            assert worst[name] <= bound, (f"rank {rank}: {name} peak +{worst[name] / 2**20:.1f} MB over the resident "
+                                          f"share, above the largest piece {largest / 2**20:.1f} MB + "
+                                          f"{args.check_margin_mb} MB")
+        assert worst["torch_load"] > bound, f"rank {rank}: torch.load's peak +{worst['torch_load'] / 2**20:.1f} MB"
+        print(f"MEMORY OK rank {rank}: save +{worst['save'] / 2**20:.1f} MB, load +{worst['load'] / 2**20:.1f} MB, "
+              f"largest piece {largest / 2**20:.1f} MB, share {share_bytes / 2**20:.1f} MB, torch.load "
+              f"+{worst['torch_load'] / 2**20:.1f} MB", flush=True)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, {"rank": rank, "share": share_bytes, "largest": largest, "peak_extra": worst})
     if rank == 0:
@@ -192,7 +208,8 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"world": world, "plan": args.plan, "torch": torch.__version__, "device": str(runner.device),
-                           "total_bytes": total, "seconds": seconds, "ranks": per_rank}, f, indent=2)
+                           "total_bytes": total, "seconds": seconds, "repetitions": results, "ranks": per_rank},
+                          f, indent=2)
         shutil.rmtree(args.dir, ignore_errors=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -38,7 +38,7 @@ def test_boxes_of_a_tp_slice_are_where_its_elements_came_from(dim, groups, tp):
 
 
 def test_files_are_safetensors_and_read_by_rows(tmp_path):
-    from safetensors.torch import load_file
+    load_file = pytest.importorskip("safetensors.torch").load_file
 
     tensors = {"a": torch.randn(5, 3), "b": torch.randn(4, 2).to(torch.bfloat16), "step": torch.tensor(3.0),
                "ids": torch.arange(7), "empty": torch.zeros(0, 4)}

@@ -168,24 +168,33 @@ class CheckpointMixin:
         background; the next save or load (or `wait_for_save()`) waits for it and raises its error.
         """
         self.wait_for_save()
-        model = self._model_entries()
-        optim_entries, kinds, values = self._optimizer_entries(optimizer) if optimizer is not None else ([], {}, {})
-        entries = model + optim_entries
-        boxes = {}
-        candidates = []
-        for i, entry in enumerate(entries):
-            full, entry_boxes = boxes_of(entry.tensor, entry.piece)
-            boxes[i] = (full, entry_boxes)
-            if entry.writes:
-                for box in entry_boxes:
-                    candidates.append([entry.key, list(box.offsets), list(box.sizes), list(full),
-                                       dtype_name(entry.tensor.dtype)])
-        mine: dict[str, Any] = {"candidates": candidates}
-        if self.rank == 0:
-            mine.update(token=f"{time.time_ns():x}-{os.getpid()}", refusal=refuse_to_replace(path))
+        mine: dict[str, Any] = {"candidates": [], "problem": None}
+        try:  # what could be refused is found before the first collective, and told to every rank
+            model = self._model_entries()
+            optim_entries, kinds, values = (self._optimizer_entries(optimizer) if optimizer is not None
+                                            else ([], {}, {}))
+            entries = model + optim_entries
+            boxes = {}
+            for i, entry in enumerate(entries):
+                full, entry_boxes = boxes_of(entry.tensor, entry.piece)
+                boxes[i] = (full, entry_boxes)
+                if entry.writes:
+                    for box in entry_boxes:
+                        mine["candidates"].append([entry.key, list(box.offsets), list(box.sizes), list(full),
+                                                   dtype_name(entry.tensor.dtype)])
+            if self.rank == 0:
+                mine.update(token=f"{time.time_ns():x}-{os.getpid()}", problem=refuse_to_replace(path))
+                extra_tensors: dict[str, torch.Tensor] = {}
+                encoded = encode_extra(extra, extra_tensors) if extra is not None else None
+                groups = None if optimizer is None else [
+                    {k: _jsonable(v, f"optimizer hyperparameter {k!r}") for k, v in group.items() if k != "params"}
+                    for group in optimizer.param_groups]
+        except InputError as error:
+            mine["problem"] = str(error)
         everyone = self._gather(mine)
-        if everyone[0]["refusal"]:
-            raise InputError(everyone[0]["refusal"])
+        problems = list(dict.fromkeys(part["problem"] for part in everyone if part["problem"]))
+        if problems:
+            raise InputError("; ".join(problems))
         token = everyone[0]["token"]
         owner: dict[tuple, int] = {}
         tensors: dict[str, dict] = {}
@@ -220,17 +229,12 @@ class CheckpointMixin:
         writes += list(rng_tensors.items())
         index = None
         if self.rank == 0:
-            extra_tensors: dict[str, torch.Tensor] = {}
-            encoded = encode_extra(extra, extra_tensors) if extra is not None else None
             writes += list(extra_tensors.items())
             index = {"format": FORMAT, "version": VERSION, "model_class": self.plan.model_class,
                      "step": step, "saved_at_ns": time.time_ns(), "layout": self._layout(),
                      "tensors": tensors, "extra": encoded,
                      "optimizer": None if optimizer is None else {
-                         "class": type(optimizer).__name__,
-                         "param_groups": [{k: _jsonable(v, f"optimizer hyperparameter {k!r}")
-                                           for k, v in group.items() if k != "params"}
-                                          for group in optimizer.param_groups]}}
+                         "class": type(optimizer).__name__, "param_groups": groups}}
         record = {"rng": rng_record, "state_kinds": kinds, "state_values": values}
         pending = _PendingSave(thread=None, errors=[], path=path)  # type: ignore[arg-type]
 

@@ -19,7 +19,8 @@ Phases (--phase):
 - verify-crash: retrains 3 steps and checks the checkpoint at the path is the
   step-3 one, bit for bit, then saves there again.
 - bad-input: refused loads (another model, a truncated and a corrupt file, no
-  checkpoint) and a refused save; the runner is unchanged after each.
+  checkpoint) and refused saves (over a directory that is not a checkpoint,
+  an extra that is not JSON); the runner is unchanged after each.
 
 Prints "CKPT OK rank R <phase>".
 """
@@ -292,6 +293,13 @@ def _check_bad_input(runner, optimizer, ckpts: str, other: str) -> None:
     else:
         raise AssertionError("a save replaced a directory that is not a checkpoint")
     assert os.listdir(empty) == ["notes.txt"], os.listdir(empty)
+    try:  # rank 0's extra cannot be stored: every rank raises, nothing is written
+        runner.save(os.path.join(ckpts, "bad-extra"), extra={"callback": print})
+    except autopart.InputError as error:
+        assert "extra['callback'] is a builtin_function_or_method" in str(error), error
+    else:
+        raise AssertionError("a save took an extra that is not JSON")
+    assert not any(e.startswith((".bad-extra", "bad-extra")) for e in os.listdir(ckpts)), os.listdir(ckpts)
     try:  # last: a CRC mismatch is found while reading, after other tensors were already copied
         runner.load(corrupt, optimizer=optimizer)
     except autopart.InputError as error:

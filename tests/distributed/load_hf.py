@@ -32,13 +32,13 @@ def main() -> None:
     reader = safetensors_file.SafetensorsFile
     read_rows, read_box = reader.read_rows, reader.read_box
 
-    def counting_rows(self, key, start, stop, crcs=None):
-        rows = read_rows(self, key, start, stop, crcs)
+    def counting_rows(self, key, start, stop, crcs=None, scratch=None):
+        rows = read_rows(self, key, start, stop, crcs, scratch)
         read["bytes"] += rows.numel() * rows.element_size()
         return rows
 
-    def counting_box(self, key, start, sizes):
-        box = read_box(self, key, start, sizes)
+    def counting_box(self, key, start, sizes, scratch=None):
+        box = read_box(self, key, start, sizes, scratch)
         read["bytes"] += box.numel() * box.element_size()  # 2-D boxes: exactly what was read
         return box
 
