@@ -264,7 +264,8 @@ class CheckpointMixin:
                 crcs[(marker["file"], key)] = value
         for info in index["tensors"].values():
             for piece in info["pieces"]:
-                piece["crc32"] = crcs[(piece["file"], piece["key"])]
+                if (piece["file"], piece["key"]) in crcs:
+                    piece["crc32"] = crcs[(piece["file"], piece["key"])]
         index["files"] = {m["file"]: m["bytes"] for m in markers}
         index["other_crc32"] = {m["file"]: {k: v for k, v in m["crc32"].items() if k.startswith(("rng/", "extra/"))}
                                 for m in markers}
