@@ -183,3 +183,16 @@ def test_a_checkpoint_loads_into_a_compiled_plan_in_one_process(tmp_path):
         assert not torch.allclose(cm.simulate(*trained.args), trained.model(*trained.args))
         load_compiled(str(tmp_path / "ckpt"), cm)
         torch.testing.assert_close(cm.simulate(*trained.args), trained.model(*trained.args), rtol=1e-5, atol=1e-5)
+
+
+def test_a_crash_between_the_commit_renames_leaves_the_old_checkpoint_found(tmp_path):
+    """The commit moves the old checkpoint aside before renaming the new one into place; a crash in
+    between leaves no checkpoint at the path, and a load finds the old one aside."""
+    model, _ = _trained()
+    path = str(tmp_path / "ckpt")
+    save_module(path, model, step=7)
+    os.rename(path, str(tmp_path / ".ckpt.old-123"))  # as if killed right after the first rename
+    fresh, _ = _trained(0)
+    load_module(path, fresh)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
