@@ -39,11 +39,14 @@ def test_resume_is_bit_identical_with_dropout_and_async_save(tmp_path):
 def test_a_pp2_tp2_checkpoint_loads_under_zero3_one_rank_and_one_process(tmp_path):
     """Saved under pp 2 × tp 2 after 3 AdamW steps (its weights and moments checked against one device's
     training), loaded under dp 4 ZeRO-3 and under 1 rank: every parameter and optimizer moment equal to
-    the checkpoint's by name, and steps 4-6 give the uninterrupted run's losses. Then in this process,
-    into the plain model and a plain AdamW, without torch.distributed."""
+    the checkpoint's by name, and steps 4-6 give the uninterrupted run's losses; ZeRO-3's re-save loads
+    back into pp 2 × tp 2 and resumes bit for bit. Then in this process, into the plain model and a
+    plain AdamW, without torch.distributed."""
     _job(4, "train", "pp2xtp2", tmp_path, "--check-reference")
     _job(4, "resume", "dp4-zero3", tmp_path, "--losses-of", "pp2xtp2", "--check-state")
     _job(1, "resume", "one", tmp_path, "--losses-of", "pp2xtp2", "--check-state")
+    # and back: the ZeRO-3 run's re-save of step 3 resumes pp 2 × tp 2 bit for bit (no dropout here)
+    _job(4, "resume", "pp2xtp2", tmp_path, "--from", "resaved-dp4-zero3", "--losses-of", "pp2xtp2", "--exact")
 
     sys.path.insert(0, os.path.dirname(SCRIPT))
     import checkpoint_resume as script

@@ -9,7 +9,7 @@ Phases (--phase):
   step losses go to DIR/losses-<plan>.json. --check-reference: rank 0 checks
   the checkpoint's parameters and AdamW moments against the model trained on
   one device.
-- resume: a new job loads DIR/ckpts/step-3 and runs steps 4-6; their losses
+- resume: a new job loads DIR/ckpts/step-3 (or --from) and runs steps 4-6; their losses
   equal the uninterrupted run's (bit for bit with --exact, else rtol/atol
   1e-5). --check-state: the loaded parameters and every optimizer moment equal
   the checkpoint's, by name (re-saved under this plan and consolidated; and
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--check-reference", action="store_true")
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--other", help="bad-input: a checkpoint of another model")
+    parser.add_argument("--from", dest="source", default="ckpts/step-3", help="resume: the checkpoint, under DIR")
     args = parser.parse_args()
 
     model = make_model(args.dropout)
@@ -148,13 +149,13 @@ def main() -> None:
             if args.check_reference:
                 _check_against_reference(reference, batches, targets, os.path.join(ckpts, "step-3"))
     elif args.phase == "resume":
-        path = os.path.join(ckpts, "step-3")
+        path = os.path.join(args.dir, args.source)
         saved = runner.load(path, optimizer=optimizer)
         scheduler.load_state_dict(saved["scheduler"])
         assert runner.loaded_step == 3 and saved["data_position"] == 24 and saved["pair"] == (3, "steps"), saved
         assert torch.equal(saved["tensor"], torch.arange(4.0) * 3), saved["tensor"]
         if args.check_state:
-            _check_loaded_state(runner, optimizer, path, os.path.join(args.dir, f"resaved-{args.plan}"))
+            _check_loaded_state(runner, optimizer, path, os.path.join(args.dir, f"resaved-{args.plan}"), saved)
         losses = [train(step) for step in range(4, STEPS + 1)]
         with open(os.path.join(args.dir, f"losses-{args.losses_of}.json")) as f:
             expected = json.load(f)[3:]
@@ -220,10 +221,10 @@ def _check_against_reference(reference: nn.Module, batches, targets, path: str) 
         assert optim[f"step/{name}"].item() == 3.0
 
 
-def _check_loaded_state(runner, optimizer, path: str, resaved: str) -> None:
+def _check_loaded_state(runner, optimizer, path: str, resaved: str, extra: dict) -> None:
     """What this plan loaded equals the checkpoint by name: re-saved from this plan, every entry is
     bit-identical; gathered by the older full_state_dict path, every parameter too."""
-    runner.save(resaved, optimizer=optimizer)
+    runner.save(resaved, optimizer=optimizer, extra=extra, step=runner.loaded_step)
     full = runner.full_state_dict()
     if runner.rank == 0:
         before, after = read_entries(path, ""), read_entries(resaved, "")
