@@ -141,8 +141,30 @@ def test_keep_prunes_the_oldest_checkpoints_of_the_model(tmp_path):
 
 def test_waiting_for_ranks_names_those_that_never_finished(tmp_path):
     (tmp_path / "rank00000.json").write_text("{}")
-    with pytest.raises(AutopartError, match=r"rank\(s\) \[1, 2\] did not finish"):
+    (tmp_path / "rank00001.safetensors").write_bytes(b"\0" * 64)  # killed after 64 bytes
+    with pytest.raises(AutopartError, match=r"rank\(s\) \[1, 2\] did not finish writing \(no progress"):
         wait_for_markers(str(tmp_path), 3, timeout_s=0.1)
+
+
+def test_a_rank_whose_file_grows_is_waited_for(tmp_path):
+    import threading
+    import time
+
+    (tmp_path / "rank00000.json").write_text("{}")
+
+    def slow_rank() -> None:  # writes for 3 s, three times the timeout, then its marker
+        with open(tmp_path / "rank00001.safetensors", "wb") as f:
+            for _ in range(30):
+                f.write(b"\0" * 1000)
+                f.flush()
+                time.sleep(0.1)
+        (tmp_path / "rank00001.json").write_text('{"rank": 1}')
+
+    thread = threading.Thread(target=slow_rank)
+    thread.start()
+    markers = wait_for_markers(str(tmp_path), 2, timeout_s=1.0)
+    thread.join()
+    assert markers[1] == {"rank": 1}
 
 
 @pytest.mark.parametrize("max_shard_bytes", [5 << 30, 40_000], ids=["one-file", "sharded"])

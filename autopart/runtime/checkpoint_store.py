@@ -138,17 +138,26 @@ def write_rank(directory: str, rank: int, entries: list[tuple[str, torch.Tensor 
 
 
 def wait_for_markers(directory: str, world_size: int, timeout_s: float) -> list[dict]:
-    """Every rank's marker, or an error naming the ranks that did not finish in `timeout_s`."""
+    """Every rank's marker, or an error naming the ranks whose files stopped growing for `timeout_s`
+    (a rank with more to write than rank 0 keeps the wait alive as long as its file grows)."""
     deadline = time.monotonic() + timeout_s
     paths = [os.path.join(directory, f"rank{r:05d}.json") for r in range(world_size)]
+    sizes: dict[int, int] = {}
     while True:
         missing = [r for r, p in enumerate(paths) if not os.path.exists(p)]
         if not missing:
             return [_read_json(p) for p in paths]
+        for r in missing:
+            file = os.path.join(directory, rank_file(r))
+            size = os.path.getsize(file) if os.path.exists(file) else -1
+            if sizes.get(r) != size:
+                sizes[r] = size
+                deadline = time.monotonic() + timeout_s
         if time.monotonic() > deadline:
             raise AutopartError(
-                f"checkpoint save: rank(s) {missing} did not finish writing within {timeout_s:g} s (killed, hung "
-                f"or out of disk); the previous checkpoint is left as it was and {directory} is discarded")
+                f"checkpoint save: rank(s) {missing} did not finish writing (no progress for {timeout_s:g} s: "
+                f"killed, hung or out of disk); the previous checkpoint is left as it was and {directory} is "
+                "discarded")
         time.sleep(0.02)
 
 
