@@ -42,6 +42,7 @@ from autopart.runtime.process_group import Watchdog, all_gather_rows, default_de
 from autopart.core.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
+from autopart.runtime.checkpoint import CheckpointMixin
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
 
@@ -61,7 +62,7 @@ def _chain(error: BaseException) -> str:
     return "\n".join(parts)
 
 
-class DistributedRunner(StateMixin):
+class DistributedRunner(CheckpointMixin, StateMixin):
     """This process's share of a compiled plan, ready to train or infer."""
 
     def __init__(self, compiled, *, timeout_s: float = 300.0, device: str | torch.device | None = None,

@@ -2,10 +2,9 @@
 
 `state_dict()` holds this rank's tensors (its stage's parameters and buffers);
 a full state dict can be gathered on rank 0 and a full state dict can be loaded
-(each rank takes its own names). On disk, rank 0 writes the gathered whole
-model as one file of plain tensors (`torch.save`) and a JSON manifest, so any
-mesh can load it; everything is read back with `torch.load(weights_only=True)`. (torch.distributed.checkpoint was not used:
-its metadata file is read with pickle.)
+(each rank takes its own names). Checkpoints on disk are sharded
+(runtime/checkpoint.py); checkpoints of format 1 (rank 0's gathered model.pt
+and a JSON manifest) are still read, with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -114,22 +113,8 @@ class StateMixin:
         for module, interface in self.local_stages:
             load_into(module, interface, state_dict)
 
-    def save(self, directory: str) -> None:
-        """Gather the whole model on rank 0 and write it to `directory` (plain tensors plus a JSON manifest).
-
-        A whole-model file loads into any plan of the same model, whatever its mesh.
-        """
-        os.makedirs(directory, exist_ok=True)
-        full = self.full_state_dict()  # whole tensors: any later mesh can load them
-        if self.rank == 0:
-            torch.save(full, os.path.join(directory, "model.pt"))
-            manifest = {"format": 1, "model_class": self.plan.model_class, "tensors": len(full)}
-            with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=2)
-        dist.barrier()
-
-    def load(self, directory: str) -> None:
-        """Read back what `save` wrote (weights_only=True) and load this rank's tensors."""
+    def _load_gathered_v1(self, directory: str) -> None:
+        """Read a checkpoint of format 1 (the whole model gathered into model.pt, weights_only=True)."""
         path = os.path.join(directory, MANIFEST)
         if not os.path.exists(path):
             raise InputError(f"{directory!r} holds no autopart checkpoint ({MANIFEST} missing)")
