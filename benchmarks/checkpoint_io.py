@@ -32,6 +32,8 @@ share before it is copied in).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -52,6 +54,7 @@ class PeakRSS:
     """Peak resident set of this process while the block runs, minus the one before it."""
 
     def __enter__(self) -> "PeakRSS":
+        _release_free_memory()  # else freed pages stay resident and a new allocation reuses them unseen
         self.base = self.peak = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -68,6 +71,16 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, _rss())
         self.extra = self.peak - self.base
+
+
+def _release_free_memory() -> None:
+    """Hand the allocator's free pages back to the kernel (glibc's malloc_trim), so that the resident
+    set counts live memory only: a later allocation then shows in it whatever was freed before."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the sample may then miss reused pages
+        pass
 
 
 def _rss() -> int:
