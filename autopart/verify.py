@@ -55,6 +55,9 @@ def _loss(output: Any, _target: Any = None) -> torch.Tensor:
 def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
     """Raise AssertionError (naming the tensor) if the plan differs from the model; else the figures."""
     kwargs = dict(kwargs or {})
+    # the model as autopart traced it: with the keywords tracing set (use_cache=False), whose outputs
+    # the plan returns, so that every output can be compared
+    model_kwargs = {**dict(compiled.io.default_kwargs), **kwargs}
     mixed = compiled.plan.mixed_precision is not None
     eager = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed else contextlib.nullcontext
     # mixed precision: one norm-wise bound for outputs and gradients; float32: elementwise, each its own
@@ -62,7 +65,7 @@ def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     check_gradient = _close_norm_wise if mixed else functools.partial(_close, tolerance=GRADIENT_TOLERANCE)
     model.eval()  # dropout off in both runs
     with eager():
-        reference_output = model(*args, **kwargs)
+        reference_output = model(*args, **model_kwargs)
     expected = _float_leaves(reference_output)
     got = _float_leaves(_same_structure(compiled.simulate(*args, **kwargs), reference_output))
     worst_out = max((check_output(a, b, f"output {k}") for k, (a, b) in enumerate(zip(got, expected))),
@@ -70,7 +73,7 @@ def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     loss, grads = compiled.simulate_train_step(*args, target=None, loss_fn=_loss, **kwargs)
     model.zero_grad()
     with eager():
-        reference = _loss(model(*args, **kwargs))
+        reference = _loss(model(*args, **model_kwargs))
     reference.backward()
     torch.testing.assert_close(loss, reference.detach(), **(dict(rtol=BF16_RTOL, atol=0.0) if mixed
                                                             else FORWARD_TOLERANCE))
