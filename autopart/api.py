@@ -26,6 +26,7 @@ from autopart.mesh_search import (
 )
 from autopart.passes.blocks import BlockGraph
 from autopart.analysis import Analysis, analyse, annotate_graph, block_strategies, check_blocks, first_rows
+from autopart.input_checks import check_mesh_product, check_tp_plan
 from autopart.interfaces import io_spec
 from autopart.passes.random_ops import route_sharded_random
 from autopart.passes.stack_assignment import restate_assignment
@@ -81,6 +82,8 @@ def compile(  # noqa: A001 - the public name the project promises
     cluster = resolve_devices(devices)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_model(model)
+    check_mesh_product(cluster.num_devices, data_parallel, tensor_parallel, pipeline_parallel)
+    check_tp_plan(model, tp_plan)
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
     data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
