@@ -16,7 +16,8 @@ from autopart.compiled import CompiledModel
 from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.batch import batch_size_of
 from autopart.devices import DevicesArg, resolve_devices
-from autopart.errors import InputError
+from autopart.errors import InputError, PlanError
+from autopart.fit_advice import with_fit_advice
 from autopart.mesh_search import (
     search_mesh,
     stages_on_blocks,
@@ -111,9 +112,19 @@ def compile(  # noqa: A001 - the public name the project promises
     stacked = analysis.stack is not None
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, pipeline_parallel, data_parallel)
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
-    found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs ->
-                        tp_choices=tp_sizes, tp_plan=tp_plan, retrace=None if stacked else retrace,  # Plan, and its
-                        restate=analysis.restate, progress=log.note)  # microbatch's graph
+    try:
+        found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs ->
+                            tp_choices=tp_sizes, tp_plan=tp_plan, retrace=None if stacked else retrace,  # Plan, and
+                            restate=analysis.restate, progress=log.note)  # its microbatch's graph
+    except PlanError as error:  # no plan for lack of memory: what would fit, by the same search
+        log.note("no plan fits: searching for the devices and the batch that would")
+
+        def plan_on(other: Cluster, other_request: PlanRequest) -> Plan:
+            sizes = tensor_parallel_choices(other, tensor_parallel, pipeline_parallel, data_parallel)
+            return search_mesh(analysis.gm, analysis.blocks, other, other_request, traced_batch_size=traced_size,
+                               tp_choices=sizes, tp_plan=tp_plan, retrace=None, restate=analysis.restate).plan
+
+        raise with_fit_advice(error, cluster, request, plan_on)
     plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"

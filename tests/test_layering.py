@@ -24,7 +24,7 @@ writes into a rank module and the runtimes run)."""
 DRIVER = ("autopart", "autopart.__main__", "autopart.api", "autopart.mesh_search", "autopart.planner",
           "autopart.plan_choices", "autopart.step_costs", "autopart.recompute_choice", "autopart.plan_assembly",
           "autopart.plan_errors", "autopart.search", "autopart.search_bounds", "autopart.block_arrays",
-          "autopart.analysis", "autopart.input_checks",
+          "autopart.analysis", "autopart.input_checks", "autopart.fit_advice",
           "autopart.compiled", "autopart.cli", "autopart.verify", "autopart.devices", "autopart.zoo",
           "autopart.calibrate")
 """The public API and the driver, module by module: they may import every layer."""
