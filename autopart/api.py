@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from autopart.passes.stack_assignment import restate_assignment
 from autopart.plan import Plan, autocast_dtype, data_parallel_mode_name, reshards_parameters
 from autopart.plan_choices import PlanRequest, smallest_microbatch
 from autopart.recompute import check_mode
+from autopart.report.summary import splits_nothing, tensor_parallel_summary
 from autopart.tracing import trace
 
 
@@ -126,6 +128,8 @@ def compile(  # noqa: A001 - the public name the project promises
 
         raise with_fit_advice(error, cluster, request, plan_on)
     plan = found.plan
+    if splits_nothing(plan):  # a forced tp size whose groups split no op: each device repeats its peers' work
+        warnings.warn(f"tensor_parallel={plan.mesh.tp}: {tensor_parallel_summary(plan)}", stacklevel=2)
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
