@@ -129,7 +129,7 @@ def test_memory_chart_draws_replicas_and_tp_peers_as_used(gpt_dp4_tp2: Plan) -> 
     assert (plan.mesh.dp, plan.mesh.pp, plan.mesh.tp) == (4, 1, 2) and plan.idle_devices == ()
     svg = memory_svg(plan)
     assert "unused" not in svg and "idle ·" not in svg
-    assert ">rank 0 · devices 0-7<" in svg and ">stage 0 · H100<" in svg and "(&lt;0.01%), each of 8" in svg
+    assert ">rank 0 · devices 0-7<" in svg and ">stage 0 · H100<" in svg and " each (&lt;0.01%)" in svg
     assert "(8 of 8 devices) on devices 0-7 (H100)" in render_text(plan)
     page = render_html(plan)
     assert "unused" not in page and re.search(r"idle devices.*?>0<", page, re.S)

@@ -214,10 +214,10 @@ def _memory_rows(plan: Plan, max_idle_rows: int) -> list[tuple[str, str, DeviceM
                   else f"stages {', '.join(map(str, held.stages))}")
         if len(stages) > 22:
             stages = f"{len(held.stages)} stages"
-        each = "" if len(group) == 1 else f", each of {len(group)}"
+        each = "" if len(group) == 1 else " each"  # every device of the row holds what it shows
         rows.append((f"rank {held.rank} · {who}", f"{stages} · {held.device_name}", held, held.capacity,
-                     f"{fmt_bytes(held.total)} of {fmt_bytes(held.capacity)} "
-                     f"({fmt_percent(held.total / held.capacity)}){each}"))
+                     f"{fmt_bytes(held.total)} of {fmt_bytes(held.capacity)}{each} "
+                     f"({fmt_percent(held.total / held.capacity)})"))
     for d in idle[:max_idle_rows] if len(idle) <= max_idle_rows else []:
         capacity = int(devices[d]["memory_bytes"])
         rows.append((f"device {d}", f"idle · {devices[d]['name']}", None, capacity,
