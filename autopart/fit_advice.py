@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable
 
 from autopart.cost_models import Cluster
@@ -25,6 +26,10 @@ from autopart.plan_choices import PlanRequest
 
 MAX_GROWTH = 8
 """Device counts are probed up to this many times the cluster's (beyond: 'even K do not hold it')."""
+
+BUDGET_SECONDS = 60.0
+"""Wall time the probes of one error may take (a search over thousands of devices takes seconds); past it,
+the advice says what was established so far."""
 
 PlanOn = Callable[[Cluster, PlanRequest], Plan]
 """Runs the search for a cluster and a request; raises PlanError (or InputError) when nothing fits."""
@@ -49,8 +54,9 @@ def with_fit_advice(error: PlanError, cluster: Cluster, request: PlanRequest, pl
     if not getattr(error, "failures", None):
         return error
     quiet = dataclasses.replace(request, verbose=False)
-    devices = _device_advice(cluster, quiet, plan_on)
-    batch = _batch_advice(cluster, quiet, plan_on)
+    deadline = time.perf_counter() + BUDGET_SECONDS
+    devices = _device_advice(cluster, quiet, plan_on, deadline)
+    batch = _batch_advice(cluster, quiet, plan_on, deadline)
     lines = str(error).splitlines()
     at = next((k for k, line in enumerate(lines) if line.startswith(_NEEDS)), None)
     rest = lines[at][len(_NEEDS):].rstrip(".") if at is not None else ""
@@ -67,11 +73,14 @@ def _plans(plan_on: PlanOn, cluster: Cluster, request: PlanRequest) -> Plan | No
         return None
 
 
-def _device_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn) -> str:
+def _device_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn, deadline: float) -> str:
     n, name = cluster.num_devices, cluster.devices[0].name
     limit = MAX_GROWTH * n
     failing, count, found = n, n, None
     while found is None and count < limit:  # double until a count plans
+        if time.perf_counter() > deadline:
+            return (f"devices: more than {failing} {name} devices (the planner's search stopped probing after "
+                    f"{BUDGET_SECONDS:.0f} s)")
         count = min(count * 2, limit)
         found = _plans(plan_on, scaled_cluster(cluster, count), request)
         if found is None:
@@ -79,6 +88,9 @@ def _device_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn) -> s
     if found is None:
         return f"devices: even {limit} {name} devices do not hold it (the planner's search, up to {MAX_GROWTH}×)"
     while count - failing > 1:  # bisect: `failing` does not plan, `count` does
+        if time.perf_counter() > deadline:
+            return (f"devices: {count} {name} devices fit, {failing} do not (the planner's search stopped "
+                    f"narrowing it after {BUDGET_SECONDS:.0f} s)")
         middle = (failing + count) // 2
         plan = _plans(plan_on, scaled_cluster(cluster, middle), request)
         if plan is None:
@@ -92,7 +104,7 @@ def _device_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn) -> s
             f"{how}; {count - 1} {'does' if count == 2 else 'do'} not fit)")
 
 
-def _batch_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn) -> str:
+def _batch_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn, deadline: float) -> str:
     """The largest batch below the request's that these devices plan, keeping its fixed choices
     (a fixed microbatch count or replica count: batches that are multiples of them)."""
     size = request.batch_size
@@ -102,12 +114,17 @@ def _batch_advice(cluster: Cluster, request: PlanRequest, plan_on: PlanOn) -> st
         return _plans(plan_on, cluster, dataclasses.replace(request, batch_size=batch)) is not None
 
     low, high = 0, size // step  # in units of `step`: low plans (or is 0), high does not
+    if high > 1 and time.perf_counter() > deadline:
+        return f"batch: not probed (the planner's search spent the {BUDGET_SECONDS:.0f} s for advice on devices)"
     if high <= 1 or not plans(step):
         return (f"batch: not even a batch of {step} sample{'s' if step > 1 else ''} fits {cluster.num_devices} "
                 "device(s): the state alone is too large; shard it (data_parallel_mode='zero3' with more "
                 "devices), split layers (tensor_parallel) or use a lighter optimizer (optimizer='sgd')")
     low = 1
     while high - low > 1:
+        if time.perf_counter() > deadline:
+            return (f"batch: a batch of {low * step} samples fits {cluster.num_devices} device(s), "
+                    f"{high * step} does not (the planner's search stopped narrowing it)")
         middle = (low + high) // 2
         low, high = (middle, high) if plans(middle * step) else (low, middle)
     return (f"batch: a batch of at most {low * step} samples fits {cluster.num_devices} device(s) (the planner's "

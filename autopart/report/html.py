@@ -107,7 +107,7 @@ def render_html(plan: Plan) -> str:
                  f"The model's {plural(sum(len(s.blocks) for s in plan.stages), 'block')} in execution order, "
                  f"coloured by the stage that runs them (hover for names). The thin row beneath shows each "
                  f"block's tensor-parallel split: {escape(tensor_parallel_summary(plan))}."
-                 + (f" {escape(TP_COUNT_NOTE)}." if plan.mesh.tp > 1 else "")
+                 + (f" {escape(TP_COUNT_NOTE)}." if plan.mesh.tp > 1 and not splits_nothing(plan) else "")
                  + (f" {escape(parts_note(plan))}." if parts_note(plan) else ""),
                  layers_svg(plan) + _stage_legend(plan)),
         _section("Stages", "Per microbatch unless stated.", _stage_table(plan)),
@@ -236,7 +236,8 @@ def _memory_legend() -> str:
 def _stage_legend(plan: Plan) -> str:
     rank = (lambda s: f" · rank {s.index % plan.mesh.pp}") if plan.virtual_stages > 1 else (lambda s: "")
     return _legend([(f'<i class="sw" style="background:{stage_colour(s.index)}"></i>',
-                     f"stage {s.index}{rank(s)} · device {s.device} ({s.device_name}): {plural(len(s.blocks), 'block')}")
+                     f"stage {s.index}{rank(s)} · device {s.device} ({s.device_name}): "
+                     f"{plural(len(s.blocks), 'block')}")
                     for s in plan.stages])
 
 

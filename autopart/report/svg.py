@@ -278,7 +278,8 @@ def layers_svg(plan: Plan, width: int = 1080) -> str:
             label = _fit(block_label(block), cell - 6)
             if label:
                 body.append(_text(x + cell / 2, y + block_h / 2 + 4, label, "boxlabel", "middle"))
-            body.append(_rect(x + 1, y + block_h + 3, cell - 2, tp_h, "#d5d9e0" if split == "none" else "#6b7a90",
+            unsplit = split == "none" or split.startswith("replicated")
+            body.append(_rect(x + 1, y + block_h + 3, cell - 2, tp_h, "#d5d9e0" if unsplit else "#6b7a90",
                               f"{block}: tensor parallel {split}", 'rx="2"'))
         body += _stage_brackets(chunk, left, cell, y + block_h + 3 + tp_h + 4)
     return _svg(width, height, body, "layers by stage")

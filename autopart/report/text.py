@@ -14,6 +14,7 @@ from autopart.report.summary import (
     depth_label,
     device_memory,
     parts_note,
+    splits_nothing,
     step_parts,
     idle_notes,
     in_flight,
@@ -73,7 +74,7 @@ def _header(plan: Plan) -> str:
         _kv("tensor parallel", tensor_parallel_summary(plan)),
         *([_kv("data parallel", data_parallel_summary(plan))] if plan.mesh.dp > 1 else []),
         *([_kv("recompute", recompute_summary(plan))] if is_training(plan) else []),
-        *([_kv("", TP_COUNT_NOTE)] if plan.mesh.tp > 1 else []),
+        *([_kv("", TP_COUNT_NOTE)] if plan.mesh.tp > 1 and not splits_nothing(plan) else []),
         *([_kv("", parts_note(plan))] if parts_note(plan) else []),
     ])
 
