@@ -128,8 +128,6 @@ def compile(  # noqa: A001 - the public name the project promises
 
         raise with_fit_advice(error, cluster, request, plan_on)
     plan = found.plan
-    if splits_nothing(plan):  # a forced tp size whose groups split no op: each device repeats its peers' work
-        warnings.warn(f"tensor_parallel={plan.mesh.tp}: {tensor_parallel_summary(plan)}", stacklevel=2)
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
                    + (f" ({plan.virtual_stages} stages per rank)" if plan.virtual_stages > 1 else ""))
@@ -139,6 +137,7 @@ def compile(  # noqa: A001 - the public name the project promises
                 **plan.tensor_parallel, "nodes": {}, "collectives": [],
                 "block_strategies": block_strategies(analysis, found.assignment),
                 "analysed_layers": f"{analysis.stack.keep} of {analysis.stack.num_layers}"})
+        _warn_if_tp_splits_nothing(plan)
         log("done")
 
         def whole_model() -> tuple[Plan, list[list[torch.fx.GraphModule]], torch.fx.GraphModule]:
@@ -146,9 +145,17 @@ def compile(  # noqa: A001 - the public name the project promises
                                 training, compute_dtype, traced_size)
 
         return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds, materialize=whole_model)
+    _warn_if_tp_splits_nothing(plan)
     ranks = _rank_modules(found.graph, plan, found.assignment, found.blocks, model)
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
+
+
+def _warn_if_tp_splits_nothing(plan: Plan) -> None:
+    """A tp group that splits no op (a forced size on layers it cannot split): each device repeats its peers'
+    work, which the user should hear of at once, not only in the report."""
+    if splits_nothing(plan):
+        warnings.warn(f"tensor_parallel={plan.mesh.tp}: {tensor_parallel_summary(plan)}", stacklevel=3)
 
 
 def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, blocks: BlockGraph, model: torch.nn.Module):
