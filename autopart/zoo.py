@@ -39,11 +39,10 @@ def transformer_encoder(d_model: int = 32, layers: int = 2, batch: int = 4, seq:
                     kwargs={}, main_output=lambda out: out)
 
 
-def gpt2(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 50304) -> ZooModel:
-    """GPT-2. The default vocabulary is GPT-2's 50257 padded to a multiple of 64 (50304, as nanoGPT and
-    Megatron pad it: it divides over tensor-parallel groups of up to 64), which holds GPT2Config's bos/eos
-    id 50256; a smaller `vocab` moves them to its last id, so that transformers has no token id to warn
-    about."""
+def gpt2(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    """GPT-2 with a small vocabulary (pass vocab=50257 for GPT-2's own). GPT2Config's bos/eos id 50256 is
+    moved to the vocabulary's last id when it lies beyond it, so that transformers has no token id to warn
+    about at any size (its warning on every run came from that id, not from the size)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     special = min(50256, vocab - 1)
