@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -15,19 +16,22 @@ from autopart import passes
 from autopart.axes import AXES, SearchShape
 from autopart.compiled import CompiledModel
 from autopart.core.blocks import BlockGraph
-from autopart.core.errors import InputError
+from autopart.core.errors import InputError, PlanError
 from autopart.core.modes import check_recompute, data_parallel_mode_name, reshards_parameters
 from autopart.core.plan import Plan, TensorParallelPlan, autocast_dtype
 from autopart.core.request import PlanRequest
-from autopart.cost_models import optimizer_state_bytes
+from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.frontend.analysis import Analysis, analyse, block_strategies
 from autopart.frontend.device_arg import DevicesArg, resolve_devices
+from autopart.frontend.input_checks import check_mesh_product, check_tp_plan
 from autopart.frontend.source import ModelSource
 from autopart.passes.random_ops import route_sharded_random
 from autopart.passes.stack_assignment import restate_assignment
 from autopart.passes.tensor_parallel import TPAssignment
 from autopart.planner.choices import smallest_microbatch
+from autopart.planner.fit_advice import with_fit_advice
 from autopart.planner.mesh_search import choose_splits, search_mesh, stages_on_blocks
+from autopart.report.summary import splits_nothing, tensor_parallel_summary
 
 def compile(  # noqa: A001 - the public name the project promises
     model: torch.nn.Module,
@@ -75,6 +79,8 @@ def compile(  # noqa: A001 - the public name the project promises
     cluster = resolve_devices(devices)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_model(model)
+    check_mesh_product(cluster.num_devices, data_parallel, tensor_parallel, pipeline_parallel)
+    check_tp_plan(model, tp_plan)
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
     data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
@@ -96,9 +102,19 @@ def compile(  # noqa: A001 - the public name the project promises
     stacked = analysis.stack is not None
     tp_sizes = AXES["tp"].degrees(request, cluster, SearchShape())
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
-    found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs ->
-                        tp_choices=tp_sizes, retrace=None if stacked else source,  # Plan, and its
-                        restate=analysis.restate, progress=log.note, phase=log)  # microbatch's graph
+    try:
+        found = search_mesh(analysis.gm, analysis.blocks, cluster, request, traced_batch_size=traced_size,  # ILPs
+                            tp_choices=tp_sizes, retrace=None if stacked else source,  # -> Plan, and its
+                            restate=analysis.restate, progress=log.note, phase=log)  # microbatch's graph
+    except PlanError as error:  # no plan for lack of memory: what would fit, by the same search
+        log.note("no plan fits: searching for the devices and the batch that would")
+
+        def plan_on(other: Cluster, other_request: PlanRequest) -> Plan:
+            sizes = AXES["tp"].degrees(other_request, other, SearchShape())
+            return search_mesh(analysis.gm, analysis.blocks, other, other_request, traced_batch_size=traced_size,
+                               tp_choices=sizes, retrace=None, restate=analysis.restate).plan
+
+        raise with_fit_advice(error, cluster, request, plan_on)
     plan = found.plan
     log("codegen", f"plan: dp={plan.mesh.dp} pp={plan.mesh.pp} tp={plan.mesh.tp}, "
                    f"{plan.num_microbatches} microbatches, {plan.schedule}"
@@ -109,14 +125,23 @@ def compile(  # noqa: A001 - the public name the project promises
                 plan.tensor_parallel, nodes={}, collectives=(),
                 block_strategies=block_strategies(analysis, found.assignment),
                 analysed_layers=f"{analysis.stack.keep} of {analysis.stack.num_layers}"))
+        _warn_if_tp_splits_nothing(plan)
         log("done")
         whole = _WholeModel(source=source, request=request, analysis=analysis, assignment=found.assignment,
                             tp_budget=found.tp_budget, traced_size=traced_size)
         return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds,
                              materialize=functools.partial(whole.rank_modules, plan))
+    _warn_if_tp_splits_nothing(plan)
     ranks = _rank_modules(found.graph, plan, found.assignment, found.blocks, model)
     log("done")
     return CompiledModel(plan=plan, stages=ranks, graph=found.graph, cluster=cluster, phase_seconds=log.seconds)
+
+
+def _warn_if_tp_splits_nothing(plan: Plan) -> None:
+    """A tp group that splits no op (a forced size on layers it cannot split): each device repeats its peers'
+    work, which the user should hear of at once, not only in the report."""
+    if splits_nothing(plan):
+        warnings.warn(f"tensor_parallel={plan.mesh.tp}: {tensor_parallel_summary(plan)}", stacklevel=3)
 
 
 def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, blocks: BlockGraph, model: torch.nn.Module):

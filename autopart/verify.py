@@ -55,6 +55,9 @@ def _loss(output: Any, _target: Any = None) -> torch.Tensor:
 def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
     """Raise AssertionError (naming the tensor) if the plan differs from the model; else the figures."""
     kwargs = dict(kwargs or {})
+    # the model as autopart traced it: with the keywords tracing set (use_cache=False), whose outputs
+    # the plan returns, so that every output can be compared
+    model_kwargs = {**dict(compiled.io.default_kwargs), **kwargs}
     mixed = compiled.plan.mixed_precision is not None
     eager = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed else contextlib.nullcontext
     # mixed precision: one norm-wise bound for outputs and gradients; float32: elementwise, each its own
@@ -62,21 +65,46 @@ def verify(compiled, model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     check_gradient = _close_norm_wise if mixed else functools.partial(_close, tolerance=GRADIENT_TOLERANCE)
     model.eval()  # dropout off in both runs
     with eager():
-        expected = _float_leaves(model(*args, **kwargs))
-    got = _float_leaves(compiled.simulate(*args, **kwargs))
+        reference_output = model(*args, **model_kwargs)
+    expected = _float_leaves(reference_output)
+    got = _float_leaves(_same_structure(compiled.simulate(*args, **kwargs), reference_output))
     worst_out = max((check_output(a, b, f"output {k}") for k, (a, b) in enumerate(zip(got, expected))),
                     default=0.0)
     loss, grads = compiled.simulate_train_step(*args, target=None, loss_fn=_loss, **kwargs)
     model.zero_grad()
     with eager():
-        reference = _loss(model(*args, **kwargs))
+        reference = _loss(model(*args, **model_kwargs))
     reference.backward()
     torch.testing.assert_close(loss, reference.detach(), **(dict(rtol=BF16_RTOL, atol=0.0) if mixed
                                                             else FORWARD_TOLERANCE))
-    worst_grad = max((check_gradient(grads[name], param.grad, name)
-                      for name, param in model.named_parameters() if param.grad is not None), default=0.0)
+    expected_grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+    missing = sorted(set(expected_grads) - set(grads))
+    assert not missing, (f"the plan returns no gradient for {len(missing)} parameter(s) the model trains, "
+                         f"first {missing[0]!r}")
+    worst_grad = max((check_gradient(grads[name], grad, name) for name, grad in expected_grads.items()),
+                     default=0.0)
     return Verification(max_output_diff=worst_out, loss=loss.item(), reference_loss=reference.item(),
                         max_grad_diff=worst_grad, num_grads=len(grads))
+
+
+def _same_structure(got: Any, expected: Any) -> Any:
+    """`got` if it has `expected`'s structure (the same containers, keys and number of leaves) and
+    every tensor leaf its shape and dtype, and every other leaf is equal; else AssertionError naming
+    the first difference. Values are compared afterwards, within the tolerances."""
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    expected_leaves, expected_spec = pytree.tree_flatten(expected)
+    assert len(got_leaves) == len(expected_leaves), (
+        f"the plan returns {len(got_leaves)} output(s), the model {len(expected_leaves)}")
+    assert got_spec == expected_spec, (
+        f"the plan's output is structured as {got_spec}, the model's as {expected_spec}")
+    for k, (a, b) in enumerate(zip(got_leaves, expected_leaves)):
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor), f"output {k}: the plan returns {type(a).__name__}, the model a tensor"
+            assert a.shape == b.shape, f"output {k}: shape {tuple(a.shape)}, the model's {tuple(b.shape)}"
+            assert a.dtype == b.dtype, f"output {k}: dtype {a.dtype}, the model's {b.dtype}"
+        else:
+            assert type(a) is type(b) and a == b, f"output {k}: {a!r}, the model's {b!r}"
+    return got
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, what: str, *, tolerance: dict) -> float:

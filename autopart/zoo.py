@@ -40,10 +40,15 @@ def transformer_encoder(d_model: int = 32, layers: int = 2, batch: int = 4, seq:
 
 
 def gpt2(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, vocab: int = 256) -> ZooModel:
+    """GPT-2 with a small vocabulary (pass vocab=50257 for GPT-2's own). GPT2Config's bos/eos id 50256 is
+    moved to the vocabulary's last id when it lies beyond it, so that transformers has no token id to warn
+    about at any size (its warning on every run came from that id, not from the size)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    special = min(50256, vocab - 1)
     config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=d_model, n_layer=layers, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=special,
+                        eos_token_id=special)
     return ZooModel(name="gpt2", model=GPT2LMHeadModel(config), args=(torch.randint(0, vocab, (batch, seq)),),
                     kwargs={}, main_output=lambda out: out.logits)
 

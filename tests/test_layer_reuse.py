@@ -115,15 +115,27 @@ def test_the_copy_shares_parameters_and_traces_three_layers():
     assert sum(1 for n in analysis.gm.graph.nodes if n.op == "call_function") < 200
 
 
-def test_depth_scales_the_plan_not_the_analysis():
-    """The same model at 8 and 64 layers: the analysed graph is the same size."""
-    sizes = []
+def test_depth_scales_the_plan_not_the_analysis(monkeypatch):
+    """The same model at 8 and 64 layers: the graph compile analyses (traced and costed) has the same
+    number of nodes, while the plan places every block of the whole model."""
+    analysed_nodes = []
+    real_analyse = autopart.api.analyse
+
+    def recording(*args, **kwargs):
+        analysis = real_analyse(*args, **kwargs)
+        analysed_nodes.append(len(analysis.gm.graph.nodes))
+        return analysis
+
+    monkeypatch.setattr(autopart.api, "analyse", recording)
     for layers in (8, 64):
         entry = zoo.gpt(layers=layers, d_model=256, heads=4, vocab=512, seq=64, batch=16, device="meta")
         compiled = autopart.compile(entry.model, "2x8xH100", example_inputs=entry.args)
         assert sum(len(s.blocks) for s in compiled.plan.stages) == layers + 5
-        sizes.append(compiled.plan)
-    assert all(len(stage.blocks) for stage in sizes[1].stages)
+        assert all(len(stage.blocks) for stage in compiled.plan.stages)
+    assert len(analysed_nodes) == 2 and analysed_nodes[0] == analysed_nodes[1], analysed_nodes
+    eight = zoo.gpt(layers=8, d_model=256, heads=4, vocab=512, seq=64, batch=16, device="meta")
+    whole = autopart.trace(eight.model, eight.args)
+    assert analysed_nodes[0] < len(whole.graph.nodes)  # three layers analysed, not eight
 
 
 def test_tp_groups_stay_within_a_host_and_hosts_are_priced():

@@ -13,6 +13,7 @@ import pytest
 
 import autopart
 from autopart import zoo
+from autopart.report.html import render_html
 
 pytestmark = pytest.mark.browser
 
@@ -30,13 +31,20 @@ def _chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def report_page(tmp_path_factory) -> Path:
-    example = zoo.gpt2(layers=4, batch=8)
-    compiled = autopart.compile(example.model, "4xH100", example_inputs=example.args, pipeline_parallel=4,
-                                num_microbatches=4)
+@pytest.fixture(scope="module", params=["gpt2 on 4 ranks", "interleaved on 512 devices"])
+def report_page(request, tmp_path_factory) -> Path:
+    """GPT-2 over 4 pipeline ranks; and the 48×2048 GPT-2 on 64 hosts of 8 H100s, interleaved (16 ranks ×
+    3 stages, tp = 2, dp = 16: tests/test_report_truth.py's reproduction)."""
     path = tmp_path_factory.mktemp("report") / "report.html"
-    compiled.save_html(str(path))
+    if request.param == "gpt2 on 4 ranks":
+        example = zoo.gpt2(layers=4, batch=8)
+        compiled = autopart.compile(example.model, "4xH100", example_inputs=example.args, pipeline_parallel=4,
+                                    num_microbatches=4)
+        compiled.save_html(str(path))
+    else:
+        from test_report_truth import big_interleaved_plan
+
+        path.write_text(render_html(big_interleaved_plan()), encoding="utf-8")
     return path
 
 

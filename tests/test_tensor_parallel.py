@@ -224,7 +224,7 @@ def test_megatron_layout_computes_the_model(name, tp):
     assert_equivalent(z, gm, shard_graph(gm, a, tp))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(max_layers=5), tp=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
 def test_any_optimal_plan_of_random_costs_computes_the_model(program, tp, seed):
     """Random op costs make the ILP pick varied strategies; every pick must compute the model."""

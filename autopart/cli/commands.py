@@ -17,6 +17,7 @@ import inspect
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,8 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--check", action="store_true",
                         help="run every rank of the plan on this CPU and compare outputs, loss and every "
                              "gradient with the single-device model (float32: rtol 1e-5, atol 1e-5 / 4e-5)")
+    output.add_argument("--real-weights", action="store_true",
+                        help="build the model's weights in CPU memory even when only a plan is asked for "
+                             "(default: without --check the model is built on the meta device, which "
+                             "allocates nothing; --check always builds real weights)")
     output.add_argument("--quiet", "-q", action="store_true",
                         help="no progress lines on stderr (the report still goes to stdout)")
+    output.add_argument("--verbose", "-v", action="store_true",
+                        help="on an error, print the traceback of what caused it (torch.export's, the model's) "
+                             "after the message")
     report = commands.add_parser("report", help="print (and optionally draw) the report of a saved plan.json",
                                  description="Re-render the report of a plan written by `autopart plan --json`.")
     report.add_argument("plan_json", metavar="PLAN.json", help="a plan written by `autopart plan --json`")
@@ -144,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run_plan(args) if args.command == "plan" else _run_report(args)
     except (CliError, AutopartError) as error:
+        if getattr(args, "verbose", False) and error.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(error.__cause__, file=sys.stderr)
+            print(file=sys.stderr)
         print(f"autopart: error: {error}", file=sys.stderr)
+        if not getattr(args, "verbose", False) and error.__cause__ is not None:
+            print("autopart: (run with --verbose for the traceback of its cause)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autopart: interrupted", file=sys.stderr)
@@ -162,9 +177,18 @@ def _run_plan(args: argparse.Namespace) -> int:
     devices: Any = int(args.devices) if args.devices.strip().isdigit() else args.devices
     factory = load_factory(args.target)
     factory_kwargs = dict(_parse_factory_arg(text) for text in args.factory_arg)
-    _say(args, f"building the model with {args.target}")
+    # A plan needs shapes, not values: without --check the model is built on the meta device (no
+    # memory, no initialisation: a 2.4B-parameter GPT builds in a second instead of a minute).
+    on_meta = not (args.check or args.real_weights)
+    where = "on the meta device (no weights allocated; --check or --real-weights build them)" if on_meta \
+        else "with real weights in CPU memory"
+    _say(args, f"building the model with {args.target} {where}")
+    started = time.perf_counter()
     workload = build_workload(factory, args.target, factory_kwargs, batch_size=args.batch_size,
-                              seq_len=args.seq_len, input_shape=args.input_shape, input_dtype=args.input_dtype)
+                              seq_len=args.seq_len, input_shape=args.input_shape, input_dtype=args.input_dtype,
+                              device="meta" if on_meta else None)
+    _say(args, f"built {type(workload.model).__name__} ({_parameter_count(workload.model)} parameters) in "
+               f"{time.perf_counter() - started:.1f} s; planning")
     compiled = autopart.compile(
         workload.model, devices, example_inputs=workload.args, example_kwargs=workload.kwargs or None,
         pipeline_parallel=args.pipeline_parallel, num_microbatches=args.num_microbatches, schedule=args.schedule,
@@ -292,8 +316,34 @@ def _parse_factory_arg(text: str) -> tuple[str, Any]:
 
 def build_workload(factory: Callable[..., Any], target: str, factory_kwargs: dict[str, Any], *,
                    batch_size: int | None = None, seq_len: int | None = None, input_shape: str | None = None,
-                   input_dtype: str = "float32") -> Workload:
-    """Call the factory and turn what it returns into a model with one batch of example inputs."""
+                   input_dtype: str = "float32", device: str | None = None) -> Workload:
+    """Call the factory and turn what it returns into a model with one batch of example inputs.
+
+    `device="meta"` builds both on the meta device: a factory with a `device` keyword is passed it,
+    any other is called under `torch.device("meta")`, and inputs it makes elsewhere are moved there.
+    """
+    import torch
+
+    if device is None:
+        return _build_workload(factory, target, factory_kwargs, batch_size, seq_len, input_shape, input_dtype)
+    takes_device = _takes_keyword(factory, "device")
+    kwargs = {**factory_kwargs, "device": device} if takes_device and "device" not in factory_kwargs \
+        else factory_kwargs
+    with torch.device(device):
+        try:
+            workload = _build_workload(factory, target, kwargs, batch_size, seq_len, input_shape, input_dtype)
+        except CliError as error:
+            if not str(error).startswith("calling "):
+                raise
+            raise CliError(f"{error} (the factory ran on the {device} device, as it does when only a plan is "
+                           "asked for; pass --real-weights to build real weights)") from error.__cause__
+    return Workload(model=workload.model, **dict(zip(("args", "kwargs"), torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.to(device), (workload.args, workload.kwargs)))))
+
+
+def _build_workload(factory: Callable[..., Any], target: str, factory_kwargs: dict[str, Any],
+                    batch_size: int | None, seq_len: int | None, input_shape: str | None,
+                    input_dtype: str) -> Workload:
     import torch
 
     from autopart.zoo import ZooModel
@@ -330,6 +380,20 @@ def build_workload(factory: Callable[..., Any], target: str, factory_kwargs: dic
         raise CliError(f"{call} returned inputs with batch size {found}, not --batch-size {batch_size}; give "
                        "the factory a batch_size= (or batch=) keyword, or drop --batch-size")
     return workload
+
+
+def _takes_keyword(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        p = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _parameter_count(model: Any) -> str:
+    from autopart.core.units import fmt_count
+
+    return fmt_count(sum(p.numel() for p in model.parameters()))
 
 
 def _batch_keyword(factory: Callable[..., Any]) -> str | None:

@@ -1,10 +1,10 @@
 """The Plan: everything codegen and the runtimes need, and nothing else.
 
-Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 3
+Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 4
 (all times in seconds, sizes in bytes, "per microbatch" where stated):
 
 ```
-{"version": 3, "model_class": str, "batch_size": int, "num_microbatches": int,
+{"version": 4, "model_class": str, "batch_size": int, "num_microbatches": int,
  "schedule": "gpipe" | "1f1b" | "interleaved_1f1b" | "zero_bubble", "optimizer": str,
  "mesh": {"pp": int, "tp": int, "dp": int, "dp_shard": int (default 1)}, "virtual_stages": int (default 1),
  "data_parallel_mode": "ddp" | "zero2" | "zero3" | "hsdp" (default "ddp"),
@@ -16,7 +16,9 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 3
              default all "none"), "recompute_seconds" (default 0),
              "memory": {"params", "grads", "optimizer", "buffers", "activations",
                         "boundary", "capacity"}}],
- "predicted_step_seconds": float, "bubble_fraction": float,
+ "predicted_step_seconds": float (= solver.objective_seconds, the pipeline's step, +
+     data_parallel_sync_seconds + optimizer_seconds), "bubble_fraction": float,
+ "data_parallel_sync_seconds": float, "optimizer_seconds": float (default 0, version 4),
  "idle_devices": [int],
  "solver": {"backend", "status", "objective_seconds", "bound_seconds", "solve_seconds",
             "plan_seconds", "num_problems", "num_pruned", "num_shapes_pruned"},
@@ -30,7 +32,8 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 3
 ```
 
 Older plans still load (`Plan.from_json` upgrades them as it reads them):
-version 1 named a candidate's pipeline ranks "num_stages" (now
+version 3 did not itemise the step (its data_parallel_sync_seconds and
+optimizer_seconds read as 0); version 1 named a candidate's pipeline ranks "num_stages" (now
 "pipeline_parallel"); versions 1 and 2 called ZeRO-2 'fsdp' (optimizer state
 and master weights sharded, parameters kept whole through the step: now
 'zero2') and recompute nothing. "Stages" are model stages throughout:
@@ -48,8 +51,8 @@ import torch
 from autopart.core.errors import InputError
 from autopart.core.modes import DATA_PARALLEL_MODE_ALIASES, recompute_counts
 
-PLAN_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+PLAN_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 """Schema versions `Plan.from_json` reads (older ones are upgraded on load)."""
 
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
@@ -332,6 +335,12 @@ class Plan:
     mixed_precision: str | None = None
     """'bf16': float32 parameters, gradients and optimizer state, every stage's forward and the loss
     under torch.autocast(bfloat16); None: the model computes in its own dtypes."""
+    data_parallel_sync_seconds: float = 0.0
+    """Exposed data-parallel synchronisation per step, the slowest rank's (`step_costs.data_parallel_sync_seconds`):
+    part of `predicted_step_seconds`."""
+    optimizer_seconds: float = 0.0
+    """The optimizer step after the last backward, the slowest rank's (`step_costs.optimizer_seconds`): part of
+    `predicted_step_seconds`."""
     version: int = PLAN_VERSION
 
     @property
@@ -382,7 +391,7 @@ def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
         rename = lambda c: {("pipeline_parallel" if k == "num_stages" else k): v for k, v in c.items()}  # noqa: E731
         data = {**data, "version": 2, "candidates": [rename(c) for c in data.get("candidates", [])]}
     if data["version"] == 2:
-        data = {**data, "version": PLAN_VERSION}
+        data = {**data, "version": 3}
         if data.get("data_parallel_mode") == "fsdp":
             data["data_parallel_mode"] = "zero2"
             if isinstance(data.get("mesh"), dict):
@@ -390,6 +399,8 @@ def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
         data["candidates"] = [dict(c, data_parallel_mode=DATA_PARALLEL_MODE_ALIASES.get(
             c.get("data_parallel_mode", "ddp"), c.get("data_parallel_mode", "ddp")))
             for c in data.get("candidates", [])]
+    if data["version"] == 3:  # the step's parts were not stored: they read as 0
+        data = {**data, "version": PLAN_VERSION}
     return data
 
 

@@ -61,6 +61,7 @@ def trace(
     flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
 
     export_error: BaseException | None = None
+    trace_failure: tuple[BaseException, BaseException] | None = None
     try:
         with _quiet_fake_tensor_errors():
             gm = _export(model, args, kwargs)
@@ -72,11 +73,17 @@ def trace(
                 gm = _symbolic_trace(model, flat_inputs, in_spec)
             tracer = "symbolic_trace"
         except Exception as fallback_error:  # noqa: BLE001
-            model_error = _eager_error(model, args, kwargs)
-            if model_error is not None:  # not a tracing problem: the model refuses these inputs
-                raise _model_error(model, model_error) from model_error
-            raise _trace_error(model, export_error, fallback_error) from export_error
+            trace_failure = (export_error, fallback_error)
 
+    if trace_failure is not None:
+        # raised here, outside the except clauses, so that the chain printed is the cause alone
+        # (the model's own error, or export's), not every attempt before it
+        export_error, fallback_error = trace_failure
+        model_error = _eager_error(model, args, kwargs)
+        if model_error is not None:  # not a tracing problem: the model refuses these inputs
+            raise _model_error(model, model_error) from model_error
+        raise _trace_error(model, export_error, fallback_error) from export_error
+    _check_operand_dtypes(model, gm)
     in_spec = _graph_in_spec(gm) or in_spec
     out_spec = _flatten_output(gm)
     spec = IOSpec(
@@ -338,6 +345,39 @@ def _quiet_fake_tensor_errors() -> Iterator[None]:
         yield
     finally:
         logger.disabled = disabled
+
+
+_SAME_DTYPE_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "conv1d", "conv2d", "conv3d")
+    if hasattr(torch.ops.aten, name))
+"""Ops whose eager kernels take operands of one dtype only (no type promotion: `mat1 and mat2 must
+have the same dtype`); their fake kernels, which the tracers run, do not check it."""
+
+
+def _check_operand_dtypes(model: torch.nn.Module, gm: torch.fx.GraphModule) -> None:
+    """TraceError when a matmul or convolution of the graph mixes dtypes (a LongTensor fed to a float
+    model), which tracing lets through and the first real run rejects."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SAME_DTYPE_OPS:
+            continue
+        operands = [(a, a.meta["val"].dtype) for a in node.all_input_nodes
+                    if isinstance(a.meta.get("val"), torch.Tensor)]
+        dtypes = {d for _, d in operands}
+        if len(dtypes) <= 1:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        where = stack[-1][0] if stack else node.name
+        described = ", ".join(f"{a.target if a.op in ('get_attr', 'placeholder') else a.name} "
+                              f"{str(d).removeprefix('torch.')}" for a, d in operands)
+        inputs = [f"{n.target} ({str(n.meta['val'].dtype).removeprefix('torch.')})" for n in gm.graph.nodes
+                  if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+        raise TraceError(
+            f"{type(model).__name__}: module {where} ({node.target.__name__}) gets operands of different dtypes "
+            f"({described}), which PyTorch does not promote: the model would fail on these inputs.\n"
+            f"  inputs: {', '.join(inputs)}\n"
+            "  fix: pass inputs of the parameters' dtype (e.g. x.float()), or token ids to a model that "
+            "embeds them (nn.Embedding)."
+        )
 
 
 def _eager_error(model: torch.nn.Module, args: tuple, kwargs: dict) -> Exception | None:

@@ -10,10 +10,12 @@ from autopart.core.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, S
 from autopart.core.modes import reshards_parameters
 from autopart.core.problems import PipelineProblem, PipelineSolution
 from autopart.core.schedules import bubble_fraction
+from autopart.axes.data import data_parallel_sync_seconds
 from autopart.planner.step_costs import (
     fsdp_unit_bytes,
     fsdp_unit_transient_bytes,
     keeps_model_outputs,
+    optimizer_seconds,
     recompute_seconds,
     recompute_transient_bytes,
     returned_output_bytes,
@@ -134,6 +136,8 @@ def assemble_plan(graph: BlockGraph, cluster: Cluster, request, traced_batch_siz
         cluster=cluster.to_dict(),
         stages=tuple(stages),
         predicted_step_seconds=step_seconds,
+        data_parallel_sync_seconds=data_parallel_sync_seconds(graph, cluster, request, problem, solution, setting),
+        optimizer_seconds=optimizer_seconds(graph, cluster, request, problem, solution, setting),
         bubble_fraction=bubble_fraction(problem.schedule, num_ranks, m, problem.virtual_stages, request.training),
         idle_devices=tuple(range(num_ranks * setting.dp, cluster.num_devices)),
         solver=SolverInfo(backend=solution.backend, status=solution.status,

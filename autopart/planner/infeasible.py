@@ -3,29 +3,20 @@
 The search keeps one `Failure` per infeasible candidate. When none fits,
 `infeasible_error` names the closest one (the smallest shortfall, over every
 mesh shape tried: autopart/mesh_search.py merges them) and, for each lever,
-what it would take: more devices (`min_devices_that_fit`, chain packing), more
-memory per device (the closest attempt's need), a smaller batch (the largest
-microbatch any packing of these devices holds), and the levers already pulled
-(stages, replicas and their sharding, recomputation, microbatches).
+what it would take in memory per device (the closest attempt's need), and the
+levers already pulled (stages, replicas and their sharding, recomputation,
+microbatches). More devices and a smaller batch are found by running the search
+again (autopart/fit_advice.py), so that advice cannot contradict a plan.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from autopart.cost_models import Cluster
 from autopart.core.errors import PlanError
 from autopart.core.blocks import BlockGraph
-from autopart.axes.pipeline import microbatch_choices
-from autopart.planner.recompute_choice import least_keeping_recompute, uniform_recompute
 from autopart.core.problems import PipelineProblem
-from autopart.planner.step_costs import (
-    activation_bytes,
-    block_gradient_bytes,
-    block_state_bytes,
-    returned_output_bytes,
-)
 from autopart.core.setting import Setting
 from autopart.core.units import fmt_bytes
 
@@ -65,7 +56,8 @@ class Failure:
         t = self.tried
         mode = f" {t['data_parallel_mode']}" if t["data_parallel"] > 1 else ""
         tp = f" × tp={t['tensor_parallel']}" if t.get("tensor_parallel", 1) > 1 else ""
-        return (f"dp={t['data_parallel']}{mode} × pp={t['pipeline_parallel']}{tp}, {t['num_microbatches']} microbatches, "
+        micro = f"{t['num_microbatches']} microbatch{'es' if t['num_microbatches'] != 1 else ''}"
+        return (f"dp={t['data_parallel']}{mode} × pp={t['pipeline_parallel']}{tp}, {micro}, "
                 f"{t['schedule']}, recompute {t['recompute']}: {self.summary}")
 
 
@@ -103,27 +95,11 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     tried = _levers_tried(failures, tensor_parallel)
     if tried:
         lines.append(f"  Tried: {tried}.")
-    recompute = least_keeping_recompute(request)
-    setting = Setting(recompute=uniform_recompute(graph, recompute))
-    fits = min_devices_that_fit(graph, cluster, request, traced_batch_size, setting)
-    m = microbatch_choices(request)[-1]
-    how = (f" (a 1F1B pipeline of {m} microbatch{'es' if m > 1 else ''}"
-           + (", recomputing every block)" if recompute != "none" else ")"))
-    needs = [f"devices: the smallest count of {device.name} devices that fits is {fits}{how}"
-             if fits else f"devices: even {8 * n} {device.name} devices do not hold it{how}"]
+    needs = []  # the devices and the batch that would fit come from the search itself: autopart/fit_advice.py
     if failures:
         closest = min(failures, key=lambda f: f.shortfall_bytes)
         needs.append(f"memory: {fmt_bytes(closest.capacity_bytes + max(closest.shortfall_bytes, 0.0))} per device "
                      f"for the closest attempt ({fmt_bytes(max(closest.shortfall_bytes, 0.0))} more)")
-    largest = largest_microbatch_that_fits(graph, cluster, request, traced_batch_size, setting)
-    size = request.batch_size
-    if largest is None:
-        needs.append("batch: not even 1 sample per microbatch fits: the state alone is too large; shard it "
-                     "(data_parallel_mode='zero3' with more devices), split layers (tensor_parallel) or "
-                     "use a lighter optimizer (optimizer='sgd')")
-    else:
-        needs.append(f"batch: microbatches of at most {largest} sample(s) fit on {n} device(s) as a pipeline "
-                     f"(the batch of {size} needs a microbatch count that divides it down to that)")
     lines.append("  What would fit — " + "; ".join(needs) + ".")
     return "\n".join(lines)
 
@@ -140,70 +116,3 @@ def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> 
             f"({values('data_parallel_mode')}); microbatches {values('num_microbatches')}; "
             f"schedules {values('schedule')}; recompute {values('recompute')}; "
             f"tensor parallel {', '.join(str(t) for t in tensor_parallel)}")
-
-
-def _packing(graph: BlockGraph, request, setting: Setting, m: int, scale: float) -> tuple[list[float], list[float]]:
-    state = [block_state_bytes(b, request, setting) + block_gradient_bytes(b, request, setting, m)
-             + returned_output_bytes(b, request, m, scale) for b in graph.blocks]
-    acts = [activation_bytes(b, request, setting, setting.recompute_of(i)) * scale
-            for i, b in enumerate(graph.blocks)]
-    return state, acts
-
-
-def _fits(state: list[float], acts: list[float], capacity: float, count: int, m: int) -> bool:
-    """Whether blocks packed greedily in order into `count` consecutive stages fit (1F1B in flight)."""
-    stage, used_state, used_acts = 0, 0.0, 0.0
-    for s_bytes, a_bytes in zip(state, acts):
-        in_flight = min(m, count - stage)
-        if used_state + s_bytes + (used_acts + a_bytes) * in_flight > capacity:
-            stage += 1
-            used_state, used_acts = 0.0, 0.0
-            in_flight = min(m, count - stage) if stage < count else 0
-            if stage >= count or s_bytes + a_bytes * in_flight > capacity:
-                return False
-        used_state += s_bytes
-        used_acts += a_bytes
-    return True
-
-
-def min_devices_that_fit(graph: BlockGraph, cluster: Cluster, request, traced_batch_size: int,
-                         setting: Setting | None = None) -> int | None:
-    """Smallest number of devices like the cluster's first that hold the model, greedily packed.
-
-    Blocks are packed in order into consecutive stages, each filled as far as
-    its memory allows, with the most microbatches (m = batch, 1F1B in flight),
-    which is optimal for a chain (an exchange argument).
-    """
-    setting = setting or Setting()
-    capacity = cluster.devices[0].memory_bytes
-    m = microbatch_choices(request)[-1]
-    state, acts = _packing(graph, request, setting, m, request.batch_size / m / traced_batch_size)
-    for count in range(1, 8 * cluster.num_devices + 1):
-        if _fits(state, acts, capacity, count, m):
-            return count
-    return None
-
-
-def largest_microbatch_that_fits(graph: BlockGraph, cluster: Cluster, request, traced_batch_size: int,
-                                 setting: Setting | None = None) -> int | None:
-    """The most samples per microbatch a pipeline over all the cluster's devices holds (greedy packing,
-    as many microbatches in flight as stages); None when not even one sample fits."""
-    setting = setting or Setting()
-    capacity = min(d.memory_bytes for d in cluster.devices)
-    count = cluster.num_devices
-    m = max(count, 1)
-
-    def fits(size: int) -> bool:
-        probe = dataclasses.replace(request, batch_size=size * m)
-        state, acts = _packing(graph, probe, setting, m, size / traced_batch_size)
-        return _fits(state, acts, capacity, count, m)
-
-    if not fits(1):
-        return None
-    low, high = 1, 2
-    while fits(high) and high < 1 << 20:
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low

@@ -7,9 +7,14 @@ from html import escape
 from autopart.core.plan import Plan
 from autopart.report.summary import (
     MEMORY_KINDS,
+    TP_COUNT_NOTE,
     abbreviate_blocks,
     cluster_label,
     depth_label,
+    device_memory,
+    parts_note,
+    splits_nothing,
+    step_parts,
     idle_notes,
     is_training,
     model_name,
@@ -18,8 +23,16 @@ from autopart.report.summary import (
     stage_count_notes,
     tensor_parallel_summary,
 )
-from autopart.report.svg import ACTION_COLOURS, MEMORY_COLOURS, layers_svg, memory_svg, stage_colour, timeline_svg
-from autopart.report.text import render_text
+from autopart.report.svg import (
+    ACTION_COLOURS,
+    MEMORY_COLOURS,
+    STEP_PART_COLOURS,
+    layers_svg,
+    memory_svg,
+    stage_colour,
+    timeline_svg,
+)
+from autopart.report.text import best_candidates, render_text
 from autopart.report.timing import makespan, predicted_timeline
 from autopart.core.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, plural
 
@@ -37,7 +50,9 @@ section { background:var(--card); border:1px solid var(--line); border-radius:10
 .cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(135px,1fr)); gap:10px; margin:0 0 16px; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:10px 14px; }
 .card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.card .v { font-size:20px; font-weight:600; margin-top:2px; }
+.card .v { font-size:20px; font-weight:600; margin-top:2px; overflow-wrap:break-word; }
+.card .v.long { font-size:15px; line-height:1.9; }
+.warn { background:#fff6e0; border:1px solid #f0c36d; border-radius:8px; padding:8px 12px; margin:0 0 16px; }
 .card .d { color:var(--muted); font-size:12px; }
 td.nw { white-space:nowrap; }
 .legend { display:flex; flex-wrap:wrap; gap:14px; margin:8px 0 0; font-size:12.5px; color:var(--muted); }
@@ -82,24 +97,22 @@ def render_html(plan: Plan) -> str:
         f"<h1>{escape(title)}</h1>",
         f'<p class="subtitle">autopart partition report · {escape(plan.model_class)}</p>',
         _cards(plan),
+        _warnings(plan),
         _why(plan),
-        _section("Pipeline schedule",
-                 f"One step of {escape(plan.schedule)} with {plural(plan.num_microbatches, 'microbatch')}, "
-                 f"played with each stage's predicted times: a rank starts an action when it is free and "
-                 f"its input has arrived. Played: {fmt_seconds(makespan(actions))}; the planner's "
-                 f"estimate (the schedule's step in slots × the slowest stage): "
-                 f"{fmt_seconds(plan.predicted_step_seconds)}.",
-                 timeline_svg(plan, actions) + _timeline_legend()),
-        _section("Memory per device",
-                 "Peak bytes each device holds under the schedule, stacked by kind; the dashed red line "
-                 "is the device's capacity.", memory_svg(plan) + _memory_legend()),
+        _section("Pipeline schedule", _timeline_caption(plan, makespan(actions)),
+                 timeline_svg(plan, actions) + _timeline_legend(plan)),
+        _section("Memory per device", _memory_caption(plan), memory_svg(plan) + _memory_legend()),
         _section("Layers by stage",
                  f"The model's {plural(sum(len(s.blocks) for s in plan.stages), 'block')} in execution order, "
                  f"coloured by the stage that runs them (hover for names). The thin row beneath shows each "
-                 f"block's tensor-parallel split: {escape(tensor_parallel_summary(plan))}.",
+                 f"block's tensor-parallel split: {escape(tensor_parallel_summary(plan))}."
+                 + (f" {escape(TP_COUNT_NOTE)}." if plan.mesh.tp > 1 and not splits_nothing(plan) else "")
+                 + (f" {escape(parts_note(plan))}." if parts_note(plan) else ""),
                  layers_svg(plan) + _stage_legend(plan)),
         _section("Stages", "Per microbatch unless stated.", _stage_table(plan)),
-        _section("Candidates", f"Every configuration the planner tried; {escape(_solver_line(plan))}.",
+        _section("Candidates", f"Every configuration the planner tried, the chosen first, then by predicted step "
+                               f"(dp: data-parallel replicas and their mode; pp: pipeline ranks; v: stages per rank; "
+                               f"tp: tensor-parallel group; m: microbatches); {escape(_solver_line(plan))}.",
                  _candidate_table(plan)),
         "<section><details><summary>Text report</summary>"
         f"<pre>{escape(render_text(plan))}</pre></details></section>",
@@ -110,19 +123,54 @@ def render_html(plan: Plan) -> str:
             f"<body><main>{''.join(body)}</main></body></html>\n")
 
 
+def _timeline_caption(plan: Plan, pipeline_played: float) -> str:
+    parts = step_parts(plan)
+    after = parts[1:]
+    played = pipeline_played + sum(seconds for _, seconds in after)
+    formula = " + ".join(f"{escape(name)} {fmt_seconds(seconds)}" for name, seconds in parts)
+    then = (" then " + " and ".join(escape(name) for name, _ in after) + ", each rank alike (the slowest rank's),"
+            if after else "")
+    return (f"One step of {escape(plan.schedule)} with {plural(plan.num_microbatches, 'microbatch')}, played with "
+            f"each stage's predicted times (tensor-parallel collectives are inside the F and B boxes): a rank starts "
+            f"an action when it is free and its input has arrived;{then} as the planner prices them. "
+            f"Played: {fmt_seconds(played)}. The planner's estimate, by which it ranks candidates: "
+            f"{formula} = {fmt_seconds(plan.predicted_step_seconds)}, its pipeline part the schedule's step in "
+            f"slots × the slowest stage. With unequal stages that is an upper bound (every slot as long as the "
+            f"slowest stage's), so the played step, which times each stage's own work, is usually the shorter "
+            f"and the nearer prediction; with equal stages the two agree.")
+
+
+def _memory_caption(plan: Plan) -> str:
+    text = ("Peak bytes each device holds under the schedule, stacked by kind; the dashed red line is the "
+            "device's capacity. One row per pipeline rank, standing for every device that runs it (its "
+            "tensor-parallel group in every data-parallel replica).")
+    if plan.virtual_stages > 1:
+        text += (f" Each rank holds {plan.virtual_stages} stages: its row sums their peaks (the planner keeps each "
+                 f"stage within 1/{plan.virtual_stages} of the device, so the sum is within the device).")
+    return text
+
+
+def _warnings(plan: Plan) -> str:
+    if not splits_nothing(plan):
+        return ""
+    return f'<p class="warn"><b>Warning:</b> {escape(tensor_parallel_summary(plan))}.</p>'
+
+
 def _section(title: str, caption: str, content: str) -> str:
     return f'<section><h2>{escape(title)}</h2><p class="caption">{caption}</p>{content}</section>'
 
 
 def _card(key: str, value: str, detail: str = "") -> str:
-    return (f'<div class="card"><div class="k">{escape(key)}</div><div class="v">{escape(value)}</div>'
+    size = " long" if len(value) > 10 else ""  # a long value (interleaved_1f1b) in a smaller font, wrapped
+    shown = escape(value).replace("_", "_<wbr>")  # after an underscore, not mid-word
+    return (f'<div class="card"><div class="k">{escape(key)}</div><div class="v{size}">{shown}</div>'
             f'<div class="d">{escape(detail)}</div></div>')
 
 
 def _cards(plan: Plan) -> str:
     mode = f"training, {plan.optimizer}" if is_training(plan) else "inference"
     mode += f", {precision_label(plan)}"
-    fullest = max(plan.stages, key=lambda s: s.memory.total / s.memory.capacity)
+    fullest = max(device_memory(plan), key=lambda r: r.total / r.capacity)
     idle = plan.idle_devices
     cards = [
         _card("step time", fmt_seconds(plan.predicted_step_seconds), f"predicted, {mode}"),
@@ -133,9 +181,11 @@ def _cards(plan: Plan) -> str:
         _card("microbatches", str(plan.num_microbatches), f"of {plan.microbatch_size} (batch {plan.batch_size})"),
         _card("schedule", plan.schedule, f"bubble {fmt_percent(plan.bubble_fraction)}"),
         *([_card("recompute", _recompute_value(plan), recompute_summary(plan))] if is_training(plan) else []),
-        _card("fullest device", fmt_percent(fullest.memory.total / fullest.memory.capacity),
-              f"device {fullest.device}: {fmt_bytes(fullest.memory.total)}"),
-        _card("idle devices", str(len(idle)), "all in use" if not idle else f"of {len(plan.cluster['devices'])}"),
+        _card("fullest device", fmt_percent(fullest.total / fullest.capacity),
+              f"device {fullest.devices[0]}: {fmt_bytes(fullest.total)} of {fmt_bytes(fullest.capacity)}"),
+        _card("idle devices", str(len(idle)),
+              (f"{plan.mesh.tp}-device tp groups split nothing: they repeat each other's work" if splits_nothing(plan)
+               else "all in use") if not idle else f"of {len(plan.cluster['devices'])}"),
         _card("solver", plan.solver.status.lower(), f"{plan.solver.backend}, {fmt_seconds(plan.solver.plan_seconds)} "
                                                     f"search"),
     ]
@@ -148,7 +198,8 @@ def _recompute_value(plan: Plan) -> str:
 
 
 def _why(plan: Plan) -> str:
-    notes = [f"<b>{plural(count, 'stage')}</b>: {escape(reason)}" for count, reason in stage_count_notes(plan)]
+    notes = [f"<b>{escape(depth_label(plan, count))}</b>: {escape(reason)}"
+             for count, reason in stage_count_notes(plan)]
     notes += [escape(note) for note in idle_notes(plan)]
     if not notes:
         return ""
@@ -161,12 +212,14 @@ def _legend(items: list[tuple[str, str]]) -> str:
     return '<div class="legend">' + "".join(f"<span>{swatch}{escape(text)}</span>" for swatch, text in items) + "</div>"
 
 
-def _timeline_legend() -> str:
+def _timeline_legend(plan: Plan) -> str:
     return _legend([
         (f'<i class="sw" style="background:{ACTION_COLOURS["F"]}"></i>', "forward (F microbatch)"),
         (f'<i class="sw" style="background:{ACTION_COLOURS["B"]}"></i>', "backward (B, or I: input gradient)"),
         (f'<i class="sw" style="background:{ACTION_COLOURS["W"]}"></i>', "weight gradient (W, zero bubble)"),
         ('<i class="sw comm"></i>', "boundary transfer"),
+        *[(f'<i class="sw" style="background:{STEP_PART_COLOURS[name]}"></i>', name)
+          for name, _ in step_parts(plan)[1:]],
         ('<i class="sw idle"></i>', "idle (bubble)"),
         ('<i class="sw line" style="border-color:#7b1e1e"></i>', "planner's step estimate"),
         ('<i class="sw line" style="border-color:#1f2933"></i>', "end of the played step"),
@@ -180,8 +233,10 @@ def _memory_legend() -> str:
 
 
 def _stage_legend(plan: Plan) -> str:
+    rank = (lambda s: f" · rank {s.index % plan.mesh.pp}") if plan.virtual_stages > 1 else (lambda s: "")
     return _legend([(f'<i class="sw" style="background:{stage_colour(s.index)}"></i>',
-                     f"stage {s.index} · device {s.device} ({s.device_name}): {plural(len(s.blocks), 'block')}")
+                     f"stage {s.index}{rank(s)} · device {s.device} ({s.device_name}): "
+                     f"{plural(len(s.blocks), 'block')}")
                     for s in plan.stages])
 
 
@@ -212,16 +267,22 @@ def _stage_table(plan: Plan) -> str:
 
 
 def _candidate_table(plan: Plan) -> str:
-    head = ("<tr><th class=n>dp</th><th class=n>stages</th><th class=n>tp</th><th class=n>microbatches</th>"
-            "<th>schedule</th>"
-            "<th class=n>step time</th><th>status</th><th>detail</th></tr>")
+    """Every candidate, the chosen first, then by predicted step, then those without one in the order tried;
+    with every field that tells two apart (replicas and their mode, ranks, virtual stages, tp, microbatches,
+    schedule, recompute)."""
+    head = ("<tr><th class=n>#</th><th class=n>dp</th><th>mode</th><th class=n title=\"pipeline ranks\">pp</th>"
+            "<th class=n title=\"stages per pipeline rank\">v</th><th class=n>tp</th>"
+            "<th class=n title=\"microbatches\">m</th><th>schedule</th>"
+            "<th>recompute</th><th class=n>step time</th><th>status</th><th>detail</th></tr>")
     rows = []
-    for c in plan.candidates:
+    for k, c in enumerate(best_candidates(plan, limit=len(plan.candidates)), start=1):
         step = fmt_seconds(c.step_seconds) if c.step_seconds is not None else "–"
         status = escape(c.status)
-        rows.append(f'<tr class="{status}"><td class=n>{c.data_parallel}</td><td class=n>{c.pipeline_parallel}</td>'
+        mode = escape(c.data_parallel_mode) if c.data_parallel > 1 else "–"
+        rows.append(f'<tr class="{status}"><td class=n>{k}</td><td class=n>{c.data_parallel}</td><td>{mode}</td>'
+                    f'<td class=n>{c.pipeline_parallel}</td><td class=n>{c.virtual_stages}</td>'
                     f'<td class=n>{c.tensor_parallel}</td><td class=n>{c.num_microbatches}</td>'
-                    f"<td>{escape(c.schedule)}</td><td class=n>{step}</td>"
+                    f"<td class=nw>{escape(c.schedule)}</td><td>{escape(c.recompute)}</td><td class=n>{step}</td>"
                     f'<td><span class="pill {status}">{status}</span></td><td>{escape(c.detail)}</td></tr>')
     return f"<table>{head}{''.join(rows)}</table>"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 from autopart.axes import AXES
 from autopart.core.plan import QUIET_STRATEGIES, Candidate, Plan, StagePlan
@@ -25,6 +26,24 @@ def precision_label(plan: Plan) -> str:
     if plan.mixed_precision == "bf16":
         return "bf16 mixed precision (autocast over float32 parameters and optimizer state)"
     return "model's own precision"
+
+
+def step_parts(plan: Plan) -> list[tuple[str, float]]:
+    """The predicted step's parts, which add up to `predicted_step_seconds`: the pipeline's step (the
+    solver's objective: the schedule's slots × the slowest stage, tp collectives inside the stages'
+    times), the exposed data-parallel synchronisation and the optimizer step. A plan of schema 3 did
+    not store the last two: what the step has beyond the pipeline is then one part."""
+    pipeline = plan.solver.objective_seconds
+    parts = [("pipeline", pipeline)]
+    itemised = plan.data_parallel_sync_seconds + plan.optimizer_seconds
+    if plan.data_parallel_sync_seconds > 0:
+        parts.append(("data-parallel sync", plan.data_parallel_sync_seconds))
+    if plan.optimizer_seconds > 0:
+        parts.append(("optimizer step", plan.optimizer_seconds))
+    rest = plan.predicted_step_seconds - pipeline - itemised
+    if rest > 1e-9 * max(plan.predicted_step_seconds, 1e-30):
+        parts.append(("sync and optimizer (not itemised)", rest))
+    return parts
 
 
 def is_training(plan: Plan) -> bool:
@@ -99,6 +118,23 @@ def recompute_summary(plan: Plan) -> str:
 # ----------------------------------------------------------------------------- blocks
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
+_PART = re.compile(r"^(.*)#(\d+)$")
+
+
+def block_label(name: str) -> str:
+    """A block's name as the reports print it: 'transformer#2' (the second run of ops of module
+    `transformer` directly, after its numbered layers) reads 'transformer (part 2)'."""
+    match = _PART.match(name)
+    return f"{match.group(1)} (part {match.group(2)})" if match else name
+
+
+def parts_note(plan: Plan) -> str:
+    """What '(part k)' means, when a plan has such blocks; else ''."""
+    parted = sorted({_PART.match(b).group(1) for s in plan.stages for b in s.blocks if _PART.match(b)})
+    if not parted:
+        return ""
+    return (f"'{parted[0]} (part 2)': ops of {parted[0]} outside its numbered layers, those after them "
+            "('part 1': before them)")
 
 
 def abbreviate_blocks(blocks: tuple[str, ...] | list[str], max_items: int = 6) -> str:
@@ -106,7 +142,7 @@ def abbreviate_blocks(blocks: tuple[str, ...] | list[str], max_items: int = 6) -
 
     ('transformer.h.0', ..., 'transformer.h.5') -> 'transformer.h.0 … transformer.h.5 (6 blocks)'.
     """
-    blocks = list(blocks)
+    blocks = [block_label(b) for b in blocks]
     if not blocks:
         return "(no blocks)"
     items: list[str] = []
@@ -150,13 +186,28 @@ def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
                 counts[strategy] = counts.get(strategy, 0) + count
     if not counts:
         return f"replicated on tp={plan.mesh.tp}"
-    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) + f" (stage {stage.index}, tp={plan.mesh.tp})"
+    return (", ".join(f"{k} ×{v} ops" for k, v in sorted(counts.items()))
+            + f" (stage {stage.index}, tp={plan.mesh.tp})")
+
+
+TP_COUNT_NOTE = ("'colwise ×N ops': N ops of the stage split by output features over the tp group; "
+                 "'rowwise': by input features (partial sums all-reduced)")
+"""What the counts of `tensor_parallel_split` count."""
+
+
+def splits_nothing(plan: Plan) -> bool:
+    """True when the plan has a tp group but no op of any stage is split: its devices do identical work."""
+    return plan.mesh.tp > 1 and all(tensor_parallel_split(plan, s, b).startswith("replicated")
+                                    for s in plan.stages for b in s.blocks[:1])
 
 
 def tensor_parallel_summary(plan: Plan) -> str:
-    """One line for the whole plan: 'none (tp=1)' or the group size."""
+    """One line for the whole plan: 'none (tp=1)' or the group size (and a warning when it splits nothing)."""
     if plan.mesh.tp == 1:
         return "none (tp=1)"
+    if splits_nothing(plan):
+        return (f"tp={plan.mesh.tp} per stage, but no op is split: the {plan.mesh.tp} devices of each group do "
+                "identical work (replicated); tensor_parallel=1 frees them")
     return f"tp={plan.mesh.tp} per stage"
 
 
@@ -191,9 +242,14 @@ def schedule_grid(plan: Plan, max_slots: int = 28, tail_slots: int = 6) -> str:
     return "\n".join(lines) + f"\n({hidden} of {len(slots)} slots not shown)"
 
 
-def depth_label(plan: Plan) -> str:
-    """'4 stages', or '2 pipeline ranks' when each rank runs several (virtual) stages."""
-    return plural(plan.mesh.pp, "stage" if plan.virtual_stages == 1 else "pipeline rank")
+def counts_ranks(plan: Plan) -> bool:
+    """True when a pipeline rank may run several stages in this plan or a candidate: counts then name ranks."""
+    return plan.virtual_stages > 1 or any(c.virtual_stages > 1 for c in plan.candidates)
+
+
+def depth_label(plan: Plan, count: int | None = None) -> str:
+    """'4 stages', or '2 pipeline ranks' when a rank runs several (virtual) stages here or in a candidate."""
+    return plural(plan.mesh.pp if count is None else count, "pipeline rank" if counts_ranks(plan) else "stage")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -229,7 +285,9 @@ def _reason(plan: Plan, count: int, tried: list[Candidate], chosen_step: float) 
         else:
             why = f"less parallelism; {best.detail.split(';')[0]}"
         change = f"{slower:+.1%}" if abs(slower) < 0.1 else f"{slower:+.0%}"
-        return f"{change} step time ({why}; best at m={best.num_microbatches}, {best.schedule})"
+        virtual = (f" v={best.virtual_stages} ({best.pipeline_parallel * best.virtual_stages} stages)"
+                   if best.virtual_stages > 1 else "")
+        return f"{change} step time ({why}; best at m={best.num_microbatches}, {best.schedule}{virtual})"
     if infeasible:
         extra = f"; {len(pruned)} other choices pruned" if pruned else ""
         return f"infeasible: {infeasible[0].detail}{extra}"
@@ -254,7 +312,7 @@ def idle_notes(plan: Plan) -> list[str]:
         why = f"the model splits into only {plural(num_blocks, 'block')}, one per stage"
     else:
         why = f"a faster plan uses {depth_label(plan)}"
-    shape = f"{plan.mesh.pp}-rank pipeline" if plan.virtual_stages > 1 else f"{plan.mesh.pp}-stage pipeline"
+    shape = f"{plan.mesh.pp}-rank pipeline" if counts_ranks(plan) else f"{plan.mesh.pp}-stage pipeline"
     if replicas >= 1:
         could = f"they could hold {plural(replicas, 'more data-parallel replica')} of this {shape}"
     else:
@@ -262,7 +320,49 @@ def idle_notes(plan: Plan) -> list[str]:
     return [f"{head}: {why}; {could}"]
 
 
-def memory_line(stage: StagePlan) -> str:
-    """'5.40 MiB of 74.5 GiB (<0.01%)'."""
+def memory_line(plan: Plan, stage: StagePlan) -> str:
+    """'5.40 MiB of 74.5 GiB (<0.01%)'; with virtual stages, of the stage's share of its device."""
     mem = stage.memory
-    return f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)} ({fmt_percent(mem.total / mem.capacity)})"
+    line = f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)} ({fmt_percent(mem.total / mem.capacity)})"
+    if plan.virtual_stages > 1:
+        device = device_capacity(plan, stage.device)
+        line = (f"{fmt_bytes(mem.total)} of its {fmt_bytes(mem.capacity)} share, 1/{plan.virtual_stages} of "
+                f"device {stage.device}'s {fmt_bytes(device)} ({fmt_percent(mem.total / mem.capacity)} of the share)")
+    return line
+
+
+def device_capacity(plan: Plan, device: int) -> int:
+    """Memory of device `device`, bytes (the plan's cluster)."""
+    return int(plan.cluster["devices"][device]["memory_bytes"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceMemory:
+    """What one pipeline rank's devices hold: the sum of its stages' peaks, by kind, against the whole device."""
+
+    rank: int
+    stages: tuple[int, ...]
+    devices: tuple[int, ...]
+    """Every device that runs this rank (its tp group in every replica): each holds what the row shows."""
+    device_name: str
+    kinds: dict[str, int]
+    """`MEMORY_KINDS` -> bytes, summed over the rank's stages (`StageMemory` fields)."""
+    capacity: int
+    """One device's memory (the plan's cluster)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.kinds.values())
+
+
+def device_memory(plan: Plan) -> list[DeviceMemory]:
+    """One row per pipeline rank (a device with several virtual stages is one row): the sum of its
+    stages' peak bytes, which the planner holds within the device (each stage within 1/v of it)."""
+    rows = []
+    for rank in range(plan.mesh.pp):
+        stages = [plan.stages[s] for s in plan.stages_of_rank(rank)]
+        kinds = {kind: sum(getattr(s.memory, kind) for s in stages) for kind in MEMORY_KINDS}
+        rows.append(DeviceMemory(rank=rank, stages=tuple(s.index for s in stages),
+                                 devices=tuple(devices_of_stage(plan, stages[0])), device_name=stages[0].device_name,
+                                 kinds=kinds, capacity=device_capacity(plan, stages[0].device)))
+    return rows

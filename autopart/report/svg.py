@@ -11,13 +11,23 @@ import math
 from html import escape
 
 from autopart.core.plan import Plan, StagePlan
-from autopart.report.summary import MEMORY_KINDS, devices_of_stage, tensor_parallel_split
+from autopart.report.summary import (
+    MEMORY_KINDS,
+    DeviceMemory,
+    block_label,
+    device_memory,
+    step_parts,
+    tensor_parallel_split,
+)
 from autopart.report.timing import TimedAction, busy_fraction, makespan
 from autopart.core.units import fmt_bytes, fmt_percent, fmt_ranges, fmt_seconds
 
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
                  "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
 ACTION_COLOURS = {"F": "#4e79a7", "B": "#f28e2b", "I": "#f28e2b", "W": "#59a14f"}
+STEP_PART_COLOURS = {"data-parallel sync": "#b07aa1", "optimizer step": "#9c755f",
+                     "sync and optimizer (not itemised)": "#bab0ac"}
+"""The parts of the predicted step after the pipeline (`summary.step_parts`), drawn after the played schedule."""
 _ACTION_NAMES = {"F": "forward", "B": "backward", "I": "input-gradient backward", "W": "weight-gradient backward"}
 MEMORY_COLOURS = {"params": "#4e79a7", "grads": "#76b7b2", "optimizer": "#edc948",
                   "buffers": "#b07aa1", "activations": "#f28e2b", "boundary": "#e15759"}
@@ -33,8 +43,13 @@ _DEFS = """<defs>
 
 
 def stage_colour(index: int) -> str:
-    """Colour of stage `index` in every picture."""
-    return STAGE_COLOURS[index % len(STAGE_COLOURS)]
+    """Colour of stage `index` in every picture: Tableau 10 for the first ten, then hues a golden angle
+    apart (137.5°) at alternating lightness, so that no two stages of a long pipeline share a colour."""
+    if index < len(STAGE_COLOURS):
+        return STAGE_COLOURS[index]
+    hue = (index * 137.508) % 360
+    lightness = (38, 50, 62)[index % 3]
+    return f"hsl({hue:.1f},{55 + 10 * (index % 2)}%,{lightness}%)"
 
 
 def _svg(width: float, height: float, body: list[str], label: str) -> str:
@@ -86,7 +101,9 @@ def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> s
     """One row per rank; F and B boxes of each microbatch placed by their predicted times."""
     left, right, row, gap, top = 118, 16, 30, 10, 22
     plot = width - left - right
-    played = makespan(actions)
+    pipeline_played = makespan(actions)
+    after = step_parts(plan)[1:]  # data-parallel sync, optimizer step: every rank, after its last backward
+    played = pipeline_played + sum(seconds for _, seconds in after)
     predicted = plan.predicted_step_seconds
     axis_max = max(played, predicted, 1e-12) * 1.02
     scale = plot / axis_max
@@ -117,6 +134,16 @@ def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> s
         label = f"{a.kind}{a.microbatch}"
         if w >= len(label) * _CHAR_PX + 4:
             body.append(_text(x + w / 2, y + row / 2 + 4, label, "boxlabel", "middle"))
+    for stage in plan.stages[:plan.mesh.pp]:
+        y = top + stage.index * (row + gap)
+        x = left + pipeline_played * scale
+        for name, seconds in after:
+            body.append(_rect(x, y, seconds * scale, row, STEP_PART_COLOURS[name],
+                              f"{name} on rank {stage.index}: {fmt_seconds(seconds)} (the slowest rank's, after the "
+                              "last backward)", box))
+            if seconds * scale >= len(name) * _CHAR_PX * 0.8 + 4:
+                body.append(_text(x + seconds * scale / 2, y + row / 2 + 4, name, "boxlabel", "middle"))
+            x += seconds * scale
     for value, cls, name in ((played, "played", "played"), (predicted, "predicted", "planner")):
         x = left + value * scale
         body.append(f'<line x1="{x:.1f}" y1="{top - 8}" x2="{x:.1f}" y2="{top + rows_h + 6}" class="{cls}"/>')
@@ -129,16 +156,17 @@ def timeline_svg(plan: Plan, actions: list[TimedAction], width: int = 1080) -> s
 # ----------------------------------------------------------------------------- (b) memory
 
 def memory_svg(plan: Plan, width: int = 1080, max_idle_rows: int = 4) -> str:
-    """A stacked bar per device (by memory kind) against its capacity.
-
-    Idle devices get an empty row each, or one row together when there are more than `max_idle_rows`.
-    """
-    left, right, row, gap, top = 118, 250, 24, 12, 10
+    """A stacked bar per device (by memory kind) against its capacity: one row per pipeline rank (a device
+    holding several virtual stages is one row, its stages summed), standing for every device that runs
+    the rank. Idle devices get an empty row each, or one row together when there are more than
+    `max_idle_rows`."""
+    left, right, row, gap, top = 170, 230, 24, 12, 10
     plot = width - left - right
     rows = _memory_rows(plan, max_idle_rows)
-    totals = [s.memory.total for s in plan.stages]
+    used = device_memory(plan)
+    totals = [r.total for r in used]
     caps = [int(d["memory_bytes"]) for d in plan.cluster["devices"]]
-    fullest = max((s.memory.total / s.memory.capacity for s in plan.stages), default=0.0)
+    fullest = max((r.total / r.capacity for r in used), default=0.0)
     zoomed = fullest < 0.05
     axis_max = _nice_ceiling_bytes(max(totals, default=1) * 1.1) if zoomed else max(max(caps), max(totals, default=0))
     scale = plot / axis_max
@@ -146,13 +174,13 @@ def memory_svg(plan: Plan, width: int = 1080, max_idle_rows: int = 4) -> str:
     height = top + rows_h + 44 + (18 if zoomed else 0)
     body = [_DEFS]
     body += _axis(left, top + rows_h + 6, plot, top - 4, axis_max, fmt_bytes, binary=True)
-    for k, (label, sub, stage, capacity, summary) in enumerate(rows):
+    for k, (label, sub, held, capacity, summary) in enumerate(rows):
         y = top + k * (row + gap)
         body.append(_text(left - 10, y + 11, label, "label", "end"))
         body.append(_text(left - 10, y + 23, sub, "sub", "end"))
-        body.append(_rect(left, y, plot, row, "url(#idle)" if stage is None else "#f4f5f7"))
-        if stage is not None:
-            body += _memory_segments(stage, left, y, row, scale)
+        body.append(_rect(left, y, plot, row, "url(#idle)" if held is None else "#f4f5f7"))
+        if held is not None:
+            body += _memory_segments(held, left, y, row, scale)
         body.append(_text(left + plot + 12, y + 16, summary, "value"))
         if not zoomed:
             x = left + capacity * scale
@@ -160,40 +188,38 @@ def memory_svg(plan: Plan, width: int = 1080, max_idle_rows: int = 4) -> str:
                         f"<title>capacity {escape(fmt_bytes(capacity))}</title></line>")
     if zoomed:
         body.append(_text(left, top + rows_h + 52,
-                          f"Scale zoomed to the fullest stage: every device's capacity ({fmt_bytes(max(caps))}) "
-                          f"lies far to the right; the fullest stage uses {fmt_percent(fullest)} of it.", "note"))
+                          f"Scale zoomed to the fullest device: every device's capacity ({fmt_bytes(max(caps))}) "
+                          f"lies far to the right; the fullest device uses {fmt_percent(fullest)} of it.", "note"))
     return _svg(width, height, body, "memory per device")
 
 
-def _memory_rows(plan: Plan, max_idle_rows: int) -> list[tuple[str, str, StagePlan | None, int, str]]:
-    """(label, sub-label, stage or None, capacity, summary) per row of the memory chart.
+def _memory_rows(plan: Plan, max_idle_rows: int) -> list[tuple[str, str, DeviceMemory | None, int, str]]:
+    """(label, sub-label, rank's memory or None, capacity, summary) per row of the memory chart.
 
-    A stage's row stands for every device that runs it (its tensor-parallel group
-    in each data-parallel replica), which all hold what the row shows; the idle
-    devices are the plan's `idle_devices`.
+    A row stands for every device that runs a pipeline rank (its tensor-parallel group in each
+    data-parallel replica), which all hold what the row shows; the idle devices are the plan's
+    `idle_devices`.
     """
     devices = plan.cluster["devices"]
-    by_device: dict[int, list[StagePlan]] = {}
-    for s in plan.stages:  # with virtual stages a device holds several, each against its share
-        by_device.setdefault(s.device, []).append(s)
-    share = "" if plan.virtual_stages == 1 else f" (1/{plan.virtual_stages} of the device)"
     idle = list(plan.idle_devices)
     rows = []
-    for d in range(len(devices)):
-        for stage in by_device.get(d, []):
-            mem = stage.memory
-            group = devices_of_stage(plan, stage)
-            label = f"device {d}" if len(group) == 1 else f"devices {fmt_ranges(group)}"
-            if len(label) > 16:  # the label column holds about 16 characters
-                label = f"{len(group)} devices"
-            alike = "" if len(group) == 1 else f" · each of {len(group)}"
-            rows.append((label, f"stage {stage.index} · {stage.device_name}{alike}", stage, mem.capacity,
-                         f"{fmt_bytes(mem.total)} of {fmt_bytes(mem.capacity)}{share} "
-                         f"({fmt_percent(mem.total / mem.capacity)})"))
-        if d in idle and len(idle) <= max_idle_rows:
-            capacity = int(devices[d]["memory_bytes"])
-            rows.append((f"device {d}", f"idle · {devices[d]['name']}", None, capacity,
-                         f"unused · {fmt_bytes(capacity)} free"))
+    for held in device_memory(plan):
+        group = list(held.devices)
+        who = f"device {group[0]}" if len(group) == 1 else f"devices {fmt_ranges(group)}"
+        if len(who) > 14:  # the label column holds about 20 characters
+            who = f"{len(group)} devices"
+        stages = (f"stage {held.stages[0]}" if len(held.stages) == 1
+                  else f"stages {', '.join(map(str, held.stages))}")
+        if len(stages) > 22:
+            stages = f"{len(held.stages)} stages"
+        each = "" if len(group) == 1 else " each"  # every device of the row holds what it shows
+        rows.append((f"rank {held.rank} · {who}", f"{stages} · {held.device_name}", held, held.capacity,
+                     f"{fmt_bytes(held.total)} of {fmt_bytes(held.capacity)}{each} "
+                     f"({fmt_percent(held.total / held.capacity)})"))
+    for d in idle[:max_idle_rows] if len(idle) <= max_idle_rows else []:
+        capacity = int(devices[d]["memory_bytes"])
+        rows.append((f"device {d}", f"idle · {devices[d]['name']}", None, capacity,
+                     f"unused · {fmt_bytes(capacity)} free"))
     if len(idle) > max_idle_rows:
         names = ", ".join(sorted({str(devices[d]["name"]) for d in idle}))
         capacity = max(int(devices[d]["memory_bytes"]) for d in idle)
@@ -202,15 +228,15 @@ def _memory_rows(plan: Plan, max_idle_rows: int) -> list[tuple[str, str, StagePl
     return rows
 
 
-def _memory_segments(stage: StagePlan, x: float, y: float, row: float, scale: float) -> list[str]:
+def _memory_segments(held: DeviceMemory, x: float, y: float, row: float, scale: float) -> list[str]:
     parts = []
     for kind in MEMORY_KINDS:
-        value = getattr(stage.memory, kind)
+        value = held.kinds[kind]
         if value <= 0:
             continue
         w = value * scale
         parts.append(_rect(x, y, w, row, MEMORY_COLOURS[kind],
-                           f"stage {stage.index} {kind}: {fmt_bytes(value)}", 'class="seg"'))
+                           f"rank {held.rank} {kind}: {fmt_bytes(value)}", 'class="seg"'))
         x += w
     return parts
 
@@ -244,13 +270,14 @@ def layers_svg(plan: Plan, width: int = 1080) -> str:
         for k, (stage, block) in enumerate(chunk):
             x = left + k * cell
             split = tensor_parallel_split(plan, stage, block)
-            tip = (f"{block}: stage {stage.index} on device {stage.device} ({stage.device_name}); "
+            tip = (f"{block_label(block)}: stage {stage.index} on device {stage.device} ({stage.device_name}); "
                    f"tensor parallel: {split}")
             body.append(_rect(x + 1, y, cell - 2, block_h, stage_colour(stage.index), tip, 'rx="3" class="block"'))
-            label = _fit(block, cell - 6)
+            label = _fit(block_label(block), cell - 6)
             if label:
                 body.append(_text(x + cell / 2, y + block_h / 2 + 4, label, "boxlabel", "middle"))
-            body.append(_rect(x + 1, y + block_h + 3, cell - 2, tp_h, "#d5d9e0" if split == "none" else "#6b7a90",
+            unsplit = split == "none" or split.startswith("replicated")
+            body.append(_rect(x + 1, y + block_h + 3, cell - 2, tp_h, "#d5d9e0" if unsplit else "#6b7a90",
                               f"{block}: tensor parallel {split}", 'rx="2"'))
         body += _stage_brackets(chunk, left, cell, y + block_h + 3 + tp_h + 4)
     return _svg(width, height, body, "layers by stage")
@@ -274,10 +301,14 @@ def _stage_brackets(chunk: list[tuple[StagePlan, str]], left: float, cell: float
 
 
 def _fit(name: str, room: float) -> str:
-    """`name`, or its last dotted parts, if it fits in `room` pixels; else ''."""
+    """`name`, or its last dotted parts, if it fits in `room` pixels; else its start cut short with '…'
+    (at least three characters), else ''."""
     parts = name.split(".")
     for k in range(len(parts)):
         candidate = ".".join(parts[k:])
         if len(candidate) * _CHAR_PX <= room:
             return candidate
-    return ""
+    last, _, part = parts[-1].partition(" (part ")
+    suffix = f" {part.rstrip(')')}" if part else ""  # 'transformer (part 2)' -> 'transf… 2'
+    keep = int(room / _CHAR_PX) - 1 - len(suffix)
+    return last[:keep] + "…" + suffix if keep >= 3 else ""

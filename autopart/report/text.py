@@ -9,8 +9,13 @@ from autopart.report.summary import (
     MEMORY_KINDS,
     abbreviate_blocks,
     cluster_label,
+    TP_COUNT_NOTE,
     data_parallel_summary,
     depth_label,
+    device_memory,
+    parts_note,
+    splits_nothing,
+    step_parts,
     idle_notes,
     in_flight,
     is_training,
@@ -36,6 +41,7 @@ def render_text(plan: Plan) -> str:
     sections = [
         _header(plan),
         *(_stage(plan, stage) for stage in plan.stages),
+        _device_memory(plan),
         _schedule(plan),
         _solver(plan),
         _candidates(plan),
@@ -60,13 +66,16 @@ def _header(plan: Plan) -> str:
         title,
         "=" * len(title),
         _kv("mesh", f"{mesh_label(plan)} on {'device' if len(used) == 1 else 'devices'} {fmt_ranges(used)} ({', '.join(names)})"),
-        _kv("step time", f"{fmt_seconds(plan.predicted_step_seconds)} predicted"),
+        _kv("step time", f"{fmt_seconds(plan.predicted_step_seconds)} predicted = "
+                         + " + ".join(f"{name} {fmt_seconds(seconds)}" for name, seconds in step_parts(plan))),
         _kv("batch", f"{plan.batch_size} samples = {micro} of {plan.microbatch_size}"),
         _kv("schedule", f"{plan.schedule}, bubble {fmt_percent(plan.bubble_fraction)}"),
         _kv("mode", mode),
         _kv("tensor parallel", tensor_parallel_summary(plan)),
         *([_kv("data parallel", data_parallel_summary(plan))] if plan.mesh.dp > 1 else []),
         *([_kv("recompute", recompute_summary(plan))] if is_training(plan) else []),
+        *([_kv("", TP_COUNT_NOTE)] if plan.mesh.tp > 1 and not splits_nothing(plan) else []),
+        *([_kv("", parts_note(plan))] if parts_note(plan) else []),
     ])
 
 
@@ -75,10 +84,13 @@ def _stage(plan: Plan, stage: StagePlan) -> str:
     state = " + ".join(f"{kind} {fmt_bytes(getattr(mem, kind))}" for kind in MEMORY_KINDS[:4])
     flight = (f"+ activations {fmt_bytes(mem.activations)} + boundary {fmt_bytes(mem.boundary)} "
               f"({plural(in_flight(plan)[stage.index], 'microbatch')} in flight)")
+    if is_training(plan) and mem.activations == 0 and mem.grads > 0:
+        flight += "; the peak comes after the last backward, which freed the activations"
     last = stage.index + 1 >= plan.num_stages
     sends = "nothing (last stage)" if last else f"{fmt_bytes(stage.send_bytes)} per microbatch to stage {stage.index + 1}"
     lines = [
-        f"stage {stage.index} · device {stage.device} ({stage.device_name})",
+        f"stage {stage.index} · " + (f"pipeline rank {stage.index % plan.mesh.pp} · " if plan.virtual_stages > 1
+                                     else "") + f"device {stage.device} ({stage.device_name})",
         _kv("layers", abbreviate_blocks(stage.blocks), "  "),
         _kv("parameters", f"{fmt_count(stage.num_params)} ({fmt_bytes(mem.params)})", "  "),
         _kv("FLOPs", f"fwd {fmt_flops(stage.fwd_flops)}, bwd {fmt_flops(stage.bwd_flops)} per microbatch", "  "),
@@ -87,7 +99,7 @@ def _stage(plan: Plan, stage: StagePlan) -> str:
         _kv("sends", sends, "  "),
         *([_kv("recompute", f"{_recompute_blocks(stage)}; replays {fmt_seconds(stage.recompute_seconds)} of "
                             "forward in each backward", "  ")] if stage.recompute else []),
-        _kv("memory", memory_line(stage), "  "),
+        _kv("memory", memory_line(plan, stage), "  "),
         _kv("", state, "  "),
         _kv("", flight, "  "),
     ]
@@ -106,6 +118,20 @@ def _tensor_parallel_lines(plan: Plan, stage: StagePlan) -> list[str]:
     for block in stage.blocks:
         by_split.setdefault(tensor_parallel_split(plan, stage, block), []).append(block)
     return [f"{split}: {abbreviate_blocks(blocks)}" for split, blocks in by_split.items()]
+
+
+def _device_memory(plan: Plan) -> str:
+    """Per pipeline rank, when ranks hold several stages: their stages' peaks summed against the device."""
+    if plan.virtual_stages == 1:
+        return ""
+    lines = [f"memory per device (each pipeline rank's {plan.virtual_stages} stages summed; the devices of a "
+             "rank's tp group and replicas each hold this)"]
+    for row in device_memory(plan):
+        lines.append(_kv(f"pipeline rank {row.rank}", f"{fmt_bytes(row.total)} of {fmt_bytes(row.capacity)} "
+                                              f"({fmt_percent(row.total / row.capacity)}) on "
+                                              f"{plural(len(row.devices), 'device')}, stages "
+                                              f"{', '.join(map(str, row.stages))}", "  "))
+    return "\n".join(lines)
 
 
 def _schedule(plan: Plan) -> str:
@@ -180,7 +206,7 @@ def _why(plan: Plan) -> str:
     if not notes and not idle:
         return ""
     lines = [f"why {depth_label(plan)}"]
-    lines += [f"  {plural(count, 'stage')}: {reason}" for count, reason in notes]
+    lines += [f"  {depth_label(plan, count)}: {reason}" for count, reason in notes]
     lines += [f"  {note}" for note in idle]
     return "\n".join(lines)
 
