@@ -154,9 +154,13 @@ def tensor_parallel_split(plan: Plan, stage: StagePlan, block: str) -> str:
 
 
 def tensor_parallel_summary(plan: Plan) -> str:
-    """One line for the whole plan: 'none (tp=1)' or the group size."""
+    """One line for the whole plan: 'none (tp=1)' or the group size, and whether the activations
+    between split regions are sequence-sharded."""
     if plan.mesh.tp == 1:
         return "none (tp=1)"
+    if plan.tensor_parallel is not None and plan.tensor_parallel.sequence_parallel:
+        return (f"tp={plan.mesh.tp} per stage, sequence parallel (norms, residuals, dropout on 1/{plan.mesh.tp} "
+                "of the tokens: reduce-scatter and all-gather for each all-reduce)")
     return f"tp={plan.mesh.tp} per stage"
 
 

@@ -14,11 +14,18 @@ grad_all_reduce(f) identity                      sum over ranks
 all_gather         concatenate the shards        keep this rank's shard
 slice              keep this rank's shard        concatenate the shards
 reduce_scatter     this rank's shard of the sum  concatenate the shards
+seq_all_gather     concatenate the shards        this rank's shard of the sum
 =================  ============================  ==============================
 
 (all_gather's backward is a local slice, not a reduce-scatter: its output's
 gradient is already the full one on every rank; where a Replicate value also
 feeds split ops, f supplies the sum.)
+
+`seq_all_gather` is Megatron's sequence-parallel pair (Korthikanti et al. 2022,
+§4.2.2; mappings.py `gather_from_sequence_parallel_region`): a value sharded on
+its sequence dim, gathered for split work (a column-parallel linear) that needs
+f on its gradient. all_gather then f would all-reduce the gradient and keep a
+shard of it; the fused pair reduce-scatters it, moving half the bytes.
 
 `TPCollective` runs on a real process group (`attach(group)`) with
 `torch.distributed` ops inside autograd Functions. The one-process simulation
@@ -38,12 +45,16 @@ import torch.fx
 
 from autopart.core.interfaces import merge_shards, take_shard
 
-KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter")
-COMMUNICATES = {
-    ("all_reduce", "forward"), ("grad_all_reduce", "backward"), ("all_gather", "forward"),
-    ("slice", "backward"), ("reduce_scatter", "forward"), ("reduce_scatter", "backward"),
+KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter", "seq_all_gather")
+PERFORMS = {
+    ("all_reduce", "forward"): "all_reduce", ("grad_all_reduce", "backward"): "all_reduce",
+    ("all_gather", "forward"): "all_gather", ("slice", "backward"): "all_gather",
+    ("reduce_scatter", "forward"): "reduce_scatter", ("reduce_scatter", "backward"): "all_gather",
+    ("seq_all_gather", "forward"): "all_gather", ("seq_all_gather", "backward"): "reduce_scatter",
 }
-"""(kind, phase) pairs that move data between ranks; the others are identities or local slices."""
+"""(kind, phase) -> the collective that moves data then ('all_reduce', 'all_gather' or
+'reduce_scatter'); pairs not listed are identities or local slices."""
+COMMUNICATES = set(PERFORMS)
 _LOG: list[list[tuple[str, str, str]]] = []
 
 
@@ -87,6 +98,9 @@ def simulated_forward(kind: str, xs: Sequence[torch.Tensor], dim: int, groups: i
     if kind == "reduce_scatter":
         total = _sum(xs)
         return [take_shard(total, dim, groups, tp, r) for r in range(tp)]
+    if kind == "seq_all_gather":
+        full = merge_shards(xs, dim, groups)
+        return [full.clone() for _ in xs]
     raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
 
 
@@ -103,6 +117,9 @@ def simulated_backward(kind: str, grads: Sequence[torch.Tensor], dim: int, group
     if kind in ("slice", "reduce_scatter"):
         full = merge_shards(grads, dim, groups)
         return [full.clone() for _ in grads]
+    if kind == "seq_all_gather":
+        total = _sum(grads)
+        return [take_shard(total, dim, groups, tp, r) for r in range(tp)]
     raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
 
 
@@ -152,7 +169,7 @@ class _DistCollective(torch.autograd.Function):
             return _dist_all_reduce(x, group)
         if kind == "grad_all_reduce":
             return x.clone()
-        if kind == "all_gather":
+        if kind in ("all_gather", "seq_all_gather"):
             return _dist_all_gather(x, dim, groups, group)
         if kind == "slice":
             return take_shard(x, dim, groups, tp, rank)
@@ -171,6 +188,8 @@ class _DistCollective(torch.autograd.Function):
             out = _dist_all_reduce(grad, group)
         elif kind == "all_gather":
             out = take_shard(grad, dim, groups, tp, rank)
+        elif kind == "seq_all_gather":
+            out = _dist_reduce_scatter(grad, dim, groups, group)
         else:
             out = _dist_all_gather(grad, dim, groups, group)
         return out, None, None, None, None, None

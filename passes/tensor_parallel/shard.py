@@ -12,7 +12,9 @@ Each rank module
 - converts placements where a reader needs another one with `TPCollective`
   call_module nodes named ``tp_comm_<k>``: slice, all_gather, all_reduce,
   reduce_scatter, and Megatron's f (grad_all_reduce) once per value that
-  rank-dependent work reads replicated.
+  rank-dependent work reads replicated; a Shard value that such work reads
+  replicated (sequence parallelism's gather before a column-parallel linear)
+  gets one `seq_all_gather` instead: all-gather forward, reduce-scatter backward.
 
 All ranks' graphs have the same nodes in the same order (only parameter values
 and rank numbers differ), which the one-process simulation relies on.
@@ -149,6 +151,12 @@ class _RankBuilder:
         if key in self.cache:
             return self.cache[key]
         src = self.placement(node)
+        if sync and isinstance(src, Shard) and want == R:
+            # Megatron-SP: gather a sequence shard for split work; the gradient's addends are
+            # reduce-scattered back to shards in one collective (not f's all-reduce, then a slice)
+            cur = self._comm("seq_all_gather", self.local[node.name], R, node, src.dim, src.groups)
+            self.cache[key] = cur
+            return cur
         cur = self.local[node.name] if src == want else self.cache.get((node.name, str(want)))
         if cur is None:
             cur = self._reshard(node, src, want)
