@@ -107,7 +107,7 @@ def graph_strategies(gm: torch.fx.GraphModule, tp: int,
 
     `fixed` pins a node's output placement (keyed by node name, or by parameter
     name for get_attr nodes), e.g. ``{"blocks.0.mlp_fc.weight": "S(0)"}``, or
-    limits it to a frozenset of placements. `sequence_parallel` lets elementwise
+    limits it to a frozenset of placements (Replicate where the op offers none of them). `sequence_parallel` lets elementwise
     ops and norms run on sequence shards (sequence.py).
     """
     if tp < 1:
@@ -138,7 +138,8 @@ def graph_strategies(gm: torch.fx.GraphModule, tp: int,
         pin = fixed.get(node.name) or (fixed.get(node.target) if node.op == "get_attr" else None)
         if pin is not None:
             allowed = pin if isinstance(pin, frozenset) else {pin}
-            options = [s for s in options if s.output in allowed]
+            options = [s for s in options if s.output in allowed] or (
+                [s for s in options if s.output == R] if isinstance(pin, frozenset) else [])
             if not options:
                 raise InputError(f"fixed placement {pin} for node {node.name} ({node.target}): no strategy of the "
                                  f"op gives it on tp={tp}; check the dim and that its size divides by tp")
@@ -322,12 +323,14 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
 def _forbid_gathered_sequence(node: torch.fx.Node, options: tuple[Strategy, ...], readers: list, tp: int,
                               edges: dict[tuple[int, int], np.ndarray], group: int) -> None:
     """Forbid (edge cost ∞) every replicated reader of `node`'s sequence shard: such a value is gathered
-    only by split work (through seq_all_gather), as Megatron-SP does."""
+    only by split work (through seq_all_gather), as Megatron-SP does. A reader with no other way to
+    read it (an op that only runs replicated) keeps its gather."""
     shard = sequence_shard(node, tp) if node.op == "call_function" else None
     if shard is None:
         return
+    splits = {v for v, _, _, s in readers if s.input_placement(node.name) != R or node.name in s.grad_sync}
     for v, gv, b, s in readers:
-        if gv == group or s.input_placement(node.name) != R or node.name in s.grad_sync:
+        if gv == group or v not in splits or s.input_placement(node.name) != R or node.name in s.grad_sync:
             continue
         for a, su in enumerate(options):
             if su.output == shard:

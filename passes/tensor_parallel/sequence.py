@@ -74,7 +74,8 @@ def boundary_placements(gm: torch.fx.GraphModule, blocks: BlockGraph, tp: int, *
     """Placements the values between blocks may take under sequence parallelism, then the user's `fixed`.
 
     The residual stream (a value read by the next block only) may be Replicate or its sequence shard
-    (only the shard with `force`); values read by several blocks (rotary tables, masks) stay Replicate.
+    (only the shard with `force`, where its op can produce one: an embedding's output stays
+    Replicate); values read by several blocks (rotary tables, masks) stay Replicate.
     A pipeline stage's output is gathered to Replicate (shard.py), so any cut between blocks runs.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -83,6 +84,6 @@ def boundary_placements(gm: torch.fx.GraphModule, blocks: BlockGraph, tp: int, *
         node = nodes.get(value.node_name)
         shard = sequence_shard(node, tp) if node is not None and node.op == "call_function" else None
         residual = shard is not None and value.consumers == (value.producer + 1,)
-        allowed[value.node_name] = (shard if force else frozenset({R, shard})) if residual else R
+        allowed[value.node_name] = frozenset({shard} if force else {R, shard}) if residual else R
     allowed.update({k: parse_placement(v) for k, v in (fixed or {}).items()})
     return allowed
