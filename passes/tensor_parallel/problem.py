@@ -337,6 +337,13 @@ def _forbid_gathered_sequence(node: torch.fx.Node, options: tuple[Strategy, ...]
                 edges[(group, gv)][a, b] = INF
 
 
+def _sequence_sharded(node: torch.fx.Node, chosen: dict[str, Strategy], tp: int) -> bool:
+    """Whether `node`'s value, or a reader's copy of it, sits on its sequence shard."""
+    shard = sequence_shard(node, tp)
+    return shard is not None and (chosen[node.name].output == shard or any(
+        chosen[u.name].input_placement(node.name) == shard for u in node.users if u.name in chosen))
+
+
 def _grad_sync_kind(source: Placement) -> str:
     """The backward collective summing a gradient's per-rank addends: f's all-reduce, or for a value
     gathered from a Shard (sequence parallelism's all-gather) a reduce-scatter onto the shards."""
@@ -407,9 +414,11 @@ def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, so
             if u not in synced and graph.needs_grad[u] and pricing.training:
                 synced.add(u)
                 add(_grad_sync_kind(chosen[u].output), u, "backward")
+    # sequence parallelism: an activation's sequence shard is reduce-scattered onto (from a Partial) or
+    # gathered from with its gradient reduce-scattered back (seq_all_gather)
     nodes = {n.name: n for n in gm.graph.nodes}
-    on_sequence = any(nodes[name].op == "call_function" and s.name in ("follow", "rows")
-                      and s.output == sequence_shard(nodes[name], pricing.tp) for name, s in chosen.items())
+    on_sequence = any(c.kind == "reduce_scatter" and nodes[c.value].op == "call_function"
+                      and _sequence_sharded(nodes[c.value], chosen, pricing.tp) for c in collectives)
     decisions = {}
     for name, s in chosen.items():   # f only where a gradient flows
         decision = NodePlacement.of(s)

@@ -15,8 +15,8 @@ of the sharded ops shrink by tp.
 Here it is one more placement the strategy ILP may choose, not a separate
 rewrite: with `sequence=True`
 
-- elementwise ops and norms are offered `Shard(d)` on the sequence dim
-  d = ndim − 2 of their ≥3-D float operands ([b, s, h] → dim 1) beside the
+- elementwise ops and norms are offered `Shard(1)`, the sequence dim of
+  their [batch, sequence, hidden] float operands, beside the
   placements their inputs propagate (`sequence_candidates`), so a norm can read
   a reduce-scattered residual stream;
 - the values between blocks (the residual stream, where a pipeline may cut)
@@ -43,10 +43,12 @@ Candidates = Callable[[torch.fx.Node], list[Placement]]
 
 
 def sequence_dim(value) -> int | None:
-    """The sequence dimension of an activation: ndim − 2 of a ≥3-D float tensor ([b, s, h] → 1), else None."""
-    if not isinstance(value, torch.Tensor) or value.dim() < 3 or not value.dtype.is_floating_point:
+    """The sequence dimension of a residual-stream activation: dim 1 of a 3-D float [batch, sequence,
+    hidden] tensor, else None (4-D values are attention's [b, s, heads, d] or [b, heads, s, d], split
+    by heads inside the regions; models laid out [s, b, h] are not recognised)."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.dtype.is_floating_point:
         return None
-    return value.dim() - 2
+    return 1
 
 
 def sequence_shard(node: torch.fx.Node, tp: int) -> Shard | None:
