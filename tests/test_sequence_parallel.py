@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 import autopart
 from autopart import zoo
+from autopart.core import sequence_saves
 from autopart.passes import annotate, coarsen
 from autopart.passes.tensor_parallel.collectives import PERFORMS, collective_log
 from autopart.passes.tensor_parallel.placements import R
@@ -48,8 +50,19 @@ def test_megatron_sp_block_gathers_and_scatters_twice_each_way_and_never_all_red
     assert a.sequence_parallel
     ranks = shard_graph(gm, a, tp)
     params = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
-    with collective_log() as log:
+    kept_as_shards = []
+    pack = sequence_saves._pack
+
+    def counting_pack(tensor):
+        packed = pack(tensor)
+        if packed is not tensor:
+            kept_as_shards.append(tuple(tensor.shape))
+        return packed
+
+    with collective_log() as log, mock.patch.object(sequence_saves, "_pack", counting_pack):
         tp_train_step(ranks, flatten_inputs(gm, z.args, z.kwargs), lambda outs: outs[0].square().mean())
+    # the qkv and fc linears of each layer (and the head) keep their gathered input as the shard
+    assert len(kept_as_shards) == (2 * 2 + 1) * tp, kept_as_shards
     moved = Counter((_layer_of(gm, value), PERFORMS[(kind, phase)], phase)
                     for kind, phase, value in log if value not in params)
     for layer in ("layer0", "layer1"):   # activations: Korthikanti et al.'s g / ḡ pairs, two per layer each way
@@ -116,8 +129,13 @@ def test_sequence_parallel_false_keeps_activations_whole():
 
 
 @pytest.mark.multiprocess
-def test_pp2_by_tp2_with_sp_trains_like_one_device_on_gloo():
-    """4 ranks (2 stages × tp 2, the residual stream sequence-sharded): 3 Adam steps equal one device's."""
-    code, out = _finish(_torchrun(4, "--stages", "2", "--tp", "2", "--sequence-parallel", "--optimizer", "adam"))
+@pytest.mark.parametrize("nproc,args", [
+    (4, ["--stages", "2", "--tp", "2", "--optimizer", "adam"]),
+    (2, ["--stages", "1", "--tp", "2", "--mixed-precision", "bf16"]),
+], ids=["pp2xtp2-sp-adam", "tp2-sp-bf16"])
+def test_sequence_parallel_trains_like_one_device_on_gloo(nproc, args):
+    """The residual stream sequence-sharded on real process groups (gathered inputs kept as shards and
+    gathered again in backward): 3 optimizer steps equal one device's (bf16: eager autocast's)."""
+    code, out = _finish(_torchrun(nproc, *args, "--sequence-parallel"))
     assert code == 0, out[-4000:]
-    assert out.count("OK rank") == 4, out[-4000:]
+    assert out.count("OK rank") == nproc, out[-4000:]

@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.fx
 
 from autopart.core.interfaces import merge_shards, take_shard
+from autopart.core.sequence_saves import remember_gathered
 
 KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter", "seq_all_gather")
 PERFORMS = {
@@ -169,8 +170,12 @@ class _DistCollective(torch.autograd.Function):
             return _dist_all_reduce(x, group)
         if kind == "grad_all_reduce":
             return x.clone()
-        if kind in ("all_gather", "seq_all_gather"):
+        if kind == "all_gather":
             return _dist_all_gather(x, dim, groups, group)
+        if kind == "seq_all_gather":   # kept as the shard for backward (core/sequence_saves.py)
+            out, shard = _dist_all_gather(x, dim, groups, group), x.detach()
+            remember_gathered(out, lambda: _dist_all_gather(shard, dim, groups, group))
+            return out
         if kind == "slice":
             return take_shard(x, dim, groups, tp, rank)
         if kind == "reduce_scatter":
@@ -202,7 +207,12 @@ class _AcrossRanks(torch.autograd.Function):
     def forward(ctx, kind: str, dim: int, groups: int, value: str, *xs: torch.Tensor):
         ctx.kind, ctx.dim, ctx.groups, ctx.value = kind, dim, groups, value
         _record(kind, "forward", value)
-        return tuple(simulated_forward(kind, xs, dim, groups))
+        outs = tuple(simulated_forward(kind, xs, dim, groups))
+        if kind == "seq_all_gather":   # kept as the shards for backward (core/sequence_saves.py)
+            shards = [x.detach() for x in xs]
+            for out in outs:
+                remember_gathered(out, lambda: merge_shards(shards, dim, groups))
+        return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -213,14 +223,24 @@ class _AcrossRanks(torch.autograd.Function):
 class TPCollective(torch.nn.Module):
     """A collective node of a rank module (a `call_module`): one of `KINDS` on the tp axis."""
 
-    def __init__(self, kind: str, *, dim: int = 0, groups: int = 1, tp: int, rank: int, value: str = "") -> None:
+    def __init__(self, kind: str, *, dim: int = 0, groups: int = 1, tp: int, rank: int, value: str = "",
+                 to_compute_dtype: bool = False) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"TPCollective(kind={kind!r}): known kinds are {KINDS}")
         self.kind, self.dim, self.groups, self.tp, self.rank = kind, dim, groups, tp, rank
         self.value = value
         """Node of the original graph whose value this collective moves."""
+        self.to_compute_dtype = to_compute_dtype
+        """Under autocast, cast a float32 input to the autocast dtype before moving it: every reader is a
+        matmul autocast would cast it for anyway, and the gather then moves (and its saved copy keeps)
+        half the bytes."""
         self.process_group = None
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        if self.to_compute_dtype and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def extra_repr(self) -> str:
         return f"{self.kind}, dim={self.dim}, groups={self.groups}, rank={self.rank}/{self.tp}"
@@ -232,7 +252,7 @@ class TPCollective(torch.nn.Module):
                 "attach_process_group(rank_module, group) before running a rank module on "
                 "torch.distributed, or run all ranks with autopart.runtime.spmd.simulate_tp"
             )
-        return _DistCollective.apply(x, self.kind, self.dim, self.groups, self.process_group, self.value)
+        return _DistCollective.apply(self._cast(x), self.kind, self.dim, self.groups, self.process_group, self.value)
 
     def attach(self, group) -> None:
         """Talk over `group` from now on (its size must be the tp degree)."""
@@ -244,7 +264,7 @@ class TPCollective(torch.nn.Module):
     def across_ranks(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Every rank's output, given every rank's input (rank order), with the same autograd
         as on a process group: for running all ranks in one process."""
-        return _AcrossRanks.apply(self.kind, self.dim, self.groups, self.value, *xs)
+        return _AcrossRanks.apply(self.kind, self.dim, self.groups, self.value, *(self._cast(x) for x in xs))
 
 
 def attach_process_group(module: torch.nn.Module, group) -> None:
