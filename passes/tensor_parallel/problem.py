@@ -305,7 +305,7 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
                     shared[key] = shared.get(key, 0.0) + seconds
         if sync:   # f: an all-reduce of the gradient; of a gathered Shard, a reduce-scatter (seq_all_gather)
             for a, su in enumerate(u_opts):
-                kind = _grad_sync_kind(su.output)
+                kind = _grad_sync_kind(nodes[u_name], su.output)
                 key = ((gu, a), frozenset(sync))
                 shared[key] = shared.get(key, 0.0) + collective_seconds(kind, graph.num_bytes[u_name], tp,
                                                                         pricing.link)
@@ -344,10 +344,12 @@ def _sequence_sharded(node: torch.fx.Node, chosen: dict[str, Strategy], tp: int)
         chosen[u.name].input_placement(node.name) == shard for u in node.users if u.name in chosen))
 
 
-def _grad_sync_kind(source: Placement) -> str:
-    """The backward collective summing a gradient's per-rank addends: f's all-reduce, or for a value
-    gathered from a Shard (sequence parallelism's all-gather) a reduce-scatter onto the shards."""
-    return "reduce_scatter" if isinstance(source, Shard) else "grad_all_reduce"
+def _grad_sync_kind(node: torch.fx.Node, source: Placement) -> str:
+    """The backward collective summing a gradient's per-rank addends: f's all-reduce, or for an
+    activation gathered from a Shard (sequence parallelism's all-gather) a reduce-scatter onto the
+    shards. A split parameter gathered whole keeps f (shard.py): parameters stay as Megatron
+    holds them, and a norm's weight is not split just because the two ways cost alike."""
+    return "reduce_scatter" if isinstance(source, Shard) and node.op == "call_function" else "grad_all_reduce"
 
 
 def _readers(node: torch.fx.Node, graph: GraphStrategies) -> list[str]:
@@ -393,6 +395,7 @@ def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, so
     chosen = {name: graph.strategies[name][solution.choice[g]] for name, g in index.node_group.items()}
     collectives: list[Collective] = []
     synced: set[str] = set()
+    nodes = {n.name: n for n in gm.graph.nodes}
 
     def add(kind: str, value: str, phase: str) -> None:
         n = graph.num_bytes[value]
@@ -413,10 +416,9 @@ def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, so
         for u in chosen[node.name].grad_sync if node.name in chosen else ():
             if u not in synced and graph.needs_grad[u] and pricing.training:
                 synced.add(u)
-                add(_grad_sync_kind(chosen[u].output), u, "backward")
+                add(_grad_sync_kind(nodes[u], chosen[u].output), u, "backward")
     # sequence parallelism: an activation's sequence shard is reduce-scattered onto (from a Partial) or
     # gathered from with its gradient reduce-scattered back (seq_all_gather)
-    nodes = {n.name: n for n in gm.graph.nodes}
     on_sequence = any(c.kind == "reduce_scatter" and nodes[c.value].op == "call_function"
                       and _sequence_sharded(nodes[c.value], chosen, pricing.tp) for c in collectives)
     decisions = {}

@@ -157,7 +157,7 @@ class _RankBuilder:
         if key in self.cache:
             return self.cache[key]
         src = self.placement(node)
-        if sync and isinstance(src, Shard) and want == R:
+        if sync and isinstance(src, Shard) and want == R and node.op == "call_function":
             # Megatron-SP: gather a sequence shard for split work; the gradient's addends are
             # reduce-scattered back to shards in one collective (not f's all-reduce, then a slice)
             cur = self._comm("seq_all_gather", self.local[node.name], R, node, src.dim, src.groups,
