@@ -139,3 +139,10 @@ def test_sequence_parallel_trains_like_one_device_on_gloo(nproc, args):
     code, out = _finish(_torchrun(nproc, *args, "--sequence-parallel"))
     assert code == 0, out[-4000:]
     assert out.count("OK rank") == nproc, out[-4000:]
+
+
+def test_what_would_fit_names_sequence_parallelism_when_it_was_turned_off():
+    entry = zoo.gpt(layers=64, d_model=8192, heads=64, vocab=32000, seq=1024, batch=8, device="meta")
+    with pytest.raises(autopart.PlanError, match=r"sequence_parallel=None \(or True\)"):
+        autopart.compile(entry.model, "8xH100", example_inputs=entry.args, optimizer="adamw",
+                         sequence_parallel=False)

@@ -124,6 +124,9 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     else:
         needs.append(f"batch: microbatches of at most {largest} sample(s) fit on {n} device(s) as a pipeline "
                      f"(the batch of {size} needs a microbatch count that divides it down to that)")
+    if request.sequence_parallel is False and max(tensor_parallel) > 1:
+        needs.append("activations: sequence_parallel=None (or True) keeps the norms' and residuals' "
+                     "activations at 1/tp on each tensor-parallel rank")
     lines.append("  What would fit — " + "; ".join(needs) + ".")
     return "\n".join(lines)
 
