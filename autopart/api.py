@@ -43,6 +43,7 @@ def compile(  # noqa: A001 - the public name the project promises
     num_microbatches: int | None = None,
     data_parallel: int | None = None,
     tensor_parallel: int | None = None,
+    sequence_parallel: bool | None = None,
     tp_plan: dict[str, str] | None = None,
     schedule: str | None = None,
     virtual_stages: int | None = None,
@@ -66,7 +67,10 @@ def compile(  # noqa: A001 - the public name the project promises
     see plan.DATA_PARALLEL_MODES) and `recompute` ('none', 'selective' or 'full' for
     every block whose replay frees memory; autopart/recompute.py) fix those choices; None lets the planner choose
     (recomputation then per block, only where memory demands it). `tp_plan` fixes layers' splits,
-    e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}.
+    e.g. {"blocks.*.mlp_fc": "colwise", "blocks.*.mlp_proj": "rowwise"}. `sequence_parallel`
+    (Megatron-SP; passes/tensor_parallel/sequence.py) shards the activations between the split
+    regions along the sequence: True for every layer's residual stream, False never, None lets
+    the strategy ILP choose where it pays.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
     gradients and optimizer state; the runtimes enable it and the planner prices it.
@@ -87,7 +91,8 @@ def compile(  # noqa: A001 - the public name the project promises
     source = ModelSource.of(model, example_inputs, example_kwargs, cluster, compute_dtype)
     request = PlanRequest(batch_size=source.batch_size, pipeline_parallel=pipeline_parallel,
                           num_microbatches=num_microbatches, data_parallel=data_parallel,
-                          tensor_parallel=tensor_parallel, tp_plan=tuple((tp_plan or {}).items()), schedule=schedule,
+                          tensor_parallel=tensor_parallel, sequence_parallel=_check_flag(
+                              "sequence_parallel", sequence_parallel), tp_plan=tuple((tp_plan or {}).items()), schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
                           training=training, reuse_layers=reuse_layers, verbose=verbose)
@@ -271,3 +276,9 @@ def _canonical_names(model: torch.nn.Module) -> dict[str, str]:
                          *model.named_buffers(remove_duplicate=False)]:
         names[path] = first.setdefault(id(tensor), path)
     return names
+
+
+def _check_flag(name: str, value: bool | None) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"{name}={value!r}: pass True, False or None (the planner chooses)")
+    return value

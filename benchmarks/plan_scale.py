@@ -19,6 +19,10 @@ recomputed and the state fully sharded; the planner's reason follows on the next
 
     python benchmarks/plan_scale.py [--models 1b 8b 70b 405b] [--hosts 1 8 64 512] [--batch 1024]
     python benchmarks/plan_scale.py --layers 20 40 80 160      # one model, time against depth
+    python benchmarks/plan_scale.py --models 405b --hosts 512 --sequence-parallel off auto   # sp's effect
+
+"sp" after the mesh: the plan shards the activations between tp regions on the sequence
+(Megatron-SP, compile(sequence_parallel=...)).
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ VOCAB = 128256
 H100_BF16_PEAK = 989.4e12  # dense, cost_models/devices.py
 
 
-def plan_one(model_name: str, hosts: int, batch: int, layers: int | None) -> dict:
+SEQUENCE_PARALLEL = {"auto": None, "on": True, "off": False}
+
+
+def plan_one(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto") -> dict:
     """Build the model on the meta device and plan it; what the table prints."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,7 +70,7 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None) -> dic
     row = dict(model=model_name, layers=config["num_hidden_layers"], devices=f"{hosts}x8xH100", batch=batch)
     try:
         compiled = autopart.compile(model, row["devices"], example_inputs=(ids,), mixed_precision="bf16",
-                                    optimizer="adamw")
+                                    optimizer="adamw", sequence_parallel=SEQUENCE_PARALLEL[sp])
     except autopart.PlanError as error:
         row.update(fits=False, why=str(error).splitlines()[0][:160])
         plan = None
@@ -77,7 +84,9 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None) -> dic
         mesh = plan.mesh
         flops = sum(s.fwd_flops + s.bwd_flops for s in plan.stages) * plan.num_microbatches * mesh.dp
         row.update(search_s=plan.solver.plan_seconds, solves=plan.solver.num_problems,
-                   mesh=f"{mesh.dp}×{mesh.pp}×{mesh.tp}", m=plan.num_microbatches,
+                   mesh=f"{mesh.dp}×{mesh.pp}×{mesh.tp}" + (" sp" if plan.tensor_parallel is not None
+                                                            and plan.tensor_parallel.sequence_parallel else ""),
+                   m=plan.num_microbatches,
                    schedule=plan.schedule + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else ""),
                    mode=plan.data_parallel_mode, step_s=plan.predicted_step_seconds,
                    recompute=_recompute(plan),
@@ -92,8 +101,8 @@ def _recompute(plan) -> str:
     return ", ".join(f"{modes.count(m)} {m}" for m in ("full", "selective") if m in modes) or "none"
 
 
-def _run(model_name: str, hosts: int, batch: int, layers: int | None) -> dict:
-    command = [sys.executable, __file__, "--worker", model_name, str(hosts), str(batch), str(layers or 0)]
+def _run(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto") -> dict:
+    command = [sys.executable, __file__, "--worker", model_name, str(hosts), str(batch), str(layers or 0), sp]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return dict(model=model_name, devices=f"{hosts}x8xH100", fits=False, why=done.stderr.strip()[-160:],
@@ -125,7 +134,7 @@ def _print(r: dict) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         model_name, hosts, batch, layers = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        print(json.dumps(plan_one(model_name, hosts, batch, layers or None)))
+        print(json.dumps(plan_one(model_name, hosts, batch, layers or None, sys.argv[6])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -133,6 +142,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1024, help="global batch in sequences of 4096 tokens")
     parser.add_argument("--layers", nargs="+", type=int, default=None,
                         help="plan the first model at these depths (time against layer count)")
+    parser.add_argument("--sequence-parallel", nargs="+", default=["auto"], choices=list(SEQUENCE_PARALLEL),
+                        help="compile(sequence_parallel=...): auto (None, the planner chooses), on, off; "
+                             "several print a row each, side by side")
     args = parser.parse_args()
     _print_header()
     if args.layers:
@@ -141,7 +153,11 @@ def main() -> int:
         return 0
     for model_name in args.models:
         for hosts in args.hosts:
-            _print(_run(model_name, hosts, args.batch, None))
+            for sp in args.sequence_parallel:
+                row = _run(model_name, hosts, args.batch, None, sp)
+                if len(args.sequence_parallel) > 1:
+                    row["model"] = f"{model_name}, sp {sp}"
+                _print(row)
     return 0
 
 

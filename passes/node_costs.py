@@ -72,6 +72,9 @@ class NodeCost:
     """Dtype of the node's first tensor output ('' if none)."""
     seconds: tuple[tuple[str, float, float], ...]
     """(device name, forward s, backward s) for each distinct device of the cluster."""
+    saved_inputs: tuple[tuple[str, int], ...] = ()
+    """Of `saved_bytes`, the storages that are an input's (input node name, bytes): a tensor-parallel
+    rank keeps them in the placement the op reads them in (passes/tensor_parallel/block_costs.py)."""
 
     def fwd_seconds(self, device_name: str) -> float:
         return self._times(device_name)[0]
@@ -229,7 +232,8 @@ class _CostInterpreter(torch.fx.Interpreter):
         if node.op == "call_function" and (new_outputs or written):
             read_bytes = sum(_nbytes(t) for t in inputs)
         fwd_bytes = read_bytes + output_bytes + sum(_nbytes(t) for t in written)
-        saved_bytes = self._new_saved_bytes()
+        owners = self._input_storages(node)
+        saved_bytes, saved_inputs = self._new_saved_bytes(owners)
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
         casts = self._autocast_casts(node, inputs, outputs)
         seconds = tuple(
@@ -245,7 +249,7 @@ class _CostInterpreter(torch.fx.Interpreter):
             fwd_flops=int(flops[0]), bwd_flops=int(flops[1]) if _needs_grad(outputs) else 0,
             fwd_bytes=int(fwd_bytes), output_bytes=int(output_bytes), saved_bytes=int(saved_bytes),
             param_bytes=int(param_bytes), trainable=bool(trainable), buffer_bytes=int(buffer_bytes),
-            dtype=dtype, seconds=seconds,
+            dtype=dtype, seconds=seconds, saved_inputs=tuple(sorted(saved_inputs.items())),
         )
 
     def _autocast_casts(self, node: torch.fx.Node, inputs: list[torch.Tensor],
@@ -271,17 +275,32 @@ class _CostInterpreter(torch.fx.Interpreter):
             casts.append(tensor.numel())
         return casts
 
-    def _new_saved_bytes(self) -> int:
+    def _input_storages(self, node: torch.fx.Node) -> dict[int, str]:
+        """Storage key -> the input node whose value (or a view of it) holds it."""
+        if node.op != "call_function":
+            return {}
+        owners: dict[int, str] = {}
+        for arg in node.all_input_nodes:
+            for tensor in _tensors(self.env.get(arg)):
+                owners.setdefault(_storage_key(tensor), arg.name)
+        return owners
+
+    def _new_saved_bytes(self, owners: dict[int, str]) -> tuple[int, dict[str, int]]:
+        """Bytes of the storages saved for the first time, and of those the inputs' by input name."""
         total = 0
+        by_input: dict[str, int] = {}
         for tensor in self.current_saved:
             key = _storage_key(tensor)
             if key in self.param_storages or key in self.counted_storages:
                 continue
             self.counted_storages.add(key)
-            total += tensor.untyped_storage().nbytes()
+            nbytes = tensor.untyped_storage().nbytes()
+            total += nbytes
+            if key in owners:
+                by_input[owners[key]] = by_input.get(owners[key], 0) + nbytes
         self.all_saved.extend(self.current_saved)
         self.current_saved = []
-        return total
+        return total, by_input
 
 
 # An autocast conversion moves 4 + 2 bytes an element (float32 <-> bf16), forward and backward.

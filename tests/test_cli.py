@@ -59,7 +59,7 @@ def test_help_explains_every_option(capsys) -> None:
     for option in ("--devices", "--batch-size", "--seq-len", "--input-shape", "--input-dtype", "--pipeline-parallel",
                    "--num-microbatches", "--schedule", "--optimizer", "--inference", "--html", "--json",
                    "--quiet", "--factory-arg", "examples:", "autopart.zoo:gpt2", "--recompute",
-                   "--data-parallel-mode", "zero3", "hsdp"):
+                   "--data-parallel-mode", "zero3", "hsdp", "--sequence-parallel"):
         assert option in out, option
     for action in build_parser()._subparsers._group_actions[0].choices["plan"]._actions:
         assert action.help, action.dest

@@ -95,8 +95,10 @@ def test_joint_plan_round_trips_through_json():
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(min_layers=2, max_layers=5), num_stages=st.integers(1, 2),
-       num_microbatches=st.sampled_from([1, 2]), megatron=st.booleans())
-def test_random_models_pp_by_tp_match_single_device(program, num_stages, num_microbatches, megatron):
+       num_microbatches=st.sampled_from([1, 2]), megatron=st.booleans(),
+       sequence_parallel=st.sampled_from([None, True, False]))
+def test_random_models_pp_by_tp_match_single_device(program, num_stages, num_microbatches, megatron,
+                                                    sequence_parallel):
     model = build(program)
     x = torch.randn(2 * num_microbatches, 4, 8)
     plan = {"layers.*.qkv": "colwise", "layers.*.out": "rowwise"} if megatron else None
@@ -104,9 +106,12 @@ def test_random_models_pp_by_tp_match_single_device(program, num_stages, num_mic
         plan = None
     try:
         compiled = autopart.compile(model, 2 * num_stages, example_inputs=(x,), pipeline_parallel=num_stages,
-                                    tensor_parallel=2, num_microbatches=num_microbatches, tp_plan=plan)
+                                    tensor_parallel=2, num_microbatches=num_microbatches, tp_plan=plan,
+                                    sequence_parallel=sequence_parallel)
     except autopart.PlanError as error:  # fewer blocks than stages: the planner says so
         assert "blocks" in str(error)
         return
     assert compiled.plan.mesh.tp == 2
+    if sequence_parallel is False:
+        assert not compiled.plan.tensor_parallel.sequence_parallel
     assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)

@@ -55,7 +55,8 @@ def _groups(mesh: Mesh) -> GroupRanks:
 
 
 def _describe(plan: Plan) -> str:
-    return f"tp={plan.mesh.tp}"
+    sequence = plan.tensor_parallel is not None and plan.tensor_parallel.sequence_parallel
+    return f"tp={plan.mesh.tp}" + (" sp" if sequence else "")
 
 
 TENSOR = register(Axis(name="tp", title="tensor parallel", degrees=_degrees, groups=_groups, describe=_describe))

@@ -28,7 +28,8 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 4
  "tensor_parallel": null | {"tp": int, "nodes": {node: {"strategy", "output", "inputs",
                             "grad_sync", "scaled_bias"}}, "predicted_seconds", "collectives": [...],
                             "param_bytes_per_device", "status", "solve_seconds",
-                            "block_strategies": {block: {strategy: count}}, "analysed_layers": null | str}}
+                            "block_strategies": {block: {strategy: count}}, "analysed_layers": null | str,
+                            "sequence_parallel": bool}}
 ```
 
 Older plans still load (`Plan.from_json` upgrades them as it reads them):
@@ -280,6 +281,9 @@ class TensorParallelPlan:
     """Per block, how many of its ops each strategy splits (the report's summary while `nodes` is empty)."""
     analysed_layers: str | None = None
     """'3 of 80' when a layer stack was analysed once and its splits restated for every layer."""
+    sequence_parallel: bool = False
+    """Whether the activations between split regions are sharded on the sequence dimension
+    (Megatron-SP: reduce-scatter / all-gather instead of all-reduce; norms on 1/tp of the tokens)."""
 
     @classmethod
     def of(cls, assignment: Any) -> "TensorParallelPlan | None":
@@ -296,7 +300,7 @@ class TensorParallelPlan:
                    collectives=tuple(PlannedCollective(**c) for c in d.get("collectives", ())),
                    param_bytes_per_device=d["param_bytes_per_device"], status=d.get("status", "OPTIMAL"),
                    solve_seconds=d.get("solve_seconds", 0.0), block_strategies=dict(d.get("block_strategies") or {}),
-                   analysed_layers=d.get("analysed_layers"))
+                   analysed_layers=d.get("analysed_layers"), sequence_parallel=d.get("sequence_parallel", False))
 
     def to_dict(self) -> dict[str, Any]:
         """The form `TPAssignment.from_dict` reads (and the Plan's JSON holds)."""

@@ -25,6 +25,9 @@ class PlanRequest:
     """Replicas of the pipeline; None lets the planner choose."""
     tensor_parallel: int | None = None
     """Devices per tensor-parallel group; None lets the planner choose."""
+    sequence_parallel: bool | None = None
+    """Shard the activations between tp regions on the sequence dim (Megatron-SP): True for the
+    residual stream of every layer, False never, None lets the strategy ILP choose per op."""
     tp_plan: tuple[tuple[str, str], ...] = ()
     """(module pattern, 'colwise' | 'rowwise' | 'vocab') pairs that fix layers' splits (`tp_plan_dict`)."""
     schedule: Schedule | None = None

@@ -100,6 +100,9 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
         closest = min(failures, key=lambda f: f.shortfall_bytes)
         needs.append(f"memory: {fmt_bytes(closest.capacity_bytes + max(closest.shortfall_bytes, 0.0))} per device "
                      f"for the closest attempt ({fmt_bytes(max(closest.shortfall_bytes, 0.0))} more)")
+    if request.sequence_parallel is False and max(tensor_parallel) > 1:
+        needs.append("activations: sequence_parallel=None (or True) keeps the norms' and residuals' "
+                     "activations at 1/tp on each tensor-parallel rank")
     lines.append("  What would fit — " + "; ".join(needs) + ".")
     return "\n".join(lines)
 

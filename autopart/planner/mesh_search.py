@@ -37,6 +37,7 @@ from autopart.core.interfaces import io_spec
 from autopart.core.blocks import BlockGraph
 from autopart.passes.tensor_parallel import TPAssignment, TPProblemIndex
 from autopart.passes.tensor_parallel.placements import Placement
+from autopart.passes.tensor_parallel.sequence import boundary_placements
 from autopart.core.plan import Plan, TensorParallelPlan
 from autopart.core.request import PlanRequest
 from autopart.core.problems import TPSolution
@@ -71,10 +72,11 @@ class _Strategies:
 
 
 def _solve_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
-                      fixed: Mapping[str, Placement | str] | None, training: bool,
-                      time_limit_s: float = 10.0) -> _Strategies:
+                      fixed: Mapping[str, Placement | str | frozenset] | None, training: bool,
+                      sequence_parallel: bool | None = False, time_limit_s: float = 10.0) -> _Strategies:
     index = passes.tensor_parallel.build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=fixed,
-                                                    training=training)               # the pass: arrays
+                                                    training=training, sequence_parallel=sequence_parallel is not False,
+                                                    force_sequence=sequence_parallel is True)  # the pass: arrays
     solution = solve_tp(index.problem, time_limit_s=time_limit_s)                   # the solver
     return _Strategies(index=index, solution=solution,
                        assignment=passes.tensor_parallel.assignment_from_solution(gm, index, solution))
@@ -82,13 +84,19 @@ def _solve_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memor
 
 def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,
                            training: bool, fixed: Mapping[str, Placement | str] | None,
-                           memory_budget_bytes: float | None = None) -> tuple[BlockGraph, TPAssignment]:
-    """Op splits for a tp group of `tp` devices with stage boundaries replicated: the blocks restated per
-    device of the group, and the assignment. Parameters must fit `memory_budget_bytes` per device
-    (`tp_memory_budgets`; None: the smallest device's memory)."""
+                           memory_budget_bytes: float | None = None,
+                           sequence_parallel: bool | None = False) -> tuple[BlockGraph, TPAssignment]:
+    """Op splits for a tp group of `tp` devices with stage boundaries replicated (or, with
+    `sequence_parallel` not False, the residual stream sequence-sharded: passes/tensor_parallel/sequence.py):
+    the blocks restated per device of the group, and the assignment. Parameters must fit
+    `memory_budget_bytes` per device (`tp_memory_budgets`; None: the smallest device's memory)."""
     budget = min(d.memory_bytes for d in cluster.devices) if memory_budget_bytes is None else memory_budget_bytes
-    pinned = passes.tensor_parallel.boundaries_replicated(blocks, fixed)
-    chosen = _solve_strategies(gm, cluster, tp, budget, fixed=pinned, training=training)
+    if sequence_parallel is False:
+        pinned = passes.tensor_parallel.boundaries_replicated(blocks, fixed)
+    else:
+        pinned = boundary_placements(gm, blocks, tp, force=bool(sequence_parallel), fixed=fixed)
+    chosen = _solve_strategies(gm, cluster, tp, budget, fixed=pinned, training=training,
+                               sequence_parallel=sequence_parallel)
     restated = passes.tensor_parallel.restate_blocks(gm, blocks, cluster, chosen.index, chosen.solution.choice,
                                                      chosen.assignment)
     return restated, chosen.assignment
@@ -160,7 +168,8 @@ def _tp_option(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, r
     started = time.perf_counter()
     try:
         tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
-            gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget)
+            gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget,
+            sequence_parallel=request.sequence_parallel)
     except PlanError as error:
         if progress is not None and request.verbose:
             progress(f"tp={tp}: no op split fits ({str(error).splitlines()[0]})")
@@ -208,7 +217,7 @@ def choose_splits(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster
         return None
     _, assignment = tensor_parallel_blocks(gm, blocks, cluster, tp, training=request.training,
                                            fixed=user_placements(gm, request.tp_plan_dict),
-                                           memory_budget_bytes=tp_budget)
+                                           memory_budget_bytes=tp_budget, sequence_parallel=request.sequence_parallel)
     return assignment
 
 

@@ -202,12 +202,16 @@ def splits_nothing(plan: Plan) -> bool:
 
 
 def tensor_parallel_summary(plan: Plan) -> str:
-    """One line for the whole plan: 'none (tp=1)' or the group size (and a warning when it splits nothing)."""
+    """One line for the whole plan: 'none (tp=1)' or the group size, whether the activations between
+    split regions are sequence-sharded, and a warning when it splits nothing."""
     if plan.mesh.tp == 1:
         return "none (tp=1)"
     if splits_nothing(plan):
         return (f"tp={plan.mesh.tp} per stage, but no op is split: the {plan.mesh.tp} devices of each group do "
                 "identical work (replicated); tensor_parallel=1 frees them")
+    if plan.tensor_parallel is not None and plan.tensor_parallel.sequence_parallel:
+        return (f"tp={plan.mesh.tp} per stage, sequence parallel (norms, residuals, dropout on 1/{plan.mesh.tp} "
+                "of the tokens: reduce-scatter and all-gather for each all-reduce)")
     return f"tp={plan.mesh.tp} per stage"
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from autopart.core.errors import InputError
 from autopart.core.interfaces import StageInterface
+from autopart.core.sequence_saves import keep_gathered_as_shards
 from autopart.runtime.autocast import cast_like
 
 
@@ -64,7 +65,7 @@ class StageAdapter(nn.Module):
             received = tuple(_from_wire(x, v.dtype) for x, v in zip(received, self.received_vals))
             args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
                     for src in self.interface.inputs]
-        with self.autocast():
+        with self.autocast(), keep_gathered_as_shards():   # sequence parallelism's gathers saved as shards
             outputs = tuple(self.module(*args))
         if self.interface.stage == self.interface.num_stages - 1:
             outputs = tuple(outputs[i] for i in self.interface.model_outputs)

@@ -58,6 +58,9 @@ class TPAssignment:
     status: str = "OPTIMAL"
     """Solver status ('OPTIMAL', 'FEASIBLE', or 'GIVEN' for hand-made plans)."""
     solve_seconds: float = 0.0
+    sequence_parallel: bool = False
+    """Whether activations between the split regions run on sequence shards (norms, residual adds,
+    dropout on 1/tp of the tokens: passes/tensor_parallel/sequence.py)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts for reports (problem size, number of shared variables)."""
 
@@ -81,6 +84,7 @@ class TPAssignment:
             "collectives": [dataclasses.asdict(c) for c in self.collectives],
             "param_bytes_per_device": self.param_bytes_per_device,
             "status": self.status, "solve_seconds": self.solve_seconds,
+            "sequence_parallel": self.sequence_parallel,
         }
 
     @classmethod
@@ -94,4 +98,4 @@ class TPAssignment:
         return cls(tp=d["tp"], nodes=nodes, predicted_seconds=d["predicted_seconds"],
                    collectives=tuple(Collective(**c) for c in d["collectives"]),
                    param_bytes_per_device=d["param_bytes_per_device"], status=d.get("status", "OPTIMAL"),
-                   solve_seconds=d.get("solve_seconds", 0.0))
+                   solve_seconds=d.get("solve_seconds", 0.0), sequence_parallel=d.get("sequence_parallel", False))

@@ -6,7 +6,7 @@ blocks), so any pipeline cut between blocks needs no resharding. Once the
 driver has it solved, `restate_blocks` restates each block's cost per device
 of the tp group: compute of the chosen strategies plus the collectives of the
 values the block computes, parameter bytes of the chosen slices, and saved
-activations divided by tp where the value is sharded. The pipeline planner
+activations in the placement each op keeps them (`_saved_on_rank`). The pipeline planner
 places these blocks on tp groups as it places unsplit blocks on devices.
 """
 
@@ -22,7 +22,7 @@ from autopart.cost_models import Cluster
 from autopart.core.blocks import Block, BlockGraph, BlockTimes
 from autopart.passes.node_costs import node_cost
 from autopart.passes.tensor_parallel.assignment import TPAssignment
-from autopart.passes.tensor_parallel.placements import Placement, R
+from autopart.passes.tensor_parallel.placements import Placement, R, Shard
 from autopart.passes.tensor_parallel.problem import TPProblemIndex
 
 
@@ -52,6 +52,25 @@ def restate_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluste
     return dataclasses.replace(blocks, blocks=new_blocks)
 
 
+def _saved_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
+    """Bytes `node` keeps for backward on one rank: an input's storage in the placement the op reads it
+    (a colwise linear keeps a replicated input whole, a norm on sequence shards 1/tp of it, and an input
+    gathered from its sequence shard is kept as the shard: core/sequence_saves.py); its own outputs and
+    intermediates (an autocast copy of a split weight) 1/tp unless its output is Replicate."""
+    cost = node_cost(node)
+    decision = assignment.nodes.get(node.name)
+    from_inputs = 0.0
+    for name, nbytes in cost.saved_inputs:
+        place = decision.input_placement(name) if decision is not None else None
+        if place is None:
+            place = assignment.output_placement(name)
+        regathered = name in (decision.grad_sync if decision is not None else ()) and isinstance(
+            assignment.output_placement(name), Shard)
+        from_inputs += nbytes / assignment.tp if isinstance(place, Shard) or regathered else nbytes
+    own = cost.saved_bytes - sum(n for _, n in cost.saved_inputs)
+    return from_inputs + own / (1 if assignment.output_placement(node.name) == R else assignment.tp)
+
+
 def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:
     times = block.time_on(device)
     old = times.fwd(1.0) + times.bwd(1.0)
@@ -59,8 +78,7 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
     ratio = new / old if old > 0 else 1.0
     held = sum(param_bytes.get(attr_node[t], 0) for t in block.param_names if t in attr_node)
     share = held / block.param_bytes if block.param_bytes else 1.0
-    saved = sum(node_cost(nodes[name]).saved_bytes / (1 if assignment.output_placement(name) == R else assignment.tp)
-                for name in block.node_names)
+    saved = sum(_saved_on_rank(nodes[name], assignment) for name in block.node_names)
     # the pipeline planner prices fwd and bwd separately: keep the block's own split of the two
     scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
                               bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)

@@ -14,11 +14,18 @@ grad_all_reduce(f) identity                      sum over ranks
 all_gather         concatenate the shards        keep this rank's shard
 slice              keep this rank's shard        concatenate the shards
 reduce_scatter     this rank's shard of the sum  concatenate the shards
+seq_all_gather     concatenate the shards        this rank's shard of the sum
 =================  ============================  ==============================
 
 (all_gather's backward is a local slice, not a reduce-scatter: its output's
 gradient is already the full one on every rank; where a Replicate value also
 feeds split ops, f supplies the sum.)
+
+`seq_all_gather` is Megatron's sequence-parallel pair (Korthikanti et al. 2022,
+§4.2.2; mappings.py `gather_from_sequence_parallel_region`): a value sharded on
+its sequence dim, gathered for split work (a column-parallel linear) that needs
+f on its gradient. all_gather then f would all-reduce the gradient and keep a
+shard of it; the fused pair reduce-scatters it, moving half the bytes.
 
 `TPCollective` runs on a real process group (`attach(group)`) with
 `torch.distributed` ops inside autograd Functions. The one-process simulation
@@ -37,13 +44,18 @@ import torch.distributed as dist
 import torch.fx
 
 from autopart.core.interfaces import merge_shards, take_shard
+from autopart.core.sequence_saves import remember_gathered
 
-KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter")
-COMMUNICATES = {
-    ("all_reduce", "forward"), ("grad_all_reduce", "backward"), ("all_gather", "forward"),
-    ("slice", "backward"), ("reduce_scatter", "forward"), ("reduce_scatter", "backward"),
+KINDS = ("all_reduce", "grad_all_reduce", "all_gather", "slice", "reduce_scatter", "seq_all_gather")
+PERFORMS = {
+    ("all_reduce", "forward"): "all_reduce", ("grad_all_reduce", "backward"): "all_reduce",
+    ("all_gather", "forward"): "all_gather", ("slice", "backward"): "all_gather",
+    ("reduce_scatter", "forward"): "reduce_scatter", ("reduce_scatter", "backward"): "all_gather",
+    ("seq_all_gather", "forward"): "all_gather", ("seq_all_gather", "backward"): "reduce_scatter",
 }
-"""(kind, phase) pairs that move data between ranks; the others are identities or local slices."""
+"""(kind, phase) -> the collective that moves data then ('all_reduce', 'all_gather' or
+'reduce_scatter'); pairs not listed are identities or local slices."""
+COMMUNICATES = set(PERFORMS)
 _LOG: list[list[tuple[str, str, str]]] = []
 
 
@@ -87,6 +99,9 @@ def simulated_forward(kind: str, xs: Sequence[torch.Tensor], dim: int, groups: i
     if kind == "reduce_scatter":
         total = _sum(xs)
         return [take_shard(total, dim, groups, tp, r) for r in range(tp)]
+    if kind == "seq_all_gather":
+        full = merge_shards(xs, dim, groups)
+        return [full.clone() for _ in xs]
     raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
 
 
@@ -103,6 +118,9 @@ def simulated_backward(kind: str, grads: Sequence[torch.Tensor], dim: int, group
     if kind in ("slice", "reduce_scatter"):
         full = merge_shards(grads, dim, groups)
         return [full.clone() for _ in grads]
+    if kind == "seq_all_gather":
+        total = _sum(grads)
+        return [take_shard(total, dim, groups, tp, r) for r in range(tp)]
     raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
 
 
@@ -154,6 +172,10 @@ class _DistCollective(torch.autograd.Function):
             return x.clone()
         if kind == "all_gather":
             return _dist_all_gather(x, dim, groups, group)
+        if kind == "seq_all_gather":   # kept as the shard for backward (core/sequence_saves.py)
+            out, shard = _dist_all_gather(x, dim, groups, group), x.detach()
+            remember_gathered(out, lambda: _dist_all_gather(shard, dim, groups, group))
+            return out
         if kind == "slice":
             return take_shard(x, dim, groups, tp, rank)
         if kind == "reduce_scatter":
@@ -171,6 +193,8 @@ class _DistCollective(torch.autograd.Function):
             out = _dist_all_reduce(grad, group)
         elif kind == "all_gather":
             out = take_shard(grad, dim, groups, tp, rank)
+        elif kind == "seq_all_gather":
+            out = _dist_reduce_scatter(grad, dim, groups, group)
         else:
             out = _dist_all_gather(grad, dim, groups, group)
         return out, None, None, None, None, None
@@ -183,7 +207,12 @@ class _AcrossRanks(torch.autograd.Function):
     def forward(ctx, kind: str, dim: int, groups: int, value: str, *xs: torch.Tensor):
         ctx.kind, ctx.dim, ctx.groups, ctx.value = kind, dim, groups, value
         _record(kind, "forward", value)
-        return tuple(simulated_forward(kind, xs, dim, groups))
+        outs = tuple(simulated_forward(kind, xs, dim, groups))
+        if kind == "seq_all_gather":   # kept as the shards for backward (core/sequence_saves.py)
+            shards = [x.detach() for x in xs]
+            for out in outs:
+                remember_gathered(out, lambda: merge_shards(shards, dim, groups))
+        return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -194,14 +223,24 @@ class _AcrossRanks(torch.autograd.Function):
 class TPCollective(torch.nn.Module):
     """A collective node of a rank module (a `call_module`): one of `KINDS` on the tp axis."""
 
-    def __init__(self, kind: str, *, dim: int = 0, groups: int = 1, tp: int, rank: int, value: str = "") -> None:
+    def __init__(self, kind: str, *, dim: int = 0, groups: int = 1, tp: int, rank: int, value: str = "",
+                 to_compute_dtype: bool = False) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"TPCollective(kind={kind!r}): known kinds are {KINDS}")
         self.kind, self.dim, self.groups, self.tp, self.rank = kind, dim, groups, tp, rank
         self.value = value
         """Node of the original graph whose value this collective moves."""
+        self.to_compute_dtype = to_compute_dtype
+        """Under autocast, cast a float32 input to the autocast dtype before moving it: every reader is a
+        matmul autocast would cast it for anyway, and the gather then moves (and its saved copy keeps)
+        half the bytes."""
         self.process_group = None
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        if self.to_compute_dtype and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def extra_repr(self) -> str:
         return f"{self.kind}, dim={self.dim}, groups={self.groups}, rank={self.rank}/{self.tp}"
@@ -213,7 +252,7 @@ class TPCollective(torch.nn.Module):
                 "attach_process_group(rank_module, group) before running a rank module on "
                 "torch.distributed, or run all ranks with autopart.runtime.spmd.simulate_tp"
             )
-        return _DistCollective.apply(x, self.kind, self.dim, self.groups, self.process_group, self.value)
+        return _DistCollective.apply(self._cast(x), self.kind, self.dim, self.groups, self.process_group, self.value)
 
     def attach(self, group) -> None:
         """Talk over `group` from now on (its size must be the tp degree)."""
@@ -225,7 +264,7 @@ class TPCollective(torch.nn.Module):
     def across_ranks(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Every rank's output, given every rank's input (rank order), with the same autograd
         as on a process group: for running all ranks in one process."""
-        return _AcrossRanks.apply(self.kind, self.dim, self.groups, self.value, *xs)
+        return _AcrossRanks.apply(self.kind, self.dim, self.groups, self.value, *(self._cast(x) for x in xs))
 
 
 def attach_process_group(module: torch.nn.Module, group) -> None:

@@ -24,6 +24,7 @@ import torch.fx
 
 from autopart.passes.attrs import named_arguments
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard, can_shard
+from autopart.passes.tensor_parallel.sequence import sequence_candidates
 from autopart.passes.tensor_parallel.strategy import Strategy, dim_arg, make_strategy, replicate, shape_of
 from autopart.passes.tensor_parallel.view_rules import (
     cat_rule, dims_perm_rule, getitem_rule, slice_rule, split_rule, view_rule,
@@ -299,10 +300,16 @@ for _op in UNARY_ELEMENTWISE | BINARY_ELEMENTWISE:
     RULES.setdefault(_op, elementwise_rule)
 
 
-def op_strategies(node: torch.fx.Node, tp: int, groups: set[int], cands: Candidates) -> list[Strategy]:
-    """Every strategy of a call_function node: replicated first, then the op's own rules (deduplicated)."""
+def op_strategies(node: torch.fx.Node, tp: int, groups: set[int], cands: Candidates,
+                  sequence: bool = False) -> list[Strategy]:
+    """Every strategy of a call_function node: replicated first, then the op's own rules (deduplicated).
+
+    `sequence`: elementwise ops and norms may also run on their operands' sequence shards
+    (sequence parallelism, sequence.py)."""
     strategies = [replicate(node)]
     rule = RULES.get(node.target)
+    if sequence and rule in (elementwise_rule, norm_rule):
+        cands = sequence_candidates(cands, tp)
     if rule is not None:
         seen = {strategies[0].key()}
         for s in rule(node, tp, groups, cands):

@@ -18,7 +18,9 @@ Costs (seconds; one tp group on `cluster`'s devices 0..tp−1, bound by
   slice (backward: all-gather of the gradient); Shard→other Shard both
   gathers; nothing becomes Partial;
 - Megatron's f: a Replicate value read by rank-dependent work gets one
-  backward all-reduce of its gradient, shared by all such readers;
+  backward all-reduce of its gradient, shared by all such readers; when the
+  value is gathered from a Shard (sequence parallelism), a reduce-scatter
+  instead (collectives.py's `seq_all_gather`);
 - memory: each device holds parameter bytes / tp of a sharded parameter.
 """
 
@@ -39,6 +41,7 @@ from autopart.passes.coarsen import coarsen
 from autopart.passes.tensor_parallel.assignment import Collective, NodePlacement, TPAssignment
 from autopart.passes.tensor_parallel.op_rules import op_strategies
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Replicate, Shard, can_shard, parse_placement
+from autopart.passes.tensor_parallel.sequence import sequence_shard
 from autopart.passes.tensor_parallel.strategy import Strategy, replicate, shape_of
 from autopart.core.problems import SharedCost, TPProblem, TPSolution
 
@@ -98,15 +101,18 @@ def _param_strategies(node: torch.fx.Node, gm: torch.fx.GraphModule, tp: int, gr
 
 
 def graph_strategies(gm: torch.fx.GraphModule, tp: int,
-                     fixed: Mapping[str, Placement | str] | None = None) -> GraphStrategies:
+                     fixed: Mapping[str, Placement | str | frozenset] | None = None,
+                     sequence_parallel: bool = False) -> GraphStrategies:
     """Strategies of every tensor-valued node.
 
     `fixed` pins a node's output placement (keyed by node name, or by parameter
-    name for get_attr nodes), e.g. ``{"blocks.0.mlp_fc.weight": "S(0)"}``.
+    name for get_attr nodes), e.g. ``{"blocks.0.mlp_fc.weight": "S(0)"}``, or
+    limits it to a frozenset of placements (Replicate where the op offers none of them). `sequence_parallel` lets elementwise
+    ops and norms run on sequence shards (sequence.py).
     """
     if tp < 1:
         raise InputError(f"tp={tp}: the tensor-parallel axis needs at least one rank")
-    fixed = {k: parse_placement(v) for k, v in (fixed or {}).items()}
+    fixed = {k: (v if isinstance(v, frozenset) else parse_placement(v)) for k, v in (fixed or {}).items()}
     known = {n.name for n in gm.graph.nodes} | {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     unknown = sorted(set(fixed) - known)
     if unknown:
@@ -124,14 +130,16 @@ def graph_strategies(gm: torch.fx.GraphModule, tp: int,
             options = _param_strategies(node, gm, tp, groups)
             needs_grad[node.name] = is_parameter(gm, node.target) and gm.get_parameter(node.target).requires_grad
         else:
-            options = op_strategies(node, tp, groups, cands) if tp > 1 else [replicate(node)]
+            options = op_strategies(node, tp, groups, cands, sequence_parallel) if tp > 1 else [replicate(node)]
             float_out = any(getattr(v, "dtype", torch.int64).is_floating_point
                             for v in (node.meta["val"] if isinstance(node.meta["val"], (list, tuple))
                                       else [node.meta["val"]]))
             needs_grad[node.name] = float_out and any(needs_grad.get(a.name, False) for a in node.all_input_nodes)
         pin = fixed.get(node.name) or (fixed.get(node.target) if node.op == "get_attr" else None)
         if pin is not None:
-            options = [s for s in options if s.output == pin]
+            allowed = pin if isinstance(pin, frozenset) else {pin}
+            options = [s for s in options if s.output in allowed] or (
+                [s for s in options if s.output == R] if isinstance(pin, frozenset) else [])
             if not options:
                 raise InputError(f"fixed placement {pin} for node {node.name} ({node.target}): no strategy of the "
                                  f"op gives it on tp={tp}; check the dim and that its size divides by tp")
@@ -222,13 +230,17 @@ class TPProblemIndex:
 
 
 def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
-                     fixed: Mapping[str, Placement | str] | None = None, training: bool = True,
-                     share_layers: bool = True) -> TPProblemIndex:
-    """The ILP's arrays for `gm` (annotated by passes.annotate with `cluster`)."""
+                     fixed: Mapping[str, Placement | str | frozenset] | None = None, training: bool = True,
+                     share_layers: bool = True, sequence_parallel: bool = False,
+                     force_sequence: bool = False) -> TPProblemIndex:
+    """The ILP's arrays for `gm` (annotated by passes.annotate with `cluster`); `sequence_parallel`
+    offers sequence shards to elementwise ops and norms (sequence.py); `force_sequence` also forbids
+    gathering a sequence-sharded activation for a replicated op (only split work may gather it),
+    which keeps norms and residual adds on the shards wherever their input is one."""
     if tp > cluster.num_devices:
         raise InputError(f"tp={tp} exceeds the cluster's {cluster.num_devices} devices; use tp <= "
                          f"{cluster.num_devices} or a larger cluster")
-    graph = graph_strategies(gm, tp, fixed)
+    graph = graph_strategies(gm, tp, fixed, sequence_parallel)
     pricing = _Pricing(tp=tp, link=cluster.link_for_group(range(tp)), training=training)
     device = cluster.devices[0]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -272,6 +284,8 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
             if gv != gu:   # forbidden pairs live in the edge matrices
                 edges.setdefault((gu, gv), np.zeros((len(u_opts), len(graph.strategies[v]))))
         is_output = any(user.op == "output" for user in nodes[u_name].users)
+        if force_sequence and not is_output:
+            _forbid_gathered_sequence(nodes[u_name], u_opts, readers, tp, edges, gu)
         for want, triggers in targets.items():
             if want == R and is_output:
                 continue   # the gather or reduction to Replicate is paid once, in the node cost above
@@ -289,10 +303,12 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
                 if np.isfinite(seconds):
                     key = ((gu, a), frozenset(triggers))
                     shared[key] = shared.get(key, 0.0) + seconds
-        if sync:
-            key = (None, frozenset(sync))
-            shared[key] = shared.get(key, 0.0) + collective_seconds("grad_all_reduce", graph.num_bytes[u_name],
-                                                                    tp, pricing.link)
+        if sync:   # f: an all-reduce of the gradient; of a gathered Shard, a reduce-scatter (seq_all_gather)
+            for a, su in enumerate(u_opts):
+                kind = _grad_sync_kind(nodes[u_name], su.output)
+                key = ((gu, a), frozenset(sync))
+                shared[key] = shared.get(key, 0.0) + collective_seconds(kind, graph.num_bytes[u_name], tp,
+                                                                        pricing.link)
     problem = TPProblem(
         group_names=tuple(first), node_seconds=tuple(cost), param_bytes=tuple(memory),
         edges=tuple(edges), edge_seconds=tuple(edges.values()),
@@ -302,6 +318,38 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
     )
     return TPProblemIndex(problem=problem, node_group=group_of, graph=graph, pricing=pricing,
                           node_seconds=node_seconds, node_param_bytes=node_param_bytes)
+
+
+def _forbid_gathered_sequence(node: torch.fx.Node, options: tuple[Strategy, ...], readers: list, tp: int,
+                              edges: dict[tuple[int, int], np.ndarray], group: int) -> None:
+    """Forbid (edge cost ∞) every replicated reader of `node`'s sequence shard: such a value is gathered
+    only by split work (through seq_all_gather), as Megatron-SP does. A reader with no other way to
+    read it (an op that only runs replicated) keeps its gather."""
+    shard = sequence_shard(node, tp) if node.op == "call_function" else None
+    if shard is None:
+        return
+    splits = {v for v, _, _, s in readers if s.input_placement(node.name) != R or node.name in s.grad_sync}
+    for v, gv, b, s in readers:
+        if gv == group or v not in splits or s.input_placement(node.name) != R or node.name in s.grad_sync:
+            continue
+        for a, su in enumerate(options):
+            if su.output == shard:
+                edges[(group, gv)][a, b] = INF
+
+
+def _sequence_sharded(node: torch.fx.Node, chosen: dict[str, Strategy], tp: int) -> bool:
+    """Whether `node`'s value, or a reader's copy of it, sits on its sequence shard."""
+    shard = sequence_shard(node, tp)
+    return shard is not None and (chosen[node.name].output == shard or any(
+        chosen[u.name].input_placement(node.name) == shard for u in node.users if u.name in chosen))
+
+
+def _grad_sync_kind(node: torch.fx.Node, source: Placement) -> str:
+    """The backward collective summing a gradient's per-rank addends: f's all-reduce, or for an
+    activation gathered from a Shard (sequence parallelism's all-gather) a reduce-scatter onto the
+    shards. A split parameter gathered whole keeps f (shard.py): parameters stay as Megatron
+    holds them, and a norm's weight is not split just because the two ways cost alike."""
+    return "reduce_scatter" if isinstance(source, Shard) and node.op == "call_function" else "grad_all_reduce"
 
 
 def _readers(node: torch.fx.Node, graph: GraphStrategies) -> list[str]:
@@ -347,6 +395,7 @@ def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, so
     chosen = {name: graph.strategies[name][solution.choice[g]] for name, g in index.node_group.items()}
     collectives: list[Collective] = []
     synced: set[str] = set()
+    nodes = {n.name: n for n in gm.graph.nodes}
 
     def add(kind: str, value: str, phase: str) -> None:
         n = graph.num_bytes[value]
@@ -367,7 +416,11 @@ def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, so
         for u in chosen[node.name].grad_sync if node.name in chosen else ():
             if u not in synced and graph.needs_grad[u] and pricing.training:
                 synced.add(u)
-                add("grad_all_reduce", u, "backward")
+                add(_grad_sync_kind(nodes[u], chosen[u].output), u, "backward")
+    # sequence parallelism: an activation's sequence shard is reduce-scattered onto (from a Partial) or
+    # gathered from with its gradient reduce-scattered back (seq_all_gather)
+    on_sequence = any(c.kind == "reduce_scatter" and nodes[c.value].op == "call_function"
+                      and _sequence_sharded(nodes[c.value], chosen, pricing.tp) for c in collectives)
     decisions = {}
     for name, s in chosen.items():   # f only where a gradient flows
         decision = NodePlacement.of(s)
@@ -377,7 +430,7 @@ def assignment_from_solution(gm: torch.fx.GraphModule, index: TPProblemIndex, so
         tp=pricing.tp, nodes=decisions,
         predicted_seconds=solution.objective_seconds, collectives=tuple(collectives),
         param_bytes_per_device=int(solution.param_bytes), status=solution.status,
-        solve_seconds=solution.solve_seconds,
+        solve_seconds=solution.solve_seconds, sequence_parallel=on_sequence,
         extra={"num_groups": index.problem.num_groups, "num_nodes": len(chosen),
                "num_edges": len(index.problem.edges)},
     )

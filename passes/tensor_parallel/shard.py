@@ -12,7 +12,9 @@ Each rank module
 - converts placements where a reader needs another one with `TPCollective`
   call_module nodes named ``tp_comm_<k>``: slice, all_gather, all_reduce,
   reduce_scatter, and Megatron's f (grad_all_reduce) once per value that
-  rank-dependent work reads replicated.
+  rank-dependent work reads replicated; a Shard value that such work reads
+  replicated (sequence parallelism's gather before a column-parallel linear)
+  gets one `seq_all_gather` instead: all-gather forward, reduce-scatter backward.
 
 All ranks' graphs have the same nodes in the same order (only parameter values
 and rank numbers differ), which the one-process simulation relies on.
@@ -35,6 +37,7 @@ from autopart.passes.tensor_parallel.placements import P, Placement, R, Replicat
 from autopart.passes.tensor_parallel.rank_ops import ScaledBias, vocab_parallel_embedding
 
 aten = torch.ops.aten
+_MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default}
 PLACEMENT_META_KEY = "autopart_tp_placement"
 """Node meta of a rank module: the placement ('R', 'S(1)', 'P') of the node's value."""
 
@@ -131,12 +134,17 @@ class _RankBuilder:
         meta[PLACEMENT_META_KEY] = str(place)
         return meta
 
+    def _only_matmuls_read(self, node: torch.fx.Node) -> bool:
+        """Whether every op that reads `node` replicated with f (what seq_all_gather feeds) is a matmul."""
+        readers = [u for u in node.users if u.name in self.a.nodes and node.name in self.a.nodes[u.name].grad_sync]
+        return bool(readers) and all(u.target in _MATMULS for u in readers)
+
     def _comm(self, kind: str, x: torch.fx.Node, place: Placement, like: torch.fx.Node,
-              dim: int = 0, groups: int = 1) -> torch.fx.Node:
+              dim: int = 0, groups: int = 1, to_compute_dtype: bool = False) -> torch.fx.Node:
         name = f"tp_comm_{len(self.collectives)}"
         self.collectives.append(name)
         self.root[name] = TPCollective(kind, dim=dim, groups=groups, tp=self.tp, rank=self.rank,
-                                       value=like.name)
+                                       value=like.name, to_compute_dtype=to_compute_dtype)
         new = self.graph.call_module(name, (x,))
         new.meta = self._meta(like, place)
         return new
@@ -149,6 +157,13 @@ class _RankBuilder:
         if key in self.cache:
             return self.cache[key]
         src = self.placement(node)
+        if sync and isinstance(src, Shard) and want == R and node.op == "call_function":
+            # Megatron-SP: gather a sequence shard for split work; the gradient's addends are
+            # reduce-scattered back to shards in one collective (not f's all-reduce, then a slice)
+            cur = self._comm("seq_all_gather", self.local[node.name], R, node, src.dim, src.groups,
+                             to_compute_dtype=self._only_matmuls_read(node))
+            self.cache[key] = cur
+            return cur
         cur = self.local[node.name] if src == want else self.cache.get((node.name, str(want)))
         if cur is None:
             cur = self._reshard(node, src, want)

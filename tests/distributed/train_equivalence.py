@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, required=True)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel group size (Megatron layout)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="shard the residual stream on the "
+                        "sequence between tp regions (Megatron-SP)")
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--virtual-stages", type=int, default=1, help="stages per pipeline rank")
@@ -77,7 +79,9 @@ def main() -> None:
                                 schedule=args.schedule, virtual_stages=args.virtual_stages,
                                 data_parallel=args.dp, data_parallel_mode=args.dp_mode, tensor_parallel=args.tp,
                                 tp_plan=megatron if args.tp > 1 else None, mixed_precision=args.mixed_precision,
-                                recompute=args.recompute)
+                                recompute=args.recompute, sequence_parallel=True if args.sequence_parallel else None)
+    if args.sequence_parallel:
+        assert compiled.plan.tensor_parallel.sequence_parallel, compiled.plan.tensor_parallel
     if args.recompute not in (None, "none"):
         assert any(m == args.recompute for s in compiled.plan.stages for m in s.recompute), compiled.plan.stages
     runner = compiled.distributed(timeout_s=args.timeout)
