@@ -37,13 +37,15 @@ QUIET_STRATEGIES = frozenset({"param", "follow", "replicate", "input"})
 
 
 def annotate_graph(gm: torch.fx.GraphModule, cluster: Cluster,
-                   compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
+                   compute_dtype: torch.dtype | None, fused: bool = False) -> torch.fx.GraphModule:
     """Costs of the graph as it runs: constant attention masks as SDPA's flags (the eager model's
-    kernels), and under autocast the values re-propagated in their autocast dtypes first."""
+    kernels), and under autocast the values re-propagated in their autocast dtypes first; with
+    `fused`, times as TorchInductor's fused kernels run (passes/fusion.py), else op by op."""
     gm = passes.use_causal_attention(gm)
     if compute_dtype is not None:
         gm = passes.autocast_values(gm, compute_dtype)
-    return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+    gm = passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+    return passes.price_fused_kernels(gm, cluster) if fused else gm
 
 
 def first_rows(flat: list[Any], in_spec, batch_size: int, size: int) -> tuple[tuple, dict]:
@@ -77,7 +79,7 @@ class Analysis:
 def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
             compute_dtype: torch.dtype | None, *, min_blocks: int = 1, reuse_layers: bool = True,
             pinned: Iterable[str] = (), phase: Callable[[str, str], None] | None = None,
-            note: Callable[[str], None] | None = None) -> Analysis:
+            note: Callable[[str], None] | None = None, fused: bool = False) -> Analysis:
     """Trace and cost `model` at the example microbatch (`args`, `kwargs`); `phase(name, message)`
     is told when tracing and annotating start, `note(message)` what was analysed. `pinned` are
     the user's tp_plan patterns: one that names a single layer of the stack ('blocks.7.mlp_fc')
@@ -95,7 +97,7 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
                            f"{size}")
             copy = trace(shortened(model, stack), args, kwargs)
             phase("annotate", "annotating costs")
-            gm = annotate_graph(copy, cluster, compute_dtype)
+            gm = annotate_graph(copy, cluster, compute_dtype, fused)
         except TraceError as error:
             _say(log, f"the copy with {stack.keep} of {stack.num_layers} layers does not trace "
                       f"({str(error).splitlines()[0]}); tracing every layer")
@@ -111,7 +113,7 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
     phase("trace", f"tracing at microbatch size {size}")
     traced = trace(model, args, kwargs)
     phase("annotate", "annotating costs")
-    gm = annotate_graph(traced, cluster, compute_dtype)
+    gm = annotate_graph(traced, cluster, compute_dtype, fused)
     return Analysis(gm=gm, blocks=passes.coarsen(gm, cluster, min_blocks=min_blocks))
 
 

@@ -54,6 +54,7 @@ def compile(  # noqa: A001 - the public name the project promises
     mixed_precision: str | None = None,
     training: bool = True,
     reuse_layers: bool = True,
+    compile_kernels: bool | None = None,
     verbose: bool = False,
 ) -> CompiledModel:
     """Partition `model` across `devices` and return the plan with one module per rank.
@@ -76,6 +77,9 @@ def compile(  # noqa: A001 - the public name the project promises
     three of them is traced, costed and split, and the costs restated for every layer; the whole
     model is traced only when rank modules are first asked for (`CompiledModel.rank_modules`,
     `simulate`, `distributed`). False traces every layer up front.
+    `compile_kernels` runs every rank's stage through TorchInductor (torch.compile: fused kernels,
+    identical blocks compiled once) and prices the plan that way; None (default) compiles for CUDA
+    clusters and not for CPU ones (the one-process simulation always runs op by op).
     """
     log = _Phases(verbose)
     cluster = resolve_devices(devices)
@@ -84,6 +88,7 @@ def compile(  # noqa: A001 - the public name the project promises
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
     data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
+    compile_kernels = _check_compile_kernels(compile_kernels, cluster)
 
     flat_batch, in_spec = torch.utils._pytree.tree_flatten((example_inputs, dict(example_kwargs or {})))
     batch_size = batch_size_of(flat_batch)
@@ -91,12 +96,12 @@ def compile(  # noqa: A001 - the public name the project promises
                           num_microbatches=num_microbatches, data_parallel=data_parallel, schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
-                          training=training, verbose=verbose)
+                          compile_kernels=compile_kernels, training=training, verbose=verbose)
     rows = functools.partial(first_rows, flat_batch, in_spec, batch_size)
 
     def retrace(size: int) -> torch.fx.GraphModule:  # the search's, when it picks another microbatch size
         log("retrace", f"retracing at microbatch size {size}")
-        return annotate_graph(trace(model, *rows(size)), cluster, compute_dtype)
+        return annotate_graph(trace(model, *rows(size)), cluster, compute_dtype, compile_kernels)
 
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
@@ -104,7 +109,7 @@ def compile(  # noqa: A001 - the public name the project promises
     analysis = analyse(model, *rows(traced_size), cluster, compute_dtype,  # TRACED, COSTED -> blocks (a
                        min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1),  # stack of identical layers:
                        reuse_layers=reuse_layers, pinned=tuple(tp_plan or ()),     # three of them, restated)
-                       phase=log, note=log.note)
+                       phase=log, note=log.note, fused=compile_kernels)
     stacked = analysis.stack is not None
     tp_sizes = tensor_parallel_choices(cluster, tensor_parallel, pipeline_parallel, data_parallel)
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
@@ -152,7 +157,7 @@ def _whole_model(model: torch.nn.Module, rows, plan: Plan, analysis: Analysis, a
     under the same parameter budget).
     """
     size = plan.microbatch_size
-    gm = annotate_graph(trace(model, *rows(size)), cluster, compute_dtype)
+    gm = annotate_graph(trace(model, *rows(size)), cluster, compute_dtype, plan.compile_kernels)
     blocks = passes.coarsen(gm, cluster, depth=analysis.blocks.depth)
     check_blocks([b for stage in plan.stages for b in stage.blocks], blocks, size, io_spec(gm).model_class)
     stages = stages_on_blocks(plan, blocks)
@@ -160,7 +165,8 @@ def _whole_model(model: torch.nn.Module, rows, plan: Plan, analysis: Analysis, a
     if plan.mesh.tp > 1:
         copy = analysis
         if size != traced_size:  # node names and shapes differ at this size: choose the splits on the copy again
-            copy = analyse(model, *rows(size), cluster, compute_dtype, min_blocks=analysis.num_blocks)
+            copy = analyse(model, *rows(size), cluster, compute_dtype, min_blocks=analysis.num_blocks,
+                           fused=plan.compile_kernels)
             _, assignment = tensor_parallel_blocks(copy.gm, copy.blocks, cluster, plan.mesh.tp, training=training,
                                                    fixed=user_placements(copy.gm, tp_plan),
                                                    memory_budget_bytes=tp_budget)
@@ -177,11 +183,13 @@ def _whole_model(model: torch.nn.Module, rows, plan: Plan, analysis: Analysis, a
 
 
 def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:
-    """Blocks the plan recomputes, or (ZeRO-3, HSDP) every block, as region submodules."""
+    """Blocks the plan recomputes, or (ZeRO-3, HSDP, compiled kernels) every block, as region
+    submodules: each an FSDP unit, and the unit the runtime compiles (identical blocks once)."""
     stage = plan.stages[s]
     nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    units = (reshards_parameters(plan.data_parallel_mode) and plan.mesh.dp > 1) or plan.compile_kernels
     return passes.nest_regions(module, [(name, nodes_of[name], stage.recompute_of(name)) for name in stage.blocks],
-                               units=reshards_parameters(plan.data_parallel_mode) and plan.mesh.dp > 1)
+                               units=units)
 
 
 class _Phases:
@@ -231,6 +239,16 @@ def _check_modes(data_parallel_mode: str | None, recompute: str | None) -> tuple
         return data_parallel_mode_name(data_parallel_mode), check_mode(recompute)
     except ValueError as error:
         raise InputError(str(error)) from error
+
+
+def _check_compile_kernels(compile_kernels: bool | None, cluster: Cluster) -> bool:
+    """`compile_kernels`, or its default: compiled for a cluster of GPUs, op by op for CPUs."""
+    if compile_kernels is None:
+        return all(device.device_type == "cuda" for device in cluster.devices)
+    if not isinstance(compile_kernels, bool):
+        raise InputError(f"compile_kernels={compile_kernels!r} must be True, False or None "
+                         "(None: compiled on CUDA clusters)")
+    return compile_kernels
 
 
 def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:

@@ -9,6 +9,7 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 3
  "mesh": {"pp": int, "tp": int, "dp": int, "dp_shard": int (default 1)}, "virtual_stages": int (default 1),
  "data_parallel_mode": "ddp" | "zero2" | "zero3" | "hsdp" (default "ddp"),
  "mixed_precision": null | "bf16" (default null: the model's own dtypes),
+ "compile_kernels": bool (default false: every rank runs its graph op by op),
  "cluster": Cluster.to_dict(),
  "stages": [{"index", "device", "device_name", "blocks": [str], "node_names": [str],
              "fwd_seconds", "bwd_seconds", "comm_seconds", "fwd_flops", "bwd_flops",
@@ -283,6 +284,9 @@ class Plan:
     mixed_precision: str | None = None
     """'bf16': float32 parameters, gradients and optimizer state, every stage's forward and the loss
     under torch.autocast(bfloat16); None: the model computes in its own dtypes."""
+    compile_kernels: bool = False
+    """Each rank runs its stage's regions through TorchInductor (torch.compile), identical blocks
+    compiled once (autopart/runtime/kernels.py), and the planner priced fused kernels; False: op by op."""
     version: int = PLAN_VERSION
 
     @property

@@ -6,12 +6,13 @@ from autopart.passes.codegen import stage_modules
 from autopart.passes.node_costs import COST_META_KEY, NodeCost, annotate, node_cost
 from autopart.passes.attention import use_causal_attention
 from autopart.passes.device import device_literals, move_to_device
+from autopart.passes.fusion import price_fused_kernels
 from autopart.passes.precision import autocast_values
 from autopart.passes.regions import nest_regions
 from autopart.passes.split import split_stages
 
 __all__ = [
     "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "autocast_values", "coarsen",
-    "device_literals", "move_to_device", "nest_regions", "node_cost", "split_stages", "stage_modules", "tensor_parallel",
+    "device_literals", "move_to_device", "nest_regions", "node_cost", "price_fused_kernels", "split_stages", "stage_modules", "tensor_parallel",
     "use_causal_attention",
 ]

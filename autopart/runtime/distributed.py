@@ -35,12 +35,14 @@ from autopart.batch import batch_size_of, split_rows, take_rows
 from autopart.errors import AutopartError, InputError
 from autopart.interfaces import StageInterface, tp_rank_info
 from autopart.runtime.pipelining import (
-    StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, wire_dtype,
+    StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, step_options,
+    wire_dtype,
 )
 from autopart.runtime.precision import check_caller_autocast, stage_autocast
 from autopart.runtime.process_group import Watchdog, all_gather_rows, default_device, init_process_group
 from autopart.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
+from autopart.runtime.kernels import DEFAULT_BACKEND, KernelReport, compile_regions
 from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
@@ -66,7 +68,8 @@ class DistributedRunner(StateMixin):
 
     def __init__(self, compiled, *, timeout_s: float = 300.0, device: str | torch.device | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None,
-                 init_fn: Callable[[str, torch.Tensor], None] | None = None) -> None:
+                 init_fn: Callable[[str, torch.Tensor], None] | None = None,
+                 kernels_backend: str = DEFAULT_BACKEND) -> None:
         from torch.distributed.pipelining import PipelineStage
 
         self.compiled = compiled
@@ -103,6 +106,10 @@ class DistributedRunner(StateMixin):
             self.adapters.append(StageAdapter(module, interface, tensor_positions,
                                               received_vals(compiled, interface, tensor_positions),
                                               stage_output_vals(compiled, interface.stage), self._autocast))
+        self.kernels: KernelReport | None = None
+        """What ran through torch.compile (Plan.compile_kernels); None when the plan runs op by op."""
+        if self.plan.compile_kernels:  # after the collectives know their group: bodies are shared
+            self.kernels = compile_regions([adapter.module for adapter in self.adapters], backend=kernels_backend)
         self._seed_random_streams()
         self._model_output_vals = stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
@@ -199,13 +206,13 @@ class DistributedRunner(StateMixin):
                 elif self.plan.num_stages == 1 and is_fully_sharded(self.pipeline_stages[0].submod):
                     self._accumulate_under_fsdp(flat, local_target, losses)
                 elif self.is_first_stage and self.is_last_stage:
-                    self.schedule.step(*tensors, target=local_target, losses=losses)
+                    self.schedule.step(*tensors, target=local_target, losses=losses, **step_options())
                 elif self.is_first_stage:
-                    self.schedule.step(*tensors)
-                elif self.is_last_stage:
-                    self.schedule.step(target=local_target, losses=losses)
+                    self.schedule.step(*tensors, **step_options())
+                elif self.is_last_stage:  # the loss per microbatch; no output kept past its backward
+                    self.schedule.step(target=local_target, losses=losses, **step_options())
                 else:
-                    self.schedule.step()
+                    self.schedule.step(**step_options())
                 self._sum_shared_gradients()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:

@@ -9,6 +9,8 @@ schedule class the plan names over the rank's stages.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -117,6 +119,22 @@ class _ContiguousGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+@functools.cache
+def schedule_keeps_outputs() -> bool:
+    """Whether a training step's schedule keeps every microbatch's model output on the last stage
+    until the step ends: only where this torch's schedules lack `step(return_outputs=False)`. With
+    it, the loss is computed per microbatch on the last stage and each output is freed by that
+    microbatch's backward (the runner returns the loss, never the outputs)."""
+    from torch.distributed.pipelining import Schedule1F1B
+
+    return "return_outputs" not in inspect.signature(Schedule1F1B.step).parameters
+
+
+def step_options() -> dict[str, Any]:
+    """Keywords for a schedule's training `step`: no outputs returned, where this torch allows it."""
+    return {} if schedule_keeps_outputs() else {"return_outputs": False}
 
 
 def make_schedule(plan, stages: list, loss_fn: Callable[[Any, Any], torch.Tensor]):
