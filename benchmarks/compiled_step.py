@@ -119,18 +119,40 @@ def plain_mode(model: torch.nn.Module, ids, target, args, compile_model: bool) -
     return out
 
 
-def reference_gradients(model: torch.nn.Module, ids, target) -> tuple[float, dict[str, torch.Tensor]]:
-    module = copy.deepcopy(model).cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = loss_fn(module(ids), target)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-    del module
-    return float(loss), grads
+def reference_gradients(model: torch.nn.Module, ids, target) -> dict[str, Any]:
+    """The first step's loss and gradients of eager autocast, and of float32 (TF32 off): the truth
+    both bf16 runs are measured against."""
+    out: dict[str, Any] = {}
+    for name, autocast in (("autocast", True), ("float32", False)):
+        module = copy.deepcopy(model).cuda()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(module(ids), target)
+        loss.backward()
+        # kept on the CPU: held on the GPU they would count in the peaks measured next
+        out[name] = (float(loss.detach()), {n: p.grad.detach().cpu() for n, p in module.named_parameters()
+                                           if p.grad is not None})
+        del module, loss
+    loss, grads = out["autocast"]
+    out["autocast_error"] = gradient_error(grads, out["float32"][1])
+    return out
+
+
+def gradient_error(grads: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The worst norm-wise gradient error against `truth` (each ‖g − t‖ / max(‖t‖, 1% of the
+    largest ‖t‖), as tests/distributed/family_step.py), and the parameter it is on."""
+    floor = 1e-2 * max(float(g.norm()) for g in truth.values())
+    worst, where = 0.0, ""
+    for name, grad in grads.items():
+        if name in truth:
+            error = float((grad.float().cpu() - truth[name]).norm()) / max(float(truth[name].norm()), floor)
+            if error > worst:
+                worst, where = error, name
+    return worst, where
 
 
 def autopart_mode(model: torch.nn.Module, ids, target, args, compile_kernels: bool,
-                  reference: tuple[float, dict[str, torch.Tensor]] | None) -> dict[str, Any]:
+                                reference: dict[str, Any] | None) -> dict[str, Any]:
     fresh()
     options = dict(example_inputs=(ids.cpu(),), optimizer="adamw", num_microbatches=1, mixed_precision="bf16",
                    compile_kernels=compile_kernels)
@@ -144,22 +166,23 @@ def autopart_mode(model: torch.nn.Module, ids, target, args, compile_kernels: bo
         out["calibrated_predicted_s"] = calibrated.predicted_step_seconds
         out["calibrated_predicted_peak_bytes"] = calibrated.stages[0].memory.total
     runner = cm.distributed(timeout_s=1800)
-    if reference is not None:  # the first step against eager autocast, before any update
+    if reference is not None:  # the first step against eager autocast and float32, before any update
         started = time.perf_counter()
         loss = float(runner.step(ids, target=target, loss_fn=loss_fn))
         torch.cuda.synchronize()
         out["first_step_seconds"] = time.perf_counter() - started
-        ref_loss, ref_grads = reference
-        floor = 1e-2 * max(float(g.norm()) for g in ref_grads.values())
-        worst = 0.0
-        for module, interface in runner.local_stages:
-            for path, name in interface.parameters:
-                grad = module.get_parameter(path).grad
-                if name in ref_grads and grad is not None:
-                    worst = max(worst, float((grad - ref_grads[name]).norm()) / max(float(ref_grads[name].norm()), floor))
-        out.update(loss=loss, reference_loss=ref_loss, loss_error=abs(loss - ref_loss) / abs(ref_loss),
-                   worst_gradient_error=worst,
-                   equivalent=abs(loss - ref_loss) <= BF16_RTOL * abs(ref_loss) and worst <= BF16_RTOL)
+        grads = {name: module.get_parameter(path).grad for module, interface in runner.local_stages
+                 for path, name in interface.parameters if module.get_parameter(path).grad is not None}
+        ref_loss = reference["autocast"][0]
+        versus_autocast, versus_float32 = gradient_error(grads, reference["autocast"][1]), gradient_error(
+            grads, reference["float32"][1])
+        eager_error = reference["autocast_error"]
+        out.update(loss=loss, reference_loss=ref_loss, float32_loss=reference["float32"][0],
+                   loss_error=abs(loss - ref_loss) / abs(ref_loss), gradient_error_vs_autocast=versus_autocast,
+                   gradient_error_vs_float32=versus_float32, eager_autocast_error_vs_float32=eager_error,
+                   # as close to float32 as eager autocast is, within bf16's rtol
+                   equivalent=abs(loss - ref_loss) <= BF16_RTOL * abs(ref_loss)
+                   and versus_float32[0] <= eager_error[0] + BF16_RTOL)
         runner.zero_grad()
     optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-4, fused=True)
 
@@ -189,20 +212,57 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
     target = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
     result: dict[str, Any] = {"family": family, "params": sum(p.numel() for p in model.parameters())}
+    reference = None
     for mode in args.modes.split(","):
         try:
             if mode in ("eager", "torch_compile"):
                 result[mode] = plain_mode(model, ids, target, args, compile_model=mode == "torch_compile")
-            elif mode == "runner":
-                result[mode] = autopart_mode(model, ids, target, args, False, None)
-            elif mode == "compiled_runner":
-                result[mode] = autopart_mode(model, ids, target, args, True, reference_gradients(model, ids, target))
+            elif mode in ("runner", "compiled_runner"):
+                if reference is None:
+                    reference = reference_gradients(model, ids, target)
+                result[mode] = autopart_mode(model, ids, target, args, mode == "compiled_runner", reference)
         except Exception as error:  # noqa: BLE001 - one failing mode is reported, the others run
             result[mode] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
         print(json.dumps({"family": family, "mode": mode, **result[mode]}, default=str), flush=True)
-    del model
+    del model, reference
     fresh()
     return result
+
+
+def predict_from(path: str, args: argparse.Namespace) -> None:
+    """Re-plan the families of a results file on the meta device (no GPU) with the H100 preset and
+    with `--cluster`, compiled and op by op, and set each prediction beside the step and peak that
+    file measured: what the cost model now says about runs already made."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    run = data["args"]
+    clusters = {"preset": "1xH100", **({"calibrated": args.cluster} if args.cluster else {})}
+    rows = []
+    for result in data["results"]:
+        with torch.device("meta"):
+            model = build(result["family"], run["layers"], run["hidden"], run["vocab"], run["seq"])
+        ids = torch.randint(0, run["vocab"], (run["batch"], run["seq"]))
+        row: dict[str, Any] = {"family": result["family"]}
+        for mode, compile_kernels in (("runner", False), ("compiled_runner", True)):
+            measured = result.get(mode, {})
+            if "seconds" not in measured:
+                continue
+            for label, devices in clusters.items():
+                plan = autopart.compile(model, devices, example_inputs=(ids,), optimizer="adamw", num_microbatches=1,
+                                        mixed_precision="bf16", compile_kernels=compile_kernels).plan
+                row[f"{mode}_{label}_s"] = plan.predicted_step_seconds / measured["seconds"]
+                row[f"{mode}_{label}_peak"] = plan.stages[0].memory.total / measured["peak_bytes"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\npredicted / measured ({data['device']}, torch {data['torch']}; measured in {path})")
+    keys = [k for k in rows[0] if k != "family"]
+    print(f"{'family':<9}" + "".join(f"{k.replace('compiled_runner', 'compiled'):>24}" for k in keys))
+    for row in rows:
+        print(f"{row['family']:<9}" + "".join(f"{row.get(k, float('nan')):>24.3f}" for k in keys))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"measured_in": path, "device": data["device"], "torch": data["torch"], "rows": rows}, f,
+                      indent=2)
 
 
 def main() -> None:
@@ -218,7 +278,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cluster", help="also predict with this saved Cluster (autopart.calibrate() JSON)")
     parser.add_argument("--out", help="write the results as JSON here (after every family)")
+    parser.add_argument("--predict-from", help="no GPU: re-plan the families of this results file, predicted / measured")
     args = parser.parse_args()
+    if args.predict_from:
+        predict_from(args.predict_from, args)
+        return
     name = torch.cuda.get_device_name(0)
     results = []
     for family in args.families.split(","):

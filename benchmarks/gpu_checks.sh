@@ -21,7 +21,7 @@ if [ "$what" = family ] || [ "$what" = all ]; then
     # RECOMPUTE=selective|full: every block recomputed that way (checkpointed regions on the GPU)
     pids=()
     for family in gpt2 llama mistral qwen2 bert t5 vit; do
-        for precision in fp32 bf16; do
+        for precision in ${PRECISIONS:-fp32 bf16}; do
             flag=""; [ "$precision" = bf16 ] && flag="--mixed-precision bf16"
             [ -n "${RECOMPUTE:-}" ] && flag="$flag --recompute $RECOMPUTE"
             [ -n "${COMPILE:-}" ] && flag="$flag --compile-kernels"
@@ -56,7 +56,8 @@ if [ "$what" = compiled ]; then  # eager, torch.compile(model), the runner and t
 fi
 
 if [ "$what" = compile-time ]; then
-    python3 benchmarks/compile_time_gpu.py --out "$OUT/compile_time_gpu.json" 2>&1 | tee "$OUT/compile_time_gpu.log"
+    python3 benchmarks/compile_time_gpu.py ${COMPILE_TIME_ARGS:-} --out "$OUT/compile_time_gpu${TAG:-}.json" 2>&1 \
+        | tee "$OUT/compile_time_gpu${TAG:-}.log"
 fi
 
 if [ "$what" = compare ]; then  # one GPU: the comparison script's single-device and autopart modes

@@ -19,6 +19,7 @@ recomputed and the state fully sharded; the planner's reason follows on the next
 
     python benchmarks/plan_scale.py [--models 1b 8b 70b 405b] [--hosts 1 8 64 512] [--batch 1024]
     python benchmarks/plan_scale.py --layers 20 40 80 160      # one model, time against depth
+    python benchmarks/plan_scale.py --eager ...                # priced op by op (compile_kernels=False)
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import resource
 import subprocess
 import sys
 import time
+
+COMPILE_KERNELS = True
+"""Plans priced as compiled kernels (the default on GPUs); `--eager` prices them op by op."""
 
 CONFIGS = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -63,7 +67,7 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None) -> dic
     row = dict(model=model_name, layers=config["num_hidden_layers"], devices=f"{hosts}x8xH100", batch=batch)
     try:
         compiled = autopart.compile(model, row["devices"], example_inputs=(ids,), mixed_precision="bf16",
-                                    optimizer="adamw")
+                                    optimizer="adamw", compile_kernels=COMPILE_KERNELS)
     except autopart.PlanError as error:
         row.update(fits=False, why=str(error).splitlines()[0][:160])
         plan = None
@@ -94,6 +98,7 @@ def _recompute(plan) -> str:
 
 def _run(model_name: str, hosts: int, batch: int, layers: int | None) -> dict:
     command = [sys.executable, __file__, "--worker", model_name, str(hosts), str(batch), str(layers or 0)]
+    command += [] if COMPILE_KERNELS else ["--eager"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return dict(model=model_name, devices=f"{hosts}x8xH100", fits=False, why=done.stderr.strip()[-160:],
@@ -123,6 +128,10 @@ def _print(r: dict) -> None:
 
 
 def main() -> int:
+    global COMPILE_KERNELS
+    if "--eager" in sys.argv:  # priced op by op (compile_kernels=False) instead of as compiled kernels
+        sys.argv.remove("--eager")
+        COMPILE_KERNELS = False
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         model_name, hosts, batch, layers = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
         print(json.dumps(plan_one(model_name, hosts, batch, layers or None)))
