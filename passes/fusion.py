@@ -13,8 +13,9 @@ fuses pointwise and reduction ops"). So:
 
 - a fusion group is a maximal set of memory-bound nodes connected by edges,
   at the same extern depth (the number of extern kernels on the longest path
-  from the graph's inputs): ops separated by a matmul cannot share a kernel;
-  views join the group of what they view and move nothing;
+  from the graph's inputs: ops separated by a matmul cannot share a kernel)
+  and in the same repeated layer (`_layer`); views join the group of what
+  they view and move nothing;
 - a group's forward time is its memory traffic at the fused-kernel bandwidth:
   `(bytes of every distinct tensor it reads from outside + bytes of every
   member value used outside) / DeviceSpec.achieved_fused_bandwidth`, plus one
@@ -103,21 +104,28 @@ def fusion_groups(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
             continue
         parent[node] = node
         for a in inputs:
-            if a in parent and depth[a] == depth[node]:
+            if a in parent and depth[a] == depth[node] and _layer(a) == _layer(node):
                 parent[find(a)] = find(node)
     groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node in parent:
             groups.setdefault(find(node), []).append(node)
-    return sorted(groups.values(), key=lambda g: _order(gm)[g[0]])
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(groups.values(), key=lambda g: order[g[0]])
 
 
-def _order(gm: torch.fx.GraphModule, _cache: dict[int, dict[torch.fx.Node, int]] = {}) -> dict[torch.fx.Node, int]:
-    key = id(gm.graph)
-    if key not in _cache or len(_cache[key]) != len(gm.graph.nodes):
-        _cache.clear()
-        _cache[key] = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return _cache[key]
+def _layer(node: torch.fx.Node) -> str:
+    """The repeated layer a node belongs to: its module path up to the last numbered part
+    ('model.layers.3' of 'model.layers.3.mlp.act_fn'), '' outside numbered containers. Groups stay
+    within one layer, so each layer of a stack is priced alike, as the analysis of three of them
+    restates for all (passes/stack_blocks.py); Inductor would also fuse a layer's last residual
+    add with the next layer's norm, one activation's write and read fewer per layer."""
+    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+    if not paths:
+        return ""
+    parts = paths[-1].split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:numbered[-1] + 1]) if numbered else ""
 
 
 def _is_extern(node: torch.fx.Node) -> bool:

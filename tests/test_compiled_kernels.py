@@ -137,6 +137,19 @@ def test_recomputed_pipeline_stages_compile_on_gloo_under_zero_bubble():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc,args", [
+    (4, ["--stages", "2", "--dp", "2", "--dp-mode", "ddp", "--optimizer", "adam"]),
+    (4, ["--stages", "2", "--dp", "2", "--dp-mode", "zero3", "--optimizer", "adam"]),
+], ids=["dp2-ddp-x-pp2", "dp2-zero3-x-pp2"])
+def test_compiled_regions_train_like_one_device_under_ddp_and_fsdp2(nproc, args):
+    """Three steps of training, every step's loss and the final weights against one device
+    (tests/distributed/train_equivalence.py), with the stages' regions compiled (aot_eager)."""
+    code, out = _finish(_torchrun(nproc, *args, "--compile-kernels"), timeout=600)
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == nproc, out[-4000:]
+
+
+@pytest.mark.slow
 def test_inductor_compiles_a_stage_on_the_cpu():
     out = _family_step("--stages", "1", "--compile-kernels", nproc=1)
     assert "OK rank 0" in out and "compiled (" in out and "eager:" not in out

@@ -242,12 +242,15 @@ def attach_process_group(module: torch.nn.Module, group) -> None:
 
 
 def count_collectives(modules: list[torch.fx.GraphModule] | torch.fx.GraphModule) -> dict[str, int]:
-    """Collective nodes of one rank module (the first, if given several), by kind."""
+    """Collective nodes of one rank module (the first, if given several), by kind, those inside its
+    region submodules (passes/regions.py) included."""
     gm = modules[0] if isinstance(modules, (list, tuple)) else modules
     counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            sub = gm.get_submodule(node.target)
-            if isinstance(sub, TPCollective):
-                counts[sub.kind] = counts.get(sub.kind, 0) + 1
+    graphs = [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+    for module in graphs:
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                sub = module.get_submodule(node.target)
+                if isinstance(sub, TPCollective):
+                    counts[sub.kind] = counts.get(sub.kind, 0) + 1
     return counts

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--recompute", choices=["none", "selective", "full"], help="activation recomputation "
                         "of every block (None: planner)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    parser.add_argument("--compile-kernels", action="store_true", help="run the stages through torch.compile")
+    parser.add_argument("--kernels-backend", default="aot_eager", help="torch.compile backend for --compile-kernels")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpoint", help="also check a save/load round trip in this directory")
     parser.add_argument("--fail-rank", type=int, help="this rank dies or hangs in the second step")
@@ -77,10 +79,12 @@ def main() -> None:
                                 schedule=args.schedule, virtual_stages=args.virtual_stages,
                                 data_parallel=args.dp, data_parallel_mode=args.dp_mode, tensor_parallel=args.tp,
                                 tp_plan=megatron if args.tp > 1 else None, mixed_precision=args.mixed_precision,
-                                recompute=args.recompute)
+                                recompute=args.recompute, compile_kernels=args.compile_kernels)
     if args.recompute not in (None, "none"):
         assert any(m == args.recompute for s in compiled.plan.stages for m in s.recompute), compiled.plan.stages
-    runner = compiled.distributed(timeout_s=args.timeout)
+    runner = compiled.distributed(timeout_s=args.timeout, kernels_backend=args.kernels_backend)
+    if args.compile_kernels:
+        assert runner.kernels is not None and runner.kernels.compiled, runner.kernels
     if compiled.plan.data_parallel_mode in ("zero3", "hsdp"):  # one FSDP unit per block, and the stage's
         from torch.distributed.fsdp import FSDPModule
 
