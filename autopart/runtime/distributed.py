@@ -25,6 +25,7 @@ the others raise `AutopartError` naming this rank and its stage
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable
 
 import torch
@@ -214,6 +215,7 @@ class DistributedRunner(StateMixin):
                 else:
                     self.schedule.step(**step_options())
                 self._sum_shared_gradients()
+                self._say_compiled()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
                 if self.plan.schedule == "zero_bubble" and any(sign in _chain(error) for sign in _SPLIT_FAILURES):
@@ -222,6 +224,13 @@ class DistributedRunner(StateMixin):
                         f"stage_backward_weight, torch {torch.__version__}) fails on this model's graph; "
                         "re-plan with schedule='interleaved_1f1b' or '1f1b'") from error
                 raise self._peer_error("step", error) from error
+
+    def _say_compiled(self) -> None:
+        """After the first step, rank 0 says on stderr what compiling kernels took (once)."""
+        if self.kernels is not None and not getattr(self, "_said_compiled", False):
+            self._said_compiled = True
+            if self.rank == 0:
+                print(f"[autopart] {self.describe()}: {self.kernels.summary()}", file=sys.stderr, flush=True)
 
     def _accumulate_under_ddp(self, flat: list[Any], target: Any, losses: list[torch.Tensor]) -> None:
         """One stage under DDP: microbatches accumulate the way DDP documents, in `no_sync` but
