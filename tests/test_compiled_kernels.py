@@ -150,6 +150,16 @@ def test_compiled_regions_train_like_one_device_under_ddp_and_fsdp2(nproc, args)
 
 
 @pytest.mark.slow
+def test_compiled_dropout_keeps_tp_peers_masks_alike_and_shards_independent():
+    """tests/distributed/dropout_tp.py (dp 2 × tp 2) with the regions compiled: tp peers' outputs
+    bit-identical (replicated dropout, the default generator), sharded masks independent."""
+    script = os.path.join(HERE, "distributed", "dropout_tp.py")
+    code, out = _finish(_torchrun(4, "--compile-kernels", script=script), timeout=600)
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == 4, out[-4000:]
+
+
+@pytest.mark.slow
 def test_inductor_compiles_a_stage_on_the_cpu():
     out = _family_step("--stages", "1", "--compile-kernels", nproc=1)
     assert "OK rank 0" in out and "compiled (" in out and "eager:" not in out
