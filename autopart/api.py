@@ -53,6 +53,7 @@ def compile(  # noqa: A001 - the public name the project promises
     mixed_precision: str | None = None,
     training: bool = True,
     reuse_layers: bool = True,
+    compile_kernels: bool | None = None,
     verbose: bool = False,
 ) -> CompiledModel:
     """Partition `model` across `devices` and return the plan with one module per rank.
@@ -78,6 +79,9 @@ def compile(  # noqa: A001 - the public name the project promises
     three of them is traced, costed and split, and the costs restated for every layer; the whole
     model is traced only when rank modules are first asked for (`CompiledModel.rank_modules`,
     `simulate`, `distributed`). False traces every layer up front.
+    `compile_kernels` runs every rank's stage through TorchInductor (torch.compile: fused kernels,
+    identical blocks compiled once) and prices the plan that way; None (default) compiles for CUDA
+    clusters and not for CPU ones (the one-process simulation always runs op by op).
     """
     log = _Phases(verbose)
     cluster = resolve_devices(devices)
@@ -88,14 +92,16 @@ def compile(  # noqa: A001 - the public name the project promises
     _check_optimizer(optimizer)
     compute_dtype = _check_mixed_precision(mixed_precision)
     data_parallel_mode, recompute = _check_modes(data_parallel_mode, recompute)
-    source = ModelSource.of(model, example_inputs, example_kwargs, cluster, compute_dtype)
+    compile_kernels = _check_compile_kernels(compile_kernels, cluster)
+    source = ModelSource.of(model, example_inputs, example_kwargs, cluster, compute_dtype, fused=compile_kernels)
     request = PlanRequest(batch_size=source.batch_size, pipeline_parallel=pipeline_parallel,
                           num_microbatches=num_microbatches, data_parallel=data_parallel,
                           tensor_parallel=tensor_parallel, sequence_parallel=_check_flag(
                               "sequence_parallel", sequence_parallel), tp_plan=tuple((tp_plan or {}).items()), schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
-                          training=training, reuse_layers=reuse_layers, verbose=verbose)
+                          compile_kernels=compile_kernels, training=training, reuse_layers=reuse_layers,
+                          verbose=verbose)
 
     # Trace at the smallest microbatch the planner may choose (the one it usually
     # picks); costs of other microbatch sizes scale from it.
@@ -103,7 +109,7 @@ def compile(  # noqa: A001 - the public name the project promises
     analysis = analyse(model, *source.rows(traced_size), cluster, compute_dtype,  # TRACED, COSTED -> blocks (a
                        min_blocks=(pipeline_parallel or 1) * (virtual_stages or 1),  # stack of identical layers:
                        reuse_layers=reuse_layers, pinned=tuple(tp_plan or ()),     # three of them, restated)
-                       phase=log, note=log.note)
+                       phase=log, note=log.note, fused=compile_kernels)
     stacked = analysis.stack is not None
     tp_sizes = AXES["tp"].degrees(request, cluster, SearchShape())
     log("plan", f"planning over {analysis.num_blocks} blocks, tp in {tp_sizes}")
@@ -188,7 +194,7 @@ class _WholeModel:
             copy, assignment = self.analysis, self.assignment
             if size != self.traced_size:  # node names and shapes differ at this size: choose the splits again
                 copy = analyse(self.source.model, *self.source.rows(size), cluster, self.source.compute_dtype,
-                               min_blocks=self.analysis.num_blocks)
+                               min_blocks=self.analysis.num_blocks, fused=self.source.fused)
                 assignment = choose_splits(copy.gm, copy.blocks, cluster, self.request, plan.mesh.tp, self.tp_budget)
             if copy.expansion is not None:
                 whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
@@ -203,11 +209,13 @@ class _WholeModel:
 
 
 def _regions(module: torch.fx.GraphModule, plan: Plan, s: int, blocks: BlockGraph) -> torch.fx.GraphModule:
-    """Blocks the plan recomputes, or (ZeRO-3, HSDP) every block, as region submodules."""
+    """Blocks the plan recomputes, or (ZeRO-3, HSDP, compiled kernels) every block, as region
+    submodules: each an FSDP unit, and the unit the runtime compiles (identical blocks once)."""
     stage = plan.stages[s]
     nodes_of = {b.name: b.node_names for b in blocks.blocks}
+    units = (reshards_parameters(plan.data_parallel_mode) and plan.mesh.dp > 1) or plan.compile_kernels
     return passes.nest_regions(module, [(name, nodes_of[name], stage.recompute_of(name)) for name in stage.blocks],
-                               units=reshards_parameters(plan.data_parallel_mode) and plan.mesh.dp > 1)
+                               units=units)
 
 
 class _Phases:
@@ -257,6 +265,16 @@ def _check_modes(data_parallel_mode: str | None, recompute: str | None) -> tuple
         return data_parallel_mode_name(data_parallel_mode), check_recompute(recompute)
     except ValueError as error:
         raise InputError(str(error)) from error
+
+
+def _check_compile_kernels(compile_kernels: bool | None, cluster: Cluster) -> bool:
+    """`compile_kernels`, or its default: compiled for a cluster of GPUs, op by op for CPUs."""
+    if compile_kernels is None:
+        return all(device.device_type == "cuda" for device in cluster.devices)
+    if not isinstance(compile_kernels, bool):
+        raise InputError(f"compile_kernels={compile_kernels!r} must be True, False or None "
+                         "(None: compiled on CUDA clusters)")
+    return compile_kernels
 
 
 def _check_mixed_precision(mixed_precision: str | None) -> torch.dtype | None:

@@ -25,7 +25,7 @@ from autopart.core.errors import InputError
 def calibrate(device: torch.device | str | None = None, *,
               dtypes: Sequence[str | torch.dtype] = ("float32", "bfloat16"), quick: bool = False,
               num_devices: int | None = None, name: str | None = None, gpus_per_node: int | None = None,
-              verbose: bool = True) -> Cluster:
+              kernels: bool | None = None, verbose: bool = True) -> Cluster:
     """Measure this process's device, and the links between ranks when several run, into a `Cluster`.
 
     Measures (see `autopart.cost_models.measure` for how): the matmul rate
@@ -45,6 +45,8 @@ def calibrate(device: torch.device | str | None = None, *,
     name: the spec's name (default: the GPU's preset or name, or "CPU", plus
     " (calibrated)"). gpus_per_node: devices per host (default: torchrun's
     LOCAL_WORLD_SIZE, else this host's GPU count; CPU devices share one host).
+    kernels: also measure TorchInductor's fused kernels (bandwidth, seconds per kernel) for plans
+    that compile (`compile_kernels`); default on for GPUs (a few seconds of compiling), off for the CPU.
 
     A GPU with a datasheet preset (H100, H200, A100) keeps the preset's peaks
     and stores the measured fractions of them as efficiencies, so
@@ -89,10 +91,15 @@ def calibrate(device: torch.device | str | None = None, *,
     bandwidth = measure.measure_memory_bandwidth(dev, measure.default_copy_bytes(dev, quick=quick), repeats=repeats)
     floor = measure.measure_launch_floor(dev, repeats=repeats)
     capacity = measure.measure_memory_capacity(dev)
+    fused_bandwidth = fused_launch = None
+    if kernels if kernels is not None else dev.type == "cuda":
+        fused_bandwidth, fused_launch = measure.measure_fused_kernels(dev, repeats=repeats)
     if dist is not None:  # every rank plans with the same figures
         values = _agree(dist, list(rates.values()) + [bandwidth, floor], "mean")
         rates = dict(zip(rates, values[:-2]))
         bandwidth, floor = values[-2:]
+        if fused_bandwidth is not None:
+            fused_bandwidth, fused_launch = _agree(dist, [fused_bandwidth, fused_launch], "mean")
         capacity = int(_agree(dist, [float(capacity)], "min")[0])
     tokens, d_model = shapes[0][0], shapes[0][1]
     for dtype, rate in rates.items():
@@ -101,9 +108,13 @@ def calibrate(device: torch.device | str | None = None, *,
     versus = f", {bandwidth / datasheet.memory_bandwidth:.0%} of the datasheet" if datasheet else ""
     say(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s read + written (copy{versus})")
     say(f"launch floor: {floor * 1e6:.2f} µs per op; memory: {capacity / 2**30:.1f} GiB")
+    if fused_bandwidth is not None:
+        say(f"fused kernels: {fused_bandwidth / 1e9:.1f} GB/s read + written (an RMS norm), "
+            f"{fused_launch * 1e6:.2f} µs per generated kernel")
     spec = measure.calibrated_spec(
         name=name or f"{label} (calibrated)", device_type=dev.type, memory_bytes=capacity, matmul_flops=rates,
-        memory_bandwidth=bandwidth, launch_overhead_s=floor, datasheet=datasheet)
+        memory_bandwidth=bandwidth, launch_overhead_s=floor, datasheet=datasheet,
+        fused_bandwidth=fused_bandwidth, fused_launch_s=fused_launch)
 
     count = num_devices if num_devices is not None else (world if dist is not None else _local_count(dev))
     ranks_per_host = _per_node(dist, world, dev)  # how the ranks that run now sit on hosts

@@ -176,7 +176,8 @@ class CompiledModel:
         """This process's runner under torchrun (see `autopart.runtime.distributed.DistributedRunner`).
 
         Keywords: timeout_s (collective timeout, default 300), device, state_dict
-        (a full state dict to load), init_fn(name, tensor) (fills meta-device tensors).
+        (a full state dict to load), init_fn(name, tensor) (fills meta-device tensors),
+        kernels_backend (torch.compile's backend when the plan compiles kernels, default "inductor").
         """
         from autopart.runtime.distributed import DistributedRunner
 

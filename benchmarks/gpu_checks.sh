@@ -3,7 +3,8 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|all|compare]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|all|compare|compiled|compile-time]
+# COMPILE=1 runs the family steps with compiled kernels (Plan.compile_kernels).
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -20,9 +21,10 @@ if [ "$what" = family ] || [ "$what" = all ]; then
     # RECOMPUTE=selective|full: every block recomputed that way (checkpointed regions on the GPU)
     pids=()
     for family in gpt2 llama mistral qwen2 bert t5 vit; do
-        for precision in fp32 bf16; do
+        for precision in ${PRECISIONS:-fp32 bf16}; do
             flag=""; [ "$precision" = bf16 ] && flag="--mixed-precision bf16"
             [ -n "${RECOMPUTE:-}" ] && flag="$flag --recompute $RECOMPUTE"
+            [ -n "${COMPILE:-}" ] && flag="$flag --compile-kernels"
             python3 -m torch.distributed.run --standalone --nproc_per_node=1 tests/distributed/family_step.py \
                 --family "$family" --stages 1 $flag >"$OUT/family_${family}_${precision}.log" 2>&1 &
             pids+=($!)
@@ -44,6 +46,18 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     cluster=""; [ -f "$OUT/cluster_h200.json" ] && cluster="--cluster $OUT/cluster_h200.json"
     python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/single_gpu_step.py $cluster \
         --out "$OUT/single_gpu_step.json" 2>&1 | tee "$OUT/single_gpu_step.log" | grep -v '^{'
+fi
+
+if [ "$what" = compiled ]; then  # eager, torch.compile(model), the runner and the compiled runner per family
+    cluster=""; [ -f "${CLUSTER:-}" ] && cluster="--cluster $CLUSTER"
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/compiled_step.py $cluster \
+        --families "${FAMILIES:-gpt2,llama,mistral,qwen3,gemma2,olmo2,gpt_neox,phi}" ${BENCH_ARGS:-} \
+        --out "$OUT/compiled_step${TAG:-}.json" 2>&1 | tee "$OUT/compiled_step${TAG:-}.log" | grep -v '^{'
+fi
+
+if [ "$what" = compile-time ]; then
+    python3 benchmarks/compile_time_gpu.py ${COMPILE_TIME_ARGS:-} --out "$OUT/compile_time_gpu${TAG:-}.json" 2>&1 \
+        | tee "$OUT/compile_time_gpu${TAG:-}.log"
 fi
 
 if [ "$what" = compare ]; then  # one GPU: the comparison script's single-device and autopart modes

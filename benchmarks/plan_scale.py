@@ -23,6 +23,7 @@ recomputed and the state fully sharded; the planner's reason follows on the next
 
 "sp" after the mesh: the plan shards the activations between tp regions on the sequence
 (Megatron-SP, compile(sequence_parallel=...)).
+    python benchmarks/plan_scale.py --eager ...                # priced op by op (compile_kernels=False)
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import resource
 import subprocess
 import sys
 import time
+
+COMPILE_KERNELS = True
+"""Plans priced as compiled kernels (the default on GPUs); `--eager` prices them op by op."""
 
 CONFIGS = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -70,7 +74,8 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None, sp: st
     row = dict(model=model_name, layers=config["num_hidden_layers"], devices=f"{hosts}x8xH100", batch=batch)
     try:
         compiled = autopart.compile(model, row["devices"], example_inputs=(ids,), mixed_precision="bf16",
-                                    optimizer="adamw", sequence_parallel=SEQUENCE_PARALLEL[sp])
+                                    optimizer="adamw", sequence_parallel=SEQUENCE_PARALLEL[sp],
+                                    compile_kernels=COMPILE_KERNELS)
     except autopart.PlanError as error:
         row.update(fits=False, why=str(error).splitlines()[0][:160])
         plan = None
@@ -103,6 +108,7 @@ def _recompute(plan) -> str:
 
 def _run(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto") -> dict:
     command = [sys.executable, __file__, "--worker", model_name, str(hosts), str(batch), str(layers or 0), sp]
+    command += [] if COMPILE_KERNELS else ["--eager"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return dict(model=model_name, devices=f"{hosts}x8xH100", fits=False, why=done.stderr.strip()[-160:],
@@ -132,6 +138,10 @@ def _print(r: dict) -> None:
 
 
 def main() -> int:
+    global COMPILE_KERNELS
+    if "--eager" in sys.argv:  # priced op by op (compile_kernels=False) instead of as compiled kernels
+        sys.argv.remove("--eager")
+        COMPILE_KERNELS = False
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         model_name, hosts, batch, layers = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
         print(json.dumps(plan_one(model_name, hosts, batch, layers or None, sys.argv[6])))

@@ -84,6 +84,12 @@ class DeviceSpec:
     """Measured fraction of peak_flops per dtype name (calibrate() fills it); overrides matmul_efficiency."""
     memory_efficiency: float = MEMORY_EFFICIENCY
     """Fraction of memory_bandwidth a streaming kernel reaches (bytes read + written per second)."""
+    fused_memory_efficiency: float | None = None
+    """Fraction of memory_bandwidth a TorchInductor-generated (fused) kernel reaches; None: as
+    memory_efficiency until `autopart.calibrate()` measures one (cost_models/calibrate.py)."""
+    fused_launch_overhead_s: float | None = None
+    """Seconds per generated kernel (its launch through Inductor's wrapper and its tail); None: as
+    launch_overhead_s until calibrated."""
 
     def __post_init__(self) -> None:
         table = self.peak_flops_by_dtype
@@ -117,6 +123,10 @@ class DeviceSpec:
             raise ValueError(f"{where}: device_type={self.device_type!r}; use 'cuda' or 'cpu'")
         _check_fraction(where, "matmul_efficiency", self.matmul_efficiency)
         _check_fraction(where, "memory_efficiency", self.memory_efficiency)
+        if self.fused_memory_efficiency is not None:
+            _check_fraction(where, "fused_memory_efficiency", self.fused_memory_efficiency)
+        if self.fused_launch_overhead_s is not None and self.fused_launch_overhead_s < 0:
+            raise ValueError(f"{where}: fused_launch_overhead_s={self.fused_launch_overhead_s} must be >= 0 (seconds)")
         for dtype, fraction in fractions:
             _check_fraction(where, f"matmul_efficiency_by_dtype[{dtype!r}]", fraction)
         if len({k for k, _ in fractions}) != len(fractions):
@@ -147,6 +157,17 @@ class DeviceSpec:
         """Bytes/s (read + written) a streaming kernel reaches: memory_bandwidth × memory_efficiency."""
         return self.memory_bandwidth * self.memory_efficiency
 
+    @property
+    def achieved_fused_bandwidth(self) -> float:
+        """Bytes/s (read + written) a generated fused kernel reaches: memory_bandwidth × its efficiency."""
+        fraction = self.fused_memory_efficiency if self.fused_memory_efficiency is not None else self.memory_efficiency
+        return self.memory_bandwidth * fraction
+
+    @property
+    def fused_launch_seconds(self) -> float:
+        """Seconds per generated kernel: `fused_launch_overhead_s`, else the per-op floor."""
+        return self.launch_overhead_s if self.fused_launch_overhead_s is None else self.fused_launch_overhead_s
+
     def _flops_key(self, dtype: torch.dtype | str, allow_tf32: bool) -> str:
         """The peak_flops_by_dtype row a matmul in `dtype` runs at."""
         table = dict(self.peak_flops_by_dtype)
@@ -167,6 +188,8 @@ class DeviceSpec:
             "matmul_efficiency": float(self.matmul_efficiency),
             "matmul_efficiency_by_dtype": dict(self.matmul_efficiency_by_dtype),
             "memory_efficiency": float(self.memory_efficiency),
+            "fused_memory_efficiency": self.fused_memory_efficiency,
+            "fused_launch_overhead_s": self.fused_launch_overhead_s,
         }
 
     @classmethod

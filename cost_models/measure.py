@@ -15,6 +15,8 @@ synchronised around the timed region, the median of several runs):
   an op's bytes (passes/annotate.py).
 - launch floor: seconds per tiny in-place add, issued back to back: what eager
   PyTorch pays per op (dispatch, launch, tail) when there is no work.
+- fused kernels (GPUs): TorchInductor's generated kernels, their bandwidth (an RMS
+  norm) and what each adds to a compiled call (`measure_fused_kernels`).
 - links: all-reduce and send/recv (ping-pong between two ranks, half the round
   trip) at message sizes from kilobytes to hundreds of megabytes, then α and β
   by least squares through comm.py's own formulas, so a fitted `Link` prices
@@ -178,6 +180,50 @@ def measure_launch_floor(device: torch.device | str, *, num_ops: int = 500, repe
     return _median_seconds(lambda: x.add_(1.0), device, repeats=repeats, inner=num_ops, warmup=num_ops)
 
 
+def measure_fused_kernels(device: torch.device | str, num_bytes: int | None = None, *, repeats: int = 10,
+                          chain: int = 16) -> tuple[float, float]:
+    """(bytes/s, seconds per kernel) of TorchInductor's generated kernels on `device`.
+
+    Bandwidth: an RMS norm compiled as one kernel (`x · rsqrt(mean(x²) + ε) · w` over rows of 4096
+    float32), counting x read once and the result written once. Per kernel: a compiled chain of
+    `chain` tiny steps against one, each step a generated elementwise kernel and a 16×16 library
+    matmul that separates it from the next (a chain of elementwise ops alone would fuse into one
+    kernel); its slope less that of a chain of the matmuls alone is what each generated kernel
+    adds (its launch through Inductor's wrapper and its tail), apart from the call's guard checks.
+    """
+    device = torch.device(device)
+    num_bytes = num_bytes or default_copy_bytes(device) // 2
+    width = 4096
+    rows = max(1, num_bytes // (4 * width))
+    x = torch.randn(rows, width, device=device)
+    w = torch.randn(width, device=device)
+
+    def rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    norm = torch.compile(rms_norm, dynamic=False)
+    seconds = _median_seconds(lambda: norm(x, w), device, repeats=repeats, warmup=2)
+    bandwidth = 2.0 * x.numel() * x.element_size() / seconds
+    del x
+
+    def steps(y: torch.Tensor, m: torch.Tensor, count: int, elementwise: bool) -> torch.Tensor:
+        for _ in range(count):  # with `elementwise`, a generated kernel before each library matmul
+            y = torch.mm(torch.sin(y) * 1.0001 if elementwise else y, m)
+        return y
+
+    tiny, mix = torch.randn(16, 16, device=device), torch.randn(16, 16, device=device)
+
+    def slope(elementwise: bool) -> float:
+        """Seconds each step of a compiled chain adds."""
+        one = torch.compile(lambda y: steps(y, mix, 1, elementwise), dynamic=False)
+        many = torch.compile(lambda y: steps(y, mix, chain, elementwise), dynamic=False)
+        t_one = _median_seconds(lambda: one(tiny), device, repeats=repeats, inner=50, warmup=3)
+        t_many = _median_seconds(lambda: many(tiny), device, repeats=repeats, inner=50, warmup=3)
+        return (t_many - t_one) / (chain - 1)
+
+    return bandwidth, max(0.0, slope(True) - slope(False))
+
+
 def measure_memory_capacity(device: torch.device | str) -> int:
     """Bytes of memory on `device`: the GPU's total (torch.cuda.mem_get_info), or the host's RAM."""
     device = torch.device(device)
@@ -188,7 +234,8 @@ def measure_memory_capacity(device: torch.device | str) -> int:
 
 def calibrated_spec(*, name: str, device_type: str, memory_bytes: int, matmul_flops: dict[str, float],
                     memory_bandwidth: float, launch_overhead_s: float,
-                    datasheet: DeviceSpec | None = None) -> DeviceSpec:
+                    datasheet: DeviceSpec | None = None, fused_bandwidth: float | None = None,
+                    fused_launch_s: float | None = None) -> DeviceSpec:
     """A DeviceSpec whose achieved rates are the measured ones.
 
     `matmul_flops`: measured FLOP/s per dtype name (needs "float32");
@@ -200,7 +247,9 @@ def calibrated_spec(*, name: str, device_type: str, memory_bytes: int, matmul_fl
     describe this device) becomes its own peak at efficiency 1.0. Without a
     datasheet the measured rates are the peaks, every efficiency 1.0. Either
     way `achieved_flops(d) == matmul_flops[d]` for each measured dtype and
-    `achieved_bandwidth == memory_bandwidth`.
+    `achieved_bandwidth == memory_bandwidth`. `fused_bandwidth` and `fused_launch_s`
+    (TorchInductor's kernels, `measure_fused_kernels`) become `achieved_fused_bandwidth` (capped
+    at the peak) and `fused_launch_seconds`.
     """
     measured = {_dtype_name(k): float(v) for k, v in matmul_flops.items()}
     if "float32" not in measured:
@@ -226,6 +275,8 @@ def calibrated_spec(*, name: str, device_type: str, memory_bytes: int, matmul_fl
         matmul_efficiency=MATMUL_EFFICIENCY if datasheet is not None else 1.0,
         matmul_efficiency_by_dtype=tuple(fractions.items()),
         memory_efficiency=memory_fraction,
+        fused_memory_efficiency=min(1.0, fused_bandwidth / bandwidth) if fused_bandwidth else None,
+        fused_launch_overhead_s=fused_launch_s,
     )
 
 
@@ -417,6 +468,7 @@ __all__ = [
     "default_link_sizes",
     "default_matmul_shapes",
     "fit_alpha_beta",
+    "measure_fused_kernels",
     "group_device",
     "measure_launch_floor",
     "measure_links",

@@ -75,6 +75,9 @@ class NodeCost:
     saved_inputs: tuple[tuple[str, int], ...] = ()
     """Of `saved_bytes`, the storages that are an input's (input node name, bytes): a tensor-parallel
     rank keeps them in the placement the op reads them in (passes/tensor_parallel/block_costs.py)."""
+    fusible_casts: tuple[int, ...] = ()
+    """Elements of each activation input autocast converts for this op (weights excluded): kernels
+    of their own eagerly, part of the producing kernel when compiled (passes/fusion.py)."""
 
     def fwd_seconds(self, device_name: str) -> float:
         return self._times(device_name)[0]
@@ -235,7 +238,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         owners = self._input_storages(node)
         saved_bytes, saved_inputs = self._new_saved_bytes(owners)
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
-        casts = self._autocast_casts(node, inputs, outputs)
+        casts, activation_casts = self._autocast_casts(node, inputs, outputs)
         seconds = tuple(
             (
                 name,
@@ -250,20 +253,22 @@ class _CostInterpreter(torch.fx.Interpreter):
             fwd_bytes=int(fwd_bytes), output_bytes=int(output_bytes), saved_bytes=int(saved_bytes),
             param_bytes=int(param_bytes), trainable=bool(trainable), buffer_bytes=int(buffer_bytes),
             dtype=dtype, seconds=seconds, saved_inputs=tuple(sorted(saved_inputs.items())),
+            fusible_casts=tuple(activation_casts),
         )
 
     def _autocast_casts(self, node: torch.fx.Node, inputs: list[torch.Tensor],
-                        outputs: list[torch.Tensor]) -> list[int]:
+                        outputs: list[torch.Tensor]) -> tuple[list[int], list[int]]:
         """Elements of each input autocast converts before this op runs (none without autocast).
 
         Autocast lowers an op by converting its float32 inputs to bf16 first: a kernel of its own
         per input, reading 4 and writing 2 bytes an element, and in backward one that converts the
         input's bf16 gradient back (2 read, 4 written). A weight is converted once per forward
-        (autocast caches the cast of a leaf for the region: tied weights once)."""
+        (autocast caches the cast of a leaf for the region: tied weights once). Returns (every
+        conversion, those of activations)."""
         if (self.autocast_dtype is None or node.op != "call_function" or not outputs
                 or outputs[0].dtype != self.autocast_dtype):
-            return []
-        casts = []
+            return [], []
+        casts, activations = [], []
         for tensor in inputs:
             if tensor.dtype != torch.float32:
                 continue
@@ -272,8 +277,10 @@ class _CostInterpreter(torch.fx.Interpreter):
                 if key in self.cast_params:
                     continue
                 self.cast_params.add(key)
+            else:
+                activations.append(tensor.numel())
             casts.append(tensor.numel())
-        return casts
+        return casts, activations
 
     def _input_storages(self, node: torch.fx.Node) -> dict[int, str]:
         """Storage key -> the input node whose value (or a view of it) holds it."""

@@ -9,6 +9,7 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 4
  "mesh": {"pp": int, "tp": int, "dp": int, "dp_shard": int (default 1)}, "virtual_stages": int (default 1),
  "data_parallel_mode": "ddp" | "zero2" | "zero3" | "hsdp" (default "ddp"),
  "mixed_precision": null | "bf16" (default null: the model's own dtypes),
+ "compile_kernels": bool (default false: every rank runs its graph op by op),
  "cluster": Cluster.to_dict(),
  "stages": [{"index", "device", "device_name", "blocks": [str], "node_names": [str],
              "fwd_seconds", "bwd_seconds", "comm_seconds", "fwd_flops", "bwd_flops",
@@ -340,11 +341,14 @@ class Plan:
     """'bf16': float32 parameters, gradients and optimizer state, every stage's forward and the loss
     under torch.autocast(bfloat16); None: the model computes in its own dtypes."""
     data_parallel_sync_seconds: float = 0.0
-    """Exposed data-parallel synchronisation per step, the slowest rank's (`step_costs.data_parallel_sync_seconds`):
+    """Exposed data-parallel synchronisation per step, the slowest rank's (`axes.data.data_parallel_sync_seconds`):
     part of `predicted_step_seconds`."""
     optimizer_seconds: float = 0.0
     """The optimizer step after the last backward, the slowest rank's (`step_costs.optimizer_seconds`): part of
     `predicted_step_seconds`."""
+    compile_kernels: bool = False
+    """Each rank runs its stage's regions through TorchInductor (torch.compile), identical blocks
+    compiled once (autopart/runtime/kernels.py), and the planner priced fused kernels; False: op by op."""
     version: int = PLAN_VERSION
 
     @property

@@ -40,6 +40,8 @@ class PlanRequest:
     optimizer: str = "adam"
     mixed_precision: MixedPrecision | None = None
     """'bf16' or None (passes/autocast_values.py): the graph's costs are already priced for it."""
+    compile_kernels: bool = False
+    """Price and run each rank's stage as TorchInductor's fused kernels (Plan.compile_kernels)."""
     training: bool = True
     """False plans inference: no backward, gradients or optimizer state."""
     max_microbatches: int = 512

@@ -19,6 +19,7 @@ in-flight counts and bubbles the planner charges are those the runtime sees.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -333,3 +334,13 @@ def grid(slots: list[list[Action | None]], show_stage: bool = False) -> str:
         cells = [(label(slot[r]) if slot[r] is not None else ".").rjust(width) for slot in slots]
         lines.append(f"rank {r}: " + " ".join(cells))
     return "\n".join(lines)
+
+
+def schedule_keeps_outputs() -> bool:
+    """Whether a training step's schedule keeps every microbatch's model output on the last stage
+    until the step ends: only where this torch's schedules lack `step(return_outputs=False)`. With
+    it, the loss is computed per microbatch on the last stage and each output is freed by that
+    microbatch's backward (the runner returns the loss, never the outputs)."""
+    from torch.distributed.pipelining import Schedule1F1B
+
+    return "return_outputs" not in inspect.signature(Schedule1F1B.step).parameters

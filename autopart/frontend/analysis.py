@@ -61,7 +61,7 @@ class Analysis:
 def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
             compute_dtype: torch.dtype | None, *, min_blocks: int = 1, reuse_layers: bool = True,
             pinned: Iterable[str] = (), phase: Callable[[str, str], None] | None = None,
-            note: Callable[[str], None] | None = None) -> Analysis:
+            note: Callable[[str], None] | None = None, fused: bool = False) -> Analysis:
     """Trace and cost `model` at the example microbatch (`args`, `kwargs`); `phase(name, message)`
     is told when tracing and annotating start, `note(message)` what was analysed. `pinned` are
     the user's tp_plan patterns: one that names a single layer of the stack ('blocks.7.mlp_fc')
@@ -79,7 +79,7 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
                            f"{size}")
             copy = trace(shortened(model, stack), args, kwargs)
             phase("annotate", "annotating costs")
-            gm = annotate_graph(copy, cluster, compute_dtype)
+            gm = annotate_graph(copy, cluster, compute_dtype, fused)
         except TraceError as error:
             _say(log, f"the copy with {stack.keep} of {stack.num_layers} layers does not trace "
                       f"({str(error).splitlines()[0]}); tracing every layer")
@@ -95,7 +95,7 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
     phase("trace", f"tracing at microbatch size {size}")
     traced = trace(model, args, kwargs)
     phase("annotate", "annotating costs")
-    gm = annotate_graph(traced, cluster, compute_dtype)
+    gm = annotate_graph(traced, cluster, compute_dtype, fused)
     return Analysis(gm=gm, blocks=passes.coarsen(gm, cluster, min_blocks=min_blocks))
 
 

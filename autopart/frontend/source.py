@@ -24,13 +24,15 @@ from autopart.frontend.tracing import trace
 
 
 def annotate_graph(gm: torch.fx.GraphModule, cluster: Cluster,
-                   compute_dtype: torch.dtype | None) -> torch.fx.GraphModule:
+                   compute_dtype: torch.dtype | None, fused: bool = False) -> torch.fx.GraphModule:
     """Costs of the graph as it runs: constant attention masks as SDPA's flags (the eager model's
-    kernels), and under autocast the values re-propagated in their autocast dtypes first."""
+    kernels), and under autocast the values re-propagated in their autocast dtypes first; with
+    `fused`, times as TorchInductor's fused kernels run (passes/fusion.py), else op by op."""
     gm = passes.use_causal_attention(gm)
     if compute_dtype is not None:
         gm = passes.autocast_values(gm, compute_dtype)
-    return passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+    gm = passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
+    return passes.price_fused_kernels(gm, cluster) if fused else gm
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,12 +47,15 @@ class ModelSource:
     cluster: Cluster
     compute_dtype: torch.dtype | None
     """The autocast dtype of mixed precision (None: the model's own dtypes)."""
+    fused: bool = False
+    """Priced as TorchInductor's fused kernels run (compiled kernels), else op by op."""
 
     @classmethod
     def of(cls, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None, cluster: Cluster,
-           compute_dtype: torch.dtype | None) -> "ModelSource":
+           compute_dtype: torch.dtype | None, *, fused: bool = False) -> "ModelSource":
         flat, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs or {})))
-        return cls(model=model, flat_batch=tuple(flat), in_spec=spec, cluster=cluster, compute_dtype=compute_dtype)
+        return cls(model=model, flat_batch=tuple(flat), in_spec=spec, cluster=cluster, compute_dtype=compute_dtype,
+                   fused=fused)
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +70,7 @@ class ModelSource:
 
     def costed_graph(self, size: int) -> torch.fx.GraphModule:
         """The whole model traced at `size` samples, every node costed."""
-        return annotate_graph(trace(self.model, *self.rows(size)), self.cluster, self.compute_dtype)
+        return annotate_graph(trace(self.model, *self.rows(size)), self.cluster, self.compute_dtype, self.fused)
 
     def planned_graph(self, size: int, depth: int, planned: Sequence[str],
                       model_class: str) -> tuple[torch.fx.GraphModule, BlockGraph]:

@@ -133,6 +133,7 @@ def assemble_plan(graph: BlockGraph, cluster: Cluster, request, traced_batch_siz
         virtual_stages=problem.virtual_stages,
         data_parallel_mode=setting.mode,
         mixed_precision=request.mixed_precision,
+        compile_kernels=request.compile_kernels,
         cluster=cluster.to_dict(),
         stages=tuple(stages),
         predicted_step_seconds=step_seconds,

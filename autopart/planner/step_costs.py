@@ -32,6 +32,7 @@ from typing import Sequence
 from autopart.cost_models import Cluster, gradient_bytes, optimizer_state_bytes, optimizer_step_bytes
 from autopart.core.blocks import Block, BlockGraph
 from autopart.core.modes import reshards_parameters
+from autopart.core.schedules import schedule_keeps_outputs
 from autopart.core.setting import Setting
 from autopart.axes.data import unsharded_fraction
 
@@ -98,11 +99,13 @@ def activation_bytes(block: Block, request, setting: Setting, recompute: str = "
     """Bytes a block keeps per microbatch in flight (traced batch): what autograd keeps under
     `recompute` (`Block.kept_bytes`), plus, for the block computing the model's outputs, the
     float32 log-softmax of them that a cross-entropy loss saves (the loss is not traced;
-    cross-entropy is assumed)."""
+    cross-entropy is assumed), and the outputs themselves, which the stage holds until the
+    microbatch's backward (not to the step's end: `keeps_model_outputs`)."""
     if not request.training:
         return 0.0
+    held_output = 0 if keeps_model_outputs(2, 1) else block.model_output_bytes  # see keeps_model_outputs
     return (block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
-            + block.model_output_float32_bytes)
+            + block.model_output_float32_bytes + held_output)
 
 
 def loss_backward_bytes(block: Block) -> int:
@@ -135,10 +138,15 @@ def returned_output_bytes(block: Block, request, num_microbatches: int, scale: f
 
 
 def keeps_model_outputs(num_stages: int, dp: int) -> bool:
-    """Whether the runtime keeps every microbatch's model output to the step's end: a pipelining
-    schedule does; one stage with replicas does not (runtime/distributed.py drives DDP or FSDP2
-    microbatch by microbatch itself, each output freed by its backward)."""
-    return not (num_stages == 1 and dp > 1)
+    """Whether the runtime keeps every microbatch's model output to the step's end. It does not:
+    one stage with replicas is driven microbatch by microbatch (runtime/distributed.py, each output
+    freed by its backward), and a pipelining schedule computes the loss per microbatch on the last
+    stage and returns no outputs (`step(return_outputs=False)`), so an output lives only while its
+    microbatch is in flight, as the activations it is part of. Only a torch whose schedules cannot
+    do that keeps them all (`schedule_keeps_outputs`)."""
+    if num_stages == 1 and dp > 1:
+        return False
+    return schedule_keeps_outputs()
 
 
 def recompute_transient_bytes(block: Block, request, setting: Setting, recompute: str) -> float:

@@ -46,6 +46,13 @@ def step_parts(plan: Plan) -> list[tuple[str, float]]:
     return parts
 
 
+def kernels_label(plan: Plan) -> str:
+    """How each rank runs its graph: TorchInductor's fused kernels or op by op."""
+    if plan.compile_kernels:
+        return "kernels compiled by TorchInductor (each distinct block once, priced as fused kernels)"
+    return "op by op (eager kernels)"
+
+
 def is_training(plan: Plan) -> bool:
     """True when the plan prices a backward pass (inference plans have no bwd work)."""
     return any(s.bwd_seconds > 0 or s.bwd_flops > 0 for s in plan.stages)

@@ -19,6 +19,7 @@ from autopart.report.summary import (
     idle_notes,
     in_flight,
     is_training,
+    kernels_label,
     memory_line,
     mesh_label,
     model_name,
@@ -60,7 +61,7 @@ def _header(plan: Plan) -> str:
     used = used_devices(plan)
     names = sorted({s.device_name for s in plan.stages})
     mode = f"training, optimizer {plan.optimizer}" if is_training(plan) else "inference (forward only)"
-    mode += f", {precision_label(plan)}"
+    mode += f", {precision_label(plan)}, {kernels_label(plan)}"
     micro = plural(plan.num_microbatches, "microbatch")
     return "\n".join([
         title,

@@ -25,6 +25,7 @@ the others raise `AutopartError` naming this rank and its stage
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable
 
 import torch
@@ -35,12 +36,14 @@ from autopart.core.batch import batch_size_of, split_rows, take_rows
 from autopart.core.errors import AutopartError, InputError
 from autopart.core.interfaces import StageInterface, tp_rank_info
 from autopart.runtime.pipelining import (
-    StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, wire_dtype,
+    StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, step_options,
+    wire_dtype,
 )
 from autopart.runtime.autocast import check_caller_autocast, stage_autocast
 from autopart.runtime.process_group import Watchdog, all_gather_rows, default_device, init_process_group
 from autopart.core.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
+from autopart.runtime.kernels import DEFAULT_BACKEND, KernelReport, compile_regions
 from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
 from autopart.runtime.checkpoint import CheckpointMixin
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
@@ -67,7 +70,8 @@ class DistributedRunner(CheckpointMixin, StateMixin):
 
     def __init__(self, compiled, *, timeout_s: float = 300.0, device: str | torch.device | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None,
-                 init_fn: Callable[[str, torch.Tensor], None] | None = None) -> None:
+                 init_fn: Callable[[str, torch.Tensor], None] | None = None,
+                 kernels_backend: str = DEFAULT_BACKEND) -> None:
         from torch.distributed.pipelining import PipelineStage
 
         self.compiled = compiled
@@ -104,6 +108,10 @@ class DistributedRunner(CheckpointMixin, StateMixin):
             self.adapters.append(StageAdapter(module, interface, tensor_positions,
                                               received_vals(compiled, interface, tensor_positions),
                                               stage_output_vals(compiled, interface.stage), self._autocast))
+        self.kernels: KernelReport | None = None
+        """What ran through torch.compile (Plan.compile_kernels); None when the plan runs op by op."""
+        if self.plan.compile_kernels:  # after the collectives know their group: bodies are shared
+            self.kernels = compile_regions([adapter.module for adapter in self.adapters], backend=kernels_backend)
         self._seed_random_streams()
         self._model_output_vals = stage_output_vals(compiled, self.plan.num_stages - 1)
         # Static shapes (from the traced graph) spare PipelineStage its shape inference, which
@@ -200,14 +208,15 @@ class DistributedRunner(CheckpointMixin, StateMixin):
                 elif self.plan.num_stages == 1 and is_fully_sharded(self.pipeline_stages[0].submod):
                     self._accumulate_under_fsdp(flat, local_target, losses)
                 elif self.is_first_stage and self.is_last_stage:
-                    self.schedule.step(*tensors, target=local_target, losses=losses)
+                    self.schedule.step(*tensors, target=local_target, losses=losses, **step_options())
                 elif self.is_first_stage:
-                    self.schedule.step(*tensors)
-                elif self.is_last_stage:
-                    self.schedule.step(target=local_target, losses=losses)
+                    self.schedule.step(*tensors, **step_options())
+                elif self.is_last_stage:  # the loss per microbatch; no output kept past its backward
+                    self.schedule.step(target=local_target, losses=losses, **step_options())
                 else:
-                    self.schedule.step()
+                    self.schedule.step(**step_options())
                 self._sum_shared_gradients()
+                self._say_compiled()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
                 if self.plan.schedule == "zero_bubble" and any(sign in _chain(error) for sign in _SPLIT_FAILURES):
@@ -216,6 +225,13 @@ class DistributedRunner(CheckpointMixin, StateMixin):
                         f"stage_backward_weight, torch {torch.__version__}) fails on this model's graph; "
                         "re-plan with schedule='interleaved_1f1b' or '1f1b'") from error
                 raise self._peer_error("step", error) from error
+
+    def _say_compiled(self) -> None:
+        """After the first step, rank 0 says on stderr what compiling kernels took (once)."""
+        if self.kernels is not None and not getattr(self, "_said_compiled", False):
+            self._said_compiled = True
+            if self.rank == 0:
+                print(f"[autopart] {self.describe()}: {self.kernels.summary()}", file=sys.stderr, flush=True)
 
     def _accumulate_under_ddp(self, flat: list[Any], target: Any, losses: list[torch.Tensor]) -> None:
         """One stage under DDP: microbatches accumulate the way DDP documents, in `no_sync` but

@@ -9,11 +9,13 @@ schedule class the plan names over the rank's stages.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from autopart.core.schedules import schedule_keeps_outputs
 from autopart.core.errors import InputError
 from autopart.core.interfaces import StageInterface
 from autopart.core.sequence_saves import keep_gathered_as_shards
@@ -118,6 +120,12 @@ class _ContiguousGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+@functools.cache
+def step_options() -> dict[str, Any]:
+    """Keywords for a schedule's training `step`: no outputs returned, where this torch allows it."""
+    return {} if schedule_keeps_outputs() else {"return_outputs": False}
 
 
 def make_schedule(plan, stages: list, loss_fn: Callable[[Any, Any], torch.Tensor]):

@@ -75,7 +75,7 @@ def collective_log() -> Iterator[list[tuple[str, str, str]]]:
 
 
 def _record(kind: str, phase: str, value: str) -> None:
-    if (kind, phase) in COMMUNICATES:
+    if (kind, phase) in COMMUNICATES and _LOG and not torch.compiler.is_compiling():
         for events in _LOG:
             events.append((kind, phase, value))
 
@@ -135,10 +135,12 @@ def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- torch.distributed
 
 
-def _dist_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+def _dist_all_reduce(x: torch.Tensor, group, group_name: str | None = None) -> torch.Tensor:
+    """The sum over the group, as a new tensor: the functional collective (traceable by Dynamo, so
+    a compiled region keeps Megatron's f and g in its graph instead of breaking there)."""
+    name = group_name if group_name is not None else group.group_name
+    out = torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", name)
+    return torch.ops._c10d_functional.wait_tensor(out)
 
 
 def _dist_all_gather(x: torch.Tensor, dim: int, groups: int, group) -> torch.Tensor:
@@ -162,12 +164,12 @@ def _dist_reduce_scatter(x: torch.Tensor, dim: int, groups: int, group) -> torch
 
 class _DistCollective(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kind: str, dim: int, groups: int, group, value: str):
+    def forward(ctx, x, kind: str, dim: int, groups: int, group, value: str, group_name: str, tp: int, rank: int):
         ctx.kind, ctx.dim, ctx.groups, ctx.group, ctx.value = kind, dim, groups, group, value
+        ctx.group_name, ctx.tp, ctx.rank = group_name, tp, rank
         _record(kind, "forward", value)
-        tp, rank = dist.get_world_size(group), dist.get_rank(group)
         if kind == "all_reduce":
-            return _dist_all_reduce(x, group)
+            return _dist_all_reduce(x, group, group_name)
         if kind == "grad_all_reduce":
             return x.clone()
         if kind == "all_gather":
@@ -186,18 +188,18 @@ class _DistCollective(torch.autograd.Function):
     def backward(ctx, grad):
         kind, dim, groups, group = ctx.kind, ctx.dim, ctx.groups, ctx.group
         _record(kind, "backward", ctx.value)
-        tp, rank = dist.get_world_size(group), dist.get_rank(group)
+        tp, rank = ctx.tp, ctx.rank
         if kind == "all_reduce":
             out = grad
         elif kind == "grad_all_reduce":
-            out = _dist_all_reduce(grad, group)
+            out = _dist_all_reduce(grad, group, ctx.group_name)
         elif kind == "all_gather":
             out = take_shard(grad, dim, groups, tp, rank)
         elif kind == "seq_all_gather":
             out = _dist_reduce_scatter(grad, dim, groups, group)
         else:
             out = _dist_all_gather(grad, dim, groups, group)
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None, None, None
 
 
 class _AcrossRanks(torch.autograd.Function):
@@ -236,6 +238,8 @@ class TPCollective(torch.nn.Module):
         matmul autocast would cast it for anyway, and the gather then moves (and its saved copy keeps)
         half the bytes."""
         self.process_group = None
+        self.group_name: str | None = None
+        """The group's name, as functional collectives take it."""
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         if self.to_compute_dtype and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
@@ -252,7 +256,8 @@ class TPCollective(torch.nn.Module):
                 "attach_process_group(rank_module, group) before running a rank module on "
                 "torch.distributed, or run all ranks with autopart.runtime.spmd.simulate_tp"
             )
-        return _DistCollective.apply(self._cast(x), self.kind, self.dim, self.groups, self.process_group, self.value)
+        return _DistCollective.apply(self._cast(x), self.kind, self.dim, self.groups, self.process_group, self.value,
+                                     self.group_name, self.tp, self.rank)
 
     def attach(self, group) -> None:
         """Talk over `group` from now on (its size must be the tp degree)."""
@@ -260,6 +265,7 @@ class TPCollective(torch.nn.Module):
         if size != self.tp:
             raise ValueError(f"process group has {size} ranks but the module was sharded for tp={self.tp}")
         self.process_group = group
+        self.group_name = group.group_name
 
     def across_ranks(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Every rank's output, given every rank's input (rank order), with the same autograd
@@ -275,12 +281,15 @@ def attach_process_group(module: torch.nn.Module, group) -> None:
 
 
 def count_collectives(modules: list[torch.fx.GraphModule] | torch.fx.GraphModule) -> dict[str, int]:
-    """Collective nodes of one rank module (the first, if given several), by kind."""
+    """Collective nodes of one rank module (the first, if given several), by kind, those inside its
+    region submodules (passes/regions.py) included."""
     gm = modules[0] if isinstance(modules, (list, tuple)) else modules
     counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            sub = gm.get_submodule(node.target)
-            if isinstance(sub, TPCollective):
-                counts[sub.kind] = counts.get(sub.kind, 0) + 1
+    graphs = [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+    for module in graphs:
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                sub = module.get_submodule(node.target)
+                if isinstance(sub, TPCollective):
+                    counts[sub.kind] = counts.get(sub.kind, 0) + 1
     return counts

@@ -12,6 +12,9 @@ so that only the masks differ between rows. Checks, printing "OK rank R":
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,10 +38,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(MLP(), MLP())
     x = torch.randn(1, 32).repeat(16, 1)
+    kernels = "--compile-kernels" in sys.argv  # the stage's regions through torch.compile (aot_eager)
     compiled = autopart.compile(model, 4, example_inputs=(x,), tensor_parallel=2, data_parallel=2, pipeline_parallel=1,
-                                num_microbatches=2, tp_plan={"*.fc": "colwise", "*.proj": "rowwise"})
-    runner = compiled.distributed(timeout_s=120)
-    masks = _record_sharded_masks(runner.module)
+                                num_microbatches=2, tp_plan={"*.fc": "colwise", "*.proj": "rowwise"},
+                                compile_kernels=kernels)
+    # recorded on this rank's module before the runner compiles its regions (they are the same objects)
+    masks = _record_sharded_masks(compiled.rank_module(int(os.environ["RANK"])))
+    runner = compiled.distributed(timeout_s=120, kernels_backend="aot_eager")
     out = runner(x)
 
     world = [torch.empty_like(out) for _ in range(dist.get_world_size())]
@@ -79,10 +85,12 @@ def _record_sharded_masks(module: torch.fx.GraphModule) -> list[torch.Tensor]:
         masks.append((result == 0).to(torch.uint8))
         return result
 
-    nodes = [n for n in module.graph.nodes if n.target is sharded_random]
+    graphs = [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]  # region bodies too
+    nodes = [(g, n) for g in graphs for n in g.graph.nodes if n.target is sharded_random]
     assert len(nodes) == 2, f"expected a sharded dropout per MLP in the rank module, found {len(nodes)}"
-    nodes[0].target = recording
-    module.recompile()
+    owner, node = nodes[0]
+    node.target = recording
+    owner.recompile()
     return masks
 
 

@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2, help="pipeline ranks (torchrun's process count)")
     parser.add_argument("--mixed-precision", choices=["bf16"])
     parser.add_argument("--recompute", choices=["none", "selective", "full"])
+    parser.add_argument("--compile-kernels", action="store_true", help="run every rank's stage through torch.compile")
+    parser.add_argument("--kernels-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="tp group size (stages = ranks / tp)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -53,11 +56,13 @@ def main() -> None:
     def loss_fn(output, _target):
         return entry.main_output(output).float().pow(2).mean()
 
+    tp = args.tensor_parallel
     compiled = autopart.compile(entry.model, args.stages, example_inputs=entry.args, example_kwargs=kwargs or None,
-                                pipeline_parallel=args.stages, num_microbatches=2, schedule=args.schedule,
+                                pipeline_parallel=args.stages // tp, num_microbatches=2, schedule=args.schedule,
                                 virtual_stages=args.virtual_stages, mixed_precision=args.mixed_precision,
-                                recompute=args.recompute)
-    runner = compiled.distributed(timeout_s=120)
+                                recompute=args.recompute, compile_kernels=args.compile_kernels,
+                                tensor_parallel=tp, data_parallel=1)
+    runner = compiled.distributed(timeout_s=600, kernels_backend=args.kernels_backend)
     device = runner.device
     reference = copy.deepcopy(entry.model).to(device)
     on_device = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
@@ -91,7 +96,9 @@ def main() -> None:
             checked += 1
     assert checked > 0, "no parameter was checked"
     print(f"OK rank {runner.rank} {args.family} {args.schedule} v={args.virtual_stages} on {device.type} "
-          f"{args.mixed_precision or 'fp32'}" + (f" recompute {args.recompute}" if args.recompute else "") + ": "
+          f"{args.mixed_precision or 'fp32'}" + (f" recompute {args.recompute}" if args.recompute else "")
+          + (f" tp {tp}" if tp > 1 else "")
+          + (f" compiled ({runner.kernels.summary()})" if runner.kernels is not None else "") + ": "
           f"{checked} gradients, loss {loss.item():.6f} vs {ref_loss.item():.6f}"
           + (f", worst gradient error {worst:.2e}" if args.mixed_precision else ""), flush=True)
     torch.distributed.destroy_process_group()

@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--recompute", choices=["none", "selective", "full"], help="activation recomputation "
                         "of every block (None: planner)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    parser.add_argument("--compile-kernels", action="store_true", help="run the stages through torch.compile")
+    parser.add_argument("--kernels-backend", default="aot_eager", help="torch.compile backend for --compile-kernels")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpoint", help="also check a save/load round trip in this directory")
     parser.add_argument("--fail-rank", type=int, help="this rank dies or hangs in the second step")
@@ -79,12 +81,15 @@ def main() -> None:
                                 schedule=args.schedule, virtual_stages=args.virtual_stages,
                                 data_parallel=args.dp, data_parallel_mode=args.dp_mode, tensor_parallel=args.tp,
                                 tp_plan=megatron if args.tp > 1 else None, mixed_precision=args.mixed_precision,
-                                recompute=args.recompute, sequence_parallel=True if args.sequence_parallel else None)
+                                recompute=args.recompute, sequence_parallel=True if args.sequence_parallel else None,
+                                compile_kernels=args.compile_kernels)
     if args.sequence_parallel:
         assert compiled.plan.tensor_parallel.sequence_parallel, compiled.plan.tensor_parallel
     if args.recompute not in (None, "none"):
         assert any(m == args.recompute for s in compiled.plan.stages for m in s.recompute), compiled.plan.stages
-    runner = compiled.distributed(timeout_s=args.timeout)
+    runner = compiled.distributed(timeout_s=args.timeout, kernels_backend=args.kernels_backend)
+    if args.compile_kernels:
+        assert runner.kernels is not None and runner.kernels.compiled, runner.kernels
     if compiled.plan.data_parallel_mode in ("zero3", "hsdp"):  # one FSDP unit per block, and the stage's
         from torch.distributed.fsdp import FSDPModule
 

@@ -1,0 +1,185 @@
+"""Price a costed graph as TorchInductor runs it: fused kernels instead of op by op.
+
+An analysis pass over `passes.annotate`'s `NodeCost`s, for plans that compile
+their kernels (Plan.compile_kernels). It rewrites each node's seconds; FLOPs,
+bytes and memory stay as annotated.
+
+Inductor runs matmuls, attention and convolutions as library kernels ("extern"
+kernels: cuBLAS, FlashAttention) and fuses the memory-bound ops between them
+(elementwise, norms, rotary embeddings, activations, casts, reductions) into
+generated kernels that read each input once and write only what is used
+outside the kernel (Ansel et al. 2024, "PyTorch 2", §4: "TorchInductor ...
+fuses pointwise and reduction ops"). So:
+
+- a fusion group is a maximal set of memory-bound nodes connected by edges,
+  at the same extern depth (the number of extern kernels on the longest path
+  from the graph's inputs: ops separated by a matmul cannot share a kernel)
+  and in the same repeated layer (`_layer`); views join the group of what
+  they view and move nothing;
+- a group's forward time is its memory traffic at the fused-kernel bandwidth:
+  `(bytes of every distinct tensor it reads from outside + bytes of every
+  member value used outside) / DeviceSpec.achieved_fused_bandwidth`, plus one
+  `DeviceSpec.fused_launch_seconds` per kernel (one, and one more for each
+  reduction after the first: Inductor splits a norm's statistics from its
+  pointwise tail when they cannot share a loop);
+- its backward moves `BACKWARD_BYTES_FACTOR` × that (the output gradients and
+  the saved values read, input gradients written), in as many kernels;
+- extern kernels keep their roofline times, less autocast's conversions of
+  activations (`NodeCost.fusible_casts`), which Inductor writes in the kernel
+  that produces the activation; conversions of weights stay kernels of their own.
+
+The group's time is charged to its first member (graph order), the other
+members get none: a block's time is the sum over its nodes either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx
+
+from autopart.cost_models import Cluster
+from autopart.passes.node_costs import (
+    AUTOCAST_CAST_BYTES_PER_ELEMENT,
+    BACKWARD_BYTES_FACTOR,
+    COST_META_KEY,
+    NodeCost,
+    node_cost,
+)
+
+__all__ = ["fusion_groups", "price_fused_kernels"]
+
+
+def price_fused_kernels(gm: torch.fx.GraphModule, cluster: Cluster) -> torch.fx.GraphModule:
+    """Rewrite every node's `NodeCost.seconds` as compiled kernels run (see the module docstring)."""
+    groups = fusion_groups(gm)
+    devices = {d.name: d for d in cluster.devices}
+    charged: dict[torch.fx.Node, tuple[int, int, bool]] = {}  # first member -> (bytes, kernels, needs grad)
+    members: set[torch.fx.Node] = set()
+    for group in groups:
+        members.update(group)
+        moved = _group_bytes(group)
+        if moved == 0:
+            continue
+        reductions = sum(1 for n in group if _is_reduction(n))
+        needs_grad = any(node_cost(n).bwd_seconds(next(iter(devices))) > 0 for n in group)
+        charged[group[0]] = (moved, max(1, reductions), needs_grad)
+    for node in gm.graph.nodes:
+        cost = node.meta.get(COST_META_KEY)
+        if cost is None or node.op != "call_function":
+            continue
+        if node in members:
+            bytes_moved, kernels, needs_grad = charged.get(node, (0, 0, False))
+            seconds = tuple((name, _fused_seconds(bytes_moved, kernels, devices[name]),
+                             _fused_seconds(BACKWARD_BYTES_FACTOR * bytes_moved, kernels, devices[name])
+                             if needs_grad else 0.0)
+                            for name, _, _ in cost.seconds)
+        elif cost.fusible_casts:  # an extern kernel: its activations arrive converted
+            seconds = tuple((name, max(0.0, fwd - _casts_seconds(cost, devices[name])),
+                             max(0.0, bwd - _casts_seconds(cost, devices[name])) if bwd else 0.0)
+                            for name, fwd, bwd in cost.seconds)
+        else:
+            continue
+        node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds)
+    return gm
+
+
+def fusion_groups(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
+    """The memory-bound nodes of `gm` in fusion groups (each in graph order), groups by first member."""
+    depth: dict[torch.fx.Node, int] = {}
+    parent: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def find(n: torch.fx.Node) -> torch.fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        depth[node] = max((depth[a] + (1 if _is_extern(a) else 0) for a in inputs), default=0)
+        if not _is_fusible(node):
+            continue
+        parent[node] = node
+        for a in inputs:
+            if a in parent and depth[a] == depth[node] and _layer(a) == _layer(node):
+                parent[find(a)] = find(node)
+    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node in parent:
+            groups.setdefault(find(node), []).append(node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(groups.values(), key=lambda g: order[g[0]])
+
+
+def _layer(node: torch.fx.Node) -> str:
+    """The repeated layer a node belongs to: its module path up to the last numbered part
+    ('model.layers.3' of 'model.layers.3.mlp.act_fn'), '' outside numbered containers. Groups stay
+    within one layer, so each layer of a stack is priced alike, as the analysis of three of them
+    restates for all (passes/stack_blocks.py); Inductor would also fuse a layer's last residual
+    add with the next layer's norm, one activation's write and read fewer per layer."""
+    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+    if not paths:
+        return ""
+    parts = paths[-1].split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:numbered[-1] + 1]) if numbered else ""
+
+
+def _is_extern(node: torch.fx.Node) -> bool:
+    """A node Inductor runs as a library kernel: one with tensor-core FLOPs (matmul, attention, conv)."""
+    cost = node.meta.get(COST_META_KEY)
+    return node.op == "call_function" and cost is not None and cost.fwd_flops > 0
+
+
+def _is_fusible(node: torch.fx.Node) -> bool:
+    """A memory-bound call (or a view) producing tensors: what Inductor generates kernels for."""
+    if node.op != "call_function" or _is_extern(node) or node.meta.get(COST_META_KEY) is None:
+        return False
+    return _tensor_bytes(node.meta.get("val")) > 0
+
+
+def _is_reduction(node: torch.fx.Node) -> bool:
+    """Fewer elements out than its largest input: a sum, mean, norm's statistics, softmax's max."""
+    out = _numel(node.meta.get("val"))
+    largest = max((_numel(a.meta.get("val")) for a in node.all_input_nodes), default=0)
+    return node_cost(node).fwd_bytes > 0 and 0 < out < largest
+
+
+def _group_bytes(group: list[torch.fx.Node]) -> int:
+    """Bytes a fused kernel moves: each outside tensor read once, each value used outside written once."""
+    inside = set(group)
+    if all(node_cost(n).fwd_bytes == 0 for n in group):
+        return 0  # views only: no kernel
+    reads = {a for n in group for a in n.all_input_nodes if a not in inside}
+    read_bytes = sum(_tensor_bytes(a.meta.get("val")) for a in reads)
+    written = [n for n in group if any(u not in inside for u in n.users) or not n.users]
+    # A view written out is the data of the member it views; a view of an outside tensor writes nothing.
+    write_bytes = sum(_tensor_bytes(n.meta.get("val")) for n in written
+                      if node_cost(n).fwd_bytes > 0 or any(a in inside for a in n.all_input_nodes))
+    return int(read_bytes + write_bytes)
+
+
+def _fused_seconds(bytes_moved: float, kernels: int, device) -> float:
+    if bytes_moved <= 0:
+        return 0.0
+    return bytes_moved / device.achieved_fused_bandwidth + kernels * device.fused_launch_seconds
+
+
+def _casts_seconds(cost: NodeCost, device) -> float:
+    """What autocast's conversions of the node's activation inputs cost eagerly (node_costs.py prices
+    each as its own memory-bound kernel)."""
+    from autopart.cost_models import op_seconds
+
+    return sum(op_seconds(0, AUTOCAST_CAST_BYTES_PER_ELEMENT * n, device, torch.bfloat16) for n in cost.fusible_casts)
+
+
+def _tensor_bytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(value)
+               if isinstance(t, torch.Tensor))
+
+
+def _numel(value: Any) -> int:
+    return max((t.numel() for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)), default=0)
