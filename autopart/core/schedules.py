@@ -19,6 +19,7 @@ in-flight counts and bubbles the planner charges are those the runtime sees.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -336,6 +337,7 @@ def grid(slots: list[list[Action | None]], show_stage: bool = False) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
 def schedule_keeps_outputs() -> bool:
     """Whether a training step's schedule keeps every microbatch's model output on the last stage
     until the step ends: only where this torch's schedules lack `step(return_outputs=False)`. With

@@ -73,10 +73,23 @@ def _unpack(packed):
     return full.as_strided(packed.size, packed.stride, packed.offset)
 
 
+SEQUENCE_GATHER = "seq_all_gather"
+"""The kind of the collective (passes/tensor_parallel/collectives.py) whose outputs this keeps as shards."""
+
+
+def gathers_sequence(module: torch.nn.Module) -> bool:
+    """Whether a rank module all-gathers sequence shards (a collective submodule of that kind)."""
+    return any(getattr(m, "kind", None) == SEQUENCE_GATHER for m in module.modules())
+
+
 @contextlib.contextmanager
-def keep_gathered_as_shards() -> Iterator[None]:
-    """Autograd saves of gathered sequence shards are kept as the shard and gathered again in backward."""
-    if not _ACTIVE:
+def keep_gathered_as_shards(enabled: bool = True) -> Iterator[None]:
+    """Autograd saves of gathered sequence shards are kept as the shard and gathered again in backward.
+
+    Only where a module gathers sequence shards (`gathers_sequence`): installed hooks are part of what
+    TorchDynamo guards on, so a compiled region run under them in forward and without them in a
+    recomputed backward would compile twice and save different tensors."""
+    if enabled and not _ACTIVE:
         _ACTIVE.append(True)
         try:
             with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):

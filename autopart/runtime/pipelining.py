@@ -9,7 +9,6 @@ schedule class the plan names over the rank's stages.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Callable
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from autopart.core.schedules import schedule_keeps_outputs
 from autopart.core.errors import InputError
 from autopart.core.interfaces import StageInterface
-from autopart.core.sequence_saves import keep_gathered_as_shards
+from autopart.core.sequence_saves import gathers_sequence, keep_gathered_as_shards
 from autopart.runtime.autocast import cast_like
 
 
@@ -46,6 +45,9 @@ class StageAdapter(nn.Module):
         self.autocast = autocast
         """The plan's precision: a new torch.autocast context (or a null one) per call."""
         self.module = module
+        self.gathers_sequence = gathers_sequence(module)
+        """Whether the stage all-gathers sequence shards (sequence parallelism): only then are its saves
+        hooked (core/sequence_saves.py)."""
         self.interface = interface
         self.tensor_positions = tensor_positions
         self.received_vals = received_vals
@@ -67,7 +69,7 @@ class StageAdapter(nn.Module):
             received = tuple(_from_wire(x, v.dtype) for x, v in zip(received, self.received_vals))
             args = [received[src.index] if src.kind == "previous_stage" else self.constants[src.index]
                     for src in self.interface.inputs]
-        with self.autocast(), keep_gathered_as_shards():   # sequence parallelism's gathers saved as shards
+        with self.autocast(), keep_gathered_as_shards(self.gathers_sequence):   # gathered sequence shards kept as shards
             outputs = tuple(self.module(*args))
         if self.interface.stage == self.interface.num_stages - 1:
             outputs = tuple(outputs[i] for i in self.interface.model_outputs)
@@ -122,7 +124,6 @@ class _ContiguousGradient(torch.autograd.Function):
         return grad.contiguous()
 
 
-@functools.cache
 def step_options() -> dict[str, Any]:
     """Keywords for a schedule's training `step`: no outputs returned, where this torch allows it."""
     return {} if schedule_keeps_outputs() else {"return_outputs": False}

@@ -29,7 +29,7 @@ import torch.fx
 from autopart.core.errors import PlanError
 from autopart.core.interfaces import TPRankInfo, region_info, tp_rank_info
 from autopart.core.recompute import run_region
-from autopart.core.sequence_saves import keep_gathered_as_shards
+from autopart.core.sequence_saves import gathers_sequence, keep_gathered_as_shards
 from autopart.core.tp_random import draws_random, streams_of
 
 
@@ -60,7 +60,7 @@ def run_ranks(rank_modules: Sequence[torch.fx.GraphModule], flat_inputs: Sequenc
     if [_info(m).rank for m in modules] != list(range(len(modules))):
         raise PlanError("give the rank modules in rank order 0..tp-1, all of them")
     inputs = per_rank_inputs if per_rank_inputs is not None else [flat_inputs] * len(modules)
-    with keep_gathered_as_shards():   # sequence parallelism's gathered inputs saved as shards
+    with keep_gathered_as_shards(gathers_sequence(modules[0])):   # gathered sequence shards kept as shards
         return _lockstep(modules, inputs, set(_info(modules[0]).collectives))
 
 
