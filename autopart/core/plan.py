@@ -154,6 +154,9 @@ class Mesh:
     dp_shard: int = 1
     """Replicas among which FSDP shards the state: 1 for 'ddp', dp for 'zero2' and 'zero3', the
     replicas on one host for 'hsdp' (dp / dp_shard hosts then hold replicas of the shards)."""
+    ep: int = 1
+    """Expert-parallel group size: ep consecutive data-parallel replicas split each mixture-of-experts
+    layer's experts (dim 0 of their weights) among them; no ranks of its own (axes/expert.py)."""
 
     @property
     def num_devices(self) -> int:
@@ -216,6 +219,8 @@ class Candidate:
     """One of `DATA_PARALLEL_MODES`."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective', 'full', or 'mixed' (chosen per block)."""
+    expert_parallel: int = 1
+    """Expert-parallel group size (`Mesh.ep`)."""
 
 
 QUIET_STRATEGIES = frozenset({"param", "follow", "replicate", "input"})

@@ -127,7 +127,7 @@ def assemble_plan(graph: BlockGraph, cluster: Cluster, request, traced_batch_siz
         num_microbatches=m,
         schedule=problem.schedule,
         optimizer=request.optimizer,
-        mesh=Mesh(pp=num_ranks, dp=setting.dp, dp_shard=setting.shards),
+        mesh=Mesh(pp=num_ranks, dp=setting.dp, dp_shard=setting.shards, ep=setting.ep),
         virtual_stages=problem.virtual_stages,
         data_parallel_mode=setting.mode,
         mixed_precision=request.mixed_precision,

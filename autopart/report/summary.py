@@ -53,7 +53,7 @@ def mesh_label(plan: Plan) -> str:
     """Each axis's part in the rank layout's order (autopart/axes/), e.g. 'dp=1 × pp=4 × tp=1 (4 of 8
     devices)', or 'dp=2 zero2 × pp=2 (2 stages each) × tp=1 (4 of 4 devices)'."""
     total = len(plan.cluster["devices"])
-    parts = " × ".join(axis.describe(plan) for axis in AXES.values())
+    parts = " × ".join(part for part in (axis.describe(plan) for axis in AXES.values()) if part)
     return f"{parts} ({plan.mesh.num_devices} of {plural(total, 'device')})"
 
 
