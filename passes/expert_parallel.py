@@ -26,8 +26,8 @@ Two ways to run the same module:
   the identity on one process; the rows and products are exactly the ones the
   ranks exchange;
 - a process group (`attach_expert_group`): the weight is this rank's block
-  (`localize`), the rows move by `torch.distributed.nn.functional.all_to_all_single`
-  (autograd sends the gradients back the same way), the received rows are
+  (`localize`), the rows move by `torch.distributed._functional_collectives.all_to_all_single_autograd`
+  (its backward sends the gradients back the same way), the received rows are
   regrouped by local expert, multiplied, and returned to their senders.
 
 Gradients: a rank's expert block collects the gradient of every row routed to it
@@ -38,6 +38,7 @@ parameters do over dp.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.fx
 
+from autopart.core.interfaces import EXPERT_PARALLEL_META_KEY, ExpertParallelInfo, expert_parallel_info
 from autopart.cost_models.experts import GROUPED_MM_ATEN, LOOPED_GROUPED_MM, op_name
 
 _VIEWS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.alias.default}
@@ -190,7 +192,11 @@ class ExpertParallelMatmul(torch.nn.Module):
         return torch.cat(pieces)
 
     def _distributed(self, x: torch.Tensor, w_block: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_to_all_single
+        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+        def all_to_all_single(rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+            # PyTorch's functional all-to-all with autograd: its backward sends the gradients back
+            return wait_tensor(all_to_all_single_autograd(rows, output_splits, input_splits, group))
 
         group, ep, per_rank = self.process_group, self.ep, self.per_rank
         counts = torch.diff(offs.to(torch.int64), prepend=offs.new_zeros(1, dtype=torch.int64))  # [E]
@@ -201,8 +207,7 @@ class ExpertParallelMatmul(torch.nn.Module):
         send = counts.view(ep, per_rank).sum(dim=1).tolist()
         receive = received_counts.sum(dim=1).tolist()
         routed = int(offs[-1])
-        rows = all_to_all_single(x.new_empty(sum(receive), x.shape[1]), x[:routed].contiguous(), receive, send,
-                                 group=group)
+        rows = all_to_all_single(x[:routed].contiguous(), receive, send)
         # rows arrive grouped by source, then by local expert: regroup by local expert (stable)
         local_expert = torch.repeat_interleave(torch.arange(per_rank, device=x.device).repeat(ep),
                                                received_counts.reshape(-1))
@@ -210,7 +215,7 @@ class ExpertParallelMatmul(torch.nn.Module):
         products = self._local(rows[order], w_block, received_counts.sum(dim=0))
         back = torch.empty_like(products)
         back = back.index_copy(0, order, products)  # inverse permutation, differentiable
-        out = all_to_all_single(x.new_empty(routed, products.shape[1]), back, send, receive, group=group)
+        out = all_to_all_single(back.contiguous(), send, receive)
         if routed < x.shape[0]:
             out = torch.cat([out, out.new_zeros(x.shape[0] - routed, out.shape[1])])
         return out
@@ -222,6 +227,7 @@ def shard_experts(gm: torch.fx.GraphModule, ep: int) -> list[str]:
     Returns the expert parameters (get_attr targets) now sharded on dim 0. Matmuls whose weight is not
     a parameter (through dim-0-preserving views) are left as they are."""
     weights: list[str] = []
+    targets: list[str] = []
     for index, node in enumerate(list(gm.graph.nodes)):
         if not is_expert_matmul(node):
             continue
@@ -235,10 +241,13 @@ def shard_experts(gm: torch.fx.GraphModule, ep: int) -> list[str]:
         offs = node.args[2] if len(node.args) > 2 else node.kwargs["offs"]
         # the node becomes the call in place: blocks and regions know it by its name
         node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0], node.args[1], offs), {}
+        targets.append(name)
         if weight not in weights:
             weights.append(weight)
     gm.graph.lint()
     gm.recompile()
+    if targets:
+        gm.meta[EXPERT_PARALLEL_META_KEY] = ExpertParallelInfo(ep=ep, modules=tuple(targets), weights=tuple(weights))
     return weights
 
 
@@ -260,6 +269,9 @@ def localize(gm: torch.fx.GraphModule, ep_rank: int) -> None:
         setattr(gm.get_submodule(owner) if owner else gm, leaf, block)
     for m in modules:
         m.ep_rank = ep_rank
+    info = expert_parallel_info(gm)
+    if info is not None:
+        gm.meta[EXPERT_PARALLEL_META_KEY] = dataclasses.replace(info, ep_rank=ep_rank)
 
 
 def attach_expert_group(gm: torch.nn.Module, group) -> None:

@@ -135,8 +135,10 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, pro
     for rank in range(problem.num_ranks):
         stages = range(rank, problem.num_stages, problem.num_ranks)
         members = [b for b, stage in enumerate(stage_of) if stage in stages]
-        grad_bytes = sum(graph.blocks[b].trainable_param_bytes for b in members)
-        param_bytes = sum(graph.blocks[b].param_bytes for b in members)
+        # expert blocks under expert parallelism sync over their own group (axes/expert.py)
+        grad_bytes = sum(graph.blocks[b].trainable_param_bytes - _experts(graph.blocks[b], setting, True)
+                         for b in members)
+        param_bytes = sum(graph.blocks[b].param_bytes - _experts(graph.blocks[b], setting, False) for b in members)
         link = cluster.link_for_group(dp_group(setting, problem.num_ranks, rank))
         if reshards_parameters(setting.mode):
             sync = zero3_exposed_seconds(graph, cluster, request, problem, members, stage_of, setting, rank)
@@ -151,6 +153,13 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, pro
             sync = all_reduce_seconds(grad_bytes, setting.dp, link) - backward
         exposed = max(exposed, sync)
     return max(0.0, exposed)
+
+
+def _experts(block, setting: Setting, trainable: bool) -> int:
+    """The block's expert weight bytes the dp wrappers leave to expert parallelism (0 at ep = 1)."""
+    if setting.ep == 1:
+        return 0
+    return block.expert_trainable_param_bytes if trainable else block.expert_param_bytes
 
 
 def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem, members: list[int],

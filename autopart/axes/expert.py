@@ -24,7 +24,7 @@ from autopart.core.errors import InputError
 from autopart.core.plan import Mesh, Plan
 from autopart.core.request import PlanRequest
 from autopart.core.setting import Setting
-from autopart.cost_models import Cluster, all_to_all_seconds
+from autopart.cost_models import Cluster, all_reduce_seconds, all_to_all_seconds
 
 
 def expert_parallel_choices(request: PlanRequest, dp: int, num_experts: int) -> list[int]:
@@ -69,6 +69,25 @@ def expert_dispatch_seconds(graph: BlockGraph, cluster: Cluster, setting: Settin
     return fwd, (fwd.copy() if training else np.zeros_like(fwd))
 
 
+def expert_gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request, problem, solution,
+                                 setting: Setting) -> float:
+    """Exposed seconds of the expert blocks' gradient sum after the last backward, the slowest
+    pipeline rank's: a ring all-reduce of its expert gradients / ep over the dp / ep replicas
+    holding the same experts (cost_models.comm), not overlapped (the runner reduces after the step's
+    backward, like the pipelined dense parameters)."""
+    edp = setting.dp // setting.ep
+    if setting.ep == 1 or edp == 1 or not request.training:
+        return 0.0
+    worst = 0.0
+    for rank in range(problem.num_ranks):
+        stages = set(range(rank, problem.num_stages, problem.num_ranks))
+        held = sum(graph.blocks[b].expert_trainable_param_bytes for b, stage in enumerate(solution.stage_of_block)
+                   if stage in stages) / setting.ep
+        group = [d * problem.num_ranks + rank for d in range(0, setting.dp, setting.ep)]
+        worst = max(worst, all_reduce_seconds(held, edp, cluster.link_for_group(group)))
+    return worst
+
+
 def _degrees(request: PlanRequest, cluster: Cluster, shape: SearchShape) -> list[int]:
     return expert_parallel_choices(request, shape.degrees.get("dp", 1), shape.num_experts)
 
@@ -90,4 +109,5 @@ def _describe(plan: Plan) -> str:
     return f"ep={plan.mesh.ep}" if plan.mesh.ep > 1 else ""
 
 
-EXPERT = register(Axis(name="ep", title="expert parallel", degrees=_degrees, groups=_groups, describe=_describe))
+EXPERT = register(Axis(name="ep", title="expert parallel", degrees=_degrees, groups=_groups, describe=_describe,
+                       step_seconds=expert_gradient_sync_seconds))

@@ -103,10 +103,11 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
 
 def expert_split(block: Block, setting: Setting) -> list[tuple[Block, Setting]]:
     """A block as its dense part (held as `setting` says) and its experts' share under expert
-    parallelism: 1/ep of the expert weights per rank, their ZeRO sharding over the
-    expert-data-parallel group (the dp / ep replicas holding the same experts; torchtitan's
-    efsdp = dp_shard / ep). Activations are not split: each rank computes, on average, as many
-    routed rows as without ep (uniform routing)."""
+    parallelism: 1/ep of the expert weights per rank, with their gradients and optimizer state,
+    unsharded whatever the dp mode (the runner leaves the expert blocks out of DDP/FSDP and sums
+    their gradients over the replicas holding the same experts itself: no bucket copy, no ZeRO
+    over that group). Activations are not split: each rank computes, on average, as many routed
+    rows as without ep (uniform routing)."""
     ep = setting.ep
     dense = dataclasses.replace(block, param_bytes=block.param_bytes - block.expert_param_bytes,
                                 trainable_param_bytes=block.trainable_param_bytes - block.expert_trainable_param_bytes,
@@ -114,8 +115,7 @@ def expert_split(block: Block, setting: Setting) -> list[tuple[Block, Setting]]:
     experts = dataclasses.replace(block, param_bytes=block.expert_param_bytes // ep,
                                   trainable_param_bytes=block.expert_trainable_param_bytes // ep, buffer_bytes=0,
                                   expert_param_bytes=0, expert_trainable_param_bytes=0)
-    edp = max(setting.dp // ep, 1)
-    expert_setting = dataclasses.replace(setting, dp=edp, dp_shard=max(setting.dp_shard // ep, 1), ep=1)
+    expert_setting = dataclasses.replace(setting, dp=1, mode="ddp", dp_shard=1, ep=1)
     return [(dense, dataclasses.replace(setting, ep=1)), (experts, expert_setting)]
 
 

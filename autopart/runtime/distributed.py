@@ -33,7 +33,7 @@ from torch import nn
 
 from autopart.core.batch import batch_size_of, split_rows, take_rows
 from autopart.core.errors import AutopartError, InputError
-from autopart.core.interfaces import StageInterface, tp_rank_info
+from autopart.core.interfaces import StageInterface, expert_parallel_info, tp_rank_info
 from autopart.runtime.pipelining import (
     StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, wire_dtype,
 )
@@ -100,6 +100,10 @@ class DistributedRunner(StateMixin):
             if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
                 for target in tp_rank_info(module).collectives:
                     module.get_submodule(target).attach(self.groups.tp)
+            experts = expert_parallel_info(module)
+            if experts is not None and experts.ep_rank is not None:  # the experts' all-to-alls run on the ep group
+                for target in experts.modules:
+                    module.get_submodule(target).process_group = self.groups.ep
             self.adapters.append(StageAdapter(module, interface, tensor_positions,
                                               received_vals(compiled, interface, tensor_positions),
                                               stage_output_vals(compiled, interface.stage), self._autocast))
@@ -170,7 +174,7 @@ class DistributedRunner(StateMixin):
         """The stage replicated over the dp group as the plan says (unchanged without replicas)."""
         if self.mesh.dp == 1:
             return adapter
-        return wrap_data_parallel(adapter, self.groups, self.device, self.plan)
+        return wrap_data_parallel(adapter, self.groups, self.device, self.plan, ignored=set(self.expert_parameters()))
 
     # ------------------------------------------------------------------ training
 
@@ -207,6 +211,7 @@ class DistributedRunner(StateMixin):
                 else:
                     self.schedule.step()
                 self._sum_shared_gradients()
+                self._reduce_expert_gradients()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
                 if self.plan.schedule == "zero_bubble" and any(sign in _chain(error) for sign in _SPLIT_FAILURES):
@@ -263,6 +268,26 @@ class DistributedRunner(StateMixin):
             dist.all_reduce(loss, group=self.groups.dp)
             loss = loss / self.mesh.dp
         return loss
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's blocks of the experts (expert parallelism), which the dp wrappers leave alone."""
+        found = []
+        for module, _ in self.local_stages:
+            info = expert_parallel_info(module)
+            if info is not None and info.ep_rank is not None:
+                found += [module.get_parameter(path) for path in info.weights]
+        return found
+
+    def _reduce_expert_gradients(self) -> None:
+        """Expert blocks' gradients: the all-to-alls' backward already summed every ep-group rank's
+        tokens into them; the replicas holding the same experts (edp) add theirs, and the sum over all
+        dp replicas' losses becomes their mean, as DDP's average does for the dense parameters."""
+        for param in self.expert_parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if self.groups.edp is not None:
+                dist.all_reduce(param.grad, group=self.groups.edp)
+            param.grad.div_(self.mesh.dp)
 
     def _sum_shared_gradients(self) -> None:
         """Every copy of a tied parameter gets the sum of all copies' gradients (this rank's
