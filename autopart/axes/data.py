@@ -192,10 +192,12 @@ def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem,
     blocks = [graph.blocks[b] for b in members]
     if not blocks:
         return 0.0
-    gather = [all_gather_seconds(b.param_bytes * fraction, setting.dp_shard, shard_link) for b in blocks]
-    reduce = [reduce_scatter_seconds(gradient_bytes(b.trainable_param_bytes), setting.dp_shard, shard_link)
-              + all_reduce_seconds(gradient_bytes(b.trainable_param_bytes) / setting.dp_shard, replicas, cross_link)
-              for b in blocks]
+    sharded = [(b.param_bytes - _experts(b, setting, False), b.trainable_param_bytes - _experts(b, setting, True))
+               for b in blocks]  # expert blocks under expert parallelism are not FSDP's
+    gather = [all_gather_seconds(held * fraction, setting.dp_shard, shard_link) for held, _ in sharded]
+    reduce = [reduce_scatter_seconds(gradient_bytes(trainable), setting.dp_shard, shard_link)
+              + all_reduce_seconds(gradient_bytes(trainable) / setting.dp_shard, replicas, cross_link)
+              for _, trainable in sharded]
     fwd = [float(problem.fwd_seconds[b, stage_of[b]]) for b in members]
     bwd = [float(problem.bwd_seconds[b, stage_of[b]]) for b in members]
     m = problem.num_microbatches

@@ -172,6 +172,24 @@ class Mesh:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExpertsPlan:
+    """The mixture-of-experts layers of a plan: their grouped expert matmuls and how they are split."""
+
+    layers: tuple[str, ...]
+    """Blocks holding expert weights (grouped expert matmuls), in model order."""
+    num_experts: int
+    """Experts per layer (their gcd over the layers)."""
+    weight_bytes: int
+    """Bytes of all expert weights (whole model)."""
+    ep: int = 1
+    """Ranks splitting each layer's experts on dim 0 (`Mesh.ep`); 1: every rank holds all of them."""
+
+    @property
+    def per_rank(self) -> int:
+        return self.num_experts // self.ep
+
+
+@dataclass(frozen=True, kw_only=True)
 class SolverInfo:
     """How the plan was found."""
 
@@ -337,6 +355,8 @@ class Plan:
     mixed_precision: str | None = None
     """'bf16': float32 parameters, gradients and optimizer state, every stage's forward and the loss
     under torch.autocast(bfloat16); None: the model computes in its own dtypes."""
+    experts: ExpertsPlan | None = None
+    """The model's mixture-of-experts layers and how their experts are held (None: it has none)."""
     version: int = PLAN_VERSION
 
     @property
@@ -398,7 +418,7 @@ def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_NESTED = {"mesh": Mesh, "solver": SolverInfo, "memory": StageMemory}
+_NESTED = {"mesh": Mesh, "solver": SolverInfo, "memory": StageMemory, "experts": ExpertsPlan}
 _LISTS = {"stages": StagePlan, "candidates": Candidate}
 
 
@@ -416,7 +436,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for name, value in data.items():
         if cls is Plan and name == "tensor_parallel" and value is not None:
             value = TensorParallelPlan.from_dict(value)
-        elif name in _NESTED:
+        elif name in _NESTED and value is not None:
             value = _build(_NESTED[name], value, f"{where}.{name}")
         elif name in _LISTS:
             value = tuple(_build(_LISTS[name], item, f"{where}.{name}[{i}]") for i, item in enumerate(value))

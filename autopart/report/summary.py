@@ -160,6 +160,22 @@ def tensor_parallel_summary(plan: Plan) -> str:
     return f"tp={plan.mesh.tp} per stage"
 
 
+def experts_summary(plan: Plan) -> str | None:
+    """One line on the mixture-of-experts layers: which, and how their experts are held (None without)."""
+    experts = plan.experts
+    if experts is None:
+        return None
+    layers = experts.layers
+    names = ", ".join(layers) if len(layers) <= 3 else f"{layers[0]} … {layers[-1]}"
+    what = (f"{plural(len(layers), 'expert layer')} ({names}), {experts.num_experts} experts each, "
+            f"{fmt_bytes(experts.weight_bytes)} of expert weights")
+    if experts.ep > 1:
+        return (f"{what}; split over ep={experts.ep} replicas: {experts.per_rank} experts per rank "
+                "(weights sharded on the expert dim), tokens routed to them by all-to-all")
+    tp_note = " (tensor parallelism leaves them whole)" if plan.mesh.tp > 1 else ""
+    return f"{what}; replicated: every rank holds all experts{tp_note} (expert_parallel=1)"
+
+
 # ----------------------------------------------------------------------------- schedule
 
 def schedule_slots(plan: Plan) -> list[list[Action | None]]:

@@ -10,6 +10,7 @@ from autopart.report.summary import (
     abbreviate_blocks,
     cluster_label,
     data_parallel_summary,
+    experts_summary,
     depth_label,
     idle_notes,
     in_flight,
@@ -65,6 +66,7 @@ def _header(plan: Plan) -> str:
         _kv("schedule", f"{plan.schedule}, bubble {fmt_percent(plan.bubble_fraction)}"),
         _kv("mode", mode),
         _kv("tensor parallel", tensor_parallel_summary(plan)),
+        *([_kv("experts", experts_summary(plan))] if plan.experts is not None else []),
         *([_kv("data parallel", data_parallel_summary(plan))] if plan.mesh.dp > 1 else []),
         *([_kv("recompute", recompute_summary(plan))] if is_training(plan) else []),
     ])
