@@ -128,3 +128,16 @@ def test_expert_parallel_must_divide_the_replicas_and_the_experts():
         autopart.compile(zoo.gpt(layers=2, d_model=16, heads=2, vocab=32, seq=8, batch=2).model, 2,
                          example_inputs=(torch.randint(0, 32, (2, 8)),), data_parallel=2, expert_parallel=2)
     assert ids.shape == (4, 8)
+
+
+def test_the_infeasible_error_names_expert_parallelism():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(num_hidden_layers=4, hidden_size=4096, intermediate_size=16384, num_attention_heads=16,
+                           num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                           max_position_embeddings=512)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)  # 6.9B parameters: Adam's state is more than one H100
+    with pytest.raises(autopart.PlanError, match=r"experts: 24.0 GiB of the 25.7 GiB of weights are 8 experts per "
+                                                 r"layer; expert_parallel \(tried 1\)"):
+        autopart.compile(model, "1xH100", example_inputs=(torch.randint(0, 32000, (2, 512)),), optimizer="adamw")

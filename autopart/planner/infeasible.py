@@ -11,6 +11,8 @@ microbatch any packing of these devices holds), and the levers already pulled
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -124,8 +126,23 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     else:
         needs.append(f"batch: microbatches of at most {largest} sample(s) fit on {n} device(s) as a pipeline "
                      f"(the batch of {size} needs a microbatch count that divides it down to that)")
+    experts = _expert_lever(graph, failures)
+    if experts:
+        needs.append(experts)
     lines.append("  What would fit — " + "; ".join(needs) + ".")
     return "\n".join(lines)
+
+
+def _expert_lever(graph: BlockGraph, failures: list[Failure]) -> str:
+    """The experts' share of the state, and the ep degrees tried: expert parallelism's lever."""
+    expert_bytes = sum(b.expert_param_bytes for b in graph.blocks)
+    if not expert_bytes:
+        return ""
+    num_experts = math.gcd(*(b.num_experts for b in graph.blocks))
+    tried = sorted({f.tried.get("expert_parallel", 1) for f in failures})
+    return (f"experts: {fmt_bytes(expert_bytes)} of the {fmt_bytes(sum(b.param_bytes for b in graph.blocks))} of "
+            f"weights are {num_experts} experts per layer; expert_parallel (tried {', '.join(map(str, tried))}) splits "
+            f"them over that many replicas, up to {num_experts} (with data_parallel a multiple of it)")
 
 
 def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> str:
@@ -139,6 +156,7 @@ def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> 
     return (f"pipeline ranks {values('pipeline_parallel')}; replicas {values('data_parallel')} "
             f"({values('data_parallel_mode')}); microbatches {values('num_microbatches')}; "
             f"schedules {values('schedule')}; recompute {values('recompute')}; "
+            f"expert parallel {values('expert_parallel')}; "
             f"tensor parallel {', '.join(str(t) for t in tensor_parallel)}")
 
 
