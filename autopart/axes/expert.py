@@ -33,13 +33,13 @@ def expert_parallel_choices(request: PlanRequest, dp: int, num_experts: int) -> 
     fixed = request.expert_parallel
     if fixed is not None:
         if fixed < 1 or (fixed > 1 and (not num_experts or num_experts % fixed or dp % fixed)):
-            what = (f"the model has no mixture-of-experts layer (no grouped expert matmul)" if not num_experts
+            what = ("the model has no mixture-of-experts layer (no grouped expert matmul)" if not num_experts
                     else f"it must divide the {num_experts} experts per layer and the {dp} data-parallel replicas")
             raise InputError(f"expert_parallel={fixed}: {what}; choose one of "
                              f"{[e for e in range(1, dp + 1) if dp % e == 0 and num_experts and num_experts % e == 0] or [1]}"
                              " (or fix data_parallel to a multiple of it)")
         return [fixed]
-    if not num_experts or not request.training and dp == 1:
+    if not num_experts:
         return [1]
     return [e for e in range(1, dp + 1) if dp % e == 0 and num_experts % e == 0]
 
