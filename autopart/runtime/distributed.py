@@ -318,21 +318,32 @@ class DistributedRunner(StateMixin):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        expert_squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        experts = {id(p) for p in self.expert_parameters()}
         sharded = False
         for module, interface in self.local_stages:
             tp_slices = _tp_slices(module)
             for path, name in interface.parameters:
-                grad = module.get_parameter(path).grad
+                param = module.get_parameter(path)
+                grad = param.grad
                 if grad is None or self.first_holder[name] != interface.stage:  # tied copies count once
+                    continue
+                if id(param) in experts:  # this rank's block of the experts (whole over tp)
+                    if self.coords.tp_index == 0:
+                        expert_squares += grad.detach().float().pow(2).sum()
                     continue
                 piece = tp_slices.get(path)
                 if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
                     continue  # replicated over tp: rank 0's copy counts
-                sharded |= grad is not local_tensor(grad)
+                # FSDP's gradients are shards; FSDP2's replicate (a pipelined 'ddp') holds whole ones
+                sharded |= grad is not local_tensor(grad) and any(p.is_shard() for p in grad.placements)
                 squares += local_tensor(grad).detach().float().pow(2).sum()
         if sharded:  # FSDP: each replica of a shard group holds a shard of every gradient
             dist.all_reduce(squares, group=self.groups.dp_shard if data_parallel_mode(self.plan) == "hsdp"
                             else self.groups.dp)
+        if self.groups.ep is not None:  # the ep group's blocks make up every expert
+            dist.all_reduce(expert_squares, group=self.groups.ep)
+        squares = squares + expert_squares
         if self.mesh.tp > 1:
             dist.all_reduce(squares, group=self.groups.tp)
         if self.mesh.pp > 1:

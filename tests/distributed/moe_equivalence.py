@@ -63,11 +63,14 @@ def main() -> None:
     for step in range(args.steps):
         optimizer.zero_grad()
         loss = runner.step(batches[step], target=targets[step], loss_fn=loss_fn)
+        norm = runner.clip_grad_norm_(0.5)  # over every expert block of the ep group
         optimizer.step()
         ref_optimizer.zero_grad()
         ref_loss = loss_fn(reference(batches[step]), targets[step])
         ref_loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         ref_optimizer.step()
+        torch.testing.assert_close(norm.cpu(), ref_norm, **FWD)
         torch.testing.assert_close(loss.cpu(), ref_loss.detach(), **FWD)
     full = runner.full_state_dict()
     if runner.rank == 0:
