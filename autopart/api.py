@@ -47,6 +47,7 @@ def compile(  # noqa: A001 - the public name the project promises
     tp_plan: dict[str, str] | None = None,
     schedule: str | None = None,
     virtual_stages: int | None = None,
+    expert_parallel: int | None = None,
     data_parallel_mode: str | None = None,
     recompute: str | None = None,
     optimizer: str = "adam",
@@ -72,6 +73,8 @@ def compile(  # noqa: A001 - the public name the project promises
     (Megatron-SP; passes/tensor_parallel/sequence.py) shards the activations between the split
     regions along the sequence: True for every layer's residual stream, False never, None lets
     the strategy ILP choose where it pays.
+    `expert_parallel` splits each mixture-of-experts layer's experts over that many data-parallel
+    replicas (tokens reach them by all-to-all; autopart/axes/expert.py); None lets the planner choose.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
     gradients and optimizer state; the runtimes enable it and the planner prices it.
@@ -99,6 +102,7 @@ def compile(  # noqa: A001 - the public name the project promises
                           tensor_parallel=tensor_parallel, sequence_parallel=_check_flag(
                               "sequence_parallel", sequence_parallel), tp_plan=tuple((tp_plan or {}).items()), schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
+                          expert_parallel=expert_parallel,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
                           compile_kernels=compile_kernels, training=training, reuse_layers=reuse_layers,
                           verbose=verbose)
@@ -161,6 +165,9 @@ def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, blocks: Bloc
     stages = passes.stage_modules(split, _canonical_names(model))             # one GraphModule per stage
     ranks = passes.tensor_parallel.shard_stages(stages, assignment)           # its tp ranks, collectives in
     ranks = [route_sharded_random(r) if len(r) > 1 else r for r in ranks]    # dropout on shards: own RNG
+    if plan.mesh.ep > 1:                                                      # experts over ep ranks
+        for module in (m for r in ranks for m in r):
+            passes.expert_parallel.shard_experts(module, plan.mesh.ep)
     return [[_regions(r, plan, s, blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
 
 

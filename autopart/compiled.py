@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -150,6 +151,9 @@ class CompiledModel:
             raise InputError(f"rank={rank} is outside 0..{mesh.num_devices - 1} "
                              f"(the plan uses dp={mesh.dp} × pp={mesh.pp} × tp={mesh.tp} ranks)")
         modules = [self._modules().stages[s][rank % mesh.tp] for s in self.plan.stages_of_rank((rank // mesh.tp) % mesh.pp)]
+        if mesh.ep > 1:  # this rank's block of the experts (the stage modules keep them whole for simulate)
+            ep_index = (rank // (mesh.tp * mesh.pp)) % mesh.ep
+            modules = [_with_expert_block(module, ep_index) for module in modules]
         if device is not None:
             for module in modules:
                 move_to_device(module, device, move_state=False)
@@ -218,6 +222,17 @@ class CompiledModel:
     def _check_caller_autocast(self) -> None:
         for device_type in ("cpu", "cuda"):
             check_caller_autocast(device_type, self.plan.mixed_precision)
+
+
+def _with_expert_block(module: torch.fx.GraphModule, ep_index: int) -> torch.fx.GraphModule:
+    """A copy of a stage module holding only ep index `ep_index`'s experts (passes/expert_parallel.py)."""
+    from autopart.passes.expert_parallel import expert_modules, localize
+
+    if not expert_modules(module):
+        return module
+    local = copy.deepcopy(module)
+    localize(local, ep_index)
+    return local
 
 
 def _concat_microbatches(per_microbatch: list[tuple[Any, ...]], microbatch_size: int) -> tuple[Any, ...]:

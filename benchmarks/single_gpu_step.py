@@ -45,7 +45,8 @@ from autopart import zoo
 class Case:
     name: str
     family: str
-    """'gpt' (autopart.zoo.gpt) or 'llama' (transformers' LlamaForCausalLM)."""
+    """'gpt' (autopart.zoo.gpt), 'llama' (transformers' LlamaForCausalLM) or 'mixtral'
+    (MixtralForCausalLM: 8 experts, top-2, expert width 2048; benchmarks/moe_step.py)."""
     layers: int
     d_model: int
     batch: int
@@ -62,13 +63,20 @@ CASES = [
     Case("llama-bf16", "llama", 16, 2048, 8, "adamw", "bf16"),
     Case("llama-mixed", "llama", 16, 2048, 8, "adamw", "mixed"),
 ]
-VOCAB = {"gpt": 50304, "llama": 32000}
+VOCAB = {"gpt": 50304, "llama": 32000, "mixtral": 32000}
 
 
 def build(case: Case, seq: int) -> torch.nn.Module:
     if case.family == "gpt":
         model = zoo.gpt(layers=case.layers, d_model=case.d_model, heads=16, vocab=VOCAB["gpt"], seq=seq,
                         batch=1, attn_bias=False).model
+    elif case.family == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(vocab_size=VOCAB["mixtral"], hidden_size=case.d_model, intermediate_size=2048,
+                               num_hidden_layers=case.layers, num_attention_heads=32, num_key_value_heads=8,
+                               num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=seq)
+        model = MixtralForCausalLM(config)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 

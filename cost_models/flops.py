@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from autopart.cost_models.experts import expert_matmul_flops
+
 aten = torch.ops.aten
 Shape = Sequence[int]
 
@@ -232,6 +234,9 @@ def op_flops(op: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None,
     only shapes are read); `out` its result (needed for convolutions). Ops
     without matmul work return (0, 0).
     """
+    grouped = expert_matmul_flops(op, args)  # MoE: a grouped matmul over the experts (experts.py)
+    if grouped is not None:
+        return grouped
     packet = getattr(op, "overloadpacket", op)
     handler = _BY_PACKET.get(packet)
     if handler is None:

@@ -1,6 +1,6 @@
 """Every function that reads or rewrites a GraphModule."""
 
-from autopart.passes import tensor_parallel
+from autopart.passes import expert_parallel, tensor_parallel
 from autopart.core.blocks import Block, BlockGraph, BlockValue
 from autopart.passes.coarsen import coarsen
 from autopart.passes.codegen import stage_modules

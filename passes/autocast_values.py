@@ -68,12 +68,31 @@ class FakesOnCpu(torch.fx.Interpreter):
         return self.fake_attrs[target]
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return super().call_function(target, *devices_on_cpu(args, kwargs))
+        args, kwargs = devices_on_cpu(args, kwargs)
+        if target is _HISTC:
+            return histc_on_cpu_fakes(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
+_HISTC = torch.ops.aten.histc.default
 
 
 def devices_on_cpu(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A call's arguments with every device literal the CPU's: where the graph's fakes live."""
     return pytree.tree_map(lambda a: torch.device("cpu") if isinstance(a, torch.device) else a, (args, kwargs))
+
+
+def histc_on_cpu_fakes(values: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:  # noqa: A002
+    """`aten.histc` on a fake CPU tensor of any dtype: [bins] of the input's dtype.
+
+    A graph traced on the meta or a CUDA device may take histc of an integer tensor (HF's
+    grouped_mm experts count tokens per expert with `histc(expert_ids.int())` off the CPU, as
+    CUDA's kernel wants); the CPU kernel, and so the meta function checking CPU fakes, takes only
+    floats ('"histogram_cpu" not implemented for torch.int32'). The graph's values are what the
+    device it runs on makes: the counts over a float copy, in the input's dtype."""
+    if values.is_floating_point():
+        return torch.ops.aten.histc.default(values, bins, min, max)
+    return torch.ops.aten.histc.default(values.float(), bins, min, max).to(values.dtype)
 
 
 def fake_like(value: Any) -> Any:

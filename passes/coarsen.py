@@ -22,6 +22,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
+from autopart.passes.expert_parallel import expert_bytes
 from autopart.passes.node_costs import NodeCost, mutates, node_cost
 from autopart.core.blocks import Block, BlockGraph, BlockTimes, BlockValue
 from autopart.core.recompute import SAVED_GRAPH_OPS, op_name
@@ -159,6 +160,7 @@ def _block_graph(
                 autocast_weight_bytes=_autocast_weight_bytes(members),
                 selective_times=tuple(_times(recomputed, device) for device in devices.values()),
                 recomputable=not _writes_outside(members),
+                **expert_bytes(members, attrs),
             )
         )
 

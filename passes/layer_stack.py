@@ -19,6 +19,7 @@ prologue), an inner one (between two layers), the last (before the epilogue).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,14 +40,63 @@ class LayerStack:
     """Layers in the model."""
     keep: int = KEEP_LAYERS
     """Layers in the analysed copy."""
+    kept: tuple[int, ...] = ()
+    """Layers of several kinds (`find_layer_stack`): the model's layer indices the copy keeps, in
+    order, under their own names; () for identical layers (the copy keeps layers 0 .. keep − 1)."""
+    representatives: tuple[int, ...] = ()
+    """Layers of several kinds: per model layer, the position in `kept` of the layer standing for it."""
+    kinds: tuple[int, ...] = ()
+    """Layers of several kinds: per model layer, its kind (0, 1, ...; () for identical layers)."""
+
+    def kind_of_position(self, position: int) -> int:
+        """The kind of the copy's layer at `position` (0 for identical layers)."""
+        return self.kinds[self.kept_index(position)] if self.kinds else 0
 
     def layer_prefix(self, index: int) -> str:
         """Module path of layer `index` ('model.layers.7')."""
         return f"{self.path}.{index}" if self.path else str(index)
 
+    def kept_index(self, position: int) -> int:
+        """The model's index of the copy's layer at `position`."""
+        return self.kept[position] if self.kept else position
+
+    def kept_prefix(self, position: int) -> str:
+        """Module path of the copy's layer at `position` (its name in the model)."""
+        return self.layer_prefix(self.kept_index(position))
+
+    def position_of(self, index: int) -> int | None:
+        """The copy's position of the model's layer `index` (None: the copy does not keep it)."""
+        if not self.kept:
+            return index if index < self.keep else None
+        return self.kept.index(index) if index in self.kept else None
+
+    def representative(self, i: int) -> int:
+        """The kept position standing for model layer i: with identical layers the first and last
+        as themselves, inner ones by layer 1; with several kinds, an inner layer of i's kind."""
+        if self.representatives:
+            return self.representatives[i]
+        if i == 0:
+            return 0
+        if i == self.num_layers - 1:
+            return self.keep - 1
+        return 1
+
+    @property
+    def num_kinds(self) -> int:
+        return len(set(self.kinds)) if self.kinds else 1
+
+
+MAX_KINDS = 4
+"""Kinds of layer a stack may mix (dense and MoE, sliding-window and global attention) and still
+be analysed through a copy: one inner layer of each kind, plus the first and the last."""
+
 
 def find_layer_stack(model: nn.Module, keep: int = KEEP_LAYERS) -> LayerStack | None:
-    """The longest container of more than `keep` identical layers, or None."""
+    """The longest container of more than `keep` identical layers, or None.
+
+    Without one, the longest container of layers of a few kinds (at most `MAX_KINDS`, each a run
+    of identical layers, such as DeepSeek-V3's 3 dense then 58 MoE layers or Gemma 3's five
+    sliding-window layers to one global) whose copy keeps fewer layers than the model has."""
     shared = _parameters_outside_layers(model)
     best: LayerStack | None = None
     for path, module in model.named_modules():
@@ -57,7 +107,53 @@ def find_layer_stack(model: nn.Module, keep: int = KEEP_LAYERS) -> LayerStack | 
         layers = list(module)
         if _identical(layers) and not _shares_parameters(layers, shared):
             best = LayerStack(path=path, num_layers=len(layers), keep=keep)
+    if best is not None:
+        return best
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) <= keep:
+            continue
+        layers = list(module)
+        mixed = _mixed_stack(path, layers)
+        if mixed is not None and not _shares_parameters(layers, shared) and (
+                best is None or mixed.num_layers > best.num_layers):
+            best = mixed
     return best
+
+
+def _mixed_stack(path: str, layers: list[nn.Module]) -> LayerStack | None:
+    """A stack of layers of a few kinds: the copy keeps the model's first n layers, n the fewest that
+    hold a template (an inner layer after the kind's first) of every kind and end with a layer of the
+    last layer's kind, which stands for the last. The copy's other layers stand for themselves, and
+    each kind's template for the model's later inner layers of that kind. A prefix, because models may pick a layer's mask or rotary table by its position in
+    the loop (Gemma 3: config.layer_types[i]): the copy's layer i is the model's layer i."""
+    kinds: list[int] = []
+    templates: list[int] = []  # the first layer of each kind
+    for i, layer in enumerate(layers):
+        kind = next((k for k, t in enumerate(templates) if _identical_pair(layers[t], t, layer, i)), None)
+        if kind is None:
+            if len(templates) == MAX_KINDS:
+                return None
+            templates.append(i)
+            kind = len(templates) - 1
+        kinds.append(kind)
+    if len(templates) == 1:
+        return None
+    last = len(layers) - 1
+    occurrences: dict[int, list[int]] = {}
+    for i in range(last):
+        occurrences.setdefault(kinds[i], []).append(i)
+    # a kind's template: an inner layer after its first occurrence, which already saved what the
+    # kind's layers share (one rotary table for all global layers): autograd counts it once
+    inner = {kind: (seen[1] if len(seen) > 1 else seen[0]) for kind, seen in occurrences.items() if seen[-1] > 0}
+    n = max(inner.values(), default=0) + 2
+    while n <= last and kinds[n - 1] != kinds[last]:
+        n += 1
+    if n > last:
+        return None  # the copy would hold (nearly) every layer
+    kept = list(range(n))
+    representatives = tuple(i if i < n - 1 else n - 1 if i == last else inner[kinds[i]] for i in range(len(layers)))
+    return LayerStack(path=path, num_layers=len(layers), keep=len(kept), kept=tuple(kept),
+                      representatives=representatives, kinds=tuple(kinds))
 
 
 def shortened(model: nn.Module, stack: LayerStack) -> nn.Module:
@@ -73,7 +169,8 @@ def shortened(model: nn.Module, stack: LayerStack) -> nn.Module:
         child = _copy_module(parent._modules[part])
         parent._modules[part] = child
         parent = child
-    kept = list(parent._modules.items())[:stack.keep]
+    items = list(parent._modules.items())
+    kept = [items[i] for i in stack.kept] if stack.kept else items[:stack.keep]
     parent._modules = dict(kept)
     return root
 
@@ -104,6 +201,22 @@ def _identical(layers: list[nn.Module]) -> bool:
     return True
 
 
+def _identical_pair(a: nn.Module, i: int, b: nn.Module, j: int) -> bool:
+    """Whether layer a (index i) and layer b (index j) are alike: equal fingerprints, where an integer
+    attribute may differ only by being each one's own index."""
+    pa, pb = _fingerprint(a), _fingerprint(b)
+    if pa[1:] != pb[1:] or len(pa[0]) != len(pb[0]):
+        return False
+    for x, y in zip(pa[0], pb[0]):
+        if x[:-1] != y[:-1] or x[-1].keys() != y[-1].keys():
+            return False
+        for key, value in x[-1].items():
+            other = y[-1][key]
+            if other != value and not (type(value) is int and type(other) is int and value == i and other == j):
+                return False
+    return True
+
+
 def _fingerprint(layer: nn.Module) -> tuple:
     """What the trace of a layer depends on, less its parameter values: per module its name,
     class, configuration, hooks and plain attributes (a dict, compared key by key)."""
@@ -129,6 +242,9 @@ def _plain(value: Any) -> Any:
         return type(value).__name__, tuple(_plain(v) for v in value)
     if isinstance(value, torch.Tensor):
         return "tensor", tuple(value.shape), value.dtype
+    if isinstance(value, functools.partial):  # made per layer (transformers' GELUTanh.act): by what it calls
+        return ("partial", id(value.func), tuple(_plain(v) for v in value.args),
+                tuple(sorted((k, _plain(v)) for k, v in value.keywords.items())))
     return "object", type(value).__qualname__, id(value)
 
 

@@ -36,8 +36,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.cost_models import Cluster, op_flops, op_seconds
+from autopart.cost_models.experts import expert_loop_launches
 from autopart.core.errors import MissingAnnotationError
-from autopart.passes.autocast_values import AUTOCAST_DEVICE_TYPE, devices_on_cpu, fake_like
+from autopart.passes.autocast_values import (AUTOCAST_DEVICE_TYPE, devices_on_cpu, fake_like,
+                                              histc_on_cpu_fakes)
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -155,6 +157,8 @@ class _CostInterpreter(torch.fx.Interpreter):
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         if self.autocast_dtype is not None:  # the graph's device literals follow the fakes to the CPU
             args, kwargs = devices_on_cpu(args, kwargs)
+            if target is torch.ops.aten.histc.default:
+                return histc_on_cpu_fakes(*args, **kwargs)
         return super().call_function(target, args, kwargs)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -239,12 +243,15 @@ class _CostInterpreter(torch.fx.Interpreter):
         saved_bytes, saved_inputs = self._new_saved_bytes(owners)
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
         casts, activation_casts = self._autocast_casts(node, inputs, outputs)
+        # A grouped expert matmul run as a loop launches one kernel per expert (cost_models/experts.py).
+        loop = expert_loop_launches(node.target, inputs) if node.op == "call_function" else (0, 0)
         seconds = tuple(
             (
                 name,
-                op_seconds(flops[0], fwd_bytes, device, _dtype(outputs)) + _casts_seconds(casts, device),
+                op_seconds(flops[0], fwd_bytes, device, _dtype(outputs)) + _casts_seconds(casts, device)
+                + loop[0] * device.launch_overhead_s,
                 op_seconds(flops[1], BACKWARD_BYTES_FACTOR * fwd_bytes, device, _dtype(outputs))
-                + _casts_seconds(casts, device) if _needs_grad(outputs) else 0.0,
+                + _casts_seconds(casts, device) + loop[1] * device.launch_overhead_s if _needs_grad(outputs) else 0.0,
             )
             for name, device in self.devices.items()
         )

@@ -101,4 +101,4 @@ def _analysed_name(target: str, stack: LayerStack) -> str:
     index, _, rest = target[len(head):].partition(".")
     if not index.isdigit() or not rest:
         return target
-    return f"{stack.layer_prefix(representative_layer(int(index), stack))}.{rest}"
+    return f"{stack.kept_prefix(representative_layer(int(index), stack))}.{rest}"

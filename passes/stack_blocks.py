@@ -52,9 +52,13 @@ class StackExpansion:
         if layout is None:
             return None
         prologue, layers, epilogue = layout
-        if len({tuple(_relative(graph.blocks[b].name, stack, j) for b in members)
-                for j, members in enumerate(layers)}) != 1:
-            return None  # the kept layers cut into differently named blocks
+        kind_of = {j: stack.representative(stack.kept_index(j)) for j in range(stack.keep)}
+        by_kind: dict[int, set] = {}
+        for j, members in enumerate(layers):
+            by_kind.setdefault(kind_of[j], set()).add(tuple(_relative(graph.blocks[b].name, stack, j) for b in members))
+        if any(len(names) != 1 for names in by_kind.values()) or (not stack.kept and len(by_kind) > 1 and len(
+                {n for names in by_kind.values() for n in names}) != 1):
+            return None  # the kept layers (of one kind) cut into differently named blocks
         full_of = _full_layers(stack)
         position = {b: (j, p) for j, members in enumerate(layers) for p, b in enumerate(members)}
         blocks: list[tuple[int, int, int]] = [(b, PROLOGUE, PROLOGUE) for b in prologue]
@@ -89,7 +93,7 @@ def _segment(name: str, stack: LayerStack) -> int | None:
     """The kept layer a block belongs to, or None outside the layers."""
     prefix = re.escape(stack.layer_prefix(0)[:-1]) if stack.path else ""
     match = re.fullmatch(rf"{prefix}(\d+)([.#].*)?", name)
-    return int(match.group(1)) if match else None
+    return stack.position_of(int(match.group(1))) if match else None
 
 
 def _layout(segments: list[int | None], keep: int):
@@ -114,16 +118,12 @@ def _layout(segments: list[int | None], keep: int):
 
 
 def _relative(name: str, stack: LayerStack, j: int) -> str:
-    return "{}" + name[len(stack.layer_prefix(j)):]
+    return "{}" + name[len(stack.kept_prefix(j)):]
 
 
 def representative_layer(i: int, stack: LayerStack) -> int:
-    """The kept layer that stands for layer i: the first and last as themselves, inner ones by layer 1."""
-    if i == 0:
-        return 0
-    if i == stack.num_layers - 1:
-        return stack.keep - 1
-    return 1
+    """The kept layer that stands for layer i (`LayerStack.representative`)."""
+    return stack.representative(i)
 
 
 def _full_layers(stack: LayerStack) -> dict[int, list[int]]:
@@ -137,6 +137,9 @@ def _full_layers(stack: LayerStack) -> dict[int, list[int]]:
 def _values(graph, stack, segments, position, index, prologue_at, epilogue_at, full_of):
     """Whole-model values; None when some value does not repeat layer by layer."""
     keep, last = stack.keep, stack.num_layers - 1
+    kinds: dict[int, set[int]] = {}  # kind -> the kept positions of that kind
+    for j in range(keep):
+        kinds.setdefault(stack.kind_of_position(j), set()).add(j)
     patterns: dict[int, set] = {}  # kept layer -> what its values look like relative to it
     reads: dict[int, set] = {}  # kept layer -> which prologue values it reads, where
     out: list[tuple[int, int, tuple[int, ...]]] = []
@@ -146,7 +149,9 @@ def _values(graph, stack, segments, position, index, prologue_at, epilogue_at, f
             # a prologue value: read by the first layer alone (the layers' input), or by every layer
             # at the same places (rotary tables, masks), and by the prologue and epilogue
             readers = {segments[c] for c in value.consumers} - {None}
-            if readers and readers != {0} and readers != set(range(keep)):
+            # every kept layer of a kind, or none of them (a mask or rotary table of one kind)
+            whole_kinds = all(not (readers & members) or members <= readers for members in kinds.values())
+            if readers and readers != {0} and not whole_kinds:
                 return None
             consumers: list[int] = []
             for c in value.consumers:
@@ -155,9 +160,9 @@ def _values(graph, stack, segments, position, index, prologue_at, epilogue_at, f
                     consumers.append(prologue_at[c] if c in prologue_at else epilogue_at[c])
                     continue
                 _, p = position[c]
-                if len(readers) > 1:
+                if readers != {0}:
                     reads.setdefault(cseg, set()).add((v, p))
-                consumers += [index[(i, p)] for i in (full_of[cseg] if len(readers) > 1 else [0])]
+                consumers += [index[(i, p)] for i in (full_of.get(cseg, []) if readers != {0} else [0])]
             out.append((v, prologue_at[value.producer], tuple(sorted(set(consumers)))))
             continue
         if seg is None:  # an epilogue value: read by the epilogue only
@@ -176,7 +181,7 @@ def _values(graph, stack, segments, position, index, prologue_at, epilogue_at, f
             else:
                 return None  # a layer read two layers on, or the epilogue reading an inner layer
         patterns.setdefault(j, set()).add((p, value.num_bytes, tuple(s for s in shape if s[0] != "epilogue")))
-        for i in full_of[j]:
+        for i in full_of.get(j, []):
             consumers = []
             for kind, where in shape:
                 if kind == "epilogue":
@@ -188,11 +193,13 @@ def _values(graph, stack, segments, position, index, prologue_at, epilogue_at, f
             out.append((v, index[(i, p)], tuple(sorted(set(consumers)))))
     # the inner layer's values look like the first layer's (both feed a next layer), and every
     # layer reads the prologue's values at the same places
-    if keep >= 3 and patterns.get(0, set()) != patterns.get(1, set()):
+    if not stack.kept and keep >= 3 and patterns.get(0, set()) != patterns.get(1, set()):
         return None
-    prologue_reads = [frozenset(reads.get(j, set())) for j in range(keep)]
-    if len(set(prologue_reads)) > 1:
-        return None
+    if stack.kept and len({frozenset(p) for j, p in patterns.items() if j < keep - 1}) > 1:
+        return None  # layers of different kinds hand the next layer different values
+    for members in kinds.values():  # the layers of a kind read the prologue's values at the same places
+        if len({frozenset(reads.get(j, set())) for j in members}) > 1:
+            return None
     out.sort(key=lambda item: (item[1], graph.values[item[0]].node_name))
     return tuple(out)
 
@@ -201,7 +208,7 @@ def _rename(block: Block, stack: LayerStack, j: int, i: int) -> Block:
     """Block of kept layer j restated as layer i (names of the block and its parameters)."""
     if j < 0:
         return dataclasses.replace(block, node_names=())
-    old, new = stack.layer_prefix(j), stack.layer_prefix(i)
+    old, new = stack.kept_prefix(j), stack.layer_prefix(i)
 
     def move(name: str) -> str:
         return new + name[len(old):] if name == old or name.startswith(old + ".") or name.startswith(old + "#") \

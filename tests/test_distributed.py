@@ -204,3 +204,19 @@ def test_a_failed_rank_stops_the_others_in_bounded_time(mode):
         assert "rank 0 (stage 0 of 2" in out and "timeout_s=20" in out, out[-3000:]
     else:  # the dead rank is reported, by our error on the peer or by torchrun
         assert "rank 0 (stage 0 of 2" in out or "rank: 1" in out or "exitcode  : 17" in out, out[-3000:]
+
+
+MOE_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "moe_equivalence.py")
+
+
+@pytest.mark.parametrize("nproc,args", [
+    (4, ["--ep", "2", "--dp", "4", "--dp-mode", "zero2"]),
+    (4, ["--ep", "2", "--dp", "2", "--stages", "2"]),
+], ids=["ep2-of-dp4-zero2-adam", "ep2xdp2xpp2-adam"])
+def test_expert_parallel_training_matches_single_device(nproc, args):
+    """HF Mixtral with its experts split over ep replicas (all-to-all dispatch on gloo, expert
+    gradients summed over the replicas holding the same experts): 3 Adam steps equal one device's."""
+    pytest.importorskip("transformers")
+    code, out = _finish(_torchrun(nproc, *args, script=MOE_SCRIPT))
+    assert code == 0, out[-4000:]
+    assert out.count("OK rank") == nproc, out[-4000:]

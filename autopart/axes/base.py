@@ -41,9 +41,12 @@ class SearchShape:
 
     degrees: dict[str, int] = field(default_factory=dict)
     num_blocks: int = 1
+    num_experts: int = 0
+    """Experts per mixture-of-experts layer (their gcd over the layers; 0: the model has none)."""
 
     def with_degree(self, name: str, degree: int) -> "SearchShape":
-        return SearchShape(degrees={**self.degrees, name: degree}, num_blocks=self.num_blocks)
+        return SearchShape(degrees={**self.degrees, name: degree}, num_blocks=self.num_blocks,
+                           num_experts=self.num_experts)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -135,8 +135,10 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, pro
     for rank in range(problem.num_ranks):
         stages = range(rank, problem.num_stages, problem.num_ranks)
         members = [b for b, stage in enumerate(stage_of) if stage in stages]
-        grad_bytes = sum(graph.blocks[b].trainable_param_bytes for b in members)
-        param_bytes = sum(graph.blocks[b].param_bytes for b in members)
+        # expert blocks under expert parallelism sync over their own group (axes/expert.py)
+        grad_bytes = sum(graph.blocks[b].trainable_param_bytes - _experts(graph.blocks[b], setting, True)
+                         for b in members)
+        param_bytes = sum(graph.blocks[b].param_bytes - _experts(graph.blocks[b], setting, False) for b in members)
         link = cluster.link_for_group(dp_group(setting, problem.num_ranks, rank))
         if reshards_parameters(setting.mode):
             sync = zero3_exposed_seconds(graph, cluster, request, problem, members, stage_of, setting, rank)
@@ -151,6 +153,13 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, pro
             sync = all_reduce_seconds(grad_bytes, setting.dp, link) - backward
         exposed = max(exposed, sync)
     return max(0.0, exposed)
+
+
+def _experts(block, setting: Setting, trainable: bool) -> int:
+    """The block's expert weight bytes the dp wrappers leave to expert parallelism (0 at ep = 1)."""
+    if setting.ep == 1:
+        return 0
+    return block.expert_trainable_param_bytes if trainable else block.expert_param_bytes
 
 
 def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem, members: list[int],
@@ -183,10 +192,12 @@ def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem,
     blocks = [graph.blocks[b] for b in members]
     if not blocks:
         return 0.0
-    gather = [all_gather_seconds(b.param_bytes * fraction, setting.dp_shard, shard_link) for b in blocks]
-    reduce = [reduce_scatter_seconds(gradient_bytes(b.trainable_param_bytes), setting.dp_shard, shard_link)
-              + all_reduce_seconds(gradient_bytes(b.trainable_param_bytes) / setting.dp_shard, replicas, cross_link)
-              for b in blocks]
+    sharded = [(b.param_bytes - _experts(b, setting, False), b.trainable_param_bytes - _experts(b, setting, True))
+               for b in blocks]  # expert blocks under expert parallelism are not FSDP's
+    gather = [all_gather_seconds(held * fraction, setting.dp_shard, shard_link) for held, _ in sharded]
+    reduce = [reduce_scatter_seconds(gradient_bytes(trainable), setting.dp_shard, shard_link)
+              + all_reduce_seconds(gradient_bytes(trainable) / setting.dp_shard, replicas, cross_link)
+              for _, trainable in sharded]
     fwd = [float(problem.fwd_seconds[b, stage_of[b]]) for b in members]
     bwd = [float(problem.bwd_seconds[b, stage_of[b]]) for b in members]
     m = problem.num_microbatches

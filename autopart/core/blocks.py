@@ -77,6 +77,17 @@ class Block:
     """Of `saved_bytes`, the reduced-precision copies of float32 weights that autocast makes for the
     block's matmuls, one per weight per microbatch. FSDP's bf16 parameters (MixedPrecisionPolicy)
     need none: autocast finds the weights already in bf16."""
+    expert_param_bytes: int = 0
+    """Of `param_bytes`, the experts' weights a grouped expert matmul reads ([E, K, N], sharded on the
+    expert dim by expert parallelism: passes/expert_parallel.py)."""
+    expert_trainable_param_bytes: int = 0
+    """Of those, the ones that require grad."""
+    num_experts: int = 0
+    """Experts per grouped expert matmul of the block (their greatest common divisor; 0 without)."""
+    expert_rows_bytes: int = 0
+    """Per call at the traced batch: the rows in and products out of the block's grouped expert matmuls
+    (tokens × top-k × (K + N) × element size), what expert parallelism's all-to-alls move (the part
+    leaving a rank: (ep - 1) / ep)."""
     recomputable: bool = True
     """False when an op writes into a tensor it did not make (a buffer's running statistics): a
     replay would apply the write twice, so the block is never recomputed."""

@@ -197,6 +197,30 @@ def tp_rank_info(gm: torch.nn.Module) -> TPRankInfo | None:
     return getattr(gm, "meta", {}).get(TP_RANK_META_KEY)
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+
+EXPERT_PARALLEL_META_KEY = "autopart_expert_parallel"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertParallelInfo:
+    """A rank module whose experts are split over an ep group (passes/expert_parallel.py)."""
+
+    ep: int
+    modules: tuple[str, ...]
+    """call_module targets of its expert-parallel matmuls; each has `process_group` (None: the
+    one-process simulation, where the weights are whole) and `ep_rank`."""
+    weights: tuple[str, ...]
+    """Attribute paths of the expert parameters (dim 0 split over the ep group)."""
+    ep_rank: int | None = None
+    """This module's index in its ep group once it holds only its block of the experts."""
+
+
+def expert_parallel_info(gm: torch.nn.Module) -> ExpertParallelInfo | None:
+    """The `ExpertParallelInfo` of a rank module, or None where no expert is split."""
+    return getattr(gm, "meta", {}).get(EXPERT_PARALLEL_META_KEY)
+
+
 # ----------------------------------------------------------------------------- regions
 
 

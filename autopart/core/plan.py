@@ -159,6 +159,9 @@ class Mesh:
     dp_shard: int = 1
     """Replicas among which FSDP shards the state: 1 for 'ddp', dp for 'zero2' and 'zero3', the
     replicas on one host for 'hsdp' (dp / dp_shard hosts then hold replicas of the shards)."""
+    ep: int = 1
+    """Expert-parallel group size: ep consecutive data-parallel replicas split each mixture-of-experts
+    layer's experts (dim 0 of their weights) among them; no ranks of its own (axes/expert.py)."""
 
     @property
     def num_devices(self) -> int:
@@ -171,6 +174,24 @@ class Mesh:
     def devices_of(self, pp_rank: int) -> list[int]:
         """The devices that run pipeline rank `pp_rank`'s stages: its tp group in every replica."""
         return [self.rank_of(d, pp_rank, t) for d in range(self.dp) for t in range(self.tp)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertsPlan:
+    """The mixture-of-experts layers of a plan: their grouped expert matmuls and how they are split."""
+
+    layers: tuple[str, ...]
+    """Blocks holding expert weights (grouped expert matmuls), in model order."""
+    num_experts: int
+    """Experts per layer (their gcd over the layers)."""
+    weight_bytes: int
+    """Bytes of all expert weights (whole model)."""
+    ep: int = 1
+    """Ranks splitting each layer's experts on dim 0 (`Mesh.ep`); 1: every rank holds all of them."""
+
+    @property
+    def per_rank(self) -> int:
+        return self.num_experts // self.ep
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,6 +242,8 @@ class Candidate:
     """One of `DATA_PARALLEL_MODES`."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective', 'full', or 'mixed' (chosen per block)."""
+    expert_parallel: int = 1
+    """Expert-parallel group size (`Mesh.ep`)."""
 
 
 QUIET_STRATEGIES = frozenset({"param", "follow", "replicate", "input"})
@@ -349,6 +372,8 @@ class Plan:
     compile_kernels: bool = False
     """Each rank runs its stage's regions through TorchInductor (torch.compile), identical blocks
     compiled once (autopart/runtime/kernels.py), and the planner priced fused kernels; False: op by op."""
+    experts: ExpertsPlan | None = None
+    """The model's mixture-of-experts layers and how their experts are held (None: it has none)."""
     version: int = PLAN_VERSION
 
     @property
@@ -412,7 +437,7 @@ def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_NESTED = {"mesh": Mesh, "solver": SolverInfo, "memory": StageMemory}
+_NESTED = {"mesh": Mesh, "solver": SolverInfo, "memory": StageMemory, "experts": ExpertsPlan}
 _LISTS = {"stages": StagePlan, "candidates": Candidate}
 
 
@@ -430,7 +455,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for name, value in data.items():
         if cls is Plan and name == "tensor_parallel" and value is not None:
             value = TensorParallelPlan.from_dict(value)
-        elif name in _NESTED:
+        elif name in _NESTED and value is not None:
             value = _build(_NESTED[name], value, f"{where}.{name}")
         elif name in _LISTS:
             value = tuple(_build(_LISTS[name], item, f"{where}.{name}[{i}]") for i, item in enumerate(value))

@@ -35,6 +35,9 @@ class PlanRequest:
     """Stages per pipeline rank (interleaved schedules); None lets the planner choose."""
     data_parallel_mode: DataParallelMode | None = None
     """One of plan.DATA_PARALLEL_MODES ('fsdp' reads as 'zero2'); None lets the planner choose."""
+    expert_parallel: int | None = None
+    """Replicas each mixture-of-experts layer's experts are split over (axes/expert.py); None lets the
+    planner choose (1 for a model without experts)."""
     recompute: RecomputeMode | None = None
     """'none', 'selective' or 'full' for every block; None lets the planner choose per block."""
     optimizer: str = "adam"

@@ -19,6 +19,8 @@ class Setting:
     """One of plan.DATA_PARALLEL_MODES ('ddp' whenever dp = 1)."""
     dp_shard: int = 1
     """Replicas among which FSDP shards the state (Mesh.dp_shard)."""
+    ep: int = 1
+    """Replicas among which each mixture-of-experts layer's experts are split (Mesh.ep)."""
     recompute: tuple[RecomputeMode, ...] = ()
     """Per block of the graph: 'none', 'selective' or 'full'; () = all 'none'."""
 
@@ -49,17 +51,20 @@ class Layout:
     data_parallel_mode: DataParallelMode
     dp_shard: int = 1
     """Replicas FSDP shards the state over (`Mesh.dp_shard`)."""
+    expert_parallel: int = 1
+    """Replicas the experts are split over (`Mesh.ep`)."""
 
     @property
     def setting(self) -> Setting:
-        return Setting(dp=self.data_parallel, mode=self.data_parallel_mode, dp_shard=self.dp_shard)
+        return Setting(dp=self.data_parallel, mode=self.data_parallel_mode, dp_shard=self.dp_shard,
+                       ep=self.expert_parallel)
 
     def tried(self) -> dict:
         """The layout as Candidate fields."""
         return dict(data_parallel=self.data_parallel, pipeline_parallel=self.num_ranks,
                     num_microbatches=self.num_microbatches, schedule=self.schedule,
                     tensor_parallel=self.tensor_parallel, virtual_stages=self.virtual_stages,
-                    data_parallel_mode=self.data_parallel_mode)
+                    data_parallel_mode=self.data_parallel_mode, expert_parallel=self.expert_parallel)
 
     def candidate(self, **fields) -> Candidate:
         return Candidate(**self.tried(), **fields)
@@ -67,5 +72,6 @@ class Layout:
     def describe(self) -> str:
         mode = f" ({self.data_parallel_mode})" if self.data_parallel > 1 else ""
         v = f"×v{self.virtual_stages}" if self.virtual_stages > 1 else ""
-        return (f"dp={self.data_parallel}{mode} pp={self.num_ranks}{v} tp={self.tensor_parallel} "
+        ep = f" ep={self.expert_parallel}" if self.expert_parallel > 1 else ""
+        return (f"dp={self.data_parallel}{mode}{ep} pp={self.num_ranks}{v} tp={self.tensor_parallel} "
                 f"m={self.num_microbatches} {self.schedule}")

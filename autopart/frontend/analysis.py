@@ -75,7 +75,8 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
         stack = None
     if stack is not None:
         try:
-            phase("trace", f"tracing {stack.keep} of the {stack.num_layers} identical layers at microbatch size "
+            alike = "identical" if not stack.kept else f"({stack.num_kinds} kinds of)"
+            phase("trace", f"tracing {stack.keep} of the {stack.num_layers} {alike} layers at microbatch size "
                            f"{size}")
             copy = trace(shortened(model, stack), args, kwargs)
             phase("annotate", "annotating costs")
@@ -87,8 +88,8 @@ def analyse(model: torch.nn.Module, args: tuple, kwargs: dict, cluster: Cluster,
             found = _stack_blocks(gm, cluster, stack, min_blocks) if _layers_called(gm, stack) else None
             if found is not None:
                 blocks, expansion = found
-                _say(log, f"{stack.num_layers} identical layers ({stack.path}): analysed {stack.keep}, "
-                          f"restated for all")
+                alike = "identical layers" if not stack.kept else f"layers of {stack.num_kinds} kinds"
+                _say(log, f"{stack.num_layers} {alike} ({stack.path}): analysed {stack.keep}, restated for all")
                 return Analysis(gm=gm, blocks=blocks, stack=stack, expansion=expansion)
             _say(log, f"the {stack.num_layers} layers of {stack.path} do not repeat block by block; "
                       "tracing every layer")
@@ -104,7 +105,7 @@ def _layers_called(gm: torch.fx.GraphModule, stack: LayerStack) -> bool:
     into its layers' parts instead (`self.layers[i].proj`, as its own code decides per layer)
     may treat identical layers differently: only the whole model says how."""
     called = {path for node in gm.graph.nodes if node.op == "call_function" for path in _stack(node)}
-    return all(stack.layer_prefix(i) in called for i in range(stack.keep))
+    return all(stack.kept_prefix(i) in called for i in range(stack.keep))
 
 
 def _names_one_layer(pattern: str, stack: LayerStack) -> bool:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.core.blocks import Block, BlockGraph
-from autopart.core.plan import Candidate, Mesh, Plan, SolverInfo, StageMemory, StagePlan
+from autopart.core.plan import Candidate, ExpertsPlan, Mesh, Plan, SolverInfo, StageMemory, StagePlan
 from autopart.core.modes import reshards_parameters
 from autopart.core.problems import PipelineProblem, PipelineSolution
 from autopart.core.schedules import bubble_fraction
@@ -23,6 +24,15 @@ from autopart.planner.step_costs import (
 )
 from autopart.axes.data import unsharded_fraction
 from autopart.core.setting import Setting
+
+
+def experts_plan(graph: BlockGraph, ep: int) -> ExpertsPlan | None:
+    """The plan's record of the mixture-of-experts layers (None for a model without)."""
+    layers = [b for b in graph.blocks if b.expert_param_bytes]
+    if not layers:
+        return None
+    return ExpertsPlan(layers=tuple(b.name for b in layers), num_experts=math.gcd(*(b.num_experts for b in layers)),
+                       weight_bytes=sum(b.expert_param_bytes for b in layers), ep=ep)
 
 
 def scale_of(request, traced_batch_size: int, num_microbatches: int, dp: int = 1) -> float:
@@ -129,11 +139,12 @@ def assemble_plan(graph: BlockGraph, cluster: Cluster, request, traced_batch_siz
         num_microbatches=m,
         schedule=problem.schedule,
         optimizer=request.optimizer,
-        mesh=Mesh(pp=num_ranks, dp=setting.dp, dp_shard=setting.shards),
+        mesh=Mesh(pp=num_ranks, dp=setting.dp, dp_shard=setting.shards, ep=setting.ep),
         virtual_stages=problem.virtual_stages,
         data_parallel_mode=setting.mode,
         mixed_precision=request.mixed_precision,
         compile_kernels=request.compile_kernels,
+        experts=experts_plan(graph, setting.ep),
         cluster=cluster.to_dict(),
         stages=tuple(stages),
         predicted_step_seconds=step_seconds,

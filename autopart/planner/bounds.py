@@ -103,7 +103,7 @@ class BoundModel:
         self.end_block_bytes = lru_cache(maxsize=None)(self._end_block_bytes)
         self.fastest_hop = lru_cache(maxsize=None)(self._fastest_hop)
         # layers with the same signature hold the same bytes: one of each kind of layer is enough
-        kinds = {(b.param_bytes, b.trainable_param_bytes, b.buffer_bytes, b.saved_bytes, b.model_output_bytes,
+        kinds = {(b.param_bytes, b.expert_param_bytes, b.trainable_param_bytes, b.buffer_bytes, b.saved_bytes, b.model_output_bytes,
                   b.model_output_float32_bytes, b.recomputable, b.kept_bytes("full", False),
                   b.kept_bytes("selective", False)): b for b in (graph.blocks[i] for i in self._layers)}
         self._layer_kinds = list(kinds.values())
@@ -182,9 +182,9 @@ class BoundModel:
                  + self.extra_bound(layout.setting, ranks, ranks * v))
         return bound, short
 
-    def shape_bound(self, dp: int, num_ranks: int, schedules: list[str]) -> float:
-        """A bound for every layout of the shape (dp, pp ranks); inf when none can fit in memory."""
-        modes = [setting for setting in (Setting(dp=dp, mode=mode, dp_shard=shard) for mode, shard in
+    def shape_bound(self, dp: int, num_ranks: int, schedules: list[str], ep: int = 1) -> float:
+        """A bound for every layout of the shape (dp, pp ranks, ep); inf when none can fit in memory."""
+        modes = [setting for setting in (Setting(dp=dp, mode=mode, dp_shard=shard, ep=ep) for mode, shard in
                                          data_parallel_mode_choices(self.request, dp, self.cluster, num_ranks))
                  if self.memory_shortfall_of(setting, num_ranks) <= 0]
         families = []

@@ -11,6 +11,7 @@ again (autopart/fit_advice.py), so that advice cannot contradict a plan.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autopart.cost_models import Cluster
@@ -103,8 +104,23 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     if request.sequence_parallel is False and max(tensor_parallel) > 1:
         needs.append("activations: sequence_parallel=None (or True) keeps the norms' and residuals' "
                      "activations at 1/tp on each tensor-parallel rank")
+    experts = _expert_lever(graph, failures)
+    if experts:
+        needs.append(experts)
     lines.append("  What would fit — " + "; ".join(needs) + ".")
     return "\n".join(lines)
+
+
+def _expert_lever(graph: BlockGraph, failures: list[Failure]) -> str:
+    """The experts' share of the state, and the ep degrees tried: expert parallelism's lever."""
+    expert_bytes = sum(b.expert_param_bytes for b in graph.blocks)
+    if not expert_bytes:
+        return ""
+    num_experts = math.gcd(*(b.num_experts for b in graph.blocks))
+    tried = sorted({f.tried.get("expert_parallel", 1) for f in failures})
+    return (f"experts: {fmt_bytes(expert_bytes)} of the {fmt_bytes(sum(b.param_bytes for b in graph.blocks))} of "
+            f"weights are {num_experts} experts per layer; expert_parallel (tried {', '.join(map(str, tried))}) splits "
+            f"them over that many replicas, up to {num_experts} (with data_parallel a multiple of it)")
 
 
 def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> str:
@@ -118,4 +134,5 @@ def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> 
     return (f"pipeline ranks {values('pipeline_parallel')}; replicas {values('data_parallel')} "
             f"({values('data_parallel_mode')}); microbatches {values('num_microbatches')}; "
             f"schedules {values('schedule')}; recompute {values('recompute')}; "
+            f"expert parallel {values('expert_parallel')}; "
             f"tensor parallel {', '.join(str(t) for t in tensor_parallel)}")

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from autopart.axes import AXES
+from autopart.axes.expert import expert_dispatch_seconds
 from autopart.planner.block_arrays import stage_seconds
 from autopart.cost_models import Cluster, p2p_seconds
 from autopart.core.errors import PlanError
@@ -167,6 +168,9 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     devices = [cluster.devices[s % num_ranks] for s in range(num_stages)]
     modes = [setting.recompute_of(b) for b in range(len(graph.blocks))]
     fwd, bwd = stage_seconds(graph, [d.name for d in devices], scale, request.training)
+    if setting.ep > 1:  # the experts' all-to-alls, on each microbatch's critical path
+        dispatch = expert_dispatch_seconds(graph, cluster, setting, num_ranks, num_stages, scale, request.training)
+        fwd, bwd = fwd + dispatch[0], bwd + dispatch[1]
     for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
         if block.model_output_float32_bytes and request.training:
             loss = [loss_seconds(block, d, scale, request) for d in devices]

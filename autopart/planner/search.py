@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -81,6 +82,7 @@ class _Shape:
     option: int
     data_parallel: int
     num_ranks: int
+    expert_parallel: int = 1
 
 
 @dataclass
@@ -154,9 +156,10 @@ class _Run:
         for index, option in enumerate(self.options):
             try:
                 for order, degrees in _mesh_shapes(self.request, option):
-                    shape = _Shape(index, degrees["dp"], degrees["pp"])
+                    shape = _Shape(index, degrees["dp"], degrees["pp"], degrees.get("ep", 1))
                     shapes.append((self.bounds[index].shape_bound(shape.data_parallel, shape.num_ranks,
-                                                                  self.schedules), (index, *order), shape))
+                                                                  self.schedules, shape.expert_parallel),
+                                   (index, *order), shape))
             except PlanError as error:
                 self.errors.append(error)
         eager = len(shapes) <= EAGER_SHAPES
@@ -322,7 +325,8 @@ class _Run:
 def _mesh_shapes(request: PlanRequest, option: TPOption):
     """(position in loop order, degree by axis name) of every mesh shape of a tp size: each axis
     after tp offers its degrees given those chosen before it (autopart/axes/), in its tie order."""
-    shapes = [((), SearchShape(degrees={"tp": option.tp}, num_blocks=len(option.graph.blocks)))]
+    experts = math.gcd(*(b.num_experts for b in option.graph.blocks))
+    shapes = [((), SearchShape(degrees={"tp": option.tp}, num_blocks=len(option.graph.blocks), num_experts=experts))]
     for axis in AXES.values():
         if axis.name == "tp":  # chosen per option: its op splits are solved before the search
             continue
@@ -346,7 +350,8 @@ def _layouts_of_shape(option: TPOption, shape: _Shape, request: PlanRequest, sch
                 for k, (mode, shard) in enumerate(modes):
                     yield (i, j, v, k), Layout(tensor_parallel=option.tp, data_parallel=dp, num_ranks=ranks,
                                                num_microbatches=m, schedule=schedule, virtual_stages=v,
-                                               data_parallel_mode=mode, dp_shard=shard)
+                                               data_parallel_mode=mode, dp_shard=shard,
+                                               expert_parallel=shape.expert_parallel)
 
 
 def _same_layout(a: Candidate, label: dict) -> bool:

@@ -27,6 +27,8 @@ data-parallel synchronisation per mode) is the axis's own (autopart/axes/).
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Sequence
 
 from autopart.cost_models import Cluster, gradient_bytes, optimizer_state_bytes, optimizer_step_bytes
@@ -49,8 +51,10 @@ def block_state_bytes(block: Block, request, setting: Setting) -> float:
     parameters kept from the first forward to the step's end (FSDP2 reshard_after_forward=False),
     in bf16 under mixed precision. 'zero3'/'hsdp': only the shards; the gathered parameters are
     transient (`reserved_bytes`) or, in a pipeline, kept after the first backward
-    (`block_gradient_bytes`).
+    (`block_gradient_bytes`). Experts under expert parallelism: `expert_split`.
     """
+    if setting.ep > 1 and block.expert_param_bytes:
+        return sum(block_state_bytes(part, request, held) for part, held in expert_split(block, setting))
     state = float(block.param_bytes + block.buffer_bytes)
     if not request.training:
         return state
@@ -77,6 +81,9 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
     """
     if not request.training:
         return 0.0
+    if setting.ep > 1 and block.expert_param_bytes:
+        return sum(block_gradient_bytes(part, request, held, num_microbatches, pipelined)
+                   for part, held in expert_split(block, setting))
     grads = float(gradient_bytes(block.trainable_param_bytes))
     shards = setting.shards
     if shards == 1 and setting.mode == "ddp" and setting.dp > 1 and not pipelined:
@@ -93,6 +100,24 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
     elif num_microbatches > 1:
         held += grads
     return held
+
+
+def expert_split(block: Block, setting: Setting) -> list[tuple[Block, Setting]]:
+    """A block as its dense part (held as `setting` says) and its experts' share under expert
+    parallelism: 1/ep of the expert weights per rank, with their gradients and optimizer state,
+    unsharded whatever the dp mode (the runner leaves the expert blocks out of DDP/FSDP and sums
+    their gradients over the replicas holding the same experts itself: no bucket copy, no ZeRO
+    over that group). Activations are not split: each rank computes, on average, as many routed
+    rows as without ep (uniform routing)."""
+    ep = setting.ep
+    dense = dataclasses.replace(block, param_bytes=block.param_bytes - block.expert_param_bytes,
+                                trainable_param_bytes=block.trainable_param_bytes - block.expert_trainable_param_bytes,
+                                expert_param_bytes=0, expert_trainable_param_bytes=0)
+    experts = dataclasses.replace(block, param_bytes=block.expert_param_bytes // ep,
+                                  trainable_param_bytes=block.expert_trainable_param_bytes // ep, buffer_bytes=0,
+                                  expert_param_bytes=0, expert_trainable_param_bytes=0)
+    expert_setting = dataclasses.replace(setting, dp=1, mode="ddp", dp_shard=1, ep=1)
+    return [(dense, dataclasses.replace(setting, ep=1)), (experts, expert_setting)]
 
 
 def activation_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:

@@ -79,7 +79,7 @@ def mesh_label(plan: Plan) -> str:
     """Each axis's part in the rank layout's order (autopart/axes/), e.g. 'dp=1 × pp=4 × tp=1 (4 of 8
     devices)', or 'dp=2 zero2 × pp=2 (2 stages each) × tp=1 (4 of 4 devices)'."""
     total = len(plan.cluster["devices"])
-    parts = " × ".join(axis.describe(plan) for axis in AXES.values())
+    parts = " × ".join(part for part in (axis.describe(plan) for axis in AXES.values()) if part)
     return f"{parts} ({plan.mesh.num_devices} of {plural(total, 'device')})"
 
 
@@ -220,6 +220,22 @@ def tensor_parallel_summary(plan: Plan) -> str:
         return (f"tp={plan.mesh.tp} per stage, sequence parallel (norms, residuals, dropout on 1/{plan.mesh.tp} "
                 "of the tokens: reduce-scatter and all-gather for each all-reduce)")
     return f"tp={plan.mesh.tp} per stage"
+
+
+def experts_summary(plan: Plan) -> str | None:
+    """One line on the mixture-of-experts layers: which, and how their experts are held (None without)."""
+    experts = plan.experts
+    if experts is None:
+        return None
+    layers = experts.layers
+    names = ", ".join(layers) if len(layers) <= 3 else f"{layers[0]} … {layers[-1]}"
+    what = (f"{plural(len(layers), 'expert layer')} ({names}), {experts.num_experts} experts each, "
+            f"{fmt_bytes(experts.weight_bytes)} of expert weights")
+    if experts.ep > 1:
+        return (f"{what}; split over ep={experts.ep} replicas: {experts.per_rank} experts per rank "
+                "(weights sharded on the expert dim), tokens routed to them by all-to-all")
+    tp_note = " (tensor parallelism leaves them whole)" if plan.mesh.tp > 1 else ""
+    return f"{what}; replicated: every rank holds all experts{tp_note} (expert_parallel=1)"
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -40,8 +40,13 @@ def data_parallel_mode(plan) -> str:
         raise InputError(f"the plan's {error}; re-plan") from error
 
 
-def wrap_data_parallel(adapter: nn.Module, groups: MeshGroups, device: torch.device, plan) -> nn.Module:
-    """The stage replicated over its dp group as the plan says (see the module docstring)."""
+def wrap_data_parallel(adapter: nn.Module, groups: MeshGroups, device: torch.device, plan,
+                       ignored: set[nn.Parameter] | None = None) -> nn.Module:
+    """The stage replicated over its dp group as the plan says (see the module docstring).
+
+    `ignored`: parameters the wrappers leave alone (expert blocks under expert parallelism, whose
+    gradients the runner sums over their own group; they stay whole and float32 on their rank)."""
+    ignored = ignored or set()
     mode = data_parallel_mode(plan)
     if shards_state(mode):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -54,11 +59,16 @@ def wrap_data_parallel(adapter: nn.Module, groups: MeshGroups, device: torch.dev
         if reshard:
             for _, region in regions(getattr(adapter, "module", adapter)):
                 if region_info(region).owns_parameters:
-                    fully_shard(region, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
-        return fully_shard(adapter, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+                    fully_shard(region, mesh=mesh, reshard_after_forward=True, mp_policy=policy,
+                                ignored_params=ignored or None)
+        return fully_shard(adapter, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy,
+                           ignored_params=ignored or None)
     if plan.num_stages == 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        if ignored:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                adapter, [name for name, p in adapter.named_parameters() if p in ignored])
         return DistributedDataParallel(adapter, process_group=groups.dp,
                                        device_ids=[device] if device.type == "cuda" else None)
     try:
@@ -66,7 +76,7 @@ def wrap_data_parallel(adapter: nn.Module, groups: MeshGroups, device: torch.dev
     except ImportError as error:
         raise InputError(f"this torch {torch.__version__} lacks FSDP2's replicate, which data parallelism "
                          "of a pipeline needs in 'ddp' mode; re-plan with data_parallel_mode='zero2'") from error
-    return replicate(adapter, mesh=_one_dim_mesh(groups.dp, device))
+    return replicate(adapter, mesh=_one_dim_mesh(groups.dp, device), ignored_params=ignored or None)
 
 
 def device_mesh(groups: MeshGroups, device: torch.device, plan):

@@ -34,7 +34,7 @@ from torch import nn
 
 from autopart.core.batch import batch_size_of, split_rows, take_rows
 from autopart.core.errors import AutopartError, InputError
-from autopart.core.interfaces import StageInterface, tp_rank_info
+from autopart.core.interfaces import StageInterface, expert_parallel_info, tp_rank_info
 from autopart.runtime.pipelining import (
     StageAdapter, example_inputs, example_outputs, make_schedule, received_vals, stage_output_vals, step_options,
     wire_dtype,
@@ -105,6 +105,10 @@ class DistributedRunner(CheckpointMixin, StateMixin):
             if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
                 for target in tp_rank_info(module).collectives:
                     module.get_submodule(target).attach(self.groups.tp)
+            experts = expert_parallel_info(module)
+            if experts is not None and experts.ep_rank is not None:  # the experts' all-to-alls run on the ep group
+                for target in experts.modules:
+                    module.get_submodule(target).process_group = self.groups.ep
             self.adapters.append(StageAdapter(module, interface, tensor_positions,
                                               received_vals(compiled, interface, tensor_positions),
                                               stage_output_vals(compiled, interface.stage), self._autocast))
@@ -179,7 +183,7 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         """The stage replicated over the dp group as the plan says (unchanged without replicas)."""
         if self.mesh.dp == 1:
             return adapter
-        return wrap_data_parallel(adapter, self.groups, self.device, self.plan)
+        return wrap_data_parallel(adapter, self.groups, self.device, self.plan, ignored=set(self.expert_parameters()))
 
     # ------------------------------------------------------------------ training
 
@@ -216,6 +220,7 @@ class DistributedRunner(CheckpointMixin, StateMixin):
                 else:
                     self.schedule.step(**step_options())
                 self._sum_shared_gradients()
+                self._reduce_expert_gradients()
                 self._say_compiled()
                 return self._step_loss(losses)
             except (RuntimeError, dist.DistBackendError) as error:
@@ -281,6 +286,26 @@ class DistributedRunner(CheckpointMixin, StateMixin):
             loss = loss / self.mesh.dp
         return loss
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's blocks of the experts (expert parallelism), which the dp wrappers leave alone."""
+        found = []
+        for module, _ in self.local_stages:
+            info = expert_parallel_info(module)
+            if info is not None and info.ep_rank is not None:
+                found += [module.get_parameter(path) for path in info.weights]
+        return found
+
+    def _reduce_expert_gradients(self) -> None:
+        """Expert blocks' gradients: the all-to-alls' backward already summed every ep-group rank's
+        tokens into them; the replicas holding the same experts (edp) add theirs, and the sum over all
+        dp replicas' losses becomes their mean, as DDP's average does for the dense parameters."""
+        for param in self.expert_parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if self.groups.edp is not None:
+                dist.all_reduce(param.grad, group=self.groups.edp)
+            param.grad.div_(self.mesh.dp)
+
     def _sum_shared_gradients(self) -> None:
         """Every copy of a tied parameter gets the sum of all copies' gradients (this rank's
         copies added here, other ranks' through the group of the ranks holding one)."""
@@ -310,21 +335,32 @@ class DistributedRunner(CheckpointMixin, StateMixin):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradient norm over the whole model (all stages); returns the norm before clipping."""
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        expert_squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        experts = {id(p) for p in self.expert_parameters()}
         sharded = False
         for module, interface in self.local_stages:
             tp_slices = _tp_slices(module)
             for path, name in interface.parameters:
-                grad = module.get_parameter(path).grad
+                param = module.get_parameter(path)
+                grad = param.grad
                 if grad is None or self.first_holder[name] != interface.stage:  # tied copies count once
+                    continue
+                if id(param) in experts:  # this rank's block of the experts (whole over tp)
+                    if self.coords.tp_index == 0:
+                        expert_squares += grad.detach().float().pow(2).sum()
                     continue
                 piece = tp_slices.get(path)
                 if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
                     continue  # replicated over tp: rank 0's copy counts
-                sharded |= grad is not local_tensor(grad)
+                # FSDP's gradients are shards; FSDP2's replicate (a pipelined 'ddp') holds whole ones
+                sharded |= grad is not local_tensor(grad) and any(p.is_shard() for p in grad.placements)
                 squares += local_tensor(grad).detach().float().pow(2).sum()
         if sharded:  # FSDP: each replica of a shard group holds a shard of every gradient
             dist.all_reduce(squares, group=self.groups.dp_shard if data_parallel_mode(self.plan) == "hsdp"
                             else self.groups.dp)
+        if self.groups.ep is not None:  # the ep group's blocks make up every expert
+            dist.all_reduce(expert_squares, group=self.groups.ep)
+        squares = squares + expert_squares
         if self.mesh.tp > 1:
             dist.all_reduce(squares, group=self.groups.tp)
         if self.mesh.pp > 1:

@@ -52,6 +52,10 @@ class MeshGroups:
     """HSDP (1 < mesh.dp_shard < mesh.dp): the replicas on this rank's host, which shard the state."""
     dp_replicate: dist.ProcessGroup | None = None
     """HSDP: the replicas on other hosts holding the same shard as this rank."""
+    ep: dist.ProcessGroup | None = None
+    """Expert parallelism: the consecutive replicas that split this rank's experts (the all-to-alls)."""
+    edp: dist.ProcessGroup | None = None
+    """Expert parallelism: the replicas holding the same experts as this rank (their gradients summed)."""
 
 
 def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]) -> MeshGroups:
@@ -79,4 +83,4 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
                     shared[stages] = group
     return MeshGroups(pp=mine["pp"], pp_ranks=ranks_of["pp"], dp=mine.get("dp"),
                       dp_ranks=ranks_of.get("dp", [rank]), tp=mine.get("tp"), dp_shard=mine.get("dp_shard"),
-                      dp_replicate=mine.get("dp_replicate"), shared=shared)
+                      dp_replicate=mine.get("dp_replicate"), shared=shared, ep=mine.get("ep"), edp=mine.get("edp"))

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from autopart.core.errors import InputError
-from autopart.core.interfaces import ParamSlice, StageInterface, tp_rank_info
+from autopart.core.interfaces import ParamSlice, StageInterface, expert_parallel_info, tp_rank_info
 
 MANIFEST = "autopart_checkpoint.json"
 
@@ -86,9 +86,18 @@ class StateMixin:
         state = self.state_dict()  # every rank: gathering FSDP shards is a collective
         piece_of = {name: _tp_slices(module).get(path) for module, interface in self.local_stages
                     for path, name, _ in _entries(interface)}
+        expert_block = {}  # expert parallelism: name -> this rank's index among the ep blocks
+        for module, interface in self.local_stages:
+            info = expert_parallel_info(module)
+            if info is not None and info.ep_rank is not None:
+                expert_block.update({name: info.ep_rank for path, name, _ in _entries(interface)
+                                     if path in info.weights})
         local = {}
-        if self.coords.dp_index == 0:
-            for name, tensor in state.items():
+        for name, tensor in state.items():
+            if name in expert_block:  # the first ep replicas hold the blocks between them
+                if self.coords.dp_index < self.plan.mesh.ep:
+                    local[name] = (tensor.cpu(), ("ep", expert_block[name]))
+            elif self.coords.dp_index == 0:
                 piece = piece_of[name]
                 local[name] = (tensor.cpu(), piece if piece is not None and piece.dim is not None else None)
         gathered: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
@@ -103,6 +112,9 @@ class StateMixin:
         for name, entries in pieces.items():
             if entries[0][1] is None:  # whole on every holder (replicas, tied copies): any one
                 full[name] = entries[0][0]
+            elif isinstance(entries[0][1], tuple):  # expert blocks, in ep order along the expert dim
+                by_block = {block: tensor for tensor, (_, block) in entries}
+                full[name] = torch.cat([by_block[b] for b in sorted(by_block)])
             else:  # tp slices: one per tp index, merged along the split dim
                 by_index = {piece.index: tensor for tensor, piece in entries}
                 full[name] = entries[0][1].merge([by_index[i] for i in sorted(by_index)])
