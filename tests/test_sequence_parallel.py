@@ -6,11 +6,9 @@ rtol 1e-5 / atol 4e-5). The gloo run (tp2 × sp, 3 Adam steps) is in test_distri
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -30,7 +28,9 @@ from autopart.solver import solve_tp
 from random_models import build, programs
 from test_distributed import _finish, _torchrun
 from test_pipeline_equivalence import assert_plan_matches_model
-from test_tensor_parallel import CLUSTER, _layer_of, assert_equivalent, megatron_plan, tp_train_step, traced
+from test_tensor_parallel import (
+    CLUSTER, _layer_of, assert_equivalent, megatron_plan, solve_with_random_costs, tp_train_step, traced,
+)
 
 
 def megatron_sp(name: str, gm, tp: int):
@@ -99,12 +99,7 @@ def test_any_sequence_parallel_plan_of_random_costs_computes_the_model(program, 
     annotate(gm, CLUSTER)
     fixed = boundary_placements(gm, coarsen(gm, CLUSTER, depth=0), tp, force=force)
     index = build_tp_problem(gm, CLUSTER, tp, 1e12, fixed=fixed, sequence_parallel=True, force_sequence=force)
-    rng = np.random.default_rng(seed)
-    problem = dataclasses.replace(
-        index.problem,
-        node_seconds=tuple(np.where(np.isfinite(c), rng.random(c.size), np.inf) for c in index.problem.node_seconds),
-        shared=tuple(dataclasses.replace(s, seconds=0.1 * rng.random()) for s in index.problem.shared))
-    a = assignment_from_solution(gm, dataclasses.replace(index, problem=problem), solve_tp(problem, time_limit_s=5))
+    a = solve_with_random_costs(gm, index, seed)
     assert_equivalent(z, gm, shard_graph(gm, a, tp))
 
 

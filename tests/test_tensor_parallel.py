@@ -236,14 +236,19 @@ def test_any_optimal_plan_of_random_costs_computes_the_model(program, tp, seed):
     z = zoo.ZooModel(name="random", model=model, args=(x,), kwargs={}, main_output=lambda out: out)
     gm = autopart.trace(model, (x,))
     annotate(gm, CLUSTER)
-    index = build_tp_problem(gm, CLUSTER, tp, 1e12)
+    a = solve_with_random_costs(gm, build_tp_problem(gm, CLUSTER, tp, 1e12), seed)
+    assert_equivalent(z, gm, shard_graph(gm, a, tp))
+
+
+def solve_with_random_costs(gm, index, seed: int) -> TPAssignment:
+    """The strategy problem `index` solved with random op and shared costs (allowed strategies only),
+    so that the ILP picks varied strategies, read back as placements of `gm`."""
     rng = np.random.default_rng(seed)
     problem = dataclasses.replace(
         index.problem,
         node_seconds=tuple(np.where(np.isfinite(c), rng.random(c.size), np.inf) for c in index.problem.node_seconds),
         shared=tuple(dataclasses.replace(s, seconds=0.1 * rng.random()) for s in index.problem.shared))
-    a = assignment_from_solution(gm, dataclasses.replace(index, problem=problem), solve_tp(problem, time_limit_s=5))
-    assert_equivalent(z, gm, shard_graph(gm, a, tp))
+    return assignment_from_solution(gm, dataclasses.replace(index, problem=problem), solve_tp(problem, time_limit_s=5))
 
 
 # ----------------------------------------------------------------------------- the chooser

@@ -337,10 +337,7 @@ class CheckpointMixin:
         errors = []
         try:
             with PieceReader(directory, index) as reader, torch.no_grad():
-                for entry in self._model_entries():
-                    local = local_part(entry.tensor)
-                    for box in boxes_of(entry.tensor, entry.piece)[1]:
-                        reader.fill(entry.key, local, box)
+                self._fill_model(reader)
                 if optimizer is not None:
                     self._load_optimizer(optimizer, reader, index)
             if index["layout"] == self._layout():
@@ -374,13 +371,17 @@ class CheckpointMixin:
         errors = []
         try:
             with PieceReader(directory, index) as reader, torch.no_grad():
-                for entry in self._model_entries():
-                    local = local_part(entry.tensor)
-                    for box in boxes_of(entry.tensor, entry.piece)[1]:
-                        reader.fill(entry.key, local, box)
+                self._fill_model(reader)
         except (InputError, OSError) as error:
             errors.append(f"rank {self.rank}: {error}")
         self._raise_any(errors, InputError)
+
+    def _fill_model(self, reader: PieceReader) -> None:
+        """Read every model tensor's own boxes (its tp slice, its FSDP shard) from the checkpoint."""
+        for entry in self._model_entries():
+            local = local_part(entry.tensor)
+            for box in boxes_of(entry.tensor, entry.piece)[1]:
+                reader.fill(entry.key, local, box)
 
     def _raise_any(self, problems: list[str], kind: type, shapes: tuple[str, list[str]] | None = None) -> None:
         """Raise on every rank what any rank found: its messages, then the shape mismatches of all
