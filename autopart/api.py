@@ -48,6 +48,7 @@ def compile(  # noqa: A001 - the public name the project promises
     schedule: str | None = None,
     virtual_stages: int | None = None,
     expert_parallel: int | None = None,
+    context_parallel: int | None = None,
     data_parallel_mode: str | None = None,
     recompute: str | None = None,
     optimizer: str = "adam",
@@ -75,6 +76,10 @@ def compile(  # noqa: A001 - the public name the project promises
     the strategy ILP choose where it pays.
     `expert_parallel` splits each mixture-of-experts layer's experts over that many data-parallel
     replicas (tokens reach them by all-to-all; autopart/axes/expert.py); None lets the planner choose.
+    `context_parallel` splits each sequence over that many consecutive data-parallel replicas
+    (`data_parallel` counts them: the batch splits over data_parallel / context_parallel groups);
+    attention exchanges keys and values among them (autopart/axes/context.py); None lets the
+    planner choose.
     `optimizer` ('sgd', 'momentum', 'adam', 'adamw') prices optimizer state.
     `mixed_precision="bf16"` trains as `torch.autocast(bfloat16)` over float32 parameters,
     gradients and optimizer state; the runtimes enable it and the planner prices it.
@@ -102,7 +107,7 @@ def compile(  # noqa: A001 - the public name the project promises
                           tensor_parallel=tensor_parallel, sequence_parallel=_check_flag(
                               "sequence_parallel", sequence_parallel), tp_plan=tuple((tp_plan or {}).items()), schedule=schedule,
                           virtual_stages=virtual_stages, data_parallel_mode=data_parallel_mode,
-                          expert_parallel=expert_parallel,
+                          expert_parallel=expert_parallel, context_parallel=context_parallel,
                           recompute=recompute, optimizer=optimizer, mixed_precision=mixed_precision,
                           compile_kernels=compile_kernels, training=training, reuse_layers=reuse_layers,
                           verbose=verbose)

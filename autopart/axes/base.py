@@ -43,10 +43,12 @@ class SearchShape:
     num_blocks: int = 1
     num_experts: int = 0
     """Experts per mixture-of-experts layer (their gcd over the layers; 0: the model has none)."""
+    sequence_length: int = 0
+    """Tokens per sample that context parallelism may split (0: no attention over a sequence)."""
 
     def with_degree(self, name: str, degree: int) -> "SearchShape":
         return SearchShape(degrees={**self.degrees, name: degree}, num_blocks=self.num_blocks,
-                           num_experts=self.num_experts)
+                           num_experts=self.num_experts, sequence_length=self.sequence_length)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,23 +32,27 @@ from autopart.cost_models import (
 
 
 def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
-    """Replica counts that divide both the device count and the batch."""
+    """Replica counts that divide the device count, and whose groups of context_parallel replicas
+    (axes/context.py; 1 unless fixed) divide the batch."""
     n, batch = cluster.num_devices, request.batch_size
+    cp = request.context_parallel or 1
     if request.pipeline_parallel is not None and not 1 <= request.pipeline_parallel <= n:
         raise InputError(f"pipeline_parallel={request.pipeline_parallel} must be between 1 and the {n} devices "
                          "of the cluster")
     if request.data_parallel is not None:
         dp = request.data_parallel
-        if dp < 1 or n % dp or batch % dp:
+        if dp < 1 or n % dp or dp % cp or batch % (dp // cp):
+            groups = "" if cp == 1 else f" (in groups of context_parallel={cp})"
             raise InputError(
-                f"data_parallel={dp} must divide both the {n} devices and the batch of {batch} samples; "
-                f"choose one of {[d for d in range(1, n + 1) if n % d == 0 and batch % d == 0]}"
+                f"data_parallel={dp} must divide both the {n} devices and{groups} the batch of {batch} samples; "
+                f"choose one of {[d for d in range(1, n + 1) if n % d == 0 and d % cp == 0 and batch % (d // cp) == 0]}"
             )
         return [dp]
     fixed_ranks = request.pipeline_parallel or 1
-    choices = [d for d in range(1, n + 1) if n % d == 0 and batch % d == 0 and d * fixed_ranks <= n]
+    choices = [d for d in range(1, n + 1) if n % d == 0 and d % cp == 0 and batch % (d // cp) == 0
+               and d * fixed_ranks <= n]
     if request.num_microbatches is not None:
-        choices = [d for d in choices if (batch // d) % max(request.num_microbatches, 1) == 0]
+        choices = [d for d in choices if (batch // (d // cp)) % max(request.num_microbatches, 1) == 0]
         if not choices:
             microbatch_choices(request, 1)  # raises the error that names the batch and the divisors
     return choices

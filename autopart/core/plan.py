@@ -6,7 +6,8 @@ Frozen dataclasses with a versioned JSON form (never pickle). Schema, version 4
 ```
 {"version": 4, "model_class": str, "batch_size": int, "num_microbatches": int,
  "schedule": "gpipe" | "1f1b" | "interleaved_1f1b" | "zero_bubble", "optimizer": str,
- "mesh": {"pp": int, "tp": int, "dp": int, "dp_shard": int (default 1)}, "virtual_stages": int (default 1),
+ "mesh": {"pp": int, "tp": int, "dp": int, "dp_shard": int (default 1), "ep": int (default 1),
+          "cp": int (default 1)}, "virtual_stages": int (default 1),
  "data_parallel_mode": "ddp" | "zero2" | "zero3" | "hsdp" (default "ddp"),
  "mixed_precision": null | "bf16" (default null: the model's own dtypes),
  "compile_kernels": bool (default false: every rank runs its graph op by op),
@@ -162,6 +163,16 @@ class Mesh:
     ep: int = 1
     """Expert-parallel group size: ep consecutive data-parallel replicas split each mixture-of-experts
     layer's experts (dim 0 of their weights) among them; no ranks of its own (axes/expert.py)."""
+    cp: int = 1
+    """Context-parallel group size: cp consecutive data-parallel replicas split each sequence among
+    them (axes/context.py); no ranks of its own. The batch splits over dp / cp groups of replicas,
+    and every replica still holds the whole pipeline rank's parameters (gradients are reduced over
+    all dp replicas, cp ones included)."""
+
+    @property
+    def batch_shards(self) -> int:
+        """Groups the batch splits over: dp / cp (each group's cp replicas split its sequences)."""
+        return self.dp // self.cp
 
     @property
     def num_devices(self) -> int:
@@ -244,6 +255,8 @@ class Candidate:
     """Activation recomputation: 'none', 'selective', 'full', or 'mixed' (chosen per block)."""
     expert_parallel: int = 1
     """Expert-parallel group size (`Mesh.ep`)."""
+    context_parallel: int = 1
+    """Context-parallel group size (`Mesh.cp`)."""
 
 
 QUIET_STRATEGIES = frozenset({"param", "follow", "replicate", "input"})
@@ -387,8 +400,9 @@ class Plan:
 
     @property
     def microbatch_size(self) -> int:
-        """Samples per microbatch: the batch over dp replicas and m microbatches each."""
-        return self.batch_size // (self.mesh.dp * self.num_microbatches)
+        """Samples per microbatch: the batch over dp / cp groups of replicas and m microbatches each
+        (under context parallelism each of a group's cp replicas holds 1/cp of every sample's tokens)."""
+        return self.batch_size // (self.mesh.batch_shards * self.num_microbatches)
 
     def stage_of_node(self) -> dict[str, int]:
         return {name: stage.index for stage in self.stages for name in stage.node_names}

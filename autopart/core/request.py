@@ -38,6 +38,9 @@ class PlanRequest:
     expert_parallel: int | None = None
     """Replicas each mixture-of-experts layer's experts are split over (axes/expert.py); None lets the
     planner choose (1 for a model without experts)."""
+    context_parallel: int | None = None
+    """Replicas each sequence is split over (axes/context.py); None lets the planner choose (1 for a
+    model without attention over a sequence)."""
     recompute: RecomputeMode | None = None
     """'none', 'selective' or 'full' for every block; None lets the planner choose per block."""
     optimizer: str = "adam"

@@ -21,6 +21,8 @@ class Setting:
     """Replicas among which FSDP shards the state (Mesh.dp_shard)."""
     ep: int = 1
     """Replicas among which each mixture-of-experts layer's experts are split (Mesh.ep)."""
+    cp: int = 1
+    """Replicas among which each sequence is split (Mesh.cp)."""
     recompute: tuple[RecomputeMode, ...] = ()
     """Per block of the graph: 'none', 'selective' or 'full'; () = all 'none'."""
 
@@ -53,18 +55,21 @@ class Layout:
     """Replicas FSDP shards the state over (`Mesh.dp_shard`)."""
     expert_parallel: int = 1
     """Replicas the experts are split over (`Mesh.ep`)."""
+    context_parallel: int = 1
+    """Replicas each sequence is split over (`Mesh.cp`)."""
 
     @property
     def setting(self) -> Setting:
         return Setting(dp=self.data_parallel, mode=self.data_parallel_mode, dp_shard=self.dp_shard,
-                       ep=self.expert_parallel)
+                       ep=self.expert_parallel, cp=self.context_parallel)
 
     def tried(self) -> dict:
         """The layout as Candidate fields."""
         return dict(data_parallel=self.data_parallel, pipeline_parallel=self.num_ranks,
                     num_microbatches=self.num_microbatches, schedule=self.schedule,
                     tensor_parallel=self.tensor_parallel, virtual_stages=self.virtual_stages,
-                    data_parallel_mode=self.data_parallel_mode, expert_parallel=self.expert_parallel)
+                    data_parallel_mode=self.data_parallel_mode, expert_parallel=self.expert_parallel,
+                    context_parallel=self.context_parallel)
 
     def candidate(self, **fields) -> Candidate:
         return Candidate(**self.tried(), **fields)
@@ -73,5 +78,6 @@ class Layout:
         mode = f" ({self.data_parallel_mode})" if self.data_parallel > 1 else ""
         v = f"×v{self.virtual_stages}" if self.virtual_stages > 1 else ""
         ep = f" ep={self.expert_parallel}" if self.expert_parallel > 1 else ""
+        ep += f" cp={self.context_parallel}" if self.context_parallel > 1 else ""
         return (f"dp={self.data_parallel}{mode}{ep} pp={self.num_ranks}{v} tp={self.tensor_parallel} "
                 f"m={self.num_microbatches} {self.schedule}")

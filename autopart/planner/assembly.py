@@ -139,7 +139,7 @@ def assemble_plan(graph: BlockGraph, cluster: Cluster, request, traced_batch_siz
         num_microbatches=m,
         schedule=problem.schedule,
         optimizer=request.optimizer,
-        mesh=Mesh(pp=num_ranks, dp=setting.dp, dp_shard=setting.shards, ep=setting.ep),
+        mesh=Mesh(pp=num_ranks, dp=setting.dp, dp_shard=setting.shards, ep=setting.ep, cp=setting.cp),
         virtual_stages=problem.virtual_stages,
         data_parallel_mode=setting.mode,
         mixed_precision=request.mixed_precision,

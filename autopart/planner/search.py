@@ -83,6 +83,7 @@ class _Shape:
     data_parallel: int
     num_ranks: int
     expert_parallel: int = 1
+    context_parallel: int = 1
 
 
 @dataclass
@@ -156,7 +157,7 @@ class _Run:
         for index, option in enumerate(self.options):
             try:
                 for order, degrees in _mesh_shapes(self.request, option):
-                    shape = _Shape(index, degrees["dp"], degrees["pp"], degrees.get("ep", 1))
+                    shape = _Shape(index, degrees["dp"], degrees["pp"], degrees.get("ep", 1), degrees.get("cp", 1))
                     shapes.append((self.bounds[index].shape_bound(shape.data_parallel, shape.num_ranks,
                                                                   self.schedules, shape.expert_parallel),
                                    (index, *order), shape))
@@ -342,7 +343,7 @@ def _layouts_of_shape(option: TPOption, shape: _Shape, request: PlanRequest, sch
     dp, ranks = shape.data_parallel, shape.num_ranks
     num_blocks = len(option.graph.blocks)
     modes = data_parallel_mode_choices(request, dp, option.cluster, ranks)
-    for i, m in enumerate(microbatch_choices(request, dp)):
+    for i, m in enumerate(microbatch_choices(request, dp // shape.context_parallel)):
         for j, schedule in enumerate(schedules):
             if schedule == "gpipe" and ranks == 1 and "1f1b" in schedules:
                 continue  # one stage: GPipe is 1F1B with more in flight
@@ -351,7 +352,8 @@ def _layouts_of_shape(option: TPOption, shape: _Shape, request: PlanRequest, sch
                     yield (i, j, v, k), Layout(tensor_parallel=option.tp, data_parallel=dp, num_ranks=ranks,
                                                num_microbatches=m, schedule=schedule, virtual_stages=v,
                                                data_parallel_mode=mode, dp_shard=shard,
-                                               expert_parallel=shape.expert_parallel)
+                                               expert_parallel=shape.expert_parallel,
+                                               context_parallel=shape.context_parallel)
 
 
 def _same_layout(a: Candidate, label: dict) -> bool:

@@ -56,6 +56,10 @@ class MeshGroups:
     """Expert parallelism: the consecutive replicas that split this rank's experts (the all-to-alls)."""
     edp: dist.ProcessGroup | None = None
     """Expert parallelism: the replicas holding the same experts as this rank (their gradients summed)."""
+    cp: dist.ProcessGroup | None = None
+    """Context parallelism: the consecutive replicas that split this rank's sequences (key/value exchanges)."""
+    cp_ranks: list[int] | None = None
+    """The global ranks of `cp`, in chunk order (replica i of the group holds chunks i and 2·cp − 1 − i)."""
 
 
 def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]) -> MeshGroups:
@@ -83,4 +87,5 @@ def build_groups(mesh: Mesh, rank: int, shared_stage_sets: list[tuple[int, ...]]
                     shared[stages] = group
     return MeshGroups(pp=mine["pp"], pp_ranks=ranks_of["pp"], dp=mine.get("dp"),
                       dp_ranks=ranks_of.get("dp", [rank]), tp=mine.get("tp"), dp_shard=mine.get("dp_shard"),
-                      dp_replicate=mine.get("dp_replicate"), shared=shared, ep=mine.get("ep"), edp=mine.get("edp"))
+                      dp_replicate=mine.get("dp_replicate"), shared=shared, ep=mine.get("ep"), edp=mine.get("edp"),
+                      cp=mine.get("cp"), cp_ranks=ranks_of.get("cp"))
