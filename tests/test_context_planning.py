@@ -61,13 +61,16 @@ def test_attention_blocks_carry_their_keys_and_values_and_cp_prices_their_exchan
     assert gathered_kv_bytes(layer[0], Setting(dp=4), "none") == 0
 
 
-def test_the_search_splits_a_sequence_when_replicas_outnumber_the_samples():
+def test_the_search_splits_a_sequence_when_replicas_outnumber_the_samples(tmp_path):
     z = _tiny_llama(seq=4096, batch=1)
     compiled = autopart.compile(z.model, "4xH100", example_inputs=z.args, pipeline_parallel=1, tensor_parallel=1,
                                 data_parallel=2, reuse_layers=False)
     plan = compiled.plan
     assert plan.mesh.cp == 2 and plan.mesh.dp == 2 and plan.microbatch_size == 1
-    assert "cp=2" in compiled.report()
+    assert "cp=2 (each sequence over 2 replicas, the batch over 1 group)" in compiled.report()
+    html = tmp_path / "report.html"
+    compiled.save_html(str(html))
+    assert "cp=2 (each sequence over 2 replicas" in html.read_text()
     again = Plan.from_json(plan.to_json())
     assert again.mesh.cp == 2
 

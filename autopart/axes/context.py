@@ -146,7 +146,12 @@ def _groups(mesh: Mesh) -> GroupRanks:
 
 
 def _describe(plan: Plan) -> str:
-    return f"cp={plan.mesh.cp}" if plan.mesh.cp > 1 else ""
+    """'cp=2 (each sequence over 2 replicas, the batch over 4 groups)'; nothing at cp = 1."""
+    mesh = plan.mesh
+    if mesh.cp == 1:
+        return ""
+    groups = f"{mesh.batch_shards} group{'s' * (mesh.batch_shards != 1)}"
+    return f"cp={mesh.cp} (each sequence over {mesh.cp} replicas, the batch over {groups})"
 
 
 CONTEXT = register(Axis(name="cp", title="context parallel", degrees=_degrees, groups=_groups,
