@@ -62,10 +62,18 @@ def expert_dispatch_seconds(graph: BlockGraph, cluster: Cluster, setting: Settin
     fwd = np.zeros((len(graph.blocks), num_stages))
     if setting.ep == 1:
         return fwd, fwd.copy()
-    links = [cluster.link_for_group(ep_group(setting, num_ranks, s % num_ranks)) for s in range(num_stages)]
+    stages_on: dict = {}   # link → the stages whose ep group it binds (a few distinct links)
+    for s in range(num_stages):
+        stages_on.setdefault(cluster.link_for_group(ep_group(setting, num_ranks, s % num_ranks)), []).append(s)
+    seconds: dict[int, np.ndarray] = {}   # rows bytes → per stage (the MoE layers' blocks are alike)
     for b, block in enumerate(graph.blocks):
+        if block.expert_rows_bytes and block.expert_rows_bytes not in seconds:
+            row = np.zeros(num_stages)
+            for link, stages in stages_on.items():
+                row[stages] = all_to_all_seconds(block.expert_rows_bytes * scale, setting.ep, link)
+            seconds[block.expert_rows_bytes] = row
         if block.expert_rows_bytes:
-            fwd[b] = [all_to_all_seconds(block.expert_rows_bytes * scale, setting.ep, link) for link in links]
+            fwd[b] = seconds[block.expert_rows_bytes]
     return fwd, (fwd.copy() if training else np.zeros_like(fwd))
 
 

@@ -202,13 +202,27 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         edges=graph.edges,
         values=values,
         memory_capacity=np.array([d.memory_bytes / virtual_stages - reserved for d in devices], dtype=float),
-        boundary_seconds=np.array([[p2p_seconds(value.num_bytes, link) for link in links] for value in values],
-                                  dtype=float).reshape(len(values), len(links)),
+        boundary_seconds=_boundary_seconds(values, links),
         num_microbatches=num_microbatches,
         schedule=schedule,
         virtual_stages=virtual_stages,
         reserved_bytes=float(reserved),
     )
+
+
+def _boundary_seconds(values: tuple[ValueFlow, ...], links: list) -> np.ndarray:
+    """[num_values, num_stages - 1] p2p seconds of each value over each stage boundary's link, each
+    distinct (bytes, link) priced once (a deep pipeline has a few distinct links and value sizes)."""
+    columns: dict = {}
+    for link in links:
+        columns.setdefault(link, len(columns))
+    sizes: dict[int, int] = {}
+    for value in values:
+        sizes.setdefault(value.num_bytes, len(sizes))
+    table = np.array([[p2p_seconds(n, link) for link in columns] for n in sizes], dtype=float).reshape(
+        len(sizes), len(columns))
+    rows = [sizes[v.num_bytes] for v in values]
+    return table[np.ix_(rows, [columns[link] for link in links])].reshape(len(values), len(links))
 
 
 def lower_bound(problem: PipelineProblem) -> float:
