@@ -77,6 +77,29 @@ def expert_dispatch_seconds(graph: BlockGraph, cluster: Cluster, setting: Settin
     return fwd, (fwd.copy() if training else np.zeros_like(fwd))
 
 
+def expert_cast_correction(graph: BlockGraph, devices: list[str], setting: Setting, scale: float, training: bool,
+                           free: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[num_blocks, num_stages] forward and backward seconds to add to the blocks' times, scaled to a
+    microbatch, for their expert weight casts (`Block.expert_cast_times`, mixed precision).
+
+    The blocks price the casts of the whole weights like any op, fixed + scale × scaled; a rank casts
+    its own block of E / ep experts whatever the microbatch (fixed + scaled / ep), and nothing where
+    FSDP already hands it bf16 weights (`free`: the cast returns its input)."""
+    fwd = np.zeros((len(graph.blocks), len(devices)))
+    bwd = np.zeros_like(fwd)
+    for b, block in enumerate(graph.blocks):
+        for s, device in enumerate(devices):
+            t = next((t for t in block.expert_cast_times if t.device == device), None)
+            if t is None:
+                continue
+            fwd[b, s] = (0.0 if free else t.fwd_fixed_s + t.fwd_scaled_s / setting.ep) - (
+                t.fwd_fixed_s + scale * t.fwd_scaled_s)
+            if training:
+                bwd[b, s] = (0.0 if free else t.bwd_fixed_s + t.bwd_scaled_s / setting.ep) - (
+                    t.bwd_fixed_s + scale * t.bwd_scaled_s)
+    return fwd, bwd
+
+
 def expert_gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request, problem, solution,
                                  setting: Setting) -> float:
     """Exposed seconds of the expert blocks' gradient sum after the last backward, the slowest

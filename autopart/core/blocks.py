@@ -88,6 +88,11 @@ class Block:
     """Per call at the traced batch: the rows in and products out of the block's grouped expert matmuls
     (tokens × top-k × (K + N) × element size), what expert parallelism's all-to-alls move (the part
     leaving a rank: (ep - 1) / ep)."""
+    expert_cast_bytes: int = 0
+    """The compute-dtype copies of its expert weights that mixed precision makes each forward and the
+    grouped matmuls save for backward (passes/expert_precision.py), whole (not split by ep), each once."""
+    expert_cast_times: tuple[BlockTimes, ...] = ()
+    """Those casts' forward and backward time per device (part of `times`), whole."""
     recomputable: bool = True
     """False when an op writes into a tensor it did not make (a buffer's running statistics): a
     replay would apply the write twice, so the block is never recomputed."""

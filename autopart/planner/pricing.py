@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from autopart.axes import AXES
-from autopart.axes.expert import expert_dispatch_seconds
+from autopart.axes.expert import expert_cast_correction, expert_dispatch_seconds
 from autopart.planner.block_arrays import stage_seconds
 from autopart.cost_models import Cluster, p2p_seconds
 from autopart.core.errors import PlanError
@@ -45,6 +45,8 @@ from autopart.planner.step_costs import (
     activation_bytes,
     block_gradient_bytes,
     block_state_bytes,
+    expert_copy_bytes,
+    expert_weights_in_compute_dtype,
     fsdp_unit_transient_bytes,
     loss_backward_bytes,
     loss_seconds,
@@ -171,6 +173,10 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     if setting.ep > 1:  # the experts' all-to-alls, on each microbatch's critical path
         dispatch = expert_dispatch_seconds(graph, cluster, setting, num_ranks, num_stages, scale, request.training)
         fwd, bwd = fwd + dispatch[0], bwd + dispatch[1]
+    if any(b.expert_cast_times for b in graph.blocks):  # bf16 expert weight copies: E / ep, batch-independent
+        casts = expert_cast_correction(graph, [d.name for d in devices], setting, scale, request.training,
+                                       expert_weights_in_compute_dtype(request, setting))
+        fwd, bwd = fwd + casts[0], bwd + casts[1]
     for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
         if block.model_output_float32_bytes and request.training:
             loss = [loss_seconds(block, d, scale, request) for d in devices]
@@ -183,7 +189,7 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
                       + returned_output_bytes(b, request, num_microbatches, scale, keeps) for b in graph.blocks])
     grads = np.array([block_gradient_bytes(b, request, setting, num_microbatches, pipelined) for b in graph.blocks])
     activations = np.array([activation_bytes(b, request, setting, mode) * scale
-                            for b, mode in zip(graph.blocks, modes)])
+                            + expert_copy_bytes(b, request, setting, mode) for b, mode in zip(graph.blocks, modes)])
     transient = np.array([loss_backward_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
     reserved = (max((recompute_transient_bytes(b, request, setting, mode) * scale
                      for b, mode in zip(graph.blocks, modes)), default=0.0)

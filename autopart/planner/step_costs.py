@@ -45,6 +45,23 @@ def weights_in_compute_dtype(request, setting: Setting) -> bool:
     return setting.shards > 1 and request.mixed_precision == "bf16"
 
 
+def expert_weights_in_compute_dtype(request, setting: Setting) -> bool:
+    """Whether FSDP hands the expert weights in bf16, so that their casts copy nothing: as for the dense
+    weights, except under expert parallelism, whose expert blocks the runner keeps out of FSDP."""
+    return weights_in_compute_dtype(request, setting) and setting.ep == 1
+
+
+def expert_copy_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:
+    """Bytes of the bf16 expert weight copies one microbatch in flight keeps for backward (mixed
+    precision: passes/expert_precision.py): E / ep experts' worth, whatever the microbatch's size;
+    none when the block is recomputed or FSDP hands bf16 weights. `activation_bytes` leaves them out."""
+    if not request.training or not block.expert_cast_bytes or expert_weights_in_compute_dtype(request, setting):
+        return 0.0
+    if recompute != "none" and block.recomputable:
+        return 0.0
+    return block.expert_cast_bytes / setting.ep
+
+
 def block_state_bytes(block: Block, request, setting: Setting) -> float:
     """Parameters + optimizer state + buffers of a block (bytes), held the whole step.
 
@@ -147,12 +164,15 @@ def activation_bytes(block: Block, request, setting: Setting, recompute: str = "
     `recompute` (`Block.kept_bytes`), plus, for the block computing the model's outputs, the
     float32 log-softmax of them that a cross-entropy loss saves (the loss is not traced;
     cross-entropy is assumed), and the outputs themselves, which the stage holds until the
-    microbatch's backward (not to the step's end: `keeps_model_outputs`)."""
+    microbatch's backward (not to the step's end: `keeps_model_outputs`). Not the expert weight
+    copies, which do not scale with the batch (`expert_copy_bytes`)."""
     if not request.training:
         return 0.0
     held_output = 0 if keeps_model_outputs(2, 1) else block.model_output_bytes  # see keeps_model_outputs
-    return (block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
-            + block.model_output_float32_bytes + held_output)
+    kept = block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
+    if recompute == "none" or not block.recomputable:   # the expert weight copies: expert_copy_bytes
+        kept = max(kept - block.expert_cast_bytes, 0)
+    return kept + block.model_output_float32_bytes + held_output
 
 
 def loss_backward_bytes(block: Block) -> int:
