@@ -44,3 +44,36 @@ def test_autopart_plan_is_never_slower_than_the_published_layout():
     assert published.data_parallel_mode == "zero2"
     assert own.predicted_step_seconds <= published.predicted_step_seconds * (1 + 1e-9), (
         own.predicted_step_seconds, published.predicted_step_seconds)
+
+
+def test_zero_shards_the_expert_blocks_over_edp_in_memory_and_sync():
+    """Under ZeRO with expert parallelism each rank holds E / ep experts, and FSDP shards that block over
+    the edp = dp / ep replicas holding it as the mode shards the dense part over dp (runtime/data_parallel.py):
+    ZeRO-2's state is (weights + optimizer state) / edp plus the gathered bf16 copy, its gradients the
+    unreduced bf16-sized copy plus a shard; the gathers and reduce-scatters run over edp. With one replica
+    per block (ep = dp) or under DDP the block is held whole."""
+    from autopart.axes.data import experts_sharded_over_edp
+    from autopart.core.blocks import Block
+    from autopart.core.request import PlanRequest
+    from autopart.core.setting import Setting
+    from autopart.cost_models import optimizer_state_bytes
+    from autopart.planner.step_costs import block_gradient_bytes, block_state_bytes, expert_weights_in_compute_dtype
+
+    experts, dense = 64 * 2**20, 8 * 2**20
+    block = Block(name="moe", node_names=(), param_names=(), signature="", fwd_flops=0, bwd_flops=0,
+                  param_bytes=experts + dense, num_params=0, trainable_param_bytes=experts + dense, buffer_bytes=0,
+                  saved_bytes=0, times=(), expert_param_bytes=experts, expert_trainable_param_bytes=experts,
+                  num_experts=8)
+    request = PlanRequest(batch_size=8, mixed_precision="bf16", optimizer="adamw")
+    adam = optimizer_state_bytes(1, "adamw")
+    zero2 = Setting(dp=8, mode="zero2", dp_shard=8, ep=2)   # edp = 4
+    assert experts_sharded_over_edp(zero2) and expert_weights_in_compute_dtype(request, zero2)
+    share = experts / 2
+    dense_state = (dense + adam * dense) / 8 + dense * 0.5
+    assert block_state_bytes(block, request, zero2) == pytest.approx(dense_state + (share + adam * share) / 4 + share * 0.5)
+    assert block_gradient_bytes(block, request, zero2) == pytest.approx(dense * 0.5 + dense / 8 + share * 0.5 + share / 4)
+    whole = Setting(dp=2, mode="zero2", dp_shard=2, ep=2)   # edp = 1: the block stays whole, float32
+    assert not experts_sharded_over_edp(whole) and not expert_weights_in_compute_dtype(request, whole)
+    assert block_state_bytes(block, request, whole) == pytest.approx(
+        (dense + adam * dense) / 2 + dense * 0.5 + share + adam * share)
+    assert not experts_sharded_over_edp(Setting(dp=8, mode="ddp", ep=2))

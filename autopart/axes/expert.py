@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from autopart.axes.base import Axis, GroupRanks, SearchShape, register
+from autopart.axes.data import experts_sharded_over_edp
 from autopart.core.blocks import BlockGraph
 from autopart.core.errors import InputError
 from autopart.core.plan import Mesh, Plan
@@ -107,8 +108,8 @@ def expert_gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request, p
     holding the same experts (cost_models.comm), not overlapped (the runner reduces after the step's
     backward, like the pipelined dense parameters)."""
     edp = setting.dp // setting.ep
-    if setting.ep == 1 or edp == 1 or not request.training:
-        return 0.0
+    if setting.ep == 1 or edp == 1 or not request.training or experts_sharded_over_edp(setting):
+        return 0.0   # under ZeRO, FSDP reduces them over edp: priced with the data axis (axes/data.py)
     worst = 0.0
     for rank in range(problem.num_ranks):
         stages = set(range(rank, problem.num_stages, problem.num_ranks))

@@ -37,7 +37,7 @@ from autopart.core.blocks import Block, BlockGraph
 from autopart.core.modes import reshards_parameters
 from autopart.core.schedules import schedule_keeps_outputs
 from autopart.core.setting import Setting
-from autopart.axes.data import unsharded_fraction
+from autopart.axes.data import experts_sharded_over_edp, unsharded_fraction
 
 
 def weights_in_compute_dtype(request, setting: Setting) -> bool:
@@ -47,8 +47,8 @@ def weights_in_compute_dtype(request, setting: Setting) -> bool:
 
 def expert_weights_in_compute_dtype(request, setting: Setting) -> bool:
     """Whether FSDP hands the expert weights in bf16, so that their casts copy nothing: as for the dense
-    weights, except under expert parallelism, whose expert blocks the runner keeps out of FSDP."""
-    return weights_in_compute_dtype(request, setting) and setting.ep == 1
+    weights; under expert parallelism only where FSDP shards the expert blocks over edp."""
+    return weights_in_compute_dtype(request, setting) and (setting.ep == 1 or experts_sharded_over_edp(setting))
 
 
 def expert_copy_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:
@@ -122,11 +122,12 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
 
 def expert_split(block: Block, setting: Setting) -> list[tuple[Block, Setting]]:
     """A block as its dense part (held as `setting` says) and its experts' share under expert
-    parallelism: 1/ep of the expert weights per rank, with their gradients and optimizer state,
-    unsharded whatever the dp mode (the runner leaves the expert blocks out of DDP/FSDP and sums
-    their gradients over the replicas holding the same experts itself: no bucket copy, no ZeRO
-    over that group). Activations are not split: each rank computes, on average, as many routed
-    rows as without ep (uniform routing)."""
+    parallelism: 1/ep of the expert weights per rank, with their gradients and optimizer state.
+    Under ZeRO with edp = dp / ep > 1 replicas per expert block, FSDP shards that share over edp as
+    the mode shards the dense part over dp (ZeRO-3 for 'hsdp': the experts shard over all of edp);
+    otherwise it is held whole (the runner leaves the expert blocks out of DDP and sums their
+    gradients over edp itself: no bucket copy). Activations are not split: each rank computes, on
+    average, as many routed rows as without ep (uniform routing)."""
     dense, experts = _expert_parts(block, setting.ep)
     dense_setting, expert_setting = _expert_settings(setting)
     return [(dense, dense_setting), (experts, expert_setting)]
@@ -156,7 +157,12 @@ def _expert_parts(block: Block, ep: int) -> tuple[Block, Block]:
 @functools.lru_cache(maxsize=4096)
 def _expert_settings(setting: Setting) -> tuple[Setting, Setting]:
     """How the dense part and the experts' share of a block are held under `setting`."""
-    return dataclasses.replace(setting, ep=1), dataclasses.replace(setting, dp=1, mode="ddp", dp_shard=1, ep=1)
+    dense = dataclasses.replace(setting, ep=1)
+    if experts_sharded_over_edp(setting):
+        edp = setting.dp // setting.ep
+        mode = "zero3" if reshards_parameters(setting.mode) else "zero2"
+        return dense, dataclasses.replace(setting, dp=edp, mode=mode, dp_shard=edp, ep=1)
+    return dense, dataclasses.replace(setting, dp=1, mode="ddp", dp_shard=1, ep=1)
 
 
 def activation_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:
@@ -232,9 +238,20 @@ def fsdp_unit_bytes(blocks: Sequence[Block], request, setting: Setting) -> tuple
     reduce-scatter frees them); (0, 0) without ZeRO-3."""
     if not request.training or not reshards_parameters(setting.mode) or setting.shards == 1:
         return 0.0, 0.0
-    sizes = sorted((b.param_bytes for b in blocks), reverse=True)
+    held = [_fsdp_unit_held(b, setting) for b in blocks]
+    sizes = sorted((p for p, _ in held), reverse=True)
     gathered = sum(sizes[:2]) * unsharded_fraction(request, setting)
-    return gathered, float(max((gradient_bytes(b.trainable_param_bytes) for b in blocks), default=0))
+    return gathered, float(max((gradient_bytes(t) for _, t in held), default=0))
+
+
+def _fsdp_unit_held(block: Block, setting: Setting) -> tuple[float, float]:
+    """(parameter, trainable parameter) bytes FSDP gathers for a block's unit: all of them; under expert
+    parallelism its dense part and, where FSDP shards the experts over edp, its E / ep experts."""
+    if setting.ep == 1:
+        return float(block.param_bytes), float(block.trainable_param_bytes)
+    kept = 1 - (1 / setting.ep if experts_sharded_over_edp(setting) else 0.0)
+    return (block.param_bytes - block.expert_param_bytes * kept,
+            block.trainable_param_bytes - block.expert_trainable_param_bytes * kept)
 
 
 def fsdp_unit_transient_bytes(blocks: Sequence[Block], request, setting: Setting) -> float:

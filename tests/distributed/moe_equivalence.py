@@ -1,7 +1,9 @@
 """Run under torchrun: train a small HF Mixtral 3 steps with expert parallelism and compare with one device.
 
 Every rank trains the single-device reference itself (same seed, same data) and checks each step's
-loss; rank 0 checks the gathered final weights (expert blocks merged along the expert dim).
+loss and gradient norm; rank 0 checks the gathered final weights (expert blocks merged along the expert
+dim). Under zero2/zero3 with several replicas per expert block (edp > 1) the blocks are FSDP shards
+over edp, and the script checks that they are.
 Prints "OK rank R" on success.
 
     torchrun --nproc_per_node=4 tests/distributed/moe_equivalence.py --ep 2 --dp 2 --stages 2 --optimizer adam
@@ -57,6 +59,11 @@ def main() -> None:
     experts = runner.expert_parameters()
     assert experts and all(p.shape[0] == config.num_local_experts // args.ep for p in experts), \
         [tuple(p.shape) for p in experts]
+    edp = args.dp // args.ep
+    if args.dp_mode in ("zero2", "zero3") and edp > 1:  # ZeRO of the expert blocks over edp
+        local = [p.to_local() for p in experts]
+        assert all(t.shape[0] == config.num_local_experts // args.ep // edp for t in local), \
+            [tuple(t.shape) for t in local]
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
     optimizer = make[args.optimizer](runner.parameters())
     ref_optimizer = make[args.optimizer](reference.parameters())
