@@ -3,7 +3,7 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|all|compare|compiled|compile-time]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|moe|all|compare|compiled|compile-time]
 # COMPILE=1 runs the family steps with compiled kernels (Plan.compile_kernels).
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -70,4 +70,10 @@ fi
 if [ "$what" = recompute ] || [ "$what" = all ]; then
     python3 benchmarks/recompute_gpu.py --out "$OUT/recompute_gpu.json" 2>&1 | tee "$OUT/recompute_gpu.log" \
         | grep -v -E '^(eager|autopart)_'
+fi
+
+if [ "$what" = moe ] || [ "$what" = all ]; then  # a Mixtral-style step: predicted (bf16 experts) against measured
+    cluster=""; [ -f "$OUT/cluster_h200.json" ] && cluster="--cluster $OUT/cluster_h200.json"
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/moe_step.py $cluster \
+        --out "$OUT/moe_step.json" 2>&1 | tee "$OUT/moe_step.log" | grep -v '^{'
 fi

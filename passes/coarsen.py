@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
 from autopart.passes.attention_reads import attention_reads
-from autopart.passes.expert_parallel import expert_bytes
+from autopart.passes.expert_parallel import expert_bytes, expert_weight_casts
 from autopart.passes.node_costs import NodeCost, mutates, node_cost
 from autopart.core.blocks import Block, BlockGraph, BlockTimes, BlockValue
 from autopart.core.recompute import SAVED_GRAPH_OPS, op_name
@@ -161,6 +161,7 @@ def _block_graph(
                 autocast_weight_bytes=_autocast_weight_bytes(members),
                 selective_times=tuple(_times(recomputed, device) for device in devices.values()),
                 recomputable=not _writes_outside(members),
+                expert_cast_times=_expert_cast_times(members, devices.values()),
                 **expert_bytes(members, attrs),
                 **attention_reads(members),
             )
@@ -177,6 +178,12 @@ def _block_graph(
             )
     values.sort(key=lambda v: (v.producer, v.node_name))
     return BlockGraph(blocks=tuple(blocks), values=tuple(values), depth=depth)
+
+
+def _expert_cast_times(members: list[torch.fx.Node], devices) -> tuple[BlockTimes, ...]:
+    """Per device, the time of the expert weight casts among `members` (empty when there are none)."""
+    casts = [node_cost(n) for n in expert_weight_casts(members)]
+    return tuple(_times(casts, device) for device in devices) if casts else ()
 
 
 def _autocast_weight_bytes(members: list[torch.fx.Node]) -> int:

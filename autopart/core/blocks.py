@@ -94,6 +94,11 @@ class Block:
     their gradients in the backward), and attention saves the gathered copy (axes/context.py)."""
     attention_sequence: int = 0
     """Longest key sequence of the block's attention ops (tokens; 0 without attention)."""
+    expert_cast_bytes: int = 0
+    """The compute-dtype copies of its expert weights that mixed precision makes each forward and the
+    grouped matmuls save for backward (passes/expert_precision.py), whole (not split by ep), each once."""
+    expert_cast_times: tuple[BlockTimes, ...] = ()
+    """Those casts' forward and backward time per device (part of `times`), whole."""
     recomputable: bool = True
     """False when an op writes into a tensor it did not make (a buffer's running statistics): a
     replay would apply the write twice, so the block is never recomputed."""

@@ -44,6 +44,7 @@ from autopart.core.problems import TPSolution
 from autopart.axes.tensor import group_cluster
 from autopart.frontend.source import ModelSource
 from autopart.planner.search import TPOption, search
+from autopart.passes.tensor_parallel.expert_rules import experts_under_tp
 from autopart.solver import solve_tp
 
 
@@ -152,6 +153,7 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
             continue
         tp = result.option.tp
         best = _in_real_devices(result.plan, cluster, tp, assignments[tp])
+        best = dataclasses.replace(best, experts=experts_under_tp(gm, best.experts, assignments[tp]))
         if retrace is None or best.microbatch_size == traced_batch_size:
             return SearchResult(graph=gm, blocks=blocks, plan=best, assignment=assignments[tp], tp_budget=budgets[tp])
         if phase is not None:

@@ -22,6 +22,7 @@ from autopart.cost_models import Cluster
 from autopart.core.blocks import Block, BlockGraph, BlockTimes
 from autopart.passes.attention_reads import is_attention
 from autopart.passes.attrs import named_arguments
+from autopart.passes.expert_parallel import expert_weight_of, is_expert_matmul
 from autopart.passes.node_costs import node_cost
 from autopart.passes.tensor_parallel.assignment import TPAssignment
 from autopart.passes.tensor_parallel.placements import Placement, R, Shard
@@ -109,6 +110,8 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
     kv = sum(_kv_on_rank(nodes[name], assignment) for name in block.node_names if is_attention(nodes[name]))
     selective = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
                                  bwd_fixed_s=0.0, bwd_scaled_s=0.0) for t in block.selective_times)
+    if block.expert_param_bytes:
+        block = _restate_experts(block, nodes, attr_node, param_bytes, assignment)
     return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
                                trainable_param_bytes=int(block.trainable_param_bytes * share),
                                saved_bytes=int(saved),
@@ -118,3 +121,27 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
                                parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable,
                                                  int(numel * param_bytes.get(attr_node.get(t), 0) / size) if size else 0)
                                                 for t, size, trainable, numel in block.parameters))
+
+
+def _restate_experts(block: Block, nodes, attr_node, param_bytes, assignment: TPAssignment) -> Block:
+    """The block's expert figures on one rank of the tp group: under expert tensor parallelism
+    (expert_rules.py) each rank holds 1/tp of every expert weight (and of its bf16 copy and cast), and
+    the rows it dispatches and gets back under expert parallelism are the ones in its placements."""
+    matmuls = [nodes[n] for n in block.node_names if is_expert_matmul(nodes[n]) and expert_weight_of(nodes[n])]
+    weights = {expert_weight_of(n) for n in matmuls}
+    held = sum(param_bytes.get(attr_node.get(t), 0) for t in weights)
+    share = held / block.expert_param_bytes
+    rows = 0.0
+    for node in matmuls:
+        x, out, decision = node.args[0], node, assignment.nodes.get(node.name)
+        x_place = decision.input_placement(x.name) if decision is not None else None
+        for value, place in ((x, x_place), (out, assignment.output_placement(out.name))):
+            val = value.meta["val"]
+            rows += val.numel() * val.element_size() / (assignment.tp if isinstance(place, Shard) else 1)
+    casts = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s, fwd_scaled_s=t.fwd_scaled_s * share,
+                             bwd_fixed_s=t.bwd_fixed_s, bwd_scaled_s=t.bwd_scaled_s * share)
+                  for t in block.expert_cast_times)
+    return dataclasses.replace(block, expert_param_bytes=int(held),
+                               expert_trainable_param_bytes=int(block.expert_trainable_param_bytes * share),
+                               expert_cast_bytes=int(block.expert_cast_bytes * share), expert_cast_times=casts,
+                               expert_rows_bytes=int(rows))
