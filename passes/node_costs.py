@@ -80,6 +80,15 @@ class NodeCost:
     fusible_casts: tuple[int, ...] = ()
     """Elements of each activation input autocast converts for this op (weights excluded): kernels
     of their own eagerly, part of the producing kernel when compiled (passes/fusion.py)."""
+    eager_seconds: tuple[tuple[str, float, float], ...] = ()
+    """(device name, forward s, backward s) op by op, kept where passes/fusion.py rewrote `seconds`
+    as compiled kernels run (empty: `seconds` are op by op). What a region that stays eager in a
+    compiled plan costs ('selective' recomputation: autopart/runtime/kernels.py)."""
+    launch_seconds: tuple[tuple[str, float, float], ...] = ()
+    """Of `seconds`, (device name, forward s, backward s) that are fixed per call: kernel launches,
+    which neither scale with the batch nor shrink under a tensor-parallel split. Empty: one launch
+    floor (`DeviceSpec.launch_overhead_s`, cost_models/roofline.py) per direction with time; a node
+    of a fused kernel holds its share of the kernel's launches (passes/fusion.py)."""
 
     def fwd_seconds(self, device_name: str) -> float:
         return self._times(device_name)[0]
@@ -96,6 +105,28 @@ class NodeCost:
             f"no time for device {device_name!r} (annotated for {known}); "
             "run passes.annotate(gm, cluster) with the cluster you plan for"
         )
+
+
+def priced_seconds(cost: NodeCost, device_name: str, *, eager: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of `cost` on `device_name`: as planned (`seconds`), or with
+    `eager` op by op (`eager_seconds`, where the graph was priced as compiled kernels)."""
+    if eager:
+        for name, fwd, bwd in cost.eager_seconds:
+            if name == device_name:
+                return fwd, bwd
+    return cost.fwd_seconds(device_name), cost.bwd_seconds(device_name)
+
+
+def fixed_seconds(cost: NodeCost, device_name: str, floor: float, *, eager: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of `cost` on `device_name` that are fixed per call (launches):
+    its `launch_seconds`, else `floor` (the device's launch_overhead_s) for each direction with
+    time, never more than that direction's time; with `eager`, of its op-by-op seconds."""
+    fwd, bwd = priced_seconds(cost, device_name, eager=eager)
+    if not (eager and cost.eager_seconds):
+        for name, launch_fwd, launch_bwd in cost.launch_seconds:
+            if name == device_name:
+                return min(launch_fwd, fwd), min(launch_bwd, bwd)
+    return min(floor, fwd), min(floor, bwd)
 
 
 def annotate(gm: torch.fx.GraphModule, cluster: Cluster, *,

@@ -96,8 +96,9 @@ def test_a_chain_of_elementwise_ops_is_priced_as_one_kernels_traffic():
     first = groups[0]
     tensor = x.numel() * 4
     expected = 2 * tensor / device.achieved_fused_bandwidth + device.fused_launch_seconds
-    assert node_cost(first[0]).fwd_seconds(device.name) == pytest.approx(expected)
-    assert all(node_cost(n).fwd_seconds(device.name) == 0 for n in first[1:])
+    # the kernel's time, shared by its three ops in proportion to what each moves op by op (alike here)
+    assert sum(node_cost(n).fwd_seconds(device.name) for n in first) == pytest.approx(expected)
+    assert all(node_cost(n).fwd_seconds(device.name) == pytest.approx(expected / 3) for n in first)
     fused_total = sum(node_cost(n).fwd_seconds(device.name) for n in gm.graph.nodes if n.op == "call_function")
     assert fused_total < sum(eager.values())
     matmul = next(n for n in gm.graph.nodes if n.op == "call_function" and node_cost(n).fwd_flops > 0)

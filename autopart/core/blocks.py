@@ -88,6 +88,9 @@ class Block:
     """Per call at the traced batch: the rows in and products out of the block's grouped expert matmuls
     (tokens × top-k × (K + N) × element size), what expert parallelism's all-to-alls move (the part
     leaving a rank: (ep - 1) / ep)."""
+    eager_times: tuple[BlockTimes, ...] = ()
+    """Per device, the block's times op by op where `times` price compiled kernels (empty: `times`
+    are op by op): a block recomputed 'selective' runs op by op in a compiled plan too."""
     recomputable: bool = True
     """False when an op writes into a tensor it did not make (a buffer's running statistics): a
     replay would apply the write twice, so the block is never recomputed."""
@@ -97,6 +100,15 @@ class Block:
             if entry.device == device:
                 return entry
         raise KeyError(f"block {self.name} has no time for device {device!r}")
+
+    def run_time_on(self, device: str, recompute: str) -> BlockTimes:
+        """Forward and backward (without the replay) on `device` as the block runs under `recompute`:
+        op by op when 'selective' keeps the region eager in a compiled plan, else `time_on`."""
+        if recompute == "selective" and self.recomputable and self.eager_times:
+            for entry in self.eager_times:
+                if entry.device == device:
+                    return entry
+        return self.time_on(device)
 
     def kept_bytes(self, recompute: str, weights_in_compute_dtype: bool = False) -> int:
         """Bytes kept for backward per microbatch at the traced batch under `recompute`;

@@ -172,6 +172,11 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         dispatch = expert_dispatch_seconds(graph, cluster, setting, num_ranks, num_stages, scale, request.training)
         fwd, bwd = fwd + dispatch[0], bwd + dispatch[1]
     for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
+        if modes[b] == "selective" and block.eager_times:  # a selective region of a compiled plan runs eagerly
+            ran = [(block.run_time_on(d.name, "selective"), block.time_on(d.name)) for d in devices]
+            fwd[b] += [eager.fwd(scale) - compiled.fwd(scale) for eager, compiled in ran]
+            if request.training:
+                bwd[b] += [eager.bwd(scale) - compiled.bwd(scale) for eager, compiled in ran]
         if block.model_output_float32_bytes and request.training:
             loss = [loss_seconds(block, d, scale, request) for d in devices]
             fwd[b] += [f for f, _ in loss]
