@@ -23,7 +23,8 @@ import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
 from autopart.passes.expert_parallel import expert_bytes
-from autopart.passes.node_costs import NodeCost, fixed_seconds, mutates, node_cost, priced_seconds
+from autopart.passes.node_costs import (NodeCost, fixed_seconds, mutates, node_cost, per_call_seconds,
+                                        priced_seconds)
 from autopart.core.blocks import Block, BlockGraph, BlockTimes, BlockValue
 from autopart.core.recompute import SAVED_GRAPH_OPS, op_name
 
@@ -161,7 +162,7 @@ def _block_graph(
                 # a 'selective' region runs op by op, compiled plan or not (autopart/runtime/kernels.py)
                 selective_times=tuple(_times(recomputed, device, eager=True) for device in devices.values()),
                 eager_times=(tuple(_times(costs, device, eager=True) for device in devices.values())
-                             if any(c.eager_seconds for c in costs) else ()),
+                             if any(c.op_by_op is not None for c in costs) else ()),
                 recomputable=not _writes_outside(members),
                 **expert_bytes(members, attrs),
             )
@@ -244,12 +245,16 @@ def _unique_sum(attrs: list[torch.fx.Node], part) -> int:
 
 
 def _times(costs: list[NodeCost], device, *, eager: bool = False) -> BlockTimes:
-    """The block's forward and backward seconds on `device` (with `eager`, op by op), split into the
-    launches (fixed per call: `fixed_seconds`) and the rest, which scales with the microbatch."""
+    """The block's forward and backward seconds on `device` (with `eager`, op by op), split into what
+    is fixed per call (launches, `fixed_seconds`; weight conversions, `per_call_seconds`) and the
+    rest, which scales with the microbatch."""
     seconds = [priced_seconds(c, device.name, eager=eager) for c in costs]
     fwd = sum(f for f, _ in seconds)
     bwd = sum(b for _, b in seconds)
-    fixed = [fixed_seconds(c, device.name, device.launch_overhead_s, eager=eager) for c in costs]
+    # fixed: each node's launches and its work once per call (autocast's weight conversions), at most its time
+    fixed = [(min(t[0], launch[0] + call[0]), min(t[1], launch[1] + call[1])) for t, launch, call in zip(
+        seconds, (fixed_seconds(c, device.name, device.launch_overhead_s, eager=eager) for c in costs),
+        (per_call_seconds(c, device.name, eager=eager) for c in costs))]
     fwd_fixed = sum(f for f, _ in fixed)
     bwd_fixed = sum(b for _, b in fixed)
     return BlockTimes(

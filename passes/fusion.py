@@ -69,20 +69,25 @@ def price_fused_kernels(gm: torch.fx.GraphModule, cluster: Cluster) -> torch.fx.
             continue
         if node in shares or _is_fusible(node):
             none = tuple((name, 0.0, 0.0) for name, _, _ in cost.seconds)  # a view, or a member moving nothing
-            seconds, launches = shares.get(node, (none, none))
+            seconds, launches, per_call = shares.get(node, (none, none, none))
             node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds, launch_seconds=launches,
-                                                           eager_seconds=cost.seconds)
+                                                           op_by_op=cost, per_call_seconds=per_call)
         elif cost.fusible_casts:  # an extern kernel: its activations arrive converted
             seconds = tuple((name, max(0.0, fwd - _casts_seconds(cost, devices[name])),
                              max(0.0, bwd - _casts_seconds(cost, devices[name])) if bwd else 0.0)
                             for name, fwd, bwd in cost.seconds)
-            node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds, eager_seconds=cost.seconds)
+            fewer = len(cost.fusible_casts)  # the conversions' launches go with them
+            launches = tuple((name, max(0.0, fwd - fewer * devices[name].launch_overhead_s),
+                              max(0.0, bwd - fewer * devices[name].launch_overhead_s) if bwd else 0.0)
+                             for name, fwd, bwd in cost.launch_seconds)
+            node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds, op_by_op=cost,
+                                                           launch_seconds=launches)
     return gm
 
 
 def _group_shares(group: list[torch.fx.Node], devices: dict) -> dict[torch.fx.Node, tuple]:
     """Each member's share of its fused kernels: {node: ((device, fwd s, bwd s) per device,
-    (device, fwd launch s, bwd launch s) per device)}.
+    (device, fwd launch s, bwd launch s) per device, the same of reading weights, once per call)}.
 
     The kernels' time is split over the members that move data, in proportion to the bytes each
     moves op by op (`NodeCost.fwd_bytes`); the backward's over those of them autograd differentiates.
@@ -92,6 +97,9 @@ def _group_shares(group: list[torch.fx.Node], devices: dict) -> dict[torch.fx.No
     moved = _group_bytes(group)
     if moved == 0:
         return {}
+    inside = set(group)
+    weight_bytes = sum(_tensor_bytes(a.meta.get("val")) for a in {a for n in group for a in n.all_input_nodes
+                                                                   if a not in inside and a.op == "get_attr"})
     kernels = max(1, sum(1 for n in group if _is_reduction(n)))
     name = next(iter(devices))
     weights = {n: float(node_cost(n).fwd_bytes) for n in group if node_cost(n).fwd_bytes > 0}
@@ -101,14 +109,16 @@ def _group_shares(group: list[torch.fx.Node], devices: dict) -> dict[torch.fx.No
     for node, weight in weights.items():
         share = weight / total
         grad_share = grad_weights.get(node, 0.0) / grad_total if grad_total else 0.0
-        seconds, launches = [], []
+        seconds, launches, per_call = [], [], []
         for device_name, device in devices.items():
             launch = kernels * device.fused_launch_seconds
             fwd = _fused_seconds(moved, kernels, device)
             bwd = _fused_seconds(BACKWARD_BYTES_FACTOR * moved, kernels, device)
+            reads = weight_bytes / device.achieved_fused_bandwidth  # a norm's weight: read once, whatever the batch
             seconds.append((device_name, share * fwd, grad_share * bwd))
             launches.append((device_name, share * launch, grad_share * launch))
-        shares[node] = (tuple(seconds), tuple(launches))
+            per_call.append((device_name, share * reads, grad_share * BACKWARD_BYTES_FACTOR * reads))
+        shares[node] = (tuple(seconds), tuple(launches), tuple(per_call))
     return shares
 
 

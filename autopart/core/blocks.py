@@ -17,11 +17,12 @@ class BlockTimes:
     device: str
     """Device name (DeviceSpec.name)."""
     fwd_fixed_s: float
-    """Per-op launch floors of the forward, independent of batch size (s)."""
+    """Of the forward, what each call costs whatever its batch (s): kernel launches, autocast's
+    conversions of the weights and reading them (passes/node_costs.py `NodeCost.per_call_seconds`)."""
     fwd_scaled_s: float
     """Forward roofline time at the traced batch size, scales linearly with batch (s)."""
     bwd_fixed_s: float
-    """Backward launch floors (s)."""
+    """Of the backward, the same (s)."""
     bwd_scaled_s: float
     """Backward roofline time at the traced batch size (s)."""
 

@@ -198,7 +198,7 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
 
 def compiled_prices(gm: torch.fx.GraphModule) -> bool:
     """Whether `gm` is priced as compiled kernels (passes/fusion.py kept op-by-op prices beside)."""
-    return any(node_cost(n).eager_seconds for n in gm.graph.nodes if n.op == "call_function")
+    return any(node_cost(n).op_by_op is not None for n in gm.graph.nodes if n.op == "call_function")
 
 
 def _fastest(offered: dict, request: PlanRequest, model_class: str, traced_batch_size: int,

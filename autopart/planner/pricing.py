@@ -15,8 +15,9 @@ block (planner/recompute_choice.py). The best candidate becomes the `Plan`
 Scaling to a microbatch: the graph is traced at one microbatch size
 (`traced_batch_size`); FLOPs, roofline time, saved activations and
 boundary bytes are linear in the batch, so a candidate with microbatches of b
-samples scales them by b / traced size; per-op launch floors do not scale
-(`BlockTimes`).
+samples scales them by b / traced size; what a call costs whatever its batch
+does not scale (`BlockTimes`: kernel launches, autocast's weight conversions and
+weight reads, passes/node_costs.py).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ class TPProblemIndex:
     node_param_bytes: dict[str, np.ndarray]
     """Node name → per strategy: parameter bytes a device holds (get_attr nodes; 0 elsewhere)."""
     node_eager_seconds: dict[str, np.ndarray] | None = None
-    """As `node_seconds`, op by op (NodeCost.eager_seconds), for a graph priced as compiled kernels;
+    """As `node_seconds`, op by op (NodeCost.op_by_op), for a graph priced as compiled kernels;
     None: the same as `node_seconds`."""
 
 
@@ -262,7 +262,7 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
     node_seconds: dict[str, np.ndarray] = {}
     node_eager_seconds: dict[str, np.ndarray] = {}
     node_param_bytes: dict[str, np.ndarray] = {}
-    fused = any(node_cost(n).eager_seconds for n in gm.graph.nodes if n.op == "call_function")
+    fused = any(node_cost(n).op_by_op is not None for n in gm.graph.nodes if n.op == "call_function")
     for name in names:
         g, opts, node = group_of[name], graph.strategies[name], nodes[name]
         priced = {eager: np.array([_compute_seconds(node, device.name, device.launch_overhead_s, s.compute_fraction,
