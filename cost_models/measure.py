@@ -136,14 +136,15 @@ def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str,
     if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
         raise ValueError(f"measure_matmul_flops(shapes={shapes}): give (m, k, n) triples of positive sizes")
     total_flops = total_seconds = 0.0
+    counts = {shape: shapes.count(shape) for shape in dict.fromkeys(shapes)}  # a repeated shape is timed once
     with _Float32Highest():
-        for m, k, n in shapes:
+        for (m, k, n), count in counts.items():
             a = torch.randn(m, k, device=device, dtype=torch_dtype)
             b = torch.randn(k, n, device=device, dtype=torch_dtype)
             out = torch.empty(m, n, device=device, dtype=torch_dtype)
-            total_seconds += _median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats=repeats,
-                                             budget_s=budget_s)
-            total_flops += 2.0 * m * k * n
+            total_seconds += count * _median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats=repeats,
+                                                     budget_s=budget_s)
+            total_flops += count * 2.0 * m * k * n
             del a, b, out
     return total_flops / total_seconds
 
