@@ -107,7 +107,7 @@ def calibrate(device: torch.device | str | None = None, *,
     capacity = measure.measure_memory_capacity(dev)
     fused_bandwidth = fused_launch = None
     if kernels if kernels is not None else dev.type == "cuda":
-        fused_bandwidth, fused_launch = measure.measure_fused_kernels(dev, repeats=repeats)
+        fused_bandwidth, fused_launch = measure.measure_fused_kernels(dev, repeats=repeats, width=width)
     if dist is not None:  # every rank plans with the same figures
         values = _agree(dist, list(rates.values()) + [bandwidth, floor], "mean")
         rates = dict(zip(rates, values[:-2]))
@@ -125,7 +125,7 @@ def calibrate(device: torch.device | str | None = None, *,
         f"a copy: {copy / 1e9:.1f} GB/s)")
     say(f"launch floor: {floor * 1e6:.2f} µs per op; memory: {capacity / 2**30:.1f} GiB")
     if fused_bandwidth is not None:
-        say(f"fused kernels: {fused_bandwidth / 1e9:.1f} GB/s read + written (an RMS norm), "
+        say(f"fused kernels: {fused_bandwidth / 1e9:.1f} GB/s read + written (an RMS norm over d {width}), "
             f"{fused_launch * 1e6:.2f} µs per generated kernel")
     spec = measure.calibrated_spec(
         name=name or f"{label} (calibrated)", device_type=dev.type, memory_bytes=capacity, matmul_flops=rates,

@@ -182,11 +182,11 @@ def measure_launch_floor(device: torch.device | str, *, num_ops: int = 500, repe
 
 
 def measure_fused_kernels(device: torch.device | str, num_bytes: int | None = None, *, repeats: int = 10,
-                          chain: int = 16) -> tuple[float, float]:
+                          chain: int = 16, width: int = 4096) -> tuple[float, float]:
     """(bytes/s, seconds per kernel) of TorchInductor's generated kernels on `device`.
 
-    Bandwidth: an RMS norm compiled as one kernel (`x · rsqrt(mean(x²) + ε) · w` over rows of 4096
-    float32), counting x read once and the result written once. Per kernel: a compiled chain of
+    Bandwidth: an RMS norm compiled as one kernel (`x · rsqrt(mean(x²) + ε) · w` over rows of `width`
+    float32: a model's activation width), counting x read once and the result written once. Per kernel: a compiled chain of
     `chain` tiny steps against one, each step a generated elementwise kernel and a 16×16 library
     matmul that separates it from the next (a chain of elementwise ops alone would fuse into one
     kernel); its slope less that of a chain of the matmuls alone is what each generated kernel
@@ -194,7 +194,6 @@ def measure_fused_kernels(device: torch.device | str, num_bytes: int | None = No
     """
     device = torch.device(device)
     num_bytes = num_bytes or default_copy_bytes(device) // 2
-    width = 4096
     rows = max(1, num_bytes // (4 * width))
     x = torch.randn(rows, width, device=device)
     w = torch.randn(width, device=device)
