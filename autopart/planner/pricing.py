@@ -15,8 +15,9 @@ block (planner/recompute_choice.py). The best candidate becomes the `Plan`
 Scaling to a microbatch: the graph is traced at one microbatch size
 (`traced_batch_size`); FLOPs, roofline time, saved activations and
 boundary bytes are linear in the batch, so a candidate with microbatches of b
-samples scales them by b / traced size; per-op launch floors do not scale
-(`BlockTimes`).
+samples scales them by b / traced size; what a call costs whatever its batch
+does not scale (`BlockTimes`: kernel launches, autocast's weight conversions and
+weight reads, passes/node_costs.py).
 """
 
 from __future__ import annotations
@@ -185,6 +186,11 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
                                        expert_weights_in_compute_dtype(request, setting))
         fwd, bwd = fwd + casts[0], bwd + casts[1]
     for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
+        if modes[b] == "selective" and block.eager_times:  # a selective region of a compiled plan runs eagerly
+            ran = [(block.run_time_on(d.name, "selective"), block.time_on(d.name)) for d in devices]
+            fwd[b] += [eager.fwd(scale) - compiled.fwd(scale) for eager, compiled in ran]
+            if request.training:
+                bwd[b] += [eager.bwd(scale) - compiled.bwd(scale) for eager, compiled in ran]
         if block.model_output_float32_bytes and request.training:
             loss = [loss_seconds(block, d, scale, request) for d in devices]
             fwd[b] += [f for f, _ in loss]

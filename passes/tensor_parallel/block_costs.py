@@ -44,14 +44,17 @@ def restate_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluste
     of `index.problem`) and the `assignment` read back from it."""
     chosen = {name: choice[g] for name, g in index.node_group.items()}
     seconds = {name: float(index.node_seconds[name][k]) for name, k in chosen.items()}
+    eager = index.node_eager_seconds or index.node_seconds
+    eager_seconds = {name: float(eager[name][k]) for name, k in chosen.items()}
     param_bytes = {name: int(index.node_param_bytes[name][k]) for name, k in chosen.items()}
     for collective in assignment.collectives:
         seconds[collective.value] = seconds.get(collective.value, 0.0) + collective.seconds
+        eager_seconds[collective.value] = eager_seconds.get(collective.value, 0.0) + collective.seconds
     attr_node = {n.target: n.name for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
     device = cluster.devices[0].name
-    new_blocks = tuple(_restate(block, nodes, attr_node, seconds, param_bytes, assignment, device)
-                       for block in blocks.blocks)
+    new_blocks = tuple(_restate(block, nodes, attr_node, seconds, eager_seconds, param_bytes, assignment, device,
+                                index.pricing.training) for block in blocks.blocks)
     return dataclasses.replace(blocks, blocks=new_blocks)
 
 
@@ -91,28 +94,41 @@ def _kv_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
     return total
 
 
-def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:
-    times = block.time_on(device)
-    old = times.fwd(1.0) + times.bwd(1.0)
+def _ratio(times: BlockTimes, seconds: dict[str, float], block: Block, training: bool) -> float:
+    """The block's time under the chosen strategies (`seconds` per node: forward, and backward when
+    `training`) over its time unsplit (`times`)."""
+    old = times.fwd(1.0) + (times.bwd(1.0) if training else 0.0)
     new = sum(seconds.get(name, 0.0) for name in block.node_names)
-    ratio = new / old if old > 0 else 1.0
+    return new / old if old > 0 else 1.0
+
+
+def _scaled(times: tuple[BlockTimes, ...], ratio: float, backward: bool = True) -> tuple[BlockTimes, ...]:
+    return tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
+                            bwd_fixed_s=t.bwd_fixed_s * ratio if backward else 0.0,
+                            bwd_scaled_s=t.bwd_scaled_s * ratio if backward else 0.0) for t in times)
+
+
+def _restate(block: Block, nodes, attr_node, seconds, eager_seconds, param_bytes, assignment: TPAssignment,
+             device: str, training: bool) -> Block:
+    ratio = _ratio(block.time_on(device), seconds, block, training)
+    # op by op (a compiled plan's selective regions, and their replay), by the same splits
+    eager_ratio = (_ratio(next(t for t in block.eager_times if t.device == device), eager_seconds, block, training)
+                   if block.eager_times else ratio)
     held = sum(param_bytes.get(attr_node[t], 0) for t in block.param_names if t in attr_node)
     share = held / block.param_bytes if block.param_bytes else 1.0
     saved = sum(_saved_on_rank(nodes[name], assignment) for name in block.node_names)
     # the pipeline planner prices fwd and bwd separately: keep the block's own split of the two
-    scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
-                              bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)
-                   for t in block.times)
+    scaled = _scaled(block.times, ratio)
     # recomputation's figures follow the same splits: what 'selective' keeps (matmul outputs) and the
     # autocast copies of the weights shrink as the saved tensors and the weights do; the block's inputs
     # (a stage boundary, replicated) do not; the replayed forward takes the block's new time
     kept = saved / block.saved_bytes if block.saved_bytes else 1.0
     kv = sum(_kv_on_rank(nodes[name], assignment) for name in block.node_names if is_attention(nodes[name]))
-    selective = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
-                                 bwd_fixed_s=0.0, bwd_scaled_s=0.0) for t in block.selective_times)
+    selective = _scaled(block.selective_times, eager_ratio, backward=False)
     if block.expert_param_bytes:
         block = _restate_experts(block, nodes, attr_node, param_bytes, assignment)
-    return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
+    return dataclasses.replace(block, times=scaled, eager_times=_scaled(block.eager_times, eager_ratio),
+                               param_bytes=int(held), num_params=int(block.num_params * share),
                                trainable_param_bytes=int(block.trainable_param_bytes * share),
                                saved_bytes=int(saved),
                                selective_saved_bytes=int(block.selective_saved_bytes * kept),
