@@ -26,6 +26,9 @@ CONTEXT_PARALLEL_META_KEY = "autopart_context_parallel"
 CP_RANDOM_ATTR = "_cp_random"
 """Attribute of a context-parallel rank module holding the `ShardedStream` its random ops on whole values
 draw from: alike on every rank of the group (passes/context_parallel/rewrite.py)."""
+CP_RANDOM_SEED_OFFSET = 31337
+"""Its seed above the default generator's (`tp_random.replica_seed` of the batch shard: every replica of a cp
+group draws alike, each group of samples afresh)."""
 
 
 def check_divisible(sequence_length: int, cp: int) -> None:

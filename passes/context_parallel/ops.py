@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from autopart.core.context_chunks import causal_chunk_masks, check_divisible, local_index, natural_order
@@ -140,8 +139,8 @@ class ContextGather(ContextOp):
 
 
 class ContextReduce(ContextOp):
-    """The sum over the cp group (loss pieces, a sum or mean over the sequence); backward sums too
-    (`torch.distributed.nn.functional.all_reduce`)."""
+    """The sum over the cp group (loss pieces, a sum or mean over the sequence); backward sums too:
+    PyTorch's functional all-reduce, whose registered autograd is that all-reduce (traceable by Dynamo)."""
 
     communicates = True
 
@@ -152,9 +151,8 @@ class ContextReduce(ContextOp):
         return [total] + [total.clone() for _ in per_rank_args[1:]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(x, op=dist.ReduceOp.SUM, group=self._group())
+        out = torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", self._group().group_name)
+        return torch.ops._c10d_functional.wait_tensor(out)
 
 
 class ContextAttention(ContextOp):

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from autopart.core.context_chunks import CONTEXT_PARALLEL_META_KEY, CP_RANDOM_ATTR, ContextParallelInfo
+from autopart.core.context_chunks import (
+    CONTEXT_PARALLEL_META_KEY, CP_RANDOM_ATTR, CP_RANDOM_SEED_OFFSET, ContextParallelInfo,
+)
 from autopart.core.errors import PlanError
 from autopart.core.interfaces import TP_RANK_META_KEY, tp_rank_info
 from autopart.core.tp_random import ShardedStream, draws_random, sharded_random
@@ -51,9 +53,6 @@ _RELAY = re.compile(r"relay_(.+)_s\d+$")
 _SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.view_copy.default,
           aten.expand.default}
 _MEAN_TO_SUM = {aten.mean.dim: aten.sum.dim_IntList, aten.mean.default: aten.sum.default}
-RANDOM_SEED_OFFSET = 31337
-"""Seed of the stream of random ops on whole values, above the default one (the runner reseeds it per
-batch shard)."""
 
 
 def class_loss_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
@@ -311,7 +310,7 @@ class _Rewriter:
                 whole.append(node)
         if not whole:
             return
-        self.gm.add_submodule(CP_RANDOM_ATTR, ShardedStream(torch.initial_seed() + RANDOM_SEED_OFFSET))
+        self.gm.add_submodule(CP_RANDOM_ATTR, ShardedStream(torch.initial_seed() + CP_RANDOM_SEED_OFFSET))
         first = next(n for n in self.graph.nodes if n.op != "placeholder")
         with self.graph.inserting_before(first):
             stream = self.graph.get_attr(CP_RANDOM_ATTR)

@@ -275,6 +275,8 @@ def matmul(node: torch.fx.Node, ctx: Context, a: torch.fx.Node, b: torch.fx.Node
     """a[..., n, k] @ b[..., k, m] (b stored [..., m, k] for linear). Keeps a's rows or a batch dim
     sharded; b's columns sharded only when a is whole; a shard of k (or a second one) is gathered:
     for attention written as matmuls, the keys and the values."""
+    if a is b:   # one node read twice (x @ x.T): no conversion can tell the two apart
+        return gather_all(node, ctx)
     out_shape = ctx.shape(node)
     nd = len(out_shape)
     sa, sb = ctx.shard(a), ctx.shard(b)
@@ -341,6 +343,8 @@ def attention(node: torch.fx.Node, ctx: Context) -> Decision:
     the local queries; `is_causal` needs the queries' positions: `ContextAttention`."""
     args = named_arguments(node)
     q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
+    if q is k or q is v or (mask is not None and mask in (q, k, v)):   # a node read as two of them
+        return gather_all(node, ctx, mixes=False)
     nq = len(ctx.shape(q))
     sq = ctx.shard(q)
     convert = {x: gather(s) for x in (k, v) if (s := ctx.shard(x))}
