@@ -79,6 +79,8 @@ class _Rewriter:
         self.ops: list[str] = []
         self.slices: dict[tuple, torch.fx.Node] = {}
         self.gathers: dict[tuple, torch.fx.Node] = {}
+        self.stands_for: dict[torch.fx.Node, str] = {}
+        """Token inputs' local slices -> the input's name (what the layout's conversions call them)."""
         self.tp_ops: list[str] = []
         """Tensor-parallel collectives this pass adds (registered in the module's TPRankInfo)."""
 
@@ -187,6 +189,7 @@ class _Rewriter:
             if node.op == "placeholder" and node.name in self.layout.tokens:
                 local = self._slice(node, _as_conversion(self.layout.tokens[node.name]))
                 node.replace_all_uses_with(local, delete_user_cb=lambda user: user is not local)
+                self.stands_for[local] = node.name   # its readers' conversions name the input
             elif node.op == "call_function":
                 self._convert_inputs(node)
                 self._rewrite(node)
@@ -208,7 +211,8 @@ class _Rewriter:
     def _convert_inputs(self, node: torch.fx.Node) -> None:
         for arg in list(node.all_input_nodes):
             origin, chain = self._chain(arg)
-            conversion = self.layout.conversions.get((node.name, self._origin_name(origin)))
+            name = self.stands_for.get(origin) or self._origin_name(origin)
+            conversion = self.layout.conversions.get((node.name, name))
             if conversion is None:
                 continue
             if conversion.kind == "gather":

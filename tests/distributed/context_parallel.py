@@ -17,9 +17,9 @@ Every rank trains the single-device reference itself (same seed, same data). Pri
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -27,25 +27,12 @@ import torch.nn.functional as F
 
 import autopart
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from context_models import Dropped, planning_context_parallel  # noqa: E402  (tests/context_models.py)
+
 FWD = dict(rtol=1e-5, atol=1e-5)
 WEIGHTS = dict(rtol=1e-5, atol=4e-5)
 SEQ = 8
-
-
-@contextlib.contextmanager
-def planning_context_parallel(sequence_length: int):
-    """Tell the search the sequence length a fixed context_parallel must cut (tests/test_context_parallel.py)."""
-    from autopart.planner import search
-
-    shape = search.SearchShape
-    if "sequence_length" in getattr(shape, "keywords", {}):
-        yield
-        return
-    search.SearchShape = functools.partial(shape, sequence_length=sequence_length)
-    try:
-        yield
-    finally:
-        search.SearchShape = shape
 
 
 def llama():
@@ -113,26 +100,6 @@ def check_training() -> list[str]:
         llama(), batches, lambda i: {}, loss_of_logits, labels, "sgd", data_parallel=2, context_parallel=2,
         pipeline_parallel=1, tensor_parallel=2, sequence_parallel=True, tp_plan=megatron, num_microbatches=2))
     return said
-
-
-class Dropped(torch.nn.Module):
-    """A dropout on the tokens (split over cp) and one on a positional table (whole over cp)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(64, 16)
-        self.table = torch.nn.Parameter(torch.ones(SEQ, 16))
-        self.qkv = torch.nn.Linear(16, 48)
-        self.out = torch.nn.Linear(16, 16)
-
-    def forward(self, ids):
-        b, s = ids.shape
-        tokens = F.dropout(torch.ones_like(self.embed(ids)), 0.5, True)
-        table = F.dropout(self.table, 0.5, True)
-        h = tokens + table
-        q, k, v = (x.view(b, s, 2, 8).transpose(1, 2) for x in self.qkv(h).split(16, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, 16)
-        return self.out(y), tokens, table
 
 
 def check_dropout() -> str:
