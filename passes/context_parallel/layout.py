@@ -96,14 +96,15 @@ def _last_dim(node: torch.fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and node.args[1] % val.dim() == val.dim() - 1
 
 
-def _walk_up(node: Any) -> torch.fx.Node | None:
-    while isinstance(node, torch.fx.Node) and node.op == "call_function":
-        if node.target in _MATMUL:
-            return node
-        if node.target not in _PASS_UP:
-            return None
-        node = node.args[0]
-    return None
+def _walk_up(node: Any, depth: int = 8) -> torch.fx.Node | None:
+    """The score matmul behind a softmax's input (through any operand: `where(mask, scores, -inf)`)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or depth == 0:
+        return None
+    if node.target in _MATMUL:
+        return node
+    if node.target not in _PASS_UP:
+        return None
+    return next((m for a in node.all_input_nodes if (m := _walk_up(a, depth - 1)) is not None), None)
 
 
 def _walk_down(node: torch.fx.Node) -> torch.fx.Node | None:
