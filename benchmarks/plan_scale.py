@@ -20,6 +20,7 @@ recomputed and the state fully sharded; the planner's reason follows on the next
     python benchmarks/plan_scale.py [--models 1b 8b 70b 405b] [--hosts 1 8 64 512] [--batch 1024]
     python benchmarks/plan_scale.py --layers 20 40 80 160      # one model, time against depth
     python benchmarks/plan_scale.py --models 405b --hosts 512 --sequence-parallel off auto   # sp's effect
+    python benchmarks/plan_scale.py --models 70b --hosts 64 --batch 16 --seq 131072   # long context: cp
 
 "sp" after the mesh: the plan shards the activations between tp regions on the sequence
 (Megatron-SP, compile(sequence_parallel=...)).
@@ -56,7 +57,8 @@ H100_BF16_PEAK = 989.4e12  # dense, cost_models/devices.py
 SEQUENCE_PARALLEL = {"auto": None, "on": True, "off": False}
 
 
-def plan_one(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto") -> dict:
+def plan_one(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto", seq: int = SEQ,
+             cp: int | None = None) -> dict:
     """Build the model on the meta device and plan it; what the table prints."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,13 +70,13 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None, sp: st
         config["num_hidden_layers"] = layers
     started = time.perf_counter()
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=SEQ, **config))
-        ids = torch.randint(0, VOCAB, (batch, SEQ))
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=seq, **config))
+        ids = torch.randint(0, VOCAB, (batch, seq))
     built = time.perf_counter()
-    row = dict(model=model_name, layers=config["num_hidden_layers"], devices=f"{hosts}x8xH100", batch=batch)
+    row = dict(model=model_name, layers=config["num_hidden_layers"], devices=f"{hosts}x8xH100", batch=batch, seq=seq)
     try:
         compiled = autopart.compile(model, row["devices"], example_inputs=(ids,), mixed_precision="bf16",
-                                    optimizer="adamw", sequence_parallel=SEQUENCE_PARALLEL[sp],
+                                    optimizer="adamw", sequence_parallel=SEQUENCE_PARALLEL[sp], context_parallel=cp,
                                     compile_kernels=COMPILE_KERNELS)
     except autopart.PlanError as error:
         row.update(fits=False, why=str(error).splitlines()[0][:160])
@@ -90,7 +92,8 @@ def plan_one(model_name: str, hosts: int, batch: int, layers: int | None, sp: st
         flops = sum(s.fwd_flops + s.bwd_flops for s in plan.stages) * plan.num_microbatches * mesh.dp
         row.update(search_s=plan.solver.plan_seconds, solves=plan.solver.num_problems,
                    mesh=f"{mesh.dp}×{mesh.pp}×{mesh.tp}" + (" sp" if plan.tensor_parallel is not None
-                                                            and plan.tensor_parallel.sequence_parallel else ""),
+                                                            and plan.tensor_parallel.sequence_parallel else "")
+                   + (f" cp={mesh.cp}" if mesh.cp > 1 else ""),
                    m=plan.num_microbatches,
                    schedule=plan.schedule + (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else ""),
                    mode=plan.data_parallel_mode, step_s=plan.predicted_step_seconds,
@@ -106,8 +109,10 @@ def _recompute(plan) -> str:
     return ", ".join(f"{modes.count(m)} {m}" for m in ("full", "selective") if m in modes) or "none"
 
 
-def _run(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto") -> dict:
-    command = [sys.executable, __file__, "--worker", model_name, str(hosts), str(batch), str(layers or 0), sp]
+def _run(model_name: str, hosts: int, batch: int, layers: int | None, sp: str = "auto", seq: int = SEQ,
+         cp: int | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", model_name, str(hosts), str(batch), str(layers or 0), sp, str(seq),
+               str(cp or 0)]
     command += [] if COMPILE_KERNELS else ["--eager"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -144,12 +149,17 @@ def main() -> int:
         COMPILE_KERNELS = False
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         model_name, hosts, batch, layers = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        print(json.dumps(plan_one(model_name, hosts, batch, layers or None, sys.argv[6])))
+        print(json.dumps(plan_one(model_name, hosts, batch, layers or None, sys.argv[6], int(sys.argv[7]),
+                                  int(sys.argv[8]) or None)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--hosts", nargs="+", type=int, default=[1, 8, 64, 512])
-    parser.add_argument("--batch", type=int, default=1024, help="global batch in sequences of 4096 tokens")
+    parser.add_argument("--batch", type=int, default=1024, help="global batch in sequences")
+    parser.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence (131072: Llama 3's long context)")
+    parser.add_argument("--context-parallel", nargs="+", default=["auto"],
+                        help="compile(context_parallel=...): auto (None, the planner chooses) or a degree; "
+                             "several print a row each")
     parser.add_argument("--layers", nargs="+", type=int, default=None,
                         help="plan the first model at these depths (time against layer count)")
     parser.add_argument("--sequence-parallel", nargs="+", default=["auto"], choices=list(SEQUENCE_PARALLEL),
@@ -159,15 +169,18 @@ def main() -> int:
     _print_header()
     if args.layers:
         for layers in args.layers:
-            _print(_run(args.models[0], args.hosts[0], args.batch, layers))
+            _print(_run(args.models[0], args.hosts[0], args.batch, layers, seq=args.seq))
         return 0
     for model_name in args.models:
         for hosts in args.hosts:
             for sp in args.sequence_parallel:
-                row = _run(model_name, hosts, args.batch, None, sp)
-                if len(args.sequence_parallel) > 1:
-                    row["model"] = f"{model_name}, sp {sp}"
-                _print(row)
+                for cp in args.context_parallel:
+                    row = _run(model_name, hosts, args.batch, None, sp, args.seq, None if cp == "auto" else int(cp))
+                    if len(args.sequence_parallel) > 1:
+                        row["model"] = f"{model_name}, sp {sp}"
+                    if len(args.context_parallel) > 1:
+                        row["model"] = f"{row['model']}, cp {cp}"
+                    _print(row)
     return 0
 
 

@@ -54,10 +54,11 @@ def use_causal_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         q, k = (a.meta.get("val") for a in (args["query"], args["key"]))
         if q is None or k is None:
             continue
-        value = _constant_value(gm, mask)
+        rows = _sampled_rows(mask)
+        value = _constant_value(gm, mask, rows)
         if value is None:
             continue
-        verdict = _mask_kind(value, q.shape[-2], k.shape[-2])
+        verdict = _mask_kind(value, q.shape[-2], k.shape[-2], rows)
         if verdict is None:
             continue
         args["attn_mask"], args["is_causal"] = None, verdict == "causal"
@@ -123,9 +124,30 @@ def _whole(node: torch.fx.Node) -> bool:
     return (start in (None, 0)) and (end is None or end >= size) and (step in (None, 1))
 
 
-def _mask_kind(mask: torch.Tensor, num_queries: int, num_keys: int) -> str | None:
-    """'causal' if the mask lets query i see keys 0..i only, 'all' if it hides nothing, else None."""
-    if mask.dim() < 2 or tuple(mask.shape[-2:]) not in ((num_queries, num_keys), (1, num_keys)):
+LARGE_MASK_ELEMENTS = 1 << 26
+"""Masks of more elements (beyond 8,192 × 8,192) are checked on a sample of their query rows
+(`_sampled_rows`): at 131,072 tokens a whole mask is 17 GB of booleans, and its float
+intermediates four times that, more than the planning machine has."""
+
+
+def _sampled_rows(mask: torch.fx.Node) -> torch.Tensor | None:
+    """The query rows a large mask is checked on: the first and last 256 and 512 spread evenly
+    between (a sliding window or a packed document boundary shows in the last rows, a prefix in
+    the first); None for a mask small enough to check whole."""
+    value = mask.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.numel() <= LARGE_MASK_ELEMENTS:
+        return None
+    n = int(value.shape[-2])
+    return torch.unique(torch.cat([torch.arange(min(256, n)), torch.arange(max(n - 256, 0), n),
+                                   torch.linspace(0, n - 1, 512).long()]))
+
+
+def _mask_kind(mask: torch.Tensor, num_queries: int, num_keys: int,
+               rows: torch.Tensor | None = None) -> str | None:
+    """'causal' if the mask lets query i see keys 0..i only, 'all' if it hides nothing, else None;
+    `rows`: the query rows `mask` holds on its dim -2 (a sample of a large mask), None for all."""
+    expected = num_queries if rows is None else len(rows)
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) not in ((expected, num_keys), (1, num_keys)):
         return None
     visible = mask if mask.dtype == torch.bool else mask == 0
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == float("-inf")) | (mask <= -1e30)).all()):
@@ -134,12 +156,48 @@ def _mask_kind(mask: torch.Tensor, num_queries: int, num_keys: int) -> str | Non
         return "all"
     if num_queries != num_keys:
         return None
-    causal = torch.ones(num_queries, num_keys, dtype=torch.bool).tril()
+    queries = torch.arange(num_queries) if rows is None else rows
+    causal = torch.arange(num_keys)[None, :] <= queries[:, None]
     return "causal" if bool((visible == causal).all()) else None
 
 
-def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node) -> torch.Tensor | None:
-    """The value of `target` if it does not depend on any input's values or any parameter, else None."""
+_ROW_WISE = {getattr(torch.ops.aten, name).default if name in ("expand", "logical_not", "bitwise_not", "_to_copy")
+             else getattr(torch.ops.aten, name) for name in ("expand", "logical_not", "bitwise_not", "_to_copy")}
+for _name in ("le", "lt", "ge", "gt", "eq", "ne", "__and__", "__or__", "bitwise_and", "bitwise_or",
+              "logical_and", "logical_or", "mul", "add", "sub"):
+    _ROW_WISE |= {getattr(getattr(torch.ops.aten, _name), o) for o in ("Tensor", "Scalar")
+                  if hasattr(getattr(torch.ops.aten, _name), o)}
+_ROW_WISE |= {torch.ops.aten.to.dtype_layout, torch.ops.aten.to.dtype, torch.ops.aten.where.self,
+              torch.ops.aten.masked_fill.Scalar}
+"""Elementwise (broadcasting) ops: row r of their output needs only row r of their inputs."""
+
+
+def _row_args(node: torch.fx.Node, env: dict, rowed: set, rows: torch.Tensor, num_rows: int):
+    """`node`'s arguments with every whole tensor of `num_rows` rows on dim -2 cut to `rows` (values
+    already computed on those rows stay), and an expand's size on dim -2 to len(rows)."""
+    def arg(a):
+        if not isinstance(a, torch.fx.Node):
+            return torch.device("cpu") if isinstance(a, torch.device) else a
+        v = env[a]
+        if a in rowed or not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[-2] != num_rows:
+            return v
+        return v.index_select(-2, rows)
+    args, kwargs = pytree.tree_map(arg, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, torch.fx.Node))
+    if node.target is torch.ops.aten.expand.default:
+        sizes = list(args[1])
+        if len(sizes) >= 2 and sizes[-2] == num_rows:
+            sizes[-2] = len(rows)
+        args = (args[0], sizes, *args[2:])
+    return args, kwargs
+
+
+def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node,
+                    rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The value of `target` if it does not depend on any input's values or any parameter, else None;
+    with `rows`, only those rows of its dim -2: every value larger than `LARGE_MASK_ELEMENTS` is
+    then computed on those rows alone (None if one is not made by an elementwise op)."""
+    num_rows = int(target.meta["val"].shape[-2]) if rows is not None else 0
+    rowed: set[torch.fx.Node] = set()
     ancestors: list[torch.fx.Node] = []
     seen: set[torch.fx.Node] = set()
     stack = [target]
@@ -171,9 +229,16 @@ def _constant_value(gm: torch.fx.GraphModule, target: torch.fx.Node) -> torch.Te
             elif node.op == "get_attr":
                 env[node] = fetch_attr(gm, node.target)
             else:
-                args, kwargs = pytree.tree_map(
-                    lambda a: env[a] if isinstance(a, torch.fx.Node)
-                    else torch.device("cpu") if isinstance(a, torch.device) else a, (node.args, node.kwargs))
+                val = node.meta.get("val")
+                if rows is not None and isinstance(val, torch.Tensor) and val.numel() > LARGE_MASK_ELEMENTS:
+                    if node.target not in _ROW_WISE or val.dim() < 2 or val.shape[-2] != num_rows:
+                        return None
+                    args, kwargs = _row_args(node, env, rowed, rows, num_rows)
+                    rowed.add(node)
+                else:
+                    args, kwargs = pytree.tree_map(
+                        lambda a: env[a] if isinstance(a, torch.fx.Node)
+                        else torch.device("cpu") if isinstance(a, torch.device) else a, (node.args, node.kwargs))
                 with torch.no_grad():
                     env[node] = node.target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - a mask we cannot evaluate stays a mask

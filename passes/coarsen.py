@@ -22,6 +22,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
+from autopart.passes.attention_reads import attention_reads
 from autopart.passes.expert_parallel import expert_bytes
 from autopart.passes.node_costs import NodeCost, mutates, node_cost
 from autopart.core.blocks import Block, BlockGraph, BlockTimes, BlockValue
@@ -161,6 +162,7 @@ def _block_graph(
                 selective_times=tuple(_times(recomputed, device) for device in devices.values()),
                 recomputable=not _writes_outside(members),
                 **expert_bytes(members, attrs),
+                **attention_reads(members),
             )
         )
 

@@ -3,28 +3,8 @@ tests/distributed/context_parallel.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import torch.nn.functional as F
-
-
-@contextlib.contextmanager
-def planning_context_parallel(sequence_length: int):
-    """Tell the search the sequence length a fixed context_parallel must cut (the planner's side
-    of context parallelism passes it itself; until then, the tests do)."""
-    from autopart.planner import search
-
-    shape = search.SearchShape
-    if "sequence_length" in getattr(shape, "keywords", {}):
-        yield
-        return
-    search.SearchShape = functools.partial(shape, sequence_length=sequence_length)
-    try:
-        yield
-    finally:
-        search.SearchShape = shape
 
 
 class Dropped(torch.nn.Module):

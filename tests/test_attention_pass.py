@@ -53,3 +53,23 @@ def test_a_padding_mask_that_depends_on_the_input_stays():
     gm = autopart.trace(entry.model, (ids,), {"attention_mask": mask})
     passes.use_causal_attention(gm)
     assert all(isinstance(c.get("attn_mask"), torch.fx.Node) for c in _sdpa_calls(gm))
+
+
+@pytest.mark.parametrize("window,causal", [(None, True), (1500, False)])
+def test_a_mask_too_large_to_build_is_judged_on_a_sample_of_its_rows(monkeypatch, window, causal):
+    """Beyond LARGE_MASK_ELEMENTS a mask is computed on sampled query rows only (at 131,072 tokens the
+    whole one is 17 GB): a causal mask still becomes is_causal, a sliding window (visible only in the
+    rows past it) stays a mask."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from autopart.passes import attention
+
+    monkeypatch.setattr(attention, "LARGE_MASK_ELEMENTS", 2**16)  # a 2048 × 2048 mask is 64 times that
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                           sliding_window=window)
+    gm = autopart.trace(MistralForCausalLM(config), (torch.randint(0, 64, (1, 2048)),))
+    passes.use_causal_attention(gm)
+    calls = _sdpa_calls(gm)
+    assert calls and all((c.get("attn_mask") is None) == causal for c in calls)
+    assert all(bool(c.get("is_causal")) == causal for c in calls)

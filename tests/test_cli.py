@@ -59,7 +59,7 @@ def test_help_explains_every_option(capsys) -> None:
     for option in ("--devices", "--batch-size", "--seq-len", "--input-shape", "--input-dtype", "--pipeline-parallel",
                    "--num-microbatches", "--schedule", "--optimizer", "--inference", "--html", "--json",
                    "--quiet", "--factory-arg", "examples:", "autopart.zoo:gpt2", "--recompute",
-                   "--data-parallel-mode", "zero3", "hsdp", "--sequence-parallel"):
+                   "--data-parallel-mode", "zero3", "hsdp", "--sequence-parallel", "--context-parallel"):
         assert option in out, option
     for action in build_parser()._subparsers._group_actions[0].choices["plan"]._actions:
         assert action.help, action.dest
@@ -113,6 +113,16 @@ def test_recompute_and_zero3_from_the_command_line(capsys, models_file, tmp_path
     plan = Plan.from_json(out_json.read_text())
     assert plan.data_parallel_mode == "zero3" and "full" in plan.stages[0].recompute
     assert "recompute:" in captured.out and "ZeRO-3" in captured.out
+
+
+def test_context_parallel_from_the_command_line(capsys, tmp_path) -> None:
+    out_json = tmp_path / "p.json"
+    code = main(["plan", "autopart.zoo:llama", "--devices", "4xH100", "--batch-size", "2", "--factory-arg", "seq=64",
+                 "--data-parallel", "4", "--context-parallel", "2", "--quiet", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert Plan.from_json(out_json.read_text()).mesh.cp == 2
+    assert "cp=2 (each sequence over 2 replicas, the batch over 2 groups)" in captured.out
 
 
 def test_file_factory_with_seq_len_and_batch_keyword(capsys, models_file) -> None:

@@ -3,9 +3,6 @@
 float32 tolerances as in test_pipeline_equivalence.py and verify.py: outputs and loss rtol 1e-5 /
 atol 1e-5, gradients rtol 1e-5 / atol 4e-5. The gloo run (4 ranks: cp2 × dp2, cp2 × tp2 with sp,
 dropout masks) is tests/distributed/context_parallel.py.
-
-Plans with a fixed context_parallel need the search to know the sequence length it cuts
-(`SearchShape.sequence_length`); `planning_context_parallel` tells it where the search does not yet.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from autopart.passes.context_parallel import ContextGather, ContextSlice, analys
 from autopart.passes.context_parallel.rules import Conversion, Rewrite, SeqShard
 from autopart.runtime.spmd import run_mesh_ranks
 from autopart.verify import verify
-from context_models import Dropped, planning_context_parallel
+from context_models import Dropped
 from random_models import build_sequence_model, sequence_programs
 from test_distributed import _finish, _torchrun
 from test_pipeline_equivalence import assert_plan_matches_model
@@ -35,8 +32,8 @@ from test_pipeline_equivalence import assert_plan_matches_model
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "context_parallel.py")
 
 
-def compile_cp(model, devices: int, args: tuple, sequence_length: int, kwargs: dict | None = None, **plan):
-    with planning_context_parallel(sequence_length), warnings.catch_warnings():
+def compile_cp(model, devices: int, args: tuple, kwargs: dict | None = None, **plan):
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no op is split.*")
         compiled = autopart.compile(model, devices, example_inputs=args, example_kwargs=kwargs, **plan)
     assert compiled.plan.mesh.cp == plan["context_parallel"], compiled.plan.mesh
@@ -135,7 +132,7 @@ def test_random_sequence_models_match_single_device(program, cp, tp, sp, pp, m, 
     keep = torch.rand(dp * m, 8, generator=gen) > 0.3
     attention = [i for i, (kind, _) in enumerate(program) if kind.endswith("attention")]
     tp_plan = {**{f"layers.{i}.qkv": "colwise" for i in attention}, **{f"layers.{i}.out": "rowwise" for i in attention}}
-    compiled = compile_cp(model, dp * pp * tp, (x, keep), 8, context_parallel=cp, data_parallel=dp,
+    compiled = compile_cp(model, dp * pp * tp, (x, keep), context_parallel=cp, data_parallel=dp,
                           pipeline_parallel=pp, tensor_parallel=tp, num_microbatches=m,
                           tp_plan=tp_plan if tp > 1 else None, sequence_parallel=sp if tp > 1 else None)
     assert compiled.plan.mesh.batch_shards == shards
@@ -155,7 +152,7 @@ def test_hf_models_with_their_loss_and_an_input_dependent_padding_mask_match_sin
     ids, mask, labels = padded_batch(4, 16)
     kwargs = {"attention_mask": mask, "labels": labels}
     devices = plan["data_parallel"] * plan.get("pipeline_parallel", 1) * plan.get("tensor_parallel", 1)
-    compiled = compile_cp(model, devices, (ids,), 16, kwargs, **plan)
+    compiled = compile_cp(model, devices, (ids,), kwargs, **plan)
     assert ("tp=2 sp" in compiled.report()) == plan.get("sequence_parallel", False)
     result = verify(compiled, model, (ids,), kwargs)
     assert result.num_grads == sum(1 for p in model.parameters())
@@ -164,7 +161,7 @@ def test_hf_models_with_their_loss_and_an_input_dependent_padding_mask_match_sin
 def test_rank_modules_hold_their_positions_and_return_the_whole_output():
     model = hf("llama", layers=1)
     ids, mask, _ = padded_batch(4, 16)
-    compiled = compile_cp(model, 4, (ids,), 16, {"attention_mask": mask}, context_parallel=2, data_parallel=4)
+    compiled = compile_cp(model, 4, (ids,), {"attention_mask": mask}, context_parallel=2, data_parallel=4)
     assert "cp=2" in compiled.report()
     shapes = []
     for rank in range(4):
@@ -184,7 +181,7 @@ def test_rank_modules_hold_their_positions_and_return_the_whole_output():
 def test_dropout_draws_per_rank_on_split_values_and_alike_on_whole_ones():
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 8))
-    compiled = compile_cp(Dropped(), 2, (ids,), 8, context_parallel=2, data_parallel=2)
+    compiled = compile_cp(Dropped(), 2, (ids,), context_parallel=2, data_parallel=2)
     with torch.no_grad():
         ranks = run_mesh_ranks([compiled.stage_module(0)], [[ids], [ids]], cp=2)
     (_, tokens0, table0), (_, tokens1, table1) = ranks
@@ -199,8 +196,7 @@ def test_ops_that_mix_positions_run_whole_and_say_so():
     model = build_sequence_model([("attention", 0), ("shift", 0)])
     x, keep = torch.randn(2, 8, 12), torch.ones(2, 8, dtype=torch.bool)
     with pytest.warns(UserWarning, match=r"context_parallel=2: 1 op\(s\) mix positions.*slice"):
-        with planning_context_parallel(8):
-            compiled = autopart.compile(model, 2, example_inputs=(x, keep), context_parallel=2, data_parallel=2)
+        compiled = autopart.compile(model, 2, example_inputs=(x, keep), context_parallel=2, data_parallel=2)
     assert_plan_matches_model(model, (x, keep), {}, compiled, lambda out: out)
 
 

@@ -10,23 +10,78 @@ and torchtitan's). Every op but attention is sequence-local; attention gathers t
 values of the whole sequence over the cp group (passes/context_parallel.py). The replicas keep
 whole parameters, and their gradients are reduced over all dp replicas, cp ones included (the
 loss of each rank is its share of the mean over all tokens).
+
+Its price: a rank computes batch / dp samples' worth of tokens per step whatever cp is (1/cp of
+the tokens of cp times as many samples; attention's (query, key) pairs likewise, balanced), so
+the blocks' costs per microbatch are unchanged (`scale_of`). What cp adds lives in the blocks:
+each attention op's all-gather of keys and values in the forward and the reduce-scatter of their
+gradients in the backward (`context_exchange_seconds`, on each microbatch's critical path: the
+local queries wait for the keys), and the gathered copy attention saves for its backward
+(`gathered_kv_bytes`). What it saves shows in the microbatch: a sample's activations spread over
+cp ranks, so a microbatch of one sample keeps 1/cp of them per rank, where without cp one whole
+sample (at 131,072 tokens, gigabytes per layer) is the least a rank can hold.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from autopart.axes.base import Axis, GroupRanks, SearchShape, register
+from autopart.core.blocks import Block, BlockGraph
 from autopart.core.errors import InputError
 from autopart.core.plan import Mesh, Plan
 from autopart.core.request import PlanRequest
-from autopart.cost_models import Cluster
+from autopart.core.setting import Setting
+from autopart.cost_models import Cluster, all_gather_seconds, reduce_scatter_seconds
+
+MIN_CHUNK_TOKENS = 1024
+"""Shortest chunk (of the 2·cp a sequence is cut into) the planner tries on its own: shorter ones
+leave attention kernels too little work per call and multiply the mesh shapes of short-sequence
+plans for no gain. A degree the user fixes needs only equal chunks."""
+
+
+def splits_sequence(degree: int, sequence_length: int | None, fixed: bool = False) -> bool:
+    """Whether cp = `degree` may split a sequence of `sequence_length` tokens (None: not known yet,
+    before the trace: any degree may): into 2·cp equal chunks, each of `MIN_CHUNK_TOKENS` or more
+    unless the user fixed the degree."""
+    if degree == 1 or sequence_length is None:
+        return True
+    return bool(sequence_length) and sequence_length % (2 * degree) == 0 and (
+        fixed or sequence_length // (2 * degree) >= MIN_CHUNK_TOKENS)
+
+
+def _takes_batch(request: PlanRequest, dp: int, cp: int) -> bool:
+    """Whether dp / cp groups split the batch evenly, into the fixed microbatch count if any."""
+    if dp % cp or request.batch_size % (dp // cp):
+        return False
+    m = request.num_microbatches
+    return m is None or (m >= 1 and (request.batch_size // (dp // cp)) % m == 0)
+
+
+def batch_shard_choices(request: PlanRequest, dp: int, sequence_length: int | None) -> list[int]:
+    """The groups (dp / cp) that dp replicas may split the batch over, for each cp the search may try."""
+    fixed = request.context_parallel
+    degrees = [fixed] if fixed is not None else [c for c in range(1, dp + 1) if dp % c == 0]
+    return [dp // c for c in degrees if _takes_batch(request, dp, c)
+            and splits_sequence(c, sequence_length, fixed is not None)]
+
+
+def batch_divides(request: PlanRequest, dp: int, sequence_length: int | None) -> bool:
+    """Whether some context-parallel degree the search may try makes dp replicas take the batch
+    (in dp / cp groups): what the data axis asks before it offers dp."""
+    fixed = request.context_parallel
+    degrees = [fixed] if fixed is not None else [c for c in range(1, dp + 1) if dp % c == 0]
+    return any(_takes_batch(request, dp, c) and splits_sequence(c, sequence_length, fixed is not None)
+               for c in degrees)
 
 
 def context_parallel_choices(request: PlanRequest, dp: int, sequence_length: int) -> list[int]:
     """Degrees that divide the replicas, leave the batch divisible over dp / cp groups and cut the
-    sequence into 2·cp equal chunks: the one the user fixed (checked), else every such degree, 1 first."""
+    sequence into 2·cp equal chunks: the one the user fixed (checked), else every such degree whose
+    chunks hold `MIN_CHUNK_TOKENS` or more, 1 first."""
     batch = request.batch_size
     fits = [c for c in range(1, dp + 1) if dp % c == 0 and batch % (dp // c) == 0
-            and (c == 1 or (sequence_length and sequence_length % (2 * c) == 0))]
+            and splits_sequence(c, sequence_length, fixed=True)]
     fixed = request.context_parallel
     if fixed is not None:
         if fixed not in fits:
@@ -36,7 +91,45 @@ def context_parallel_choices(request: PlanRequest, dp: int, sequence_length: int
                 f"{sequence_length} tokens into 2 × {fixed} equal chunks; choose one of {fits} "
                 "(or fix data_parallel to a multiple of it)")
         return [fixed]
-    return [1] if batch % dp == 0 else []
+    return [c for c in fits if splits_sequence(c, sequence_length) and _takes_batch(request, dp, c)]
+
+
+def cp_group(setting: Setting, num_ranks: int, rank: int) -> list[int]:
+    """Devices (one per tp group) of the first cp group of pipeline rank `rank`: cp consecutive replicas."""
+    return [d * num_ranks + rank for d in range(setting.cp)]
+
+
+def context_exchange_seconds(graph: BlockGraph, cluster: Cluster, setting: Setting, num_ranks: int,
+                             num_stages: int, scale: float, training: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[num_blocks, num_stages] forward and backward seconds of each block's key/value exchange, one
+    microbatch (`scale` of the traced batch per rank) on stage s's cp group; zeros at cp = 1.
+
+    Forward: a ring all-gather of the keys and values to the whole sequence, n = cp ×
+    `Block.attention_kv_bytes` × scale bytes gathered (cost_models.comm: (p − 1)α + (p − 1)/p ·
+    n/β); backward: the reduce-scatter of their gradients, the same volume. Llama 3's all-gather
+    context parallelism exposes it (the local queries wait for the keys), so it is priced on the
+    block's critical path and the pipeline cut balances it like compute."""
+    fwd = np.zeros((len(graph.blocks), num_stages))
+    if setting.cp == 1:
+        return fwd, fwd.copy()
+    links = [cluster.link_for_group(cp_group(setting, num_ranks, s % num_ranks)) for s in range(num_stages)]
+    bwd = fwd.copy()
+    for b, block in enumerate(graph.blocks):
+        if block.attention_kv_bytes:
+            gathered = block.attention_kv_bytes * scale * setting.cp
+            fwd[b] = [all_gather_seconds(gathered, setting.cp, link) for link in links]
+            if training:
+                bwd[b] = [reduce_scatter_seconds(gathered, setting.cp, link) for link in links]
+    return fwd, bwd
+
+
+def gathered_kv_bytes(block: Block, setting: Setting, recompute: str) -> float:
+    """Bytes (traced batch, per rank) attention keeps beyond the local keys and values: the rest of
+    the sequence's, gathered over the cp group, which its backward reads; none when the block is
+    recomputed in full (only its input is kept, the gather replays in the backward)."""
+    if setting.cp == 1 or recompute == "full" and block.recomputable:
+        return 0.0
+    return float(block.attention_kv_bytes * (setting.cp - 1))
 
 
 def _degrees(request: PlanRequest, cluster: Cluster, shape: SearchShape) -> list[int]:
@@ -53,7 +146,12 @@ def _groups(mesh: Mesh) -> GroupRanks:
 
 
 def _describe(plan: Plan) -> str:
-    return f"cp={plan.mesh.cp}" if plan.mesh.cp > 1 else ""
+    """'cp=2 (each sequence over 2 replicas, the batch over 4 groups)'; nothing at cp = 1."""
+    mesh = plan.mesh
+    if mesh.cp == 1:
+        return ""
+    groups = f"{mesh.batch_shards} group{'s' * (mesh.batch_shards != 1)}"
+    return f"cp={mesh.cp} (each sequence over {mesh.cp} replicas, the batch over {groups})"
 
 
 CONTEXT = register(Axis(name="cp", title="context parallel", degrees=_degrees, groups=_groups,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from autopart.axes.base import Axis, GroupRanks, SearchShape, register
+from autopart.axes.context import batch_divides
 from autopart.axes.pipeline import microbatch_choices
 from autopart.core.blocks import BlockGraph
 from autopart.core.errors import InputError
@@ -31,9 +32,10 @@ from autopart.cost_models import (
 )
 
 
-def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
-    """Replica counts that divide the device count, and whose groups of context_parallel replicas
-    (axes/context.py; 1 unless fixed) divide the batch."""
+def data_parallel_choices(request: PlanRequest, cluster: Cluster, sequence_length: int | None = None) -> list[int]:
+    """Replica counts that divide the device count, and whose groups of cp replicas divide the batch
+    for some context-parallel degree cp the search may try (axes/context.py; only cp = 1 where no
+    sequence of `sequence_length` tokens can be split; None: not traced yet, any cp may)."""
     n, batch = cluster.num_devices, request.batch_size
     cp = request.context_parallel or 1
     if request.pipeline_parallel is not None and not 1 <= request.pipeline_parallel <= n:
@@ -41,7 +43,7 @@ def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
                          "of the cluster")
     if request.data_parallel is not None:
         dp = request.data_parallel
-        if dp < 1 or n % dp or dp % cp or batch % (dp // cp):
+        if dp < 1 or n % dp or not batch_divides(request, dp, sequence_length):
             groups = "" if cp == 1 else f" (in groups of context_parallel={cp})"
             raise InputError(
                 f"data_parallel={dp} must divide both the {n} devices and{groups} the batch of {batch} samples; "
@@ -49,10 +51,9 @@ def data_parallel_choices(request: PlanRequest, cluster: Cluster) -> list[int]:
             )
         return [dp]
     fixed_ranks = request.pipeline_parallel or 1
-    choices = [d for d in range(1, n + 1) if n % d == 0 and d % cp == 0 and batch % (d // cp) == 0
-               and d * fixed_ranks <= n]
+    choices = [d for d in range(1, n + 1) if n % d == 0 and d * fixed_ranks <= n
+               and batch_divides(request, d, sequence_length)]
     if request.num_microbatches is not None:
-        choices = [d for d in choices if (batch // (d // cp)) % max(request.num_microbatches, 1) == 0]
         if not choices:
             microbatch_choices(request, 1)  # raises the error that names the batch and the divisors
     return choices
@@ -237,7 +238,7 @@ def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request, problem, sett
 
 def _degrees(request: PlanRequest, cluster: Cluster, shape: SearchShape) -> list[int]:
     """Replica counts, most first (the search's tie-break: more replicas, shorter pipelines)."""
-    return sorted(data_parallel_choices(request, cluster), reverse=True)
+    return sorted(data_parallel_choices(request, cluster, shape.sequence_length), reverse=True)
 
 
 def _groups(mesh: Mesh) -> GroupRanks:

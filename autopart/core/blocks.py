@@ -88,6 +88,12 @@ class Block:
     """Per call at the traced batch: the rows in and products out of the block's grouped expert matmuls
     (tokens × top-k × (K + N) × element size), what expert parallelism's all-to-alls move (the part
     leaving a rank: (ep - 1) / ep)."""
+    attention_kv_bytes: int = 0
+    """Bytes of the keys and values the block's attention ops read (traced batch): under context
+    parallelism each rank all-gathers them over its cp group in the forward (and reduce-scatters
+    their gradients in the backward), and attention saves the gathered copy (axes/context.py)."""
+    attention_sequence: int = 0
+    """Longest key sequence of the block's attention ops (tokens; 0 without attention)."""
     recomputable: bool = True
     """False when an op writes into a tensor it did not make (a buffer's running statistics): a
     replay would apply the write twice, so the block is never recomputed."""

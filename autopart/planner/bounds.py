@@ -182,9 +182,9 @@ class BoundModel:
                  + self.extra_bound(layout.setting, ranks, ranks * v))
         return bound, short
 
-    def shape_bound(self, dp: int, num_ranks: int, schedules: list[str], ep: int = 1) -> float:
-        """A bound for every layout of the shape (dp, pp ranks, ep); inf when none can fit in memory."""
-        modes = [setting for setting in (Setting(dp=dp, mode=mode, dp_shard=shard, ep=ep) for mode, shard in
+    def shape_bound(self, dp: int, num_ranks: int, schedules: list[str], ep: int = 1, cp: int = 1) -> float:
+        """A bound for every layout of the shape (dp, pp ranks, ep, cp); inf when none can fit in memory."""
+        modes = [setting for setting in (Setting(dp=dp, mode=mode, dp_shard=shard, ep=ep, cp=cp) for mode, shard in
                                          data_parallel_mode_choices(self.request, dp, self.cluster, num_ranks))
                  if self.memory_shortfall_of(setting, num_ranks) <= 0]
         families = []
@@ -194,7 +194,7 @@ class BoundModel:
             lowest = {"interleaved_1f1b": 2, "zero_bubble": 1}
             families += [(s, v) for s in schedules if s in lowest
                          for v in range(lowest[s], MAX_VIRTUAL_STAGES + 1)]
-        ms = microbatch_choices(self.request, dp)
+        ms = microbatch_choices(self.request, dp // cp)
         if not modes or not families or not self._may_fit(dp, num_ranks, max(ms), modes, families):
             return float("inf")
         compute = min(self.compute_bound(dp, num_ranks, m, s, v) for m in ms for s, v in families)

@@ -57,6 +57,7 @@ class Failure:
         t = self.tried
         mode = f" {t['data_parallel_mode']}" if t["data_parallel"] > 1 else ""
         tp = f" × tp={t['tensor_parallel']}" if t.get("tensor_parallel", 1) > 1 else ""
+        tp += f" (cp={t['context_parallel']})" if t.get("context_parallel", 1) > 1 else ""
         micro = f"{t['num_microbatches']} microbatch{'es' if t['num_microbatches'] != 1 else ''}"
         return (f"dp={t['data_parallel']}{mode} × pp={t['pipeline_parallel']}{tp}, {micro}, "
                 f"{t['schedule']}, recompute {t['recompute']}: {self.summary}")
@@ -107,6 +108,9 @@ def _message(graph: BlockGraph, cluster: Cluster, request, failures: list[Failur
     experts = _expert_lever(graph, failures)
     if experts:
         needs.append(experts)
+    context = _context_lever(graph, failures)
+    if context:
+        needs.append(context)
     lines.append("  What would fit — " + "; ".join(needs) + ".")
     return "\n".join(lines)
 
@@ -123,6 +127,17 @@ def _expert_lever(graph: BlockGraph, failures: list[Failure]) -> str:
             f"them over that many replicas, up to {num_experts} (with data_parallel a multiple of it)")
 
 
+def _context_lever(graph: BlockGraph, failures: list[Failure]) -> str:
+    """The sequence the attention reads, and the cp degrees tried: context parallelism's lever."""
+    sequence = max((b.attention_sequence for b in graph.blocks), default=0)
+    if not sequence:
+        return ""
+    tried = sorted({f.tried.get("context_parallel", 1) for f in failures})
+    return (f"sequence: one sample's activations ({sequence} tokens) are the least a replica holds without "
+            f"context parallelism; context_parallel (tried {', '.join(map(str, tried))}) splits each sequence "
+            f"over that many replicas (data_parallel a multiple of it, the sequence cut into 2 × cp equal chunks)")
+
+
 def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> str:
     if not failures:
         return ""
@@ -134,5 +149,5 @@ def _levers_tried(failures: list[Failure], tensor_parallel: tuple[int, ...]) -> 
     return (f"pipeline ranks {values('pipeline_parallel')}; replicas {values('data_parallel')} "
             f"({values('data_parallel_mode')}); microbatches {values('num_microbatches')}; "
             f"schedules {values('schedule')}; recompute {values('recompute')}; "
-            f"expert parallel {values('expert_parallel')}; "
+            f"expert parallel {values('expert_parallel')}; context parallel {values('context_parallel')}; "
             f"tensor parallel {', '.join(str(t) for t in tensor_parallel)}")

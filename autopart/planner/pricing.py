@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from autopart.axes import AXES
+from autopart.axes.context import context_exchange_seconds
 from autopart.axes.expert import expert_dispatch_seconds
 from autopart.planner.block_arrays import stage_seconds
 from autopart.cost_models import Cluster, p2p_seconds
@@ -171,6 +172,12 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
     if setting.ep > 1:  # the experts' all-to-alls, on each microbatch's critical path
         dispatch = expert_dispatch_seconds(graph, cluster, setting, num_ranks, num_stages, scale, request.training)
         fwd, bwd = fwd + dispatch[0], bwd + dispatch[1]
+    if setting.cp > 1:  # attention's key/value exchange over the cp group, likewise
+        exchange = context_exchange_seconds(graph, cluster, setting, num_ranks, num_stages, scale, request.training)
+        fwd, bwd = fwd + exchange[0], bwd + exchange[1]
+        for b, mode in enumerate(modes):  # a block recomputed in full gathers again in its backward
+            if mode == "full" and request.training and graph.blocks[b].recomputable:
+                bwd[b] += exchange[0][b]
     for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
         if block.model_output_float32_bytes and request.training:
             loss = [loss_seconds(block, d, scale, request) for d in devices]

@@ -159,7 +159,8 @@ class _Run:
                 for order, degrees in _mesh_shapes(self.request, option):
                     shape = _Shape(index, degrees["dp"], degrees["pp"], degrees.get("ep", 1), degrees.get("cp", 1))
                     shapes.append((self.bounds[index].shape_bound(shape.data_parallel, shape.num_ranks,
-                                                                  self.schedules, shape.expert_parallel),
+                                                                  self.schedules, shape.expert_parallel,
+                                                                  shape.context_parallel),
                                    (index, *order), shape))
             except PlanError as error:
                 self.errors.append(error)
@@ -327,7 +328,9 @@ def _mesh_shapes(request: PlanRequest, option: TPOption):
     """(position in loop order, degree by axis name) of every mesh shape of a tp size: each axis
     after tp offers its degrees given those chosen before it (autopart/axes/), in its tie order."""
     experts = math.gcd(*(b.num_experts for b in option.graph.blocks))
-    shapes = [((), SearchShape(degrees={"tp": option.tp}, num_blocks=len(option.graph.blocks), num_experts=experts))]
+    sequence = max((b.attention_sequence for b in option.graph.blocks), default=0)
+    shapes = [((), SearchShape(degrees={"tp": option.tp}, num_blocks=len(option.graph.blocks), num_experts=experts,
+                               sequence_length=sequence))]
     for axis in AXES.values():
         if axis.name == "tp":  # chosen per option: its op splits are solved before the search
             continue

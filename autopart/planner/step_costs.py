@@ -36,6 +36,7 @@ from autopart.core.blocks import Block, BlockGraph
 from autopart.core.modes import reshards_parameters
 from autopart.core.schedules import schedule_keeps_outputs
 from autopart.core.setting import Setting
+from autopart.axes.context import gathered_kv_bytes
 from autopart.axes.data import unsharded_fraction
 
 
@@ -125,12 +126,13 @@ def activation_bytes(block: Block, request, setting: Setting, recompute: str = "
     `recompute` (`Block.kept_bytes`), plus, for the block computing the model's outputs, the
     float32 log-softmax of them that a cross-entropy loss saves (the loss is not traced;
     cross-entropy is assumed), and the outputs themselves, which the stage holds until the
-    microbatch's backward (not to the step's end: `keeps_model_outputs`)."""
+    microbatch's backward (not to the step's end: `keeps_model_outputs`). Under context
+    parallelism attention also keeps the keys and values it gathered (`gathered_kv_bytes`)."""
     if not request.training:
         return 0.0
     held_output = 0 if keeps_model_outputs(2, 1) else block.model_output_bytes  # see keeps_model_outputs
     return (block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
-            + block.model_output_float32_bytes + held_output)
+            + block.model_output_float32_bytes + held_output + gathered_kv_bytes(block, setting, recompute))
 
 
 def loss_backward_bytes(block: Block) -> int:

@@ -20,6 +20,8 @@ import torch.fx
 
 from autopart.cost_models import Cluster
 from autopart.core.blocks import Block, BlockGraph, BlockTimes
+from autopart.passes.attention_reads import is_attention
+from autopart.passes.attrs import named_arguments
 from autopart.passes.node_costs import node_cost
 from autopart.passes.tensor_parallel.assignment import TPAssignment
 from autopart.passes.tensor_parallel.placements import Placement, R, Shard
@@ -71,6 +73,23 @@ def _saved_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
     return from_inputs + own / (1 if assignment.output_placement(node.name) == R else assignment.tp)
 
 
+def _kv_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
+    """Bytes of the keys and values an attention op reads on one rank: 1/tp where it reads them
+    split (by heads), whole where it reads them replicated."""
+    decision = assignment.nodes.get(node.name)
+    total = 0.0
+    for name in ("key", "value"):
+        value = named_arguments(node)[name]
+        tensor = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        place = decision.input_placement(value.name) if decision is not None else None
+        if place is None:
+            place = assignment.output_placement(value.name)
+        total += tensor.numel() * tensor.element_size() / (assignment.tp if isinstance(place, Shard) else 1)
+    return total
+
+
 def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:
     times = block.time_on(device)
     old = times.fwd(1.0) + times.bwd(1.0)
@@ -87,6 +106,7 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
     # autocast copies of the weights shrink as the saved tensors and the weights do; the block's inputs
     # (a stage boundary, replicated) do not; the replayed forward takes the block's new time
     kept = saved / block.saved_bytes if block.saved_bytes else 1.0
+    kv = sum(_kv_on_rank(nodes[name], assignment) for name in block.node_names if is_attention(nodes[name]))
     selective = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
                                  bwd_fixed_s=0.0, bwd_scaled_s=0.0) for t in block.selective_times)
     return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
@@ -94,7 +114,7 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
                                saved_bytes=int(saved),
                                selective_saved_bytes=int(block.selective_saved_bytes * kept),
                                autocast_weight_bytes=int(block.autocast_weight_bytes * share),
-                               selective_times=selective,
+                               selective_times=selective, attention_kv_bytes=int(kv),
                                parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable,
                                                  int(numel * param_bytes.get(attr_node.get(t), 0) / size) if size else 0)
                                                 for t, size, trainable, numel in block.parameters))

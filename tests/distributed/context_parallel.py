@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import autopart
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from context_models import Dropped, planning_context_parallel  # noqa: E402  (tests/context_models.py)
+from context_models import Dropped  # noqa: E402  (tests/context_models.py)
 
 FWD = dict(rtol=1e-5, atol=1e-5)
 WEIGHTS = dict(rtol=1e-5, atol=4e-5)
@@ -46,9 +46,8 @@ def llama():
 def train_and_compare(model, batches, kwargs_of, loss_fn, targets, optimizer: str, forward: bool = True,
                       **plan) -> str:
     reference = copy.deepcopy(model)
-    with planning_context_parallel(SEQ):
-        compiled = autopart.compile(model, 4, example_inputs=(batches[0],), example_kwargs=kwargs_of(0),
-                                    optimizer=optimizer, **plan)
+    compiled = autopart.compile(model, 4, example_inputs=(batches[0],), example_kwargs=kwargs_of(0),
+                                optimizer=optimizer, **plan)
     assert compiled.plan.mesh.cp == plan["context_parallel"], compiled.plan.mesh
     runner = compiled.distributed(timeout_s=120)
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
@@ -105,9 +104,8 @@ def check_training() -> list[str]:
 def check_dropout() -> str:
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (4, SEQ))
-    with planning_context_parallel(SEQ):
-        compiled = autopart.compile(Dropped(), 4, example_inputs=(ids,), data_parallel=4, context_parallel=2,
-                                    pipeline_parallel=1, tensor_parallel=1, num_microbatches=1)
+    compiled = autopart.compile(Dropped(), 4, example_inputs=(ids,), data_parallel=4, context_parallel=2,
+                                pipeline_parallel=1, tensor_parallel=1, num_microbatches=1)
     runner = compiled.distributed(timeout_s=120)
     group = runner.coords.dp_index // 2     # two cp groups of two replicas, two samples each
     with torch.no_grad():   # this rank's module itself: the whole table as this rank drew it
