@@ -17,6 +17,13 @@ Training: every rank computes the loss on its (replicated) outputs and seeds
 its own backward, as on a real process group; full gradients are rebuilt from
 the slices, and a replicated parameter's gradient must be identical on every
 rank.
+
+Context parallelism (`run_mesh_ranks`): the cp ranks of a group run in the same
+lock step, cp groups of tp ranks, each cp op (passes/context_parallel/ops.py)
+across the ranks of its cp group, each tp collective across its tp group. A
+random op draws what the ranks would: alike within a tp group, afresh per cp
+rank on split values, alike over the cp group from the `_cp_random` stream on
+whole ones.
 """
 
 from __future__ import annotations

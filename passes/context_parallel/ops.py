@@ -135,6 +135,8 @@ class ContextGather(ContextOp):
         return [whole] + [whole.clone() for _ in per_rank_args[1:]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bool:   # gloo moves no booleans; a mask needs no gradient
+            return self._ordered(_dist_all_gather(x.to(torch.uint8), self.dim, 1, self._group())).bool()
         return self._ordered(_GatherSequence.apply(x.contiguous(), self.dim, self._group()))
 
 

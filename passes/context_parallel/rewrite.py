@@ -169,8 +169,7 @@ class _Rewriter:
     def _gather(self, value: torch.fx.Node, conversion: Conversion, before: torch.fx.Node) -> torch.fx.Node:
         key = (value, conversion.dim, conversion.inner)
         if key not in self.gathers:
-            place = str(value.meta.get(PLACEMENT_META_KEY, "R"))
-            if place.startswith(f"S({conversion.dim}"):
+            if _tp_split_on(value, conversion.dim):
                 raise PlanError(f"{before.name} needs {value.name} whole along dim {conversion.dim}, which both "
                                 "context and tensor parallelism split there; use sequence_parallel=False")
             self.gathers[key] = self._op(ContextGather(dim=conversion.dim, inner=conversion.inner, value=value.name,
