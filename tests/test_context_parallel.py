@@ -1,8 +1,8 @@
 """Context parallelism: the sequence layout, the rewrite, and every plan against the single-device run.
 
 float32 tolerances as in test_pipeline_equivalence.py and verify.py: outputs and loss rtol 1e-5 /
-atol 1e-5, gradients rtol 1e-5 / atol 4e-5. The gloo run (4 ranks: cp2 × dp2, cp2 × tp2 with sp,
-dropout masks) is tests/distributed/context_parallel.py.
+atol 1e-5, gradients rtol 1e-5 / atol 4e-5. The gloo run (4 ranks: cp2 × dp2 under ZeRO-3, cp2 × tp2
+with sp, pp2 × cp2, dropout masks) is tests/distributed/context_parallel.py.
 """
 
 from __future__ import annotations
@@ -202,8 +202,9 @@ def test_ops_that_mix_positions_run_whole_and_say_so():
 
 @pytest.mark.multiprocess
 def test_context_parallel_trains_like_one_device_on_gloo():
-    """4 ranks: cp2 × dp2 (a Llama with its own loss and an input-dependent padding mask, 3 Adam steps),
-    cp2 × tp2 with sp (3 SGD steps, 2 microbatches, the forward-only output), dropout masks."""
+    """4 ranks: cp2 × dp2 under ZeRO-3 (a Llama with its own loss and an input-dependent padding mask,
+    3 Adam steps), cp2 × tp2 with sp and pp2 × cp2 (3 SGD steps, 2 microbatches, the forward-only
+    output), dropout masks."""
     code, out = _finish(_torchrun(4, script=SCRIPT))
     assert code == 0, out[-4000:]
     assert out.count("OK rank") == 4, out[-4000:]

@@ -1,13 +1,15 @@
-"""Run under torchrun with 4 ranks: context parallelism on real process groups (gloo), three checks.
+"""Run under torchrun with 4 ranks: context parallelism on real process groups (gloo), four checks.
 
-1. cp2 × dp2 (4 replicas in 2 groups of 2): a HF Llama with a padding mask that depends on the
-   input and its own loss (labels) trains 3 Adam steps; every step's loss and the final weights
-   equal one device's.
+1. cp2 × dp2 (4 replicas in 2 groups of 2) under ZeRO-3 (every block an FSDP unit, its cp ops
+   inside): a HF Llama with a padding mask that depends on the input and its own loss (labels)
+   trains 3 Adam steps; every step's loss and the final weights equal one device's.
 2. cp2 × tp2 with sequence parallelism (Megatron layout), 2 microbatches, the loss on the gathered
    logits outside the model: 3 SGD steps equal one device's, and the forward-only output (with Adam,
    whose steps are about lr whatever the gradient's size, the weights agree within 1.5e-5 and the
    logits within 2.4e-5 after 3 steps: float noise of gradients near 0, as in train_equivalence.py).
-3. dropout: a mask on values split over the cp group differs between its ranks, a mask on a value
+3. pp2 × cp2, 1F1B over 2 microbatches (the stages send each other their local positions), the
+   padding mask: 3 SGD steps and the forward-only output equal one device's.
+4. dropout: a mask on values split over the cp group differs between its ranks, a mask on a value
    whole over it is the same on every rank.
 
 Every rank trains the single-device reference itself (same seed, same data). Prints "OK rank R".
@@ -86,7 +88,7 @@ def check_training() -> list[str]:
     said.append(train_and_compare(
         llama(), batches, lambda i: {"attention_mask": masks[i], "labels": labels[i]}, lambda out, _: out.loss,
         [None] * steps, "adam", forward=False, data_parallel=4, context_parallel=2, pipeline_parallel=1, tensor_parallel=1,
-        num_microbatches=1))
+        num_microbatches=1, data_parallel_mode="zero3"))
 
     def loss_of_logits(out, target):
         return F.cross_entropy(out.logits.flatten(0, 1), target.flatten())
@@ -98,6 +100,9 @@ def check_training() -> list[str]:
     said.append(train_and_compare(
         llama(), batches, lambda i: {}, loss_of_logits, labels, "sgd", data_parallel=2, context_parallel=2,
         pipeline_parallel=1, tensor_parallel=2, sequence_parallel=True, tp_plan=megatron, num_microbatches=2))
+    said.append(train_and_compare(
+        llama(), batches, lambda i: {"attention_mask": masks[i]}, loss_of_logits, labels, "sgd", data_parallel=2,
+        context_parallel=2, pipeline_parallel=2, tensor_parallel=1, num_microbatches=2, schedule="1f1b"))
     return said
 
 
