@@ -74,21 +74,25 @@ class ContextLayout:
         return self.layouts.get(name)
 
 
+def attention_site(node: torch.fx.Node) -> AttentionSite | None:
+    """The attention `node` is: an SDPA, or the softmax(last dim) of a matmul → softmax → matmul
+    chain (eager attention); None for any other node."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.scaled_dot_product_attention.default:
+        args = named_arguments(node)
+        return AttentionSite(node.name, args["query"], args["key"], args["value"], -2)
+    if node.target in _SOFTMAX and _last_dim(node):
+        scores = _walk_up(node.args[0])
+        values = _walk_down(node)
+        if scores is not None and values is not None:
+            return AttentionSite(node.name, scores.args[0], scores.args[1], values.args[1], -1)
+    return None
+
+
 def attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
-    """Every SDPA, and every matmul → softmax(last dim) → matmul chain (eager attention)."""
-    sites = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is aten.scaled_dot_product_attention.default:
-            args = named_arguments(node)
-            sites.append(AttentionSite(node.name, args["query"], args["key"], args["value"], -2))
-        elif node.target in _SOFTMAX and _last_dim(node):
-            scores = _walk_up(node.args[0])
-            values = _walk_down(node)
-            if scores is not None and values is not None:
-                sites.append(AttentionSite(node.name, scores.args[0], scores.args[1], values.args[1], -1))
-    return sites
+    """Every attention of the graph (`attention_site`)."""
+    return [site for node in gm.graph.nodes if (site := attention_site(node)) is not None]
 
 
 def _last_dim(node: torch.fx.Node) -> bool:
