@@ -173,6 +173,8 @@ def _rank_modules(gm: torch.fx.GraphModule, plan: Plan, assignment, blocks: Bloc
     if plan.mesh.ep > 1:                                                      # experts over ep ranks
         for module in (m for r in ranks for m in r):
             passes.expert_parallel.shard_experts(module, plan.mesh.ep)
+    if plan.mesh.cp > 1:                                                      # sequences over cp ranks
+        ranks = passes.context_parallel.shard_stages_context(gm, ranks, plan.mesh.cp)
     return [[_regions(r, plan, s, blocks) for r in rs] for s, rs in enumerate(ranks)]  # blocks to recompute
 
 

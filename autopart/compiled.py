@@ -92,10 +92,12 @@ class CompiledModel:
                   seconds: float = 0.0) -> _RankModules:
         interfaces = tuple(stage_interface(ranks[0]) for ranks in stages)
         # Data-parallel replicas average their gradients: in one process that is
-        # the same as one pipeline over all dp × m microbatches of the batch.
-        local = LocalPipeline(stages, interfaces, plan.schedule, plan.num_microbatches * plan.mesh.dp,
-                              plan.batch_size, virtual_stages=plan.virtual_stages, replicas=plan.mesh.dp,
-                              mixed_precision=plan.mixed_precision)
+        # the same as one pipeline over all dp × m microbatches of the batch (under context
+        # parallelism, dp / cp groups of replicas, each group's cp ranks in lock step).
+        shards = plan.mesh.batch_shards
+        local = LocalPipeline(stages, interfaces, plan.schedule, plan.num_microbatches * shards,
+                              plan.batch_size, virtual_stages=plan.virtual_stages, replicas=shards,
+                              mixed_precision=plan.mixed_precision, cp=plan.mesh.cp)
         return _RankModules(plan=plan, stages=stages, graph=graph, interfaces=interfaces, io=io_spec(graph),
                             local=local, seconds=seconds)
 
@@ -154,6 +156,9 @@ class CompiledModel:
         if mesh.ep > 1:  # this rank's block of the experts (the stage modules keep them whole for simulate)
             ep_index = (rank // (mesh.tp * mesh.pp)) % mesh.ep
             modules = [_with_expert_block(module, ep_index) for module in modules]
+        if mesh.cp > 1:  # this rank's index in its cp group (the stage modules run every index in simulate)
+            cp_index = (rank // (mesh.tp * mesh.pp)) % mesh.cp
+            modules = [_with_context_rank(module, cp_index) for module in modules]
         if device is not None:
             for module in modules:
                 move_to_device(module, device, move_state=False)
@@ -206,7 +211,7 @@ class CompiledModel:
         """
         self._check_caller_autocast()
         flat = self.io.flatten(args, kwargs)
-        targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.dp)
+        targets = split_rows(target, self.plan.batch_size, self.plan.num_microbatches * self.plan.mesh.batch_shards)
 
         def loss_of(flat_outputs: tuple[Any, ...], micro_target: Any) -> torch.Tensor:
             return loss_fn(self.io.unflatten(flat_outputs), micro_target)
@@ -232,6 +237,15 @@ def _with_expert_block(module: torch.fx.GraphModule, ep_index: int) -> torch.fx.
         return module
     local = copy.deepcopy(module)
     localize(local, ep_index)
+    return local
+
+
+def _with_context_rank(module: torch.fx.GraphModule, cp_index: int) -> torch.fx.GraphModule:
+    """A copy of a stage module whose context-parallel ops know their rank (passes/context_parallel/)."""
+    from autopart.passes.context_parallel import localize
+
+    local = copy.deepcopy(module)
+    localize(local, cp_index)
     return local
 
 

@@ -1,6 +1,6 @@
 """Every function that reads or rewrites a GraphModule."""
 
-from autopart.passes import expert_parallel, tensor_parallel
+from autopart.passes import context_parallel, expert_parallel, tensor_parallel
 from autopart.core.blocks import Block, BlockGraph, BlockValue
 from autopart.passes.coarsen import coarsen
 from autopart.passes.codegen import stage_modules
@@ -14,7 +14,8 @@ from autopart.passes.regions import nest_regions
 from autopart.passes.split import split_stages
 
 __all__ = [
-    "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "autocast_values", "coarsen",
-    "device_literals", "experts_in_compute_dtype", "move_to_device", "nest_regions", "node_cost", "price_fused_kernels", "split_stages", "stage_modules", "tensor_parallel",
+    "COST_META_KEY", "Block", "BlockGraph", "BlockValue", "NodeCost", "annotate", "context_parallel", "autocast_values",
+    "coarsen", "device_literals", "experts_in_compute_dtype", "move_to_device", "nest_regions", "node_cost",
+    "price_fused_kernels", "split_stages", "stage_modules", "tensor_parallel",
     "use_causal_attention",
 ]

@@ -20,9 +20,19 @@ def is_attention(node: torch.fx.Node) -> bool:
 
 
 def attention_reads(members: list[torch.fx.Node]) -> dict[str, int]:
-    """A block's `Block.attention_kv_bytes` and `attention_sequence` from its nodes."""
+    """A block's `Block.attention_kv_bytes` and `attention_sequence` from its nodes: its fused
+    attention kernels, and attention written as matmul → softmax → matmul (eager: keys transposed,
+    the sequence on their last dim; passes/context_parallel/layout.py finds them)."""
+    from autopart.passes.context_parallel.layout import attention_site
+
     kv_bytes = sequence = 0
     for node in members:
+        site = attention_site(node) if not is_attention(node) else None
+        if site is not None and site.key_dim == -1:
+            for value, dim in ((site.key.meta.get("val"), -1), (site.value.meta.get("val"), -2)):
+                if isinstance(value, torch.Tensor):
+                    kv_bytes += value.numel() * value.element_size()
+                    sequence = max(sequence, int(value.shape[dim]))
         if not is_attention(node):
             continue
         args = named_arguments(node)  # every fused kernel's schema names them query, key, value

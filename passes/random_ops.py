@@ -36,6 +36,8 @@ def route_sharded_random(ranks: list[torch.fx.GraphModule], base_seed: int | Non
                 routed = gm.graph.call_function(sharded_random, (stream, node.target, *node.args), dict(node.kwargs))
             routed.meta = dict(node.meta)
             node.replace_all_uses_with(routed)
+            name = node.name
             gm.graph.erase_node(node)
+            routed._rename(name)  # the plan's name: per-node decisions and blocks still find it
         gm.recompile()
     return ranks

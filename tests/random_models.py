@@ -102,3 +102,98 @@ def build(program: list[tuple[str, int]], width: int = 8, seed: int = 0) -> Prog
             if p.dim() == 2:
                 p.mul_(1.0 / math.sqrt(p.shape[1]) / p.std().clamp_min(1e-6) / 2)
     return model
+
+
+# ----------------------------------------------------------------------------- sequences (context parallelism)
+
+SEQUENCE_KINDS = ("linear", "skip", "norm", "attention", "rotary", "masked_attention", "eager_attention", "pool",
+                  "shift")
+ATTENTION_KINDS = ("attention", "masked_attention", "eager_attention")
+
+
+class SequenceModel(nn.Module):
+    """Runs `program` over a [batch, seq, width] activation `x` with a padding mask `keep` [batch, seq]
+    (True: a real token), with what a context-parallel plan must get right: causal SDPA, rotary-like
+    tables built from whole positions, an attention mask from the padding (SDPA's and eager attention's,
+    additive), a mean over the tokens, and a token shift (a slice along the sequence)."""
+
+    def __init__(self, program: list[tuple[str, int]], width: int, heads: int = 2) -> None:
+        super().__init__()
+        self.program, self.width, self.heads = program, width, heads
+        self.layers = nn.ModuleList()
+        for kind, _ in program:
+            block = nn.Module()
+            if kind in ("linear", "skip", "pool", "shift"):
+                block.proj = nn.Linear(width, width)
+            elif kind == "norm":
+                block.norm = nn.LayerNorm(width)
+            elif kind == "rotary":
+                block.register_buffer("inv_freq", 1.0 / (10.0 ** (torch.arange(0, width, 2).float() / width)))
+            else:
+                block.qkv = nn.Linear(width, 3 * width)
+                block.out = nn.Linear(width, width)
+            self.layers.append(block)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        history, h = [x], x
+        s = x.shape[1]
+        positions = torch.arange(s, device=x.device)
+        causal = positions[None, :] <= positions[:, None]
+        # a query sees the earlier real tokens and itself (no row is all masked)
+        mask = (causal[None, None] & keep[:, None, None, :]) | torch.eye(s, dtype=torch.bool, device=x.device)
+        for (kind, arg), block in zip(self.program, self.layers):
+            if kind == "linear":
+                h = torch.tanh(block.proj(h))
+            elif kind == "skip":
+                h = torch.tanh(block.proj(h)) + history[max(0, len(history) - 1 - arg)]
+            elif kind == "norm":
+                h = block.norm(h)
+            elif kind == "rotary":   # tables of the whole sequence's positions meet the split activation
+                freqs = positions.float()[:, None] * block.inv_freq[None, :]
+                cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+                half = self.width // 2
+                h = h * cos + torch.cat([-h[..., half:], h[..., :half]], -1) * sin
+            elif kind == "pool":     # a mean over the tokens: a reduction along the sequence
+                h = h + block.proj(h.mean(dim=1, keepdim=True))
+            elif kind == "shift":    # each token sees its predecessor: a slice along the sequence
+                h = h + block.proj(F.pad(h[:, :-1], (0, 0, 1, 0)))
+            else:
+                h = h + self._attention(block, h, kind, mask)
+            history.append(h)
+        return self.head(h)
+
+    def _attention(self, block: nn.Module, h: torch.Tensor, kind: str, mask: torch.Tensor) -> torch.Tensor:
+        b, s, w = h.shape
+        q, k, v = (t.reshape(b, s, self.heads, w // self.heads).transpose(1, 2)
+                   for t in block.qkv(h).split(w, dim=-1))
+        if kind == "attention":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif kind == "masked_attention":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(w // self.heads)
+            scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, -1e9)
+            y = torch.softmax(scores, dim=-1) @ v
+        return block.out(y.transpose(1, 2).reshape(b, s, w))
+
+
+@st.composite
+def sequence_programs(draw, min_layers: int = 1, max_layers: int = 5) -> list[tuple[str, int]]:
+    """Programs of `SequenceModel` with at least one attention (context parallelism splits its sequence)."""
+    n = draw(st.integers(min_layers, max_layers))
+    steps = [(kind, draw(st.integers(1, 4)) if kind == "skip" else 0)
+             for kind in (draw(st.sampled_from(SEQUENCE_KINDS)) for _ in range(n))]
+    if not any(kind in ATTENTION_KINDS for kind, _ in steps):
+        steps.insert(draw(st.integers(0, len(steps))), (draw(st.sampled_from(ATTENTION_KINDS)), 0))
+    return steps
+
+
+def build_sequence_model(program: list[tuple[str, int]], width: int = 12, seed: int = 0) -> SequenceModel:
+    torch.manual_seed(seed)
+    model = SequenceModel(program, width)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(1.0 / math.sqrt(p.shape[1]) / p.std().clamp_min(1e-6) / 2)
+    return model

@@ -41,6 +41,7 @@ from autopart.runtime.pipelining import (
 )
 from autopart.runtime.autocast import check_caller_autocast, stage_autocast
 from autopart.runtime.process_group import Watchdog, all_gather_rows, default_device, init_process_group
+from autopart.core.context_chunks import CP_RANDOM_ATTR, CP_RANDOM_SEED_OFFSET, context_parallel_info
 from autopart.core.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.kernels import DEFAULT_BACKEND, KernelReport, compile_regions
@@ -106,6 +107,10 @@ class DistributedRunner(CheckpointMixin, StateMixin):
             if self.mesh.tp > 1:  # the stage's collectives (Megatron's f and g) run on the tp group
                 for target in tp_rank_info(module).collectives:
                     module.get_submodule(target).attach(self.groups.tp)
+            context = context_parallel_info(module)
+            if context is not None:  # the key/value gathers and loss sums run on the cp group
+                for target in context.modules:
+                    module.get_submodule(target).process_group = self.groups.cp
             experts = expert_parallel_info(module)
             if experts is not None and experts.ep_rank is not None:  # the experts' all-to-alls run on the ep group
                 for target in experts.modules:
@@ -147,6 +152,9 @@ class DistributedRunner(CheckpointMixin, StateMixin):
             stream = getattr(adapter.module, STREAM_ATTR, None)
             if stream is not None:
                 stream.reseed(sharded_seed(base, self.coords.tp_index, self.coords.dp_index, self.mesh.tp))
+            stream = getattr(adapter.module, CP_RANDOM_ATTR, None)  # random ops on values whole over cp:
+            if stream is not None:                                   # alike within the cp group
+                stream.reseed(replica_seed(base, self.coords.dp_index // self.mesh.cp) + CP_RANDOM_SEED_OFFSET)
 
     # ------------------------------------------------------------------ properties
 
@@ -203,7 +211,7 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         self._loss_fn = loss_fn
         self._no_target = target is None
         if self._no_target:  # the schedules split a target into microbatches: give them rows to split
-            local_target = torch.zeros(self.plan.batch_size // self.mesh.dp, device=self.device)
+            local_target = torch.zeros(self.plan.batch_size // self.mesh.batch_shards, device=self.device)
         tensors = [flat[i] for i in self.adapters[0].tensor_positions]
         losses: list[torch.Tensor] = []
         with Watchdog(self.timeout_s, self.describe(), "step"):
@@ -245,7 +253,7 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         call DDP outside `no_sync`, and DDP's bucket rebuild then fails under GPipe.)"""
         ddp = self.pipeline_stages[0].submod
         m = self.plan.num_microbatches
-        local_batch = self.plan.batch_size // self.mesh.dp
+        local_batch = self.plan.batch_size // self.mesh.batch_shards
         for i, (micro, micro_target) in enumerate(zip(split_rows(flat, local_batch, m),
                                                       split_rows(target, local_batch, m))):
             with ddp.no_sync() if i < m - 1 else contextlib.nullcontext():
@@ -261,7 +269,7 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         whole backward would not overlap."""
         fsdp = self.pipeline_stages[0].submod
         m = self.plan.num_microbatches
-        local_batch = self.plan.batch_size // self.mesh.dp
+        local_batch = self.plan.batch_size // self.mesh.batch_shards
         for i, (micro, micro_target) in enumerate(zip(split_rows(flat, local_batch, m),
                                                       split_rows(target, local_batch, m))):
             fsdp.set_requires_gradient_sync(i == m - 1)
@@ -387,14 +395,15 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         flat, _ = self._local_inputs(args, kwargs, None)
         for adapter in self.adapters:
             adapter.constants = flat
-        local_batch = self.plan.batch_size // self.mesh.dp
+        local_batch = self.plan.batch_size // self.mesh.batch_shards
         with Watchdog(self.timeout_s, self.describe(), "forward"):
             try:
                 chunks = [self._forward_microbatch(micro)
                           for micro in split_rows(flat, local_batch, self.plan.num_microbatches)]
                 outputs = [torch.cat(parts, dim=0) if parts[0].dim() > 0 else parts[0] for parts in zip(*chunks)]
-                if self.mesh.dp > 1:
-                    outputs = [all_gather_rows(x, self.groups.dp, self.mesh.dp) for x in outputs]
+                if self.mesh.dp > 1:   # the replicas' rows; a cp group's replicas return the same rows
+                    outputs = [torch.cat(all_gather_rows(x, self.groups.dp, self.mesh.dp).chunk(self.mesh.dp)
+                                         [::self.mesh.cp]) for x in outputs]
             except (RuntimeError, dist.DistBackendError) as error:
                 raise self._peer_error("forward", error) from error
         return self.compiled.io.unflatten(tuple(outputs))
@@ -434,8 +443,8 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         if batch != self.plan.batch_size:
             raise InputError(f"the batch has {batch} samples but the plan was made for {self.plan.batch_size}; "
                              "pass the same global batch size on every rank, or re-compile")
-        share = batch // self.mesh.dp
-        start = self.coords.dp_index * share
+        share = batch // self.mesh.batch_shards   # a cp group's replicas take the same samples
+        start = self.coords.dp_index // self.mesh.cp * share
         to_device = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         local = [to_device(x) for x in take_rows(flat, batch, start, start + share)]
         if target is not None:

@@ -35,16 +35,24 @@ class LocalPipeline:
 
     `stages[s]` holds the tensor-parallel rank modules of stage s (one module
     when tp = 1); the ranks of a stage run in lock step (runtime/spmd.py), each
-    with its own copy of what it receives, as separate processes would.
+    with its own copy of what it receives, as separate processes would. With
+    context parallelism (`cp` > 1) the cp ranks of a group run the same modules
+    on their positions of the same samples (cp × tp ranks in lock step), so their
+    gradients add up in the shared parameters: cp times the gradient of the loss
+    (passes/context_parallel/ops.py), which `gradients` divides back, as the
+    data-parallel average over the cp replicas does on a process group.
     """
 
     def __init__(self, stages: Sequence[Sequence[torch.fx.GraphModule]], interfaces: Sequence[StageInterface],
                  schedule: str, num_microbatches: int, batch_size: int, *, virtual_stages: int = 1,
-                 replicas: int = 1, mixed_precision: str | None = None) -> None:
+                 replicas: int = 1, mixed_precision: str | None = None, cp: int = 1) -> None:
         self.stages = [list(ranks) for ranks in stages]
         self.mixed_precision = mixed_precision
         """The plan's precision: stages and the loss run under its autocast (runtime/autocast.py)."""
         self.tp = len(self.stages[0])
+        self.cp = cp
+        self.width = self.tp * cp
+        """Ranks per stage run in lock step: cp groups of tp ranks."""
         self.interfaces = list(interfaces)
         self.schedule = schedule
         self.num_microbatches = num_microbatches
@@ -62,10 +70,12 @@ class LocalPipeline:
 
     def _run_stage(self, s: int, per_rank_inputs: list[list[Any]]) -> list[tuple[Any, ...]]:
         with self._autocast():
-            if self.tp == 1:
+            if self.width == 1:
                 return [tuple(self.stages[s][0](*per_rank_inputs[0]))]
-            from autopart.runtime.spmd import run_ranks
+            from autopart.runtime.spmd import run_mesh_ranks, run_ranks
 
+            if self.cp > 1:
+                return [tuple(out) for out in run_mesh_ranks(self.stages[s], per_rank_inputs, self.cp)]
             return [tuple(out) for out in run_ranks(self.stages[s], per_rank_inputs[0], per_rank_inputs)]
 
     # ------------------------------------------------------------------ forward only
@@ -75,9 +85,9 @@ class LocalPipeline:
         """Flat model outputs of each microbatch."""
         outputs = []
         for inputs in self._microbatches(flat_inputs):
-            carried: list[tuple[Any, ...]] = [()] * self.tp  # per tp rank: a boundary value may be partial
+            carried: list[tuple[Any, ...]] = [()] * self.width  # per rank: a boundary value may be partial
             for s, interface in enumerate(self.interfaces):
-                carried = self._run_stage(s, [self._gather(interface, inputs, carried[r]) for r in range(self.tp)])
+                carried = self._run_stage(s, [self._gather(interface, inputs, carried[r]) for r in range(self.width)])
             outputs.append(tuple(carried[0][i] for i in self.interfaces[-1].model_outputs))  # outputs replicated
         return outputs
 
@@ -114,9 +124,9 @@ class LocalPipeline:
     def _forward(self, action: Action, micro_inputs, state, targets, loss_of, losses) -> None:
         s, i = action.stage, action.microbatch
         interface = self.interfaces[s]
-        previous = state[s - 1][i].outputs if s > 0 else [()] * self.tp
+        previous = state[s - 1][i].outputs if s > 0 else [()] * self.width
         inputs = [[_receive(x) for x in self._gather(interface, micro_inputs[i], previous[r])]
-                  for r in range(self.tp)]
+                  for r in range(self.width)]
         record = _Microbatch(inputs=inputs, outputs=self._run_stage(s, inputs))
         if s == self.num_stages - 1:
             # every tp rank computes the loss on its (replicated) output, as processes would
@@ -133,14 +143,14 @@ class LocalPipeline:
             torch.autograd.backward([loss / self.num_microbatches for loss in record.losses])
         else:
             incoming = grads_to_send[s + 1].pop(i)
-            pairs = [(out, grad) for r in range(self.tp) for out, grad in zip(record.outputs[r], incoming[r])
+            pairs = [(out, grad) for r in range(self.width) for out, grad in zip(record.outputs[r], incoming[r])
                      if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad]
             if pairs:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         # Gradients of this stage's inputs go back to the previous stage's outputs, rank to rank.
         if s > 0:
             per_rank = []
-            for r in range(self.tp):
+            for r in range(self.width):
                 back: list[Any] = [None] * len(self.interfaces[s - 1].output_names)
                 for source, x in zip(self.interfaces[s].inputs, record.inputs[r]):
                     if source.kind == "previous_stage" and isinstance(x, torch.Tensor) and x.grad is not None:
@@ -177,6 +187,7 @@ class LocalPipeline:
                 stage_grads = {name: ranks[0].get_parameter(path).grad for path, name in interface.parameters}
             for name, grad in stage_grads.items():
                 if grad is not None:
+                    grad = grad / self.cp if self.cp > 1 else grad   # the cp ranks' sum (class docstring)
                     grads[name] = grad.clone() if name not in grads else grads[name] + grad
         return grads
 

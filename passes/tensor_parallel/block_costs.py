@@ -21,6 +21,7 @@ import torch.fx
 from autopart.cost_models import Cluster
 from autopart.core.blocks import Block, BlockGraph, BlockTimes
 from autopart.passes.attention_reads import is_attention
+from autopart.passes.context_parallel.layout import attention_site
 from autopart.passes.attrs import named_arguments
 from autopart.passes.expert_parallel import expert_weight_of, is_expert_matmul
 from autopart.passes.node_costs import node_cost
@@ -79,11 +80,15 @@ def _saved_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
 
 def _kv_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
     """Bytes of the keys and values an attention op reads on one rank: 1/tp where it reads them
-    split (by heads), whole where it reads them replicated."""
-    decision = assignment.nodes.get(node.name)
+    split (by heads), whole where it reads them replicated. Eager attention (matmul → softmax →
+    matmul, `node` its softmax) is priced by the placements its keys and values are made in."""
+    site = None if is_attention(node) else attention_site(node)
+    if site is None and not is_attention(node):
+        return 0.0
+    decision = assignment.nodes.get(node.name) if site is None else None
     total = 0.0
-    for name in ("key", "value"):
-        value = named_arguments(node)[name]
+    reads = [named_arguments(node)[name] for name in ("key", "value")] if site is None else [site.key, site.value]
+    for value in reads:
         tensor = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
         if not isinstance(tensor, torch.Tensor):
             continue
@@ -123,7 +128,7 @@ def _restate(block: Block, nodes, attr_node, seconds, eager_seconds, param_bytes
     # autocast copies of the weights shrink as the saved tensors and the weights do; the block's inputs
     # (a stage boundary, replicated) do not; the replayed forward takes the block's new time
     kept = saved / block.saved_bytes if block.saved_bytes else 1.0
-    kv = sum(_kv_on_rank(nodes[name], assignment) for name in block.node_names if is_attention(nodes[name]))
+    kv = sum(_kv_on_rank(nodes[name], assignment) for name in block.node_names)
     selective = _scaled(block.selective_times, eager_ratio, backward=False)
     if block.expert_param_bytes:
         block = _restate_experts(block, nodes, attr_node, param_bytes, assignment)
