@@ -148,7 +148,7 @@ def compile(  # noqa: A001 - the public name the project promises
         _warn_if_tp_splits_nothing(plan)
         log("done")
         whole = _WholeModel(source=source, request=request, analysis=analysis, assignment=found.assignment,
-                            tp_budget=found.tp_budget, traced_size=traced_size)
+                            tp_budget=found.tp_budget, eager_splits=found.eager_splits, traced_size=traced_size)
         return CompiledModel(plan=plan, cluster=cluster, phase_seconds=log.seconds,
                              materialize=functools.partial(whole.rank_modules, plan))
     _warn_if_tp_splits_nothing(plan)
@@ -190,6 +190,8 @@ class _WholeModel:
     """The tp splits chosen on the copy (None at tp = 1)."""
     tp_budget: float | None
     """The strategy ILP's parameter budget they were chosen under."""
+    eager_splits: bool
+    """They were chosen by op-by-op prices (planner/mesh_search.py)."""
     traced_size: int
     """The microbatch size the copy was traced at."""
 
@@ -209,11 +211,13 @@ class _WholeModel:
             if size != self.traced_size:  # node names and shapes differ at this size: choose the splits again
                 copy = analyse(self.source.model, *self.source.rows(size), cluster, self.source.compute_dtype,
                                min_blocks=self.analysis.num_blocks, fused=self.source.fused)
-                assignment = choose_splits(copy.gm, copy.blocks, cluster, self.request, plan.mesh.tp, self.tp_budget)
+                assignment = choose_splits(copy.gm, copy.blocks, cluster, self.request, plan.mesh.tp, self.tp_budget,
+                                           self.eager_splits)
             if copy.expansion is not None:
                 whole = restate_assignment(copy.gm, copy.blocks, gm, blocks, copy.expansion, assignment)
             if whole is None:  # the graphs do not line up node by node: choose the splits on the whole graph
-                whole = choose_splits(gm, blocks, cluster, self.request, plan.mesh.tp, self.tp_budget)
+                whole = choose_splits(gm, blocks, cluster, self.request, plan.mesh.tp, self.tp_budget,
+                                      self.eager_splits)
         tensor_parallel = None
         if whole is not None:
             tensor_parallel = dataclasses.replace(TensorParallelPlan.of(whole),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from autopart.cost_models import Cluster, DeviceSpec, Link
-from autopart.cost_models import measure
+from autopart.cost_models import measure, shaped
 from autopart.cost_models.devices import _dtype_name
 from autopart.frontend.device_arg import gpu_preset
 from autopart.core.errors import InputError
@@ -25,13 +25,17 @@ from autopart.core.errors import InputError
 def calibrate(device: torch.device | str | None = None, *,
               dtypes: Sequence[str | torch.dtype] = ("float32", "bfloat16"), quick: bool = False,
               num_devices: int | None = None, name: str | None = None, gpus_per_node: int | None = None,
-              kernels: bool | None = None, verbose: bool = True) -> Cluster:
+              kernels: bool | None = None, verbose: bool = True, model: torch.nn.Module | None = None,
+              example_inputs: tuple | None = None, example_kwargs: dict | None = None) -> Cluster:
     """Measure this process's device, and the links between ranks when several run, into a `Cluster`.
 
-    Measures (see `autopart.cost_models.measure` for how): the matmul rate
-    for each of `dtypes` at transformer shapes (float32 always, with TF32
-    off; a dtype the device cannot multiply in is skipped), the memory
-    bandwidth of a large copy, the per-op launch floor, the memory capacity
+    Measures (see `autopart.cost_models.measure` and `.shaped` for how): the
+    matmul rate for each of `dtypes` over every GEMM of training a transformer
+    layer (forward, input and weight gradients; float32 always, with TF32 off;
+    a dtype the device cannot multiply in is skipped), the memory bandwidth the
+    elementwise kernels between them reach (casts, residual add, a norm's
+    square, mean and weight, activation; a large copy is reported beside), the
+    per-op launch floor, the memory capacity
     (`torch.cuda.mem_get_info`'s total, or the host's RAM), and, when
     torch.distributed is initialised with several ranks (every rank must
     call), the α–β link fitted to all-reduce and send/recv timings. Every
@@ -47,6 +51,9 @@ def calibrate(device: torch.device | str | None = None, *,
     LOCAL_WORLD_SIZE, else this host's GPU count; CPU devices share one host).
     kernels: also measure TorchInductor's fused kernels (bandwidth, seconds per kernel) for plans
     that compile (`compile_kernels`); default on for GPUs (a few seconds of compiling), off for the CPU.
+    model, example_inputs, example_kwargs: the shapes to measure at, the model's own (its weight
+    matmuls over the example batch's rows, its activation width), instead of a 7B-class layer's
+    (d 4096 over 8192 tokens; smaller on the CPU): rates measured at the shapes a plan runs.
 
     A GPU with a datasheet preset (H100, H200, A100) keeps the preset's peaks
     and stores the measured fractions of them as efficiencies, so
@@ -80,7 +87,13 @@ def calibrate(device: torch.device | str | None = None, *,
     if unknown:
         raise InputError(f"calibrate(dtypes={tuple(dtypes)}): {unknown} are not torch dtype names; "
                          "use e.g. 'float32', 'bfloat16', 'float16'")
-    shapes = measure.default_matmul_shapes(dev, quick=quick)
+    if model is not None:
+        forward, (rows, width) = model_matmul_shapes(model, example_inputs, example_kwargs)
+        say(f"shapes of {type(model).__name__}: {len(forward)} weight matmuls, {rows} rows × d {width}")
+    else:
+        forward = measure.default_matmul_shapes(dev, quick=quick)
+        rows, width = forward[0][0], forward[0][1]
+    shapes = shaped.training_matmul_shapes(forward)
     rates: dict[str, float] = {}
     for dtype in names:
         if not measure.supports_matmul(dev, dtype):
@@ -88,12 +101,13 @@ def calibrate(device: torch.device | str | None = None, *,
             continue
         rates[dtype] = measure.measure_matmul_flops(dev, dtype, shapes, repeats=repeats,
                                                     budget_s=0.5 if quick else 2.0)
-    bandwidth = measure.measure_memory_bandwidth(dev, measure.default_copy_bytes(dev, quick=quick), repeats=repeats)
+    copy = measure.measure_memory_bandwidth(dev, measure.default_copy_bytes(dev, quick=quick), repeats=repeats)
+    bandwidth, each_kernel = shaped.measure_elementwise_bandwidth(dev, rows, width, repeats=repeats)
     floor = measure.measure_launch_floor(dev, repeats=repeats)
     capacity = measure.measure_memory_capacity(dev)
     fused_bandwidth = fused_launch = None
     if kernels if kernels is not None else dev.type == "cuda":
-        fused_bandwidth, fused_launch = measure.measure_fused_kernels(dev, repeats=repeats)
+        fused_bandwidth, fused_launch = measure.measure_fused_kernels(dev, repeats=repeats, width=width)
     if dist is not None:  # every rank plans with the same figures
         values = _agree(dist, list(rates.values()) + [bandwidth, floor], "mean")
         rates = dict(zip(rates, values[:-2]))
@@ -101,15 +115,17 @@ def calibrate(device: torch.device | str | None = None, *,
         if fused_bandwidth is not None:
             fused_bandwidth, fused_launch = _agree(dist, [fused_bandwidth, fused_launch], "mean")
         capacity = int(_agree(dist, [float(capacity)], "min")[0])
-    tokens, d_model = shapes[0][0], shapes[0][1]
     for dtype, rate in rates.items():
         versus = f", {rate / datasheet.peak_flops(dtype):.0%} of the datasheet peak" if datasheet else ""
-        say(f"{dtype} matmul: {_flops(rate)} (a transformer layer's matmuls, {tokens} tokens × d {d_model}{versus})")
+        say(f"{dtype} matmul: {_flops(rate)} (forward, input and weight gradients of {len(forward)} weight "
+            f"matmuls, {rows} rows × d {width}{versus})")
     versus = f", {bandwidth / datasheet.memory_bandwidth:.0%} of the datasheet" if datasheet else ""
-    say(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s read + written (copy{versus})")
+    say(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s read + written (eager elementwise kernels over "
+        f"{rows} × {width}{versus}; slowest: {min(each_kernel, key=each_kernel.get)}; "
+        f"a copy: {copy / 1e9:.1f} GB/s)")
     say(f"launch floor: {floor * 1e6:.2f} µs per op; memory: {capacity / 2**30:.1f} GiB")
     if fused_bandwidth is not None:
-        say(f"fused kernels: {fused_bandwidth / 1e9:.1f} GB/s read + written (an RMS norm), "
+        say(f"fused kernels: {fused_bandwidth / 1e9:.1f} GB/s read + written (an RMS norm over d {width}), "
             f"{fused_launch * 1e6:.2f} µs per generated kernel")
     spec = measure.calibrated_spec(
         name=name or f"{label} (calibrated)", device_type=dev.type, memory_bytes=capacity, matmul_flops=rates,
@@ -127,6 +143,38 @@ def calibrate(device: torch.device | str | None = None, *,
         torch.cuda.empty_cache()  # give back the buffers the measurements took
     return Cluster(devices=(spec,) * count, node_of_device=node_of_device, intra_node_link=intra,
                    inter_node_link=inter)
+
+
+def model_matmul_shapes(model: torch.nn.Module, example_inputs: tuple | None,
+                        example_kwargs: dict | None = None) -> tuple[tuple[measure.Shape, ...], tuple[int, int]]:
+    """(the (m, k, n) of every weight matmul of `model` over the example batch, (rows, width) of its
+    activations: the most common m and k). Traced on fake tensors (a meta model will do)."""
+    from autopart.frontend.tracing import trace
+
+    if example_inputs is None:
+        raise InputError("calibrate(model=...) needs example_inputs=(...), the batch the plans will run")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    gm = trace(model, args, example_kwargs)
+    shapes: list[measure.Shape] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _WEIGHT_MATMULS or len(node.args) < 2:
+            continue
+        x, w = (a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in node.args[:2])
+        if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.dim() == 2 and x.dim() >= 1):
+            continue
+        k = x.shape[-1]
+        n = w.shape[0] if node.target is torch.ops.aten.linear.default else w.shape[1]
+        shapes.append((max(1, x.numel() // max(k, 1)), k, n))
+    if not shapes:
+        raise InputError(f"calibrate(model={type(model).__name__}): the model has no weight matmul (linear, mm) "
+                         "to measure at; calibrate without model=")
+    rows = max(set(m for m, _, _ in shapes), key=[m for m, _, _ in shapes].count)
+    width = max(set(k for _, k, _ in shapes), key=[k for _, k, _ in shapes].count)
+    return tuple(shapes), (rows, width)
+
+
+_WEIGHT_MATMULS = (torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.matmul.default)
+"""ATen ops a weight matmul traces to (an input and a 2-D weight)."""
 
 
 def _distributed() -> Any:

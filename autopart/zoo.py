@@ -93,6 +93,19 @@ def qwen2(layers: int = 2, d_model: int = 64, batch: int = 4, seq: int = 16, voc
                     args=(torch.randint(0, vocab, (batch, seq)),), kwargs={}, main_output=lambda out: out.logits)
 
 
+def mixtral(layers: int = 2, d_model: int = 64, experts: int = 4, top_k: int = 2, batch: int = 4, seq: int = 16,
+            vocab: int = 256) -> ZooModel:
+    """A mixture of experts (HF Mixtral: `experts` experts per layer, `top_k` per token). Not among the
+    families every test sweeps (tests/test_expert_parallel.py covers the MoE models)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=64)
+    return ZooModel(name="mixtral", model=MixtralForCausalLM(config),
+                    args=(torch.randint(0, vocab, (batch, seq)),), kwargs={}, main_output=lambda out: out.logits)
+
+
 def t5(layers: int = 2, d_model: int = 64, batch: int = 2, seq: int = 8, vocab: int = 256) -> ZooModel:
     from transformers import T5Config, T5ForConditionalGeneration
 

@@ -2,6 +2,7 @@
 single block of it, with a cold cache, and the stage again from a warm cache.
 
     python3 benchmarks/compile_time_gpu.py [--layers 32] [--out compile_time_gpu.json]
+    python3 benchmarks/compile_time_gpu.py --tiny --layers 2       # a dry run on the CPU
 
 Each measurement is a fresh process (torchrun, one rank) with its own TORCHINDUCTOR_CACHE_DIR:
 - `block`: one HF LlamaDecoderLayer (hidden 4096, intermediate 14336, 32/8 heads) under
@@ -12,6 +13,8 @@ Each measurement is a fresh process (torchrun, one rank) with its own TORCHINDUC
 - `stage N warm`: N layers again, in the directory the cold run filled (Inductor's FX-graph
   cache and AOTAutograd's cache; autopart keeps no cache of its own).
 The model is built on the meta device and filled on the GPU (`init_fn`), so only the GPU holds it.
+`--tiny` runs the same code path at a toy shape (hidden 64, 2 layers by default) on whatever device
+there is, the CPU included (Inductor compiles for it, slowly): a dry run of the script.
 """
 
 from __future__ import annotations
@@ -24,37 +27,57 @@ import sys
 import tempfile
 import time
 
-HIDDEN, INTER, HEADS, KV_HEADS, VOCAB, SEQ = 4096, 14336, 32, 8, 128256, 1024
+SHAPES = {
+    "8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, vocab=128256, seq=1024),
+    "tiny": dict(hidden=64, inter=128, heads=4, kv_heads=2, vocab=256, seq=32),
+}
+SHAPE = SHAPES["8b"]
+"""The shape measured: Llama-3.1-8B's (SHAPES["tiny"] with --tiny)."""
 
 
 def config(layers: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ,
+    return LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["inter"],
+                       num_hidden_layers=layers, num_attention_heads=SHAPE["heads"],
+                       num_key_value_heads=SHAPE["kv_heads"], max_position_embeddings=SHAPE["seq"],
                        tie_word_embeddings=False)
+
+
+def device():
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def child_block() -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    with torch.device("cuda"):
+    on = device()
+    with on:
         model = LlamaForCausalLM(config(1))
     layer, rotary = model.model.layers[0], model.model.rotary_emb
-    x = torch.randn(1, SEQ, HIDDEN, device="cuda", requires_grad=True)
-    positions = torch.arange(SEQ, device="cuda")[None]
+    x = torch.randn(1, SHAPE["seq"], SHAPE["hidden"], device=on, requires_grad=True)
+    positions = torch.arange(SHAPE["seq"], device=on)[None]
     compiled = torch.compile(layer)
 
     def call() -> float:
-        torch.cuda.synchronize()
+        synchronize()
         started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(on.type, dtype=torch.bfloat16):
             embeddings = rotary(x, positions)
             out = compiled(x, position_embeddings=embeddings, attention_mask=None, position_ids=positions)
             out = out[0] if isinstance(out, tuple) else out
         out.float().sum().backward()
-        torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - started
 
     first, second = call(), call()
@@ -70,10 +93,11 @@ def child_stage(layers: int) -> dict:
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config(layers))
-    ids = torch.randint(0, VOCAB, (1, SEQ))
+    ids = torch.randint(0, SHAPE["vocab"], (1, SHAPE["seq"]))
+    on = device()
     started = time.perf_counter()
     # SGD: 8B float32 weights and gradients (64 GB) fit one 80 GB GPU; Adam's state would not.
-    cm = autopart.compile(model, [torch.device("cuda", 0)], example_inputs=(ids,), optimizer="sgd",
+    cm = autopart.compile(model, [on] if on.type == "cuda" else 1, example_inputs=(ids,), optimizer="sgd",
                           num_microbatches=1, mixed_precision="bf16", compile_kernels=True)
     plan_s = time.perf_counter() - started
 
@@ -87,17 +111,17 @@ def child_stage(layers: int) -> dict:
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
     def step() -> float:
-        torch.cuda.synchronize()
+        synchronize()
         begun = time.perf_counter()
         runner.step(ids, target=ids, loss_fn=loss_fn)
-        torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - begun
 
     first = step()
     steady = min(step(), step())
     return {"what": f"stage {layers}", "plan_s": plan_s, "first_s": first, "steady_s": steady,
             "compile_s": first - steady, "kernels": runner.kernels.summary(),
-            "peak_bytes": torch.cuda.max_memory_allocated()}
+            "peak_bytes": torch.cuda.max_memory_allocated() if on.type == "cuda" else None}
 
 
 def run_child(args: list[str], cache: str) -> dict:
@@ -108,9 +132,10 @@ def run_child(args: list[str], cache: str) -> dict:
     wall = time.perf_counter() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        text = done.stdout + done.stderr
-        errors = [line for line in text.splitlines() if "Error" in line or "error:" in line][:6]
-        return {"what": " ".join(args), "error": "\n".join(errors) or text[-1500:], "process_s": wall}
+        # the child's own traceback (torchrun prefixes its lines with [rank0]:), not torchrun's wrapper
+        text = (done.stdout + done.stderr).splitlines()
+        own = [line for line in text if line.startswith("[rank0]:")]
+        return {"what": " ".join(args), "error": "\n".join((own or text)[-25:]), "process_s": wall}
     return {**json.loads(lines[-1]), "process_s": wall}
 
 
@@ -120,7 +145,10 @@ def main() -> None:
     parser.add_argument("--child", choices=["block", "stage"])
     parser.add_argument("--only", choices=["block", "stage"], help="measure only the block, or only the stages")
     parser.add_argument("--out")
+    parser.add_argument("--tiny", action="store_true", help="a toy shape on any device (a dry run of the script)")
     args = parser.parse_args()
+    global SHAPE
+    SHAPE = SHAPES["tiny" if args.tiny else "8b"]
     if args.child == "block":
         print(json.dumps(child_block()), flush=True)
         return
@@ -137,15 +165,16 @@ def main() -> None:
     elif args.only == "stage":
         runs = runs[2:]
     for child, cache in runs:
-        results.append(run_child(child, os.path.join(root, cache)))
+        results.append(run_child(child + (["--tiny"] if args.tiny else []), os.path.join(root, cache)))
         results[-1]["cache"] = "warm" if sum(r.get("cache_dir") == cache for r in results[:-1]) else "cold"
         results[-1]["cache_dir"] = cache
         print(json.dumps(results[-1]), flush=True)
         if args.out:
             import torch
 
+            name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
             with open(args.out, "w", encoding="utf-8") as f:
-                json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results},
+                json.dump({"device": name, "torch": torch.__version__, "shape": SHAPE, "results": results},
                           f, indent=2)
     block = next((r["compile_s"] for r in results if r.get("what") == "block" and "compile_s" in r), None)
     print("\nwhat              cache  compile s  first step s  steady s  ratio to one block")

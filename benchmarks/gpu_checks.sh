@@ -3,7 +3,7 @@
 # training step through cm.distributed() in float32 and bf16 mixed precision against eager on
 # the GPU (in parallel), then the one-GPU benchmark. Results land in $OUT.
 #
-#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|all|compare|compiled|compile-time]
+#     OUT=results bash benchmarks/gpu_checks.sh [family|calibrate|bench|recompute|moe|all|compare|compiled|compile-time|predict]
 # COMPILE=1 runs the family steps with compiled kernels (Plan.compile_kernels).
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -55,9 +55,14 @@ if [ "$what" = compiled ]; then  # eager, torch.compile(model), the runner and t
         --out "$OUT/compiled_step${TAG:-}.json" 2>&1 | tee "$OUT/compiled_step${TAG:-}.log" | grep -v '^{'
 fi
 
-if [ "$what" = compile-time ]; then
+if [ "$what" = compile-time ] || [ "$what" = all ]; then  # compile time follows distinct blocks, not depth
     python3 benchmarks/compile_time_gpu.py ${COMPILE_TIME_ARGS:-} --out "$OUT/compile_time_gpu${TAG:-}.json" 2>&1 \
         | tee "$OUT/compile_time_gpu${TAG:-}.log"
+fi
+
+if [ "$what" = predict ] || [ "$what" = all ]; then  # predicted / measured, preset against calibrated clusters
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/prediction_check.py \
+        --out "$OUT/prediction_check${TAG:-}.json" 2>&1 | tee "$OUT/prediction_check${TAG:-}.log" | grep -v '^{'
 fi
 
 if [ "$what" = compare ]; then  # one GPU: the comparison script's single-device and autopart modes
@@ -70,4 +75,10 @@ fi
 if [ "$what" = recompute ] || [ "$what" = all ]; then
     python3 benchmarks/recompute_gpu.py --out "$OUT/recompute_gpu.json" 2>&1 | tee "$OUT/recompute_gpu.log" \
         | grep -v -E '^(eager|autopart)_'
+fi
+
+if [ "$what" = moe ] || [ "$what" = all ]; then  # a Mixtral-style step: predicted (bf16 experts) against measured
+    cluster=""; [ -f "$OUT/cluster_h200.json" ] && cluster="--cluster $OUT/cluster_h200.json"
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/moe_step.py $cluster \
+        --out "$OUT/moe_step.json" 2>&1 | tee "$OUT/moe_step.log" | grep -v '^{'
 fi

@@ -12,9 +12,11 @@ multi-token-prediction module), bf16 autocast over float32 state, AdamW, sequenc
 | gemma3-27b | 62 layers, five sliding-window (1024) to one global | 8x8xH100 | 1024 |
 
 Each plan runs in its own process. Columns: compile = `autopart.compile` wall time; layers
-traced (the copy's) of the model's; mesh dp × pp × tp × ep, microbatches, schedule, dp mode; step
-= predicted step time. The published layout is priced by the same planner with pipeline_parallel,
-data_parallel, expert_parallel and data_parallel_mode fixed (microbatches and cuts chosen).
+traced (the copy's) of the model's; mesh dp × pp × tp × ep, microbatches, schedule, dp mode,
+recomputation per block; step = predicted step time. The published layout is priced by the same planner with pipeline_parallel,
+data_parallel, expert_parallel and data_parallel_mode fixed (microbatches, schedule, cuts and
+recomputation chosen, as DeepSeek chose its own); zero2 stands in for DeepSeek's ZeRO-1 (it also
+shards the gradients, so it holds less).
 
     python benchmarks/moe_plan_scale.py [--cases deepseek-v3 deepseek-v3-published mixtral-8x22b gemma3-27b]
 """
@@ -71,6 +73,7 @@ def plan_one(name: str) -> dict:
     import torch
 
     import autopart
+    from autopart.core.modes import recompute_counts
 
     case = CASES[name]
     model, vocab = build(case["family"])
@@ -90,6 +93,7 @@ def plan_one(name: str) -> dict:
                m=plan.num_microbatches, schedule=plan.schedule + (f" v{plan.virtual_stages}"
                                                                   if plan.virtual_stages > 1 else ""),
                mode=plan.data_parallel_mode, step_s=plan.predicted_step_seconds,
+               recompute=recompute_counts(tuple(m for stage in plan.stages for m in stage.recompute)),
                analysed=plan.tensor_parallel.analysed_layers if plan.tensor_parallel else None,
                phases={k: round(v, 2) for k, v in compiled.phase_seconds.items()},
                experts=plan.experts.ep if plan.experts else None)
@@ -103,22 +107,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
-    print("| case | params | devices | compile s | mesh dp×pp×tp×ep | m | schedule | dp mode | step s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | params | devices | compile s | mesh dp×pp×tp×ep | m | schedule | dp mode | recompute | step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.cases:
         done = subprocess.run([sys.executable, __file__, "--worker", name], capture_output=True, text=True,
                               check=False)
         if done.returncode != 0:
-            print(f"| {name} | | | failed: {done.stderr.strip()[-200:]} | | | | | |", flush=True)
+            print(f"| {name} | | | failed: {done.stderr.strip()[-200:]} | | | | | | |", flush=True)
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         if not r["fits"]:
             print(f"| {name} | {r['params_b']:.0f}B | {r['devices']} | {r['compile_s']:.1f} | does not fit: "
-                  f"{r['why']} | | | | |", flush=True)
+                  f"{r['why']} | | | | | |", flush=True)
             continue
         print(f"| {name} | {r['params_b']:.0f}B | {r['devices']} | {r['compile_s']:.1f} | {r['mesh']} | {r['m']} | "
-              f"{r['schedule']} | {r['mode']} | {r['step_s']:.2f} |", flush=True)
-        print(f"|   | phases {r['phases']} | | | | | | | |", flush=True)
+              f"{r['schedule']} | {r['mode']} | {r['recompute']} | {r['step_s']:.2f} |", flush=True)
+        print(f"|   | phases {r['phases']} | | | | | | | | |", flush=True)
     return 0
 
 

@@ -8,7 +8,7 @@ sequence 1024, batch 8, AdamW. Cases:
 
 | name | precision | expert kernels that run |
 |---|---|---|
-| mixtral8-mixed | float32 weights, bf16 autocast | `transformers::grouped_mm_fallback`: one float32 mm per expert (the exported graph casts the tokens to the weights' dtype) |
+| mixtral8-mixed | float32 weights, bf16 autocast | `transformers::grouped_mm_fallback`, one mm per expert: in bf16 in autopart's runner (both operands cast, passes/expert_precision.py), in float32 in the eager model (HF casts the tokens to the weights' dtype) |
 | mixtral8-bf16 | model.to(bfloat16) | `aten._grouped_mm` (one grouped bf16 kernel) |
 
 Both sides as in benchmarks/single_gpu_step.py (same harness, imported): eager HF model with
@@ -41,17 +41,14 @@ def expert_seconds(case: harness.Case, seq: int, device_name: str) -> float:
     import autopart
     from autopart.cost_models import Cluster
     from autopart.cost_models.experts import expert_matmul_flops
-    from autopart.passes.autocast_values import autocast_values
-    from autopart.passes.node_costs import annotate, node_cost
+    from autopart.frontend.source import annotate_graph
+    from autopart.passes.node_costs import node_cost
 
     with torch.device("meta"):
         model = harness.build(case, seq)
     ids = torch.randint(0, harness.VOCAB[case.family], (case.batch, seq))
-    gm = autopart.trace(model, (ids,))
-    if case.precision == "mixed":
-        gm = autocast_values(gm, torch.bfloat16)
-    gm = annotate(gm, Cluster.parse(f"1x{device_name}"),
-                  autocast_dtype=torch.bfloat16 if case.precision == "mixed" else None)
+    gm = annotate_graph(autopart.trace(model, (ids,)), Cluster.parse(f"1x{device_name}"),
+                        torch.bfloat16 if case.precision == "mixed" else None)   # as the planner costs it
     total = 0.0
     for node in gm.graph.nodes:
         operands = [a.meta.get("val") for a in node.args[:2] if isinstance(a, torch.fx.Node)]

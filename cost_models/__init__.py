@@ -26,7 +26,7 @@ from autopart.cost_models.flops import (
 )
 from autopart.cost_models.links import LINK_PRESETS, Link
 from autopart.cost_models.memory import gradient_bytes, optimizer_state_bytes, optimizer_step_bytes, tensor_bytes
-from autopart.cost_models.roofline import op_seconds
+from autopart.cost_models.roofline import op_seconds, weight_read_seconds
 
 __all__ = [
     "LINK_PRESETS",
@@ -52,4 +52,5 @@ __all__ = [
     "sdpa_backward_flops",
     "sdpa_flops",
     "tensor_bytes",
+    "weight_read_seconds",
 ]

@@ -136,14 +136,15 @@ def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str,
     if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
         raise ValueError(f"measure_matmul_flops(shapes={shapes}): give (m, k, n) triples of positive sizes")
     total_flops = total_seconds = 0.0
+    counts = {shape: shapes.count(shape) for shape in dict.fromkeys(shapes)}  # a repeated shape is timed once
     with _Float32Highest():
-        for m, k, n in shapes:
+        for (m, k, n), count in counts.items():
             a = torch.randn(m, k, device=device, dtype=torch_dtype)
             b = torch.randn(k, n, device=device, dtype=torch_dtype)
             out = torch.empty(m, n, device=device, dtype=torch_dtype)
-            total_seconds += _median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats=repeats,
-                                             budget_s=budget_s)
-            total_flops += 2.0 * m * k * n
+            total_seconds += count * _median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats=repeats,
+                                                     budget_s=budget_s)
+            total_flops += count * 2.0 * m * k * n
             del a, b, out
     return total_flops / total_seconds
 
@@ -181,11 +182,11 @@ def measure_launch_floor(device: torch.device | str, *, num_ops: int = 500, repe
 
 
 def measure_fused_kernels(device: torch.device | str, num_bytes: int | None = None, *, repeats: int = 10,
-                          chain: int = 16) -> tuple[float, float]:
+                          chain: int = 16, width: int = 4096) -> tuple[float, float]:
     """(bytes/s, seconds per kernel) of TorchInductor's generated kernels on `device`.
 
-    Bandwidth: an RMS norm compiled as one kernel (`x · rsqrt(mean(x²) + ε) · w` over rows of 4096
-    float32), counting x read once and the result written once. Per kernel: a compiled chain of
+    Bandwidth: an RMS norm compiled as one kernel (`x · rsqrt(mean(x²) + ε) · w` over rows of `width`
+    float32: a model's activation width), counting x read once and the result written once. Per kernel: a compiled chain of
     `chain` tiny steps against one, each step a generated elementwise kernel and a 16×16 library
     matmul that separates it from the next (a chain of elementwise ops alone would fuse into one
     kernel); its slope less that of a chain of the matmuls alone is what each generated kernel
@@ -193,7 +194,6 @@ def measure_fused_kernels(device: torch.device | str, num_bytes: int | None = No
     """
     device = torch.device(device)
     num_bytes = num_bytes or default_copy_bytes(device) // 2
-    width = 4096
     rows = max(1, num_bytes // (4 * width))
     x = torch.randn(rows, width, device=device)
     w = torch.randn(width, device=device)

@@ -6,7 +6,7 @@ import torch
 
 from autopart.cost_models.devices import MATMUL_EFFICIENCY, MEMORY_EFFICIENCY, DeviceSpec
 
-__all__ = ["MATMUL_EFFICIENCY", "MEMORY_EFFICIENCY", "op_seconds"]
+__all__ = ["MATMUL_EFFICIENCY", "MEMORY_EFFICIENCY", "op_seconds", "weight_read_seconds"]
 
 # The efficiencies are per device (DeviceSpec.matmul_efficiency,
 # matmul_efficiency_by_dtype, memory_efficiency); these defaults, with their
@@ -33,3 +33,18 @@ def op_seconds(flops: float, bytes_moved: float, device: DeviceSpec, dtype: torc
     compute_s = flops / device.achieved_flops(dtype)
     memory_s = bytes_moved / device.achieved_bandwidth
     return max(compute_s, memory_s) + device.launch_overhead_s
+
+
+def weight_read_seconds(flops: float, bytes_moved: float, weight_bytes: float, device: DeviceSpec,
+                        dtype: torch.dtype) -> float:
+    """Of `op_seconds(flops, bytes_moved, ...)`, what reading `weight_bytes` of it adds (s):
+    max(compute, memory) − max(compute, memory without the weights). An op reads its weights once
+    per call whatever its batch, so this part does not grow with the batch: a matmul that is
+    memory-bound on its weights at one sample (M = one sequence) is compute-bound at sixteen.
+    Pricing a larger batch as fixed + batch × (the rest) is then exact where the op is memory-bound
+    or compute-bound at the traced batch, and over by less than this part in between."""
+    if weight_bytes <= 0 or (flops == 0 and bytes_moved == 0):
+        return 0.0
+    compute_s = flops / device.achieved_flops(dtype)
+    return (max(compute_s, bytes_moved / device.achieved_bandwidth)
+            - max(compute_s, max(bytes_moved - weight_bytes, 0.0) / device.achieved_bandwidth))

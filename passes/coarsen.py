@@ -23,8 +23,9 @@ import torch.utils._pytree as pytree
 
 from autopart.cost_models import Cluster
 from autopart.passes.attention_reads import attention_reads
-from autopart.passes.expert_parallel import expert_bytes
-from autopart.passes.node_costs import NodeCost, mutates, node_cost
+from autopart.passes.expert_parallel import expert_bytes, expert_weight_casts
+from autopart.passes.node_costs import (NodeCost, fixed_seconds, mutates, node_cost, per_call_seconds,
+                                        priced_seconds)
 from autopart.core.blocks import Block, BlockGraph, BlockTimes, BlockValue
 from autopart.core.recompute import SAVED_GRAPH_OPS, op_name
 
@@ -159,8 +160,12 @@ def _block_graph(
                 input_bytes=_input_bytes(members),
                 selective_saved_bytes=sum(c.output_bytes for c in kept),
                 autocast_weight_bytes=_autocast_weight_bytes(members),
-                selective_times=tuple(_times(recomputed, device) for device in devices.values()),
+                # a 'selective' region runs op by op, compiled plan or not (autopart/runtime/kernels.py)
+                selective_times=tuple(_times(recomputed, device, eager=True) for device in devices.values()),
+                eager_times=(tuple(_times(costs, device, eager=True) for device in devices.values())
+                             if any(c.op_by_op is not None for c in costs) else ()),
                 recomputable=not _writes_outside(members),
+                expert_cast_times=_expert_cast_times(members, devices.values()),
                 **expert_bytes(members, attrs),
                 **attention_reads(members),
             )
@@ -177,6 +182,12 @@ def _block_graph(
             )
     values.sort(key=lambda v: (v.producer, v.node_name))
     return BlockGraph(blocks=tuple(blocks), values=tuple(values), depth=depth)
+
+
+def _expert_cast_times(members: list[torch.fx.Node], devices) -> tuple[BlockTimes, ...]:
+    """Per device, the time of the expert weight casts among `members` (empty when there are none)."""
+    casts = [node_cost(n) for n in expert_weight_casts(members)]
+    return tuple(_times(casts, device) for device in devices) if casts else ()
 
 
 def _autocast_weight_bytes(members: list[torch.fx.Node]) -> int:
@@ -242,18 +253,25 @@ def _unique_sum(attrs: list[torch.fx.Node], part) -> int:
     return sum(by_target.values())
 
 
-def _times(costs: list[NodeCost], device) -> BlockTimes:
-    floor = device.launch_overhead_s
-    fwd = [c.fwd_seconds(device.name) for c in costs]
-    bwd = [c.bwd_seconds(device.name) for c in costs]
-    fwd_ops = sum(1 for t in fwd if t > 0)
-    bwd_ops = sum(1 for t in bwd if t > 0)
+def _times(costs: list[NodeCost], device, *, eager: bool = False) -> BlockTimes:
+    """The block's forward and backward seconds on `device` (with `eager`, op by op), split into what
+    is fixed per call (launches, `fixed_seconds`; weight conversions, `per_call_seconds`) and the
+    rest, which scales with the microbatch."""
+    seconds = [priced_seconds(c, device.name, eager=eager) for c in costs]
+    fwd = sum(f for f, _ in seconds)
+    bwd = sum(b for _, b in seconds)
+    # fixed: each node's launches and its work once per call (autocast's weight conversions), at most its time
+    fixed = [(min(t[0], launch[0] + call[0]), min(t[1], launch[1] + call[1])) for t, launch, call in zip(
+        seconds, (fixed_seconds(c, device.name, device.launch_overhead_s, eager=eager) for c in costs),
+        (per_call_seconds(c, device.name, eager=eager) for c in costs))]
+    fwd_fixed = sum(f for f, _ in fixed)
+    bwd_fixed = sum(b for _, b in fixed)
     return BlockTimes(
         device=device.name,
-        fwd_fixed_s=fwd_ops * floor,
-        fwd_scaled_s=sum(fwd) - fwd_ops * floor,
-        bwd_fixed_s=bwd_ops * floor,
-        bwd_scaled_s=sum(bwd) - bwd_ops * floor,
+        fwd_fixed_s=fwd_fixed,
+        fwd_scaled_s=fwd - fwd_fixed,
+        bwd_fixed_s=bwd_fixed,
+        bwd_scaled_s=bwd - bwd_fixed,
     )
 
 

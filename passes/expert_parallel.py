@@ -49,7 +49,10 @@ import torch.fx
 from autopart.core.interfaces import EXPERT_PARALLEL_META_KEY, ExpertParallelInfo, expert_parallel_info
 from autopart.cost_models.experts import GROUPED_MM_ATEN, LOOPED_GROUPED_MM, op_name
 
-_VIEWS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.alias.default}
+_VIEWS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.alias.default,
+          torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
+"""Ops between an expert parameter and its grouped matmul that keep dim 0 (the experts): views,
+and the casts of mixed precision (passes/expert_precision.py)."""
 
 
 def _kernel(name: str):
@@ -72,7 +75,7 @@ def is_expert_matmul(node: torch.fx.Node) -> bool:
 
 def expert_weight_of(node: torch.fx.Node) -> str | None:
     """The parameter (get_attr target) behind a grouped matmul's weight, through views that keep
-    dim 0 (transpose of the last two dims, alias); None if the weight is anything else."""
+    dim 0 (transpose of the last two dims, alias) and dtype casts; None if the weight is anything else."""
     value = node.args[1]
     while isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target in _VIEWS:
         if value.target is torch.ops.aten.transpose.int and 0 in [d % 3 for d in value.args[1:3]]:
@@ -113,9 +116,27 @@ def expert_layers(gm: torch.fx.GraphModule) -> list[ExpertLayer]:
     return found
 
 
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
+
+
+def expert_weight_casts(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The dtype casts of expert parameters among `members` that feed grouped expert matmuls (the
+    copies mixed precision makes: passes/expert_precision.py), each once."""
+    casts: dict[torch.fx.Node, None] = {}
+    for node in members:
+        if not is_expert_matmul(node) or expert_weight_of(node) is None:
+            continue
+        value = node.args[1]
+        while isinstance(value, torch.fx.Node) and value.op == "call_function":
+            if value.target in _CASTS:
+                casts[value] = None
+            value = value.args[0]
+    return [c for c in casts if c in set(members)]
+
+
 def expert_bytes(members: list[torch.fx.Node], attrs: list[torch.fx.Node]) -> dict[str, int]:
-    """A block's `Block.expert_param_bytes`, `expert_trainable_param_bytes` and `expert_rows_bytes`
-    from its nodes (`members`) and the get_attr nodes they read (`attrs`, cost-annotated)."""
+    """A block's `Block.expert_param_bytes`, `expert_trainable_param_bytes`, `expert_rows_bytes` and
+    `expert_cast_bytes` from its nodes (`members`) and the get_attr nodes they read (`attrs`, cost-annotated)."""
     from autopart.passes.node_costs import node_cost
 
     weights: set[str] = set()
@@ -131,9 +152,10 @@ def expert_bytes(members: list[torch.fx.Node], attrs: list[torch.fx.Node]) -> di
         x, out = node.args[0].meta["val"], node.meta["val"]
         rows += x.numel() * x.element_size() + out.numel() * out.element_size()
     held = {a.target: node_cost(a) for a in attrs if a.target in weights}
+    copies = sum(c.meta["val"].numel() * c.meta["val"].element_size() for c in expert_weight_casts(members))
     return dict(expert_param_bytes=sum(c.param_bytes for c in held.values()),
                 expert_trainable_param_bytes=sum(c.param_bytes for c in held.values() if c.trainable),
-                expert_rows_bytes=int(rows), num_experts=experts)
+                expert_rows_bytes=int(rows), num_experts=experts, expert_cast_bytes=int(copies))
 
 
 def dispatch_bytes(layer: ExpertLayer, ep: int, element_bytes: int) -> tuple[float, float]:
@@ -289,4 +311,5 @@ def expert_parameter_names(gm: torch.nn.Module) -> set[str]:
 
 
 __all__ = ["ExpertLayer", "ExpertParallelMatmul", "attach_expert_group", "dispatch_bytes", "expert_layers",
+           "expert_weight_casts",
            "expert_modules", "expert_parameter_names", "is_expert_matmul", "localize", "shard_experts"]

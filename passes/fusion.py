@@ -28,8 +28,13 @@ fuses pointwise and reduction ops"). So:
   activations (`NodeCost.fusible_casts`), which Inductor writes in the kernel
   that produces the activation; conversions of weights stay kernels of their own.
 
-The group's time is charged to its first member (graph order), the other
-members get none: a block's time is the sum over its nodes either way.
+A group's time is shared among its members that move data, in proportion to
+the bytes each moves op by op (`_group_shares`), its launches likewise
+(`NodeCost.launch_seconds`: fixed per call, not scaled by the batch or a
+tensor-parallel split). Views and members that move nothing get none. Were it
+charged to one member, a tensor-parallel split would scale the whole group by
+that member's placement, and the strategy ILP could replicate the others at no
+price, keeping their activations whole on every rank.
 """
 
 from __future__ import annotations
@@ -54,36 +59,67 @@ __all__ = ["fusion_groups", "price_fused_kernels"]
 
 def price_fused_kernels(gm: torch.fx.GraphModule, cluster: Cluster) -> torch.fx.GraphModule:
     """Rewrite every node's `NodeCost.seconds` as compiled kernels run (see the module docstring)."""
-    groups = fusion_groups(gm)
     devices = {d.name: d for d in cluster.devices}
-    charged: dict[torch.fx.Node, tuple[int, int, bool]] = {}  # first member -> (bytes, kernels, needs grad)
-    members: set[torch.fx.Node] = set()
-    for group in groups:
-        members.update(group)
-        moved = _group_bytes(group)
-        if moved == 0:
-            continue
-        reductions = sum(1 for n in group if _is_reduction(n))
-        needs_grad = any(node_cost(n).bwd_seconds(next(iter(devices))) > 0 for n in group)
-        charged[group[0]] = (moved, max(1, reductions), needs_grad)
+    shares: dict[torch.fx.Node, tuple[tuple[str, float, float], tuple[str, float, float]]] = {}
+    for group in fusion_groups(gm):
+        shares.update(_group_shares(group, devices))
     for node in gm.graph.nodes:
         cost = node.meta.get(COST_META_KEY)
         if cost is None or node.op != "call_function":
             continue
-        if node in members:
-            bytes_moved, kernels, needs_grad = charged.get(node, (0, 0, False))
-            seconds = tuple((name, _fused_seconds(bytes_moved, kernels, devices[name]),
-                             _fused_seconds(BACKWARD_BYTES_FACTOR * bytes_moved, kernels, devices[name])
-                             if needs_grad else 0.0)
-                            for name, _, _ in cost.seconds)
+        if node in shares or _is_fusible(node):
+            none = tuple((name, 0.0, 0.0) for name, _, _ in cost.seconds)  # a view, or a member moving nothing
+            seconds, launches, per_call = shares.get(node, (none, none, none))
+            node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds, launch_seconds=launches,
+                                                           op_by_op=cost, per_call_seconds=per_call)
         elif cost.fusible_casts:  # an extern kernel: its activations arrive converted
             seconds = tuple((name, max(0.0, fwd - _casts_seconds(cost, devices[name])),
                              max(0.0, bwd - _casts_seconds(cost, devices[name])) if bwd else 0.0)
                             for name, fwd, bwd in cost.seconds)
-        else:
-            continue
-        node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds)
+            fewer = len(cost.fusible_casts)  # the conversions' launches go with them
+            launches = tuple((name, max(0.0, fwd - fewer * devices[name].launch_overhead_s),
+                              max(0.0, bwd - fewer * devices[name].launch_overhead_s) if bwd else 0.0)
+                             for name, fwd, bwd in cost.launch_seconds)
+            node.meta[COST_META_KEY] = dataclasses.replace(cost, seconds=seconds, op_by_op=cost,
+                                                           launch_seconds=launches)
     return gm
+
+
+def _group_shares(group: list[torch.fx.Node], devices: dict) -> dict[torch.fx.Node, tuple]:
+    """Each member's share of its fused kernels: {node: ((device, fwd s, bwd s) per device,
+    (device, fwd launch s, bwd launch s) per device, the same of reading weights, once per call)}.
+
+    The kernels' time is split over the members that move data, in proportion to the bytes each
+    moves op by op (`NodeCost.fwd_bytes`); the backward's over those of them autograd differentiates.
+    Every member so carries its own part of the work: a block cut, a recomputed region and a
+    tensor-parallel split each see the members they hold (a split member saves 1/tp of its share,
+    a replicated one none), and a group's members sum to the group's time."""
+    moved = _group_bytes(group)
+    if moved == 0:
+        return {}
+    inside = set(group)
+    weight_bytes = sum(_tensor_bytes(a.meta.get("val")) for a in {a for n in group for a in n.all_input_nodes
+                                                                   if a not in inside and a.op == "get_attr"})
+    kernels = max(1, sum(1 for n in group if _is_reduction(n)))
+    name = next(iter(devices))
+    weights = {n: float(node_cost(n).fwd_bytes) for n in group if node_cost(n).fwd_bytes > 0}
+    grad_weights = {n: w for n, w in weights.items() if node_cost(n).bwd_seconds(name) > 0}
+    total, grad_total = sum(weights.values()), sum(grad_weights.values())
+    shares = {}
+    for node, weight in weights.items():
+        share = weight / total
+        grad_share = grad_weights.get(node, 0.0) / grad_total if grad_total else 0.0
+        seconds, launches, per_call = [], [], []
+        for device_name, device in devices.items():
+            launch = kernels * device.fused_launch_seconds
+            fwd = _fused_seconds(moved, kernels, device)
+            bwd = _fused_seconds(BACKWARD_BYTES_FACTOR * moved, kernels, device)
+            reads = weight_bytes / device.achieved_fused_bandwidth  # a norm's weight: read once, whatever the batch
+            seconds.append((device_name, share * fwd, grad_share * bwd))
+            launches.append((device_name, share * launch, grad_share * launch))
+            per_call.append((device_name, share * reads, grad_share * BACKWARD_BYTES_FACTOR * reads))
+        shares[node] = (tuple(seconds), tuple(launches), tuple(per_call))
+    return shares
 
 
 def fusion_groups(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:

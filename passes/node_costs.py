@@ -26,6 +26,7 @@ and each microbatch's bf16 copy of every weight a matmul reads.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -35,7 +36,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from autopart.cost_models import Cluster, op_flops, op_seconds
+from autopart.cost_models import Cluster, op_flops, op_seconds, weight_read_seconds
 from autopart.cost_models.experts import expert_loop_launches
 from autopart.core.errors import MissingAnnotationError
 from autopart.passes.autocast_values import (AUTOCAST_DEVICE_TYPE, devices_on_cpu, fake_like,
@@ -80,6 +81,21 @@ class NodeCost:
     fusible_casts: tuple[int, ...] = ()
     """Elements of each activation input autocast converts for this op (weights excluded): kernels
     of their own eagerly, part of the producing kernel when compiled (passes/fusion.py)."""
+    op_by_op: "NodeCost | None" = None
+    """The node's cost op by op, kept where passes/fusion.py rewrote this one as compiled kernels
+    run (None: this one is op by op). What a region that stays eager in a compiled plan costs
+    ('selective' recomputation: autopart/runtime/kernels.py)."""
+    per_call_seconds: tuple[tuple[str, float, float], ...] = ()
+    """Of `seconds`, (device name, forward s, backward s) of work done once per call whatever its
+    batch: autocast's conversions of float32 weights (and of their gradients back), and what reading
+    the weights adds to the op's roofline (`cost_models.weight_read_seconds`). The planner
+    scales the rest of a time with the microbatch (planner/pricing.py), not this; a tensor-parallel
+    split shrinks it with the weight. Empty: none."""
+    launch_seconds: tuple[tuple[str, float, float], ...] = ()
+    """Of `seconds`, (device name, forward s, backward s) that are fixed per call: kernel launches,
+    which neither scale with the batch nor shrink under a tensor-parallel split. Empty: one launch
+    floor (`DeviceSpec.launch_overhead_s`, cost_models/roofline.py) per direction with time; a node
+    of a fused kernel holds its share of the kernel's launches (passes/fusion.py)."""
 
     def fwd_seconds(self, device_name: str) -> float:
         return self._times(device_name)[0]
@@ -96,6 +112,40 @@ class NodeCost:
             f"no time for device {device_name!r} (annotated for {known}); "
             "run passes.annotate(gm, cluster) with the cluster you plan for"
         )
+
+
+def eager_cost(cost: NodeCost) -> NodeCost:
+    """`cost` op by op: its `op_by_op`, or itself where it was never priced as compiled kernels."""
+    return cost.op_by_op if cost.op_by_op is not None else cost
+
+
+def priced_seconds(cost: NodeCost, device_name: str, *, eager: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of `cost` on `device_name`: as planned (`seconds`), or with
+    `eager` op by op (where the graph was priced as compiled kernels)."""
+    cost = eager_cost(cost) if eager else cost
+    return cost.fwd_seconds(device_name), cost.bwd_seconds(device_name)
+
+
+def fixed_seconds(cost: NodeCost, device_name: str, floor: float, *, eager: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of `cost` on `device_name` that are kernel launches, fixed per call:
+    its `launch_seconds`, else `floor` (the device's launch_overhead_s) for each direction with
+    time, never more than that direction's time; with `eager`, of the node op by op."""
+    cost = eager_cost(cost) if eager else cost
+    fwd, bwd = cost.fwd_seconds(device_name), cost.bwd_seconds(device_name)
+    for name, launch_fwd, launch_bwd in cost.launch_seconds:
+        if name == device_name:
+            return min(launch_fwd, fwd), min(launch_bwd, bwd)
+    return min(floor, fwd), min(floor, bwd)
+
+
+def per_call_seconds(cost: NodeCost, device_name: str, *, eager: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of `cost` on `device_name` done once per call whatever its batch
+    (`NodeCost.per_call_seconds`; launches aside: `fixed_seconds`); with `eager`, op by op."""
+    cost = eager_cost(cost) if eager else cost
+    for name, fwd, bwd in cost.per_call_seconds:
+        if name == device_name:
+            return fwd, bwd
+    return 0.0, 0.0
 
 
 def annotate(gm: torch.fx.GraphModule, cluster: Cluster, *,
@@ -243,8 +293,25 @@ class _CostInterpreter(torch.fx.Interpreter):
         saved_bytes, saved_inputs = self._new_saved_bytes(owners)
         dtype = str(outputs[0].dtype).removeprefix("torch.") if outputs else ""
         casts, activation_casts = self._autocast_casts(node, inputs, outputs)
+        weight_casts = list((Counter(casts) - Counter(activation_casts)).elements())
         # A grouped expert matmul run as a loop launches one kernel per expert (cost_models/experts.py).
         loop = expert_loop_launches(node.target, inputs) if node.op == "call_function" else (0, 0)
+        # Once per call whatever its batch: a microbatch of 16 samples converts each weight once, as
+        # one of a single sample does, and launches as many kernels (the op's, each conversion's, a
+        # loop's); the planner scales the rest of a time with the batch.
+        grad = _needs_grad(outputs)
+        weight_bytes = sum(_nbytes(t) for t in inputs if _storage_key(t) in self.param_storages)
+        per_call = tuple(
+            (name,
+             _casts_seconds(weight_casts, device) - len(weight_casts) * device.launch_overhead_s
+             + weight_read_seconds(flops[0], fwd_bytes, weight_bytes, device, _dtype(outputs)),
+             _casts_seconds(weight_casts, device) - len(weight_casts) * device.launch_overhead_s
+             + weight_read_seconds(flops[1], BACKWARD_BYTES_FACTOR * fwd_bytes, BACKWARD_BYTES_FACTOR * weight_bytes,
+                                   device, _dtype(outputs)) if grad else 0.0)
+            for name, device in self.devices.items()) if weight_casts or weight_bytes else ()
+        launches = tuple((name, (1 + len(casts) + loop[0]) * device.launch_overhead_s,
+                          (1 + len(casts) + loop[1]) * device.launch_overhead_s if grad else 0.0)
+                         for name, device in self.devices.items()) if casts or any(loop) else ()
         seconds = tuple(
             (
                 name,
@@ -260,7 +327,7 @@ class _CostInterpreter(torch.fx.Interpreter):
             fwd_bytes=int(fwd_bytes), output_bytes=int(output_bytes), saved_bytes=int(saved_bytes),
             param_bytes=int(param_bytes), trainable=bool(trainable), buffer_bytes=int(buffer_bytes),
             dtype=dtype, seconds=seconds, saved_inputs=tuple(sorted(saved_inputs.items())),
-            fusible_casts=tuple(activation_casts),
+            fusible_casts=tuple(activation_casts), per_call_seconds=per_call, launch_seconds=launches,
         )
 
     def _autocast_casts(self, node: torch.fx.Node, inputs: list[torch.Tensor],

@@ -30,6 +30,9 @@ from autopart.core.errors import PlanError
 RELAY = torch.ops.aten.alias.default
 STAGE_OF_NODE_META_KEY = "autopart_stage_of_node"
 SOURCE_META_KEY = "autopart_source_node"
+RELAY_OF_META_KEY = "autopart_relay_of"
+"""Node meta of a relay (and of the stage input it becomes): the name of the node whose value it carries,
+under which per-node decisions (tp placements of its readers) name it."""
 
 
 def split_stages(gm: torch.fx.GraphModule, stage_of_node: Mapping[str, int], num_stages: int) -> torch.fx.GraphModule:
@@ -150,7 +153,7 @@ def _insert_relays(gm: torch.fx.GraphModule, stage: dict[torch.fx.Node, int], nu
             with graph.inserting_after(anchor):
                 source = graph.call_function(RELAY, (source,))
             source._rename(f"relay_{node.name}_s{b}")
-            source.meta = {"val": node.meta["val"], "nn_module_stack": {}}
+            source.meta = {"val": node.meta["val"], "nn_module_stack": {}, RELAY_OF_META_KEY: node.name}
             stage[source] = b
             relay[b] = source
             anchor = source

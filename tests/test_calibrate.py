@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import autopart
+from autopart import zoo
 from autopart.cli.commands import main as cli_main
 from autopart.cost_models import Cluster, DeviceSpec, Link, all_reduce_seconds, get_preset, op_seconds, p2p_seconds
-from autopart.cost_models import measure
+from autopart.calibrate import model_matmul_shapes
+from autopart.cost_models import measure, shaped
 from autopart.frontend.device_arg import resolve_devices
 from autopart.core.errors import InputError
 
@@ -112,6 +114,43 @@ def test_measurements_are_positive_and_shapes_scale_down_on_cpu() -> None:
         measure.measure_matmul_flops("cpu", "float33", [(8, 8, 8)])
     with pytest.raises(RuntimeError, match="not initialised"):
         measure.measure_links()
+
+
+# --- rates measured at the shapes plans run ---------------------------------------
+
+
+def test_a_training_step_runs_three_gemms_per_weight_matmul() -> None:
+    assert shaped.training_matmul_shapes([(8192, 2048, 5632)]) == (
+        (8192, 2048, 5632), (8192, 5632, 2048), (2048, 8192, 5632))  # forward, input grad, weight grad
+    with pytest.raises(ValueError, match="non-positive"):
+        shaped.training_matmul_shapes([(0, 8, 8)])
+
+
+def test_calibrating_for_a_model_measures_its_own_matmuls_and_activations(capsys) -> None:
+    with torch.device("meta"):
+        entry = zoo.llama(layers=2, d_model=64, seq=16, batch=4, vocab=256)
+    shapes, (rows, width) = model_matmul_shapes(entry.model, entry.args)
+    assert (rows, width) == (4 * 16, 64)  # batch × sequence rows of the hidden width
+    assert (64, 64, 256) in shapes and len(shapes) == 2 * 7 + 1  # q k v o gate up down per layer, the head
+    # only traced for its shapes: a model on the meta device will do
+    cluster = autopart.calibrate("cpu", dtypes=("float32",), quick=True, model=entry.model, example_inputs=entry.args)
+    assert "15 weight matmuls, 64 rows × d 64" in capsys.readouterr().err
+    assert _finite_positive(cluster.devices[0].achieved_bandwidth)
+    with pytest.raises(InputError, match="example_inputs"):
+        autopart.calibrate("cpu", quick=True, verbose=False, model=entry.model)
+
+
+def test_elementwise_bandwidth_counts_each_kernel_as_the_roofline_does() -> None:
+    total, each = shaped.measure_elementwise_bandwidth("cpu", 64, 256, repeats=3)
+    assert list(each) == list(shaped.ELEMENTWISE_OPS) and all(_finite_positive(v) for v in each.values())
+    # the mix's rate is Σ bytes / Σ seconds: between its slowest and fastest kernel
+    assert min(each.values()) <= total <= max(each.values())
+
+
+def test_repeated_matmul_shapes_weigh_by_their_count() -> None:
+    # timed once each, counted as often as they occur: a step spends that many times in them
+    rate = measure.measure_matmul_flops("cpu", "float32", [(32, 32, 32)] * 3 + [(64, 64, 64)], repeats=3)
+    assert _finite_positive(rate)
 
 
 # --- the α–β fit ------------------------------------------------------------------

@@ -186,3 +186,22 @@ def test_check_proves_the_plan_on_the_cpu():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "forward equal" in result.stdout and "gradients of all" in result.stdout
     assert "mesh:            dp=1 × pp=2 × tp=2" in result.stdout
+
+
+def test_expert_parallel_from_the_command_line_and_in_the_html_report(capsys, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    out_json, page = tmp_path / "p.json", tmp_path / "r.html"
+    code = main(["plan", "autopart.zoo:mixtral", "--devices", "4", "--data-parallel", "4", "--expert-parallel", "2",
+                 "--pipeline-parallel", "1", "--tensor-parallel", "1", "--quiet", "--json", str(out_json),
+                 "--html", str(page)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = Plan.from_json(out_json.read_text())
+    assert plan.mesh.ep == 2 and plan.experts.ep == 2 and plan.experts.per_rank == 2
+    assert "split over ep=2 replicas: 2 experts per rank" in captured.out   # the text report's experts line
+    cards = page.read_text().split("<details>")[0]   # the cards, before the embedded text report
+    assert '<div class="k">experts</div><div class="v">ep=2</div>' in cards
+    assert "2 expert layers" in cards and "split over ep=2 replicas: 2 experts per rank" in cards
+    assert "(ep=2)" in cards   # the mesh card
+    assert main(["plan", "autopart.zoo:mixtral", "--devices", "4", "--expert-parallel", "3", "--quiet"]) == 2
+    assert "expert_parallel=3" in capsys.readouterr().err   # an ep that divides nothing names itself

@@ -25,7 +25,7 @@ from autopart.core.interfaces import regions
 from autopart.passes.fusion import fusion_groups, price_fused_kernels
 from autopart.passes.node_costs import annotate, node_cost
 from autopart.core.plan import Plan
-from autopart.runtime.kernels import body_structure, compile_regions
+from autopart.runtime.kernels import body_structure, compile_regions, inductor_options
 from autopart.frontend.tracing import trace
 from test_distributed import _finish, _torchrun
 from test_pipeline_equivalence import assert_plan_matches_model
@@ -96,8 +96,9 @@ def test_a_chain_of_elementwise_ops_is_priced_as_one_kernels_traffic():
     first = groups[0]
     tensor = x.numel() * 4
     expected = 2 * tensor / device.achieved_fused_bandwidth + device.fused_launch_seconds
-    assert node_cost(first[0]).fwd_seconds(device.name) == pytest.approx(expected)
-    assert all(node_cost(n).fwd_seconds(device.name) == 0 for n in first[1:])
+    # the kernel's time, shared by its three ops in proportion to what each moves op by op (alike here)
+    assert sum(node_cost(n).fwd_seconds(device.name) for n in first) == pytest.approx(expected)
+    assert all(node_cost(n).fwd_seconds(device.name) == pytest.approx(expected / 3) for n in first)
     fused_total = sum(node_cost(n).fwd_seconds(device.name) for n in gm.graph.nodes if n.op == "call_function")
     assert fused_total < sum(eager.values())
     matmul = next(n for n in gm.graph.nodes if n.op == "call_function" and node_cost(n).fwd_flops > 0)
@@ -179,3 +180,11 @@ def test_the_last_stage_keeps_one_microbatchs_output_not_all():
     assert run["peak_bytes"] <= bound, run
     assert peaks[True]["peak_bytes"] > bound + 2 * run["output_bytes"], peaks  # the test can fail
     assert run["predicted_activations"] <= 1.1 * run["peak_bytes"]
+
+
+def test_inductor_rounds_to_bf16_where_eager_autocast_does():
+    # Inductor keeps a fused chain's intermediates in float32 unless told to round as eager does:
+    # T5's compiled step then differed from eager autocast by 1.7e-2 norm-wise (bf16 rtol 1.6e-2)
+    # on the CPU as on an H100; emulated, by 9.1e-3, as without code generation (aot_eager)
+    assert inductor_options("inductor") == {"emulate_precision_casts": True}
+    assert inductor_options("aot_eager") is None  # other backends take no Inductor options

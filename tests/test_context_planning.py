@@ -27,8 +27,9 @@ def _tiny_llama(seq: int, batch: int = 1, layers: int = 1):
 
 def test_choices_need_equal_chunks_a_dividing_batch_and_long_enough_chunks():
     request = PlanRequest(batch_size=2)
-    assert context_parallel_choices(request, 8, 8192) == [4]  # 2 groups of 4 take the batch of 2
-    assert context_parallel_choices(PlanRequest(batch_size=8), 8, 8192) == [1, 2, 4]  # chunks ≥ 1024 tokens
+    assert context_parallel_choices(request, 8, 16384) == [4]  # 2 groups of 4 take the batch of 2
+    assert context_parallel_choices(PlanRequest(batch_size=8), 8, 8192) == [1, 2]  # chunks of 2048+ tokens
+    assert context_parallel_choices(PlanRequest(batch_size=8), 8, 16384) == [1, 2, 4]
     assert context_parallel_choices(PlanRequest(batch_size=8), 8, 0) == [1]  # no attention: nothing to split
     with pytest.raises(InputError, match="context_parallel=3 must divide the 8 data-parallel replicas"):
         context_parallel_choices(PlanRequest(batch_size=8, context_parallel=3), 8, 8192)
@@ -62,7 +63,7 @@ def test_attention_blocks_carry_their_keys_and_values_and_cp_prices_their_exchan
 
 
 def test_the_search_splits_a_sequence_when_replicas_outnumber_the_samples(tmp_path):
-    z = _tiny_llama(seq=4096, batch=1)
+    z = _tiny_llama(seq=8192, batch=1)
     compiled = autopart.compile(z.model, "4xH100", example_inputs=z.args, pipeline_parallel=1, tensor_parallel=1,
                                 data_parallel=2, reuse_layers=False)
     plan = compiled.plan

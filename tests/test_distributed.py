@@ -211,11 +211,17 @@ MOE_SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "moe_equival
 
 @pytest.mark.parametrize("nproc,args", [
     (4, ["--ep", "2", "--dp", "4", "--dp-mode", "zero2"]),
+    (4, ["--ep", "2", "--dp", "4", "--dp-mode", "zero3"]),
     (4, ["--ep", "2", "--dp", "2", "--stages", "2"]),
-], ids=["ep2-of-dp4-zero2-adam", "ep2xdp2xpp2-adam"])
+    (4, ["--ep", "2", "--dp", "4", "--dp-mode", "zero2", "--mixed-precision", "--optimizer", "sgd"]),
+], ids=["ep2-of-dp4-zero2-adam", "ep2-of-dp4-zero3-adam", "ep2xdp2xpp2-adam", "ep2-of-dp4-zero2-bf16-sgd"])
 def test_expert_parallel_training_matches_single_device(nproc, args):
     """HF Mixtral with its experts split over ep replicas (all-to-all dispatch on gloo, expert
-    gradients summed over the replicas holding the same experts): 3 Adam steps equal one device's."""
+    gradients summed over the replicas holding the same experts; under ZeRO-2/3 the expert blocks
+    FSDP-sharded over those replicas, edp = 2): 3 Adam steps equal one device's. In bf16 mixed
+    precision (FSDP gathers bf16 expert blocks; the grouped matmuls take bf16 operands) 3 SGD steps
+    equal eager autocast with bf16 expert operands at bf16 tolerances (as the dense bf16 runs, SGD:
+    Adam's normalised steps turn bf16 noise on near-zero gradients into full-size updates)."""
     pytest.importorskip("transformers")
     code, out = _finish(_torchrun(nproc, *args, script=MOE_SCRIPT))
     assert code == 0, out[-4000:]

@@ -6,6 +6,7 @@ import dataclasses
 import html
 import json
 import re
+import warnings
 
 import pytest
 
@@ -360,3 +361,18 @@ def test_json_malformed_is_an_input_error(mlp_plan: Plan) -> None:
     del data["stages"][0]["memory"]
     with pytest.raises(InputError, match=r"malformed plan.*memory"):
         Plan.from_json(json.dumps(data))
+
+
+def test_html_report_says_a_plan_replicates_its_experts(gpt2_free: Plan) -> None:
+    """Under tensor parallelism the experts stay whole on every rank: the card says so, not just the text."""
+    pytest.importorskip("transformers")
+    entry = zoo.mixtral()
+    with warnings.catch_warnings():   # this tiny model's tp group may split nothing, and is told so
+        warnings.simplefilter("ignore", UserWarning)
+        plan = autopart.compile(entry.model, 2, example_inputs=entry.args, tensor_parallel=2, pipeline_parallel=1,
+                                data_parallel=1).plan
+    cards = render_html(plan).split("<details>")[0]
+    assert '<div class="k">experts</div><div class="v">replicated</div>' in cards
+    assert "2 expert layers" in cards
+    assert "replicated: every rank holds all experts (tensor parallelism leaves them whole)" in cards
+    assert '<div class="k">experts</div>' not in render_html(gpt2_free)   # no card for a model without experts

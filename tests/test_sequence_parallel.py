@@ -114,6 +114,21 @@ def test_compiled_llama_with_sp_over_two_stages_equals_one_device():
     assert_plan_matches_model(entry.model, entry.args, entry.kwargs, compiled, entry.main_output)
 
 
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_skip_from_the_input_across_a_stage_reads_its_sequence_shard(num_microbatches):
+    """The model input x is read by layer 1 (stage 0) and layer 2 (stage 1), so stage 0 relays it; the
+    plan has layer 2's residual add read x as its sequence shard: the relayed copy must be sliced too,
+    not met whole by the 2-token shard."""
+    model = build([("linear", 0), ("skip", 1), ("skip", 2)])
+    x = torch.randn(2 * num_microbatches, 4, 8, generator=torch.Generator().manual_seed(0))
+    compiled = autopart.compile(model, 4, example_inputs=(x,), pipeline_parallel=2, tensor_parallel=2,
+                                num_microbatches=num_microbatches, sequence_parallel=True)
+    readers_of_x = [n for stage in compiled.plan.stages[1:] for n in stage.node_names
+                    if ("x", "S(1)") in compiled.plan.tensor_parallel.nodes[n].inputs]
+    assert readers_of_x, "the plan no longer reads the relayed input as a sequence shard: pick another model"
+    assert_plan_matches_model(model, (x,), {}, compiled, lambda out: out)
+
+
 def test_sequence_parallel_false_keeps_activations_whole():
     entry = zoo.gpt(layers=2, d_model=32, heads=4, vocab=64, seq=8, batch=4)
     compiled = autopart.compile(entry.model, 2, example_inputs=entry.args, tensor_parallel=2, pipeline_parallel=1,

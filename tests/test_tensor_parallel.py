@@ -49,6 +49,7 @@ from autopart.passes.tensor_parallel.view_rules import merge_split_placement, vi
 from autopart.runtime.spmd import gather_gradients, run_ranks, simulate_tp
 from autopart.core.problems import SharedCost, TPProblem
 from autopart.solver import brute_force_tp, solve_tp
+from autopart.solver.strategy_ilp import choice_by_elimination, evaluate
 from autopart.frontend.tracing import flatten_inputs
 from random_models import build, programs
 
@@ -318,20 +319,49 @@ def _random_problem(rng: np.random.Generator) -> TPProblem:
                      memory_budget_bytes=float(rng.integers(5, 30)))
 
 
+@pytest.mark.parametrize("method", ["cpsat", "auto"])
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1))
-def test_ilp_optimum_equals_brute_force(seed):
+@given(seed=st.integers(0, 2**32 - 1), unbounded=st.booleans())
+def test_ilp_optimum_equals_brute_force(method, seed, unbounded):
+    """CP-SAT, and variable elimination where it answers (any budget that does not bind), find the optimum."""
     problem = _random_problem(np.random.default_rng(seed))
+    if unbounded:
+        problem = dataclasses.replace(problem, memory_budget_bytes=float("inf"))
     try:
         expected = brute_force_tp(problem)
     except PlanError:
         with pytest.raises(PlanError):
-            solve_tp(problem)
+            solve_tp(problem, method=method)
         return
-    got = solve_tp(problem)
+    got = solve_tp(problem, method=method)
     assert got.status == "OPTIMAL"
     assert got.param_bytes <= problem.memory_budget_bytes
     assert got.objective_seconds == pytest.approx(expected.objective_seconds, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_variable_elimination_answers_when_the_budget_does_not_bind(seed):
+    """Without a binding memory row the strategy problem is solved by elimination alone, exactly."""
+    problem = dataclasses.replace(_random_problem(np.random.default_rng(seed)), memory_budget_bytes=float("inf"))
+    try:
+        expected = brute_force_tp(problem)
+    except PlanError:
+        assert choice_by_elimination(problem) is None   # every choice forbidden somewhere
+        return
+    choice = choice_by_elimination(problem)
+    assert choice is not None
+    assert evaluate(problem, choice)[0] == pytest.approx(expected.objective_seconds, rel=1e-6, abs=1e-9)
+
+
+def test_variable_elimination_leaves_a_binding_budget_to_cp_sat():
+    """Two groups, the fast choice holds 10 bytes, the budget 5: elimination declines, CP-SAT answers."""
+    problem = TPProblem(group_names=("a", "b"), node_seconds=(np.array([1.0, 2.0]), np.array([1.0])),
+                        param_bytes=(np.array([10.0, 4.0]), np.array([1.0])), edges=(), edge_seconds=(),
+                        memory_budget_bytes=5.0)
+    assert choice_by_elimination(dataclasses.replace(problem, memory_budget_bytes=11.0)) == (0, 0)
+    assert choice_by_elimination(problem) is None
+    assert solve_tp(problem).choice == (1, 0)
 
 
 def test_ilp_on_a_small_graph_equals_brute_force():

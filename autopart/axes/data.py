@@ -19,7 +19,7 @@ from autopart.axes.context import batch_divides
 from autopart.axes.pipeline import microbatch_choices
 from autopart.core.blocks import BlockGraph
 from autopart.core.errors import InputError
-from autopart.core.modes import DATA_PARALLEL_MODES, data_parallel_mode_name, reshards_parameters
+from autopart.core.modes import DATA_PARALLEL_MODES, data_parallel_mode_name, reshards_parameters, shards_state
 from autopart.core.plan import Mesh, Plan
 from autopart.core.request import PlanRequest
 from autopart.core.setting import Setting
@@ -149,8 +149,10 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, pro
             sync = zero3_exposed_seconds(graph, cluster, request, problem, members, stage_of, setting, rank)
         elif setting.mode == "zero2":
             fraction = unsharded_fraction(request, setting)
+            experts = _expert_collectives([graph.blocks[b] for b in members], cluster, request, setting,
+                                          problem.num_ranks, rank)
             sync = (all_gather_seconds(param_bytes * fraction, setting.dp, link)
-                    + reduce_scatter_seconds(grad_bytes, setting.dp, link))
+                    + reduce_scatter_seconds(grad_bytes, setting.dp, link) + sum(experts[0]) + sum(experts[1]))
         elif problem.num_stages > 1:
             sync = all_reduce_seconds(grad_bytes, setting.dp, link)
         else:
@@ -161,10 +163,36 @@ def data_parallel_sync_seconds(graph: BlockGraph, cluster: Cluster, request, pro
 
 
 def _experts(block, setting: Setting, trainable: bool) -> int:
-    """The block's expert weight bytes the dp wrappers leave to expert parallelism (0 at ep = 1)."""
+    """The block's expert weight bytes the dp wrappers do not shard over dp (0 at ep = 1)."""
     if setting.ep == 1:
         return 0
     return block.expert_trainable_param_bytes if trainable else block.expert_param_bytes
+
+
+def experts_sharded_over_edp(setting: Setting) -> bool:
+    """Whether FSDP shards the expert blocks over the expert-data-parallel group (edp, the dp / ep
+    replicas holding the same experts): ZeRO modes under expert parallelism with edp > 1
+    (runtime/data_parallel.py). Then their gathers and reduce-scatters run over edp, priced here."""
+    return shards_state(setting.mode) and setting.ep > 1 and setting.dp // setting.ep > 1
+
+
+def edp_group(setting: Setting, num_ranks: int, rank: int) -> list[int]:
+    """Devices of pipeline rank `rank`'s first edp group: one replica per ep group."""
+    return [d * num_ranks + rank for d in range(0, setting.dp, setting.ep)]
+
+
+def _expert_collectives(blocks, cluster: Cluster, request, setting: Setting, num_ranks: int,
+                        rank: int) -> tuple[list[float], list[float]]:
+    """Per block, FSDP's all-gather of its expert blocks (E / ep experts, bf16 under mixed precision)
+    and reduce-scatter of their gradients over edp (s); zeros unless `experts_sharded_over_edp`."""
+    if not experts_sharded_over_edp(setting):
+        return [0.0] * len(blocks), [0.0] * len(blocks)
+    edp, link = setting.dp // setting.ep, cluster.link_for_group(edp_group(setting, num_ranks, rank))
+    fraction = 0.5 if request.mixed_precision == "bf16" else 1.0
+    gather = [all_gather_seconds(b.expert_param_bytes / setting.ep * fraction, edp, link) for b in blocks]
+    reduce = [reduce_scatter_seconds(gradient_bytes(b.expert_trainable_param_bytes / setting.ep), edp, link)
+              for b in blocks]
+    return gather, reduce
 
 
 def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem, members: list[int],
@@ -198,11 +226,13 @@ def zero3_exposed_seconds(graph: BlockGraph, cluster: Cluster, request, problem,
     if not blocks:
         return 0.0
     sharded = [(b.param_bytes - _experts(b, setting, False), b.trainable_param_bytes - _experts(b, setting, True))
-               for b in blocks]  # expert blocks under expert parallelism are not FSDP's
-    gather = [all_gather_seconds(held * fraction, setting.dp_shard, shard_link) for held, _ in sharded]
+               for b in blocks]  # expert blocks under expert parallelism: over edp (_expert_collectives)
+    expert_gather, expert_reduce = _expert_collectives(blocks, cluster, request, setting, problem.num_ranks, rank)
+    gather = [all_gather_seconds(held * fraction, setting.dp_shard, shard_link) + g
+              for (held, _), g in zip(sharded, expert_gather)]
     reduce = [reduce_scatter_seconds(gradient_bytes(trainable), setting.dp_shard, shard_link)
-              + all_reduce_seconds(gradient_bytes(trainable) / setting.dp_shard, replicas, cross_link)
-              for _, trainable in sharded]
+              + all_reduce_seconds(gradient_bytes(trainable) / setting.dp_shard, replicas, cross_link) + r
+              for (_, trainable), r in zip(sharded, expert_reduce)]
     fwd = [float(problem.fwd_seconds[b, stage_of[b]]) for b in members]
     bwd = [float(problem.bwd_seconds[b, stage_of[b]]) for b in members]
     m = problem.num_microbatches
@@ -225,8 +255,9 @@ def sync_lower_bound(graph: BlockGraph, cluster: Cluster, request, problem, sett
     if (setting.dp == 1 or not request.training or reshards_parameters(setting.mode)
             or (setting.mode == "ddp" and problem.num_stages == 1)):
         return 0.0
-    grad_bytes = sum(b.trainable_param_bytes for b in graph.blocks) / problem.num_ranks
-    param_bytes = sum(b.param_bytes for b in graph.blocks) / problem.num_ranks
+    # the dense part: expert blocks under expert parallelism move fewer bytes, over edp or their own group
+    grad_bytes = sum(b.trainable_param_bytes - _experts(b, setting, True) for b in graph.blocks) / problem.num_ranks
+    param_bytes = sum(b.param_bytes - _experts(b, setting, False) for b in graph.blocks) / problem.num_ranks
     fastest = max(cluster.link_for_group(dp_group(setting, problem.num_ranks, r)).bandwidth
                   for r in range(problem.num_ranks))
     if setting.mode == "zero2":  # AG + RS

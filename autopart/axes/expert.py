@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from autopart.axes.base import Axis, GroupRanks, SearchShape, register
+from autopart.axes.data import experts_sharded_over_edp
 from autopart.core.blocks import BlockGraph
 from autopart.core.errors import InputError
 from autopart.core.plan import Mesh, Plan
@@ -62,11 +63,42 @@ def expert_dispatch_seconds(graph: BlockGraph, cluster: Cluster, setting: Settin
     fwd = np.zeros((len(graph.blocks), num_stages))
     if setting.ep == 1:
         return fwd, fwd.copy()
-    links = [cluster.link_for_group(ep_group(setting, num_ranks, s % num_ranks)) for s in range(num_stages)]
+    stages_on: dict = {}   # link → the stages whose ep group it binds (a few distinct links)
+    for s in range(num_stages):
+        stages_on.setdefault(cluster.link_for_group(ep_group(setting, num_ranks, s % num_ranks)), []).append(s)
+    seconds: dict[int, np.ndarray] = {}   # rows bytes → per stage (the MoE layers' blocks are alike)
     for b, block in enumerate(graph.blocks):
+        if block.expert_rows_bytes and block.expert_rows_bytes not in seconds:
+            row = np.zeros(num_stages)
+            for link, stages in stages_on.items():
+                row[stages] = all_to_all_seconds(block.expert_rows_bytes * scale, setting.ep, link)
+            seconds[block.expert_rows_bytes] = row
         if block.expert_rows_bytes:
-            fwd[b] = [all_to_all_seconds(block.expert_rows_bytes * scale, setting.ep, link) for link in links]
+            fwd[b] = seconds[block.expert_rows_bytes]
     return fwd, (fwd.copy() if training else np.zeros_like(fwd))
+
+
+def expert_cast_correction(graph: BlockGraph, devices: list[str], setting: Setting, scale: float, training: bool,
+                           free: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[num_blocks, num_stages] forward and backward seconds to add to the blocks' times, scaled to a
+    microbatch, for their expert weight casts (`Block.expert_cast_times`, mixed precision).
+
+    The blocks price the casts of the whole weights like any op, fixed + scale × scaled; a rank casts
+    its own block of E / ep experts whatever the microbatch (fixed + scaled / ep), and nothing where
+    FSDP already hands it bf16 weights (`free`: the cast returns its input)."""
+    fwd = np.zeros((len(graph.blocks), len(devices)))
+    bwd = np.zeros_like(fwd)
+    for b, block in enumerate(graph.blocks):
+        for s, device in enumerate(devices):
+            t = next((t for t in block.expert_cast_times if t.device == device), None)
+            if t is None:
+                continue
+            fwd[b, s] = (0.0 if free else t.fwd_fixed_s + t.fwd_scaled_s / setting.ep) - (
+                t.fwd_fixed_s + scale * t.fwd_scaled_s)
+            if training:
+                bwd[b, s] = (0.0 if free else t.bwd_fixed_s + t.bwd_scaled_s / setting.ep) - (
+                    t.bwd_fixed_s + scale * t.bwd_scaled_s)
+    return fwd, bwd
 
 
 def expert_gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request, problem, solution,
@@ -76,8 +108,8 @@ def expert_gradient_sync_seconds(graph: BlockGraph, cluster: Cluster, request, p
     holding the same experts (cost_models.comm), not overlapped (the runner reduces after the step's
     backward, like the pipelined dense parameters)."""
     edp = setting.dp // setting.ep
-    if setting.ep == 1 or edp == 1 or not request.training:
-        return 0.0
+    if setting.ep == 1 or edp == 1 or not request.training or experts_sharded_over_edp(setting):
+        return 0.0   # under ZeRO, FSDP reduces them over edp: priced with the data axis (axes/data.py)
     worst = 0.0
     for rank in range(problem.num_ranks):
         stages = set(range(rank, problem.num_stages, problem.num_ranks))

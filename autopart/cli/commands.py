@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     choices.add_argument("--context-parallel", type=_positive_int, metavar="C",
                          help="split each sequence over C consecutive data-parallel replicas (attention "
                               "gathers the keys and values among them; --data-parallel counts them)")
+    choices.add_argument("--expert-parallel", type=_positive_int, metavar="E",
+                         help="mixture-of-experts models: split each MoE layer's experts over E data-parallel "
+                              "replicas (must divide the replicas and the experts; 1 keeps them whole)")
     choices.add_argument("--sequence-parallel", choices=("on", "off"),
                          help="shard the activations between tensor-parallel regions on the sequence "
                               "(Megatron-SP; default: the planner chooses)")
@@ -200,6 +203,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         pipeline_parallel=args.pipeline_parallel, num_microbatches=args.num_microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, data_parallel_mode=args.data_parallel_mode,
         recompute=args.recompute, data_parallel=args.data_parallel, tensor_parallel=args.tensor_parallel,
+        expert_parallel=args.expert_parallel,
         sequence_parallel={"on": True, "off": False}.get(args.sequence_parallel),
         context_parallel=args.context_parallel, optimizer=args.optimizer, mixed_precision=args.mixed_precision, training=not args.inference,
         reuse_layers=not args.no_reuse_layers, verbose=not args.quiet)

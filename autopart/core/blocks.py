@@ -17,11 +17,12 @@ class BlockTimes:
     device: str
     """Device name (DeviceSpec.name)."""
     fwd_fixed_s: float
-    """Per-op launch floors of the forward, independent of batch size (s)."""
+    """Of the forward, what each call costs whatever its batch (s): kernel launches, autocast's
+    conversions of the weights and reading them (passes/node_costs.py `NodeCost.per_call_seconds`)."""
     fwd_scaled_s: float
     """Forward roofline time at the traced batch size, scales linearly with batch (s)."""
     bwd_fixed_s: float
-    """Backward launch floors (s)."""
+    """Of the backward, the same (s)."""
     bwd_scaled_s: float
     """Backward roofline time at the traced batch size (s)."""
 
@@ -94,6 +95,14 @@ class Block:
     their gradients in the backward), and attention saves the gathered copy (axes/context.py)."""
     attention_sequence: int = 0
     """Longest key sequence of the block's attention ops (tokens; 0 without attention)."""
+    expert_cast_bytes: int = 0
+    """The compute-dtype copies of its expert weights that mixed precision makes each forward and the
+    grouped matmuls save for backward (passes/expert_precision.py), whole (not split by ep), each once."""
+    expert_cast_times: tuple[BlockTimes, ...] = ()
+    """Those casts' forward and backward time per device (part of `times`), whole."""
+    eager_times: tuple[BlockTimes, ...] = ()
+    """Per device, the block's times op by op where `times` price compiled kernels (empty: `times`
+    are op by op): a block recomputed 'selective' runs op by op in a compiled plan too."""
     recomputable: bool = True
     """False when an op writes into a tensor it did not make (a buffer's running statistics): a
     replay would apply the write twice, so the block is never recomputed."""
@@ -103,6 +112,15 @@ class Block:
             if entry.device == device:
                 return entry
         raise KeyError(f"block {self.name} has no time for device {device!r}")
+
+    def run_time_on(self, device: str, recompute: str) -> BlockTimes:
+        """Forward and backward (without the replay) on `device` as the block runs under `recompute`:
+        op by op when 'selective' keeps the region eager in a compiled plan, else `time_on`."""
+        if recompute == "selective" and self.recomputable and self.eager_times:
+            for entry in self.eager_times:
+                if entry.device == device:
+                    return entry
+        return self.time_on(device)
 
     def kept_bytes(self, recompute: str, weights_in_compute_dtype: bool = False) -> int:
         """Bytes kept for backward per microbatch at the traced batch under `recompute`;

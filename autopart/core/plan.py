@@ -199,6 +199,8 @@ class ExpertsPlan:
     """Bytes of all expert weights (whole model)."""
     ep: int = 1
     """Ranks splitting each layer's experts on dim 0 (`Mesh.ep`); 1: every rank holds all of them."""
+    tp: int = 1
+    """Ranks splitting each expert's matmuls (expert tensor parallelism: the tp group); 1: experts whole."""
 
     @property
     def per_rank(self) -> int:

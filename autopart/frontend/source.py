@@ -26,10 +26,12 @@ from autopart.frontend.tracing import trace
 def annotate_graph(gm: torch.fx.GraphModule, cluster: Cluster,
                    compute_dtype: torch.dtype | None, fused: bool = False) -> torch.fx.GraphModule:
     """Costs of the graph as it runs: constant attention masks as SDPA's flags (the eager model's
-    kernels), and under autocast the values re-propagated in their autocast dtypes first; with
+    kernels), and under autocast the grouped expert matmuls cast to its dtype (passes/expert_precision.py)
+    and the values re-propagated in their autocast dtypes first; with
     `fused`, times as TorchInductor's fused kernels run (passes/fusion.py), else op by op."""
     gm = passes.use_causal_attention(gm)
     if compute_dtype is not None:
+        passes.experts_in_compute_dtype(gm, compute_dtype)   # grouped expert matmuls as autocast's matmuls
         gm = passes.autocast_values(gm, compute_dtype)
     gm = passes.annotate(gm, cluster, autocast_dtype=compute_dtype)
     return passes.price_fused_kernels(gm, cluster) if fused else gm

@@ -13,6 +13,14 @@ so its budget is the whole training state's share of memory
 (`tp_memory_budgets`), tightened until the search finds a plan. The plan with
 the lowest predicted step time wins; the report lists the layouts tried.
 
+A graph priced as compiled kernels (passes/fusion.py) is searched twice per
+budget: with the splits its own prices choose, then, where they differ, with
+the splits op-by-op prices choose (`eager_splits`), which a plan takes only when
+faster. Its ILP weighs time alone, and a fused chain gains little from being
+split, so compiled prices may leave ops replicated that keep whole activations;
+the eager splits keep what an eager plan keeps, at compiled prices, so no
+compiled plan is priced slower than the eager plan of its layout.
+
 Shapes are static: the graph is costed at one microbatch size. When the
 winner uses another, `search_mesh` has the model traced again at that size
 (its `retrace` argument), restates the plan's stages on the new graph block
@@ -35,6 +43,7 @@ from autopart.cost_models import Cluster, optimizer_state_bytes
 from autopart.core.errors import PlanError
 from autopart.core.interfaces import io_spec
 from autopart.core.blocks import BlockGraph
+from autopart.passes.node_costs import node_cost
 from autopart.passes.tensor_parallel import TPAssignment, TPProblemIndex
 from autopart.passes.tensor_parallel.placements import Placement
 from autopart.passes.tensor_parallel.sequence import boundary_placements
@@ -44,6 +53,7 @@ from autopart.core.problems import TPSolution
 from autopart.axes.tensor import group_cluster
 from autopart.frontend.source import ModelSource
 from autopart.planner.search import TPOption, search
+from autopart.passes.tensor_parallel.expert_rules import experts_under_tp
 from autopart.solver import solve_tp
 
 
@@ -60,6 +70,8 @@ class SearchResult:
     """Per-node placements on the tp axis of `graph`; None when tp = 1."""
     tp_budget: float | None = None
     """The strategy ILP's parameter budget per device the assignment was chosen under (None: tp = 1)."""
+    eager_splits: bool = False
+    """The splits were chosen by op-by-op prices (`tensor_parallel_blocks`' `eager_splits`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,10 +85,12 @@ class _Strategies:
 
 def _solve_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
                       fixed: Mapping[str, Placement | str | frozenset] | None, training: bool,
-                      sequence_parallel: bool | None = False, time_limit_s: float = 10.0) -> _Strategies:
+                      sequence_parallel: bool | None = False, time_limit_s: float = 10.0,
+                      eager_splits: bool = False) -> _Strategies:
     index = passes.tensor_parallel.build_tp_problem(gm, cluster, tp, memory_budget_bytes, fixed=fixed,
                                                     training=training, sequence_parallel=sequence_parallel is not False,
-                                                    force_sequence=sequence_parallel is True)  # the pass: arrays
+                                                    force_sequence=sequence_parallel is True,
+                                                    eager_splits=eager_splits)  # the pass: arrays
     solution = solve_tp(index.problem, time_limit_s=time_limit_s)                   # the solver
     return _Strategies(index=index, solution=solution,
                        assignment=passes.tensor_parallel.assignment_from_solution(gm, index, solution))
@@ -85,18 +99,21 @@ def _solve_strategies(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memor
 def tensor_parallel_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, tp: int, *,
                            training: bool, fixed: Mapping[str, Placement | str] | None,
                            memory_budget_bytes: float | None = None,
-                           sequence_parallel: bool | None = False) -> tuple[BlockGraph, TPAssignment]:
+                           sequence_parallel: bool | None = False,
+                           eager_splits: bool = False) -> tuple[BlockGraph, TPAssignment]:
     """Op splits for a tp group of `tp` devices with stage boundaries replicated (or, with
     `sequence_parallel` not False, the residual stream sequence-sharded: passes/tensor_parallel/sequence.py):
     the blocks restated per device of the group, and the assignment. Parameters must fit
-    `memory_budget_bytes` per device (`tp_memory_budgets`; None: the smallest device's memory)."""
+    `memory_budget_bytes` per device (`tp_memory_budgets`; None: the smallest device's memory).
+    `eager_splits`: on a graph priced as compiled kernels, the splits are chosen by op-by-op prices
+    (the eager plan's splits), the blocks still restated as compiled kernels run."""
     budget = min(d.memory_bytes for d in cluster.devices) if memory_budget_bytes is None else memory_budget_bytes
     if sequence_parallel is False:
         pinned = passes.tensor_parallel.boundaries_replicated(blocks, fixed)
     else:
         pinned = boundary_placements(gm, blocks, tp, force=bool(sequence_parallel), fixed=fixed)
     chosen = _solve_strategies(gm, cluster, tp, budget, fixed=pinned, training=training,
-                               sequence_parallel=sequence_parallel)
+                               sequence_parallel=sequence_parallel, eager_splits=eager_splits)
     restated = passes.tensor_parallel.restate_blocks(gm, blocks, cluster, chosen.index, chosen.solution.choice,
                                                      chosen.assignment)
     return restated, chosen.assignment
@@ -122,54 +139,109 @@ def search_mesh(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, 
     fixed = user_placements(gm, request.tp_plan_dict)
     whole = restate(blocks) if restate is not None else blocks
     levels = {tp: [None] if tp == 1 else tp_memory_budgets(whole, cluster, request, tp) for tp in tp_choices}
-    solved: dict[tuple[int, float | None], tuple[TPOption, TPAssignment | None] | PlanError] = {}
+    # A graph priced as compiled kernels also offers each tp size the splits op-by-op prices choose
+    # (`eager_splits`). The strategy ILP weighs time alone; the cheaper a fused chain, the less it
+    # gains from splitting it, and a replicated op keeps its activations whole. With both offered,
+    # no compiled plan is priced slower than the eager plan of the same layout.
+    kinds = (False, True) if compiled_prices(gm) else (False,)
+    solved: dict[tuple[int, float | None, bool], tuple[TPOption, TPAssignment | None] | PlanError] = {}
     errors: list[PlanError] = []
     searched: list[list[tuple]] = []  # the op splits of every search that found no plan
     for level in range(max(len(budgets) for budgets in levels.values())):
-        options, assignments, budgets = [], {}, {}
-        for tp in tp_choices:
-            budget = levels[tp][min(level, len(levels[tp]) - 1)]
-            if (tp, budget) not in solved:
-                solved[(tp, budget)] = _tp_option(gm, blocks, cluster, request, tp, fixed, budget, restate, progress)
-            found = solved[(tp, budget)]
-            if isinstance(found, PlanError):
-                errors.append(found)
-                continue
-            options.append(found[0])
-            assignments[tp], budgets[tp] = found[1], budget
-        if not options:
-            continue
-        splits = [(o.tp, assignments[o.tp].nodes if assignments[o.tp] is not None else None) for o in options]
-        if splits in searched:  # the tighter budget chose the same splits: the same search would fail again
+        offered: dict[bool, tuple[list[TPOption], dict[int, TPAssignment | None]]] = {}
+        budgets = {}
+        for eager in kinds:
+            options, assignments = [], {}
+            for tp in tp_choices:
+                if eager and tp == 1:
+                    continue
+                budget = budgets[tp] = levels[tp][min(level, len(levels[tp]) - 1)]
+                if (tp, budget, eager) not in solved:
+                    solved[(tp, budget, eager)] = _tp_option(gm, blocks, cluster, request, tp, fixed, budget, restate,
+                                                             progress, eager)
+                found = solved[(tp, budget, eager)]
+                if isinstance(found, PlanError):
+                    if not eager:  # the planned splits say why none fits, not these
+                        errors.append(found)
+                    continue
+                planned = offered[False][1].get(tp) if eager else None
+                if eager and planned is not None and planned.nodes == found[1].nodes:
+                    continue  # the same splits: searched already
+                options.append(found[0])
+                assignments[tp] = found[1]
+            if options:
+                offered[eager] = (options, assignments)
+            elif not eager:
+                offered[eager] = ([], {})
+        splits = [(eager, o.tp, assignments[o.tp].nodes if assignments[o.tp] is not None else None)
+                  for eager, (options, assignments) in offered.items() for o in options]
+        if not splits or splits in searched:  # a tighter budget chose the same splits: the search would fail again
             continue
         searched.append(splits)
         try:
-            result = search(options, request, model_class, traced_batch_size=traced_batch_size, progress=progress)
+            result, eager = _fastest(offered, request, model_class, traced_batch_size, progress)
         except PlanError as error:
             errors.append(error)
             if not getattr(error, "failures", None):
                 raise  # not a memory failure (a choice that cannot be met): a tighter budget will not help
             continue
         tp = result.option.tp
-        best = _in_real_devices(result.plan, cluster, tp, assignments[tp])
+        assignment = offered[eager][1][tp]
+        best = _in_real_devices(result.plan, cluster, tp, assignment)
+        best = dataclasses.replace(best, experts=experts_under_tp(gm, best.experts, assignment))
         if retrace is None or best.microbatch_size == traced_batch_size:
-            return SearchResult(graph=gm, blocks=blocks, plan=best, assignment=assignments[tp], tp_budget=budgets[tp])
+            return SearchResult(graph=gm, blocks=blocks, plan=best, assignment=assignment, tp_budget=budgets[tp],
+                                eager_splits=eager)
         if phase is not None:
             phase("retrace", f"retracing at microbatch size {best.microbatch_size}")
-        return _at_microbatch_size(best, blocks, cluster, request, retrace, budgets[tp])
+        return _at_microbatch_size(best, blocks, cluster, request, retrace, budgets[tp], eager)
     raise _closest(errors, tp_choices)
+
+
+def compiled_prices(gm: torch.fx.GraphModule) -> bool:
+    """Whether `gm` is priced as compiled kernels (passes/fusion.py kept op-by-op prices beside)."""
+    return any(node_cost(n).op_by_op is not None for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _fastest(offered: dict, request: PlanRequest, model_class: str, traced_batch_size: int,
+             progress: Callable[[str], None] | None) -> tuple:
+    """(the search result, whether its splits are the eager ones): the layouts of the splits compiled
+    prices choose, then those of the op-by-op splits where they differ, which win only when faster.
+    PlanError when neither fits (the first search's, when it ran)."""
+    result, failed = None, None
+    options = offered[False][0]
+    if options:
+        try:
+            result = search(options, request, model_class, traced_batch_size=traced_batch_size, progress=progress)
+        except PlanError as error:
+            failed = error
+            if not getattr(error, "failures", None) or True not in offered:
+                raise
+    if True not in offered:
+        return result, False
+    beat = result.plan.predicted_step_seconds if result is not None else float("inf")
+    try:
+        other = search(offered[True][0], request, model_class, traced_batch_size=traced_batch_size,
+                       progress=progress, beat=beat)
+    except PlanError as error:
+        if result is None:
+            raise (failed or error) from None
+        other = None
+    return (other, True) if other is not None else (result, False)
 
 
 def _tp_option(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, request: PlanRequest, tp: int,
                fixed: Mapping[str, Placement] | None, budget: float | None,
                restate: Callable[[BlockGraph], BlockGraph] | None,
-               progress: Callable[[str], None] | None) -> tuple[TPOption, TPAssignment | None] | PlanError:
-    """The blocks as a tp group of `tp` runs them (the op splits chosen under `budget`), or why none fits."""
+               progress: Callable[[str], None] | None,
+               eager_splits: bool = False) -> tuple[TPOption, TPAssignment | None] | PlanError:
+    """The blocks as a tp group of `tp` runs them (the op splits chosen under `budget`; `eager_splits`:
+    by op-by-op prices), or why none fits."""
     started = time.perf_counter()
     try:
         tp_blocks, assignment = (blocks, None) if tp == 1 else tensor_parallel_blocks(
             gm, blocks, cluster, tp, training=request.training, fixed=fixed, memory_budget_bytes=budget,
-            sequence_parallel=request.sequence_parallel)
+            sequence_parallel=request.sequence_parallel, eager_splits=eager_splits)
     except PlanError as error:
         if progress is not None and request.verbose:
             progress(f"tp={tp}: no op split fits ({str(error).splitlines()[0]})")
@@ -194,7 +266,7 @@ def stages_on_blocks(plan: Plan, blocks: BlockGraph) -> tuple:
 
 
 def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, request: PlanRequest,
-                        source: ModelSource, tp_budget: float | None) -> SearchResult:
+                        source: ModelSource, tp_budget: float | None, eager_splits: bool = False) -> SearchResult:
     """The plan restated on the graph traced at its own microbatch size.
 
     Stages carry over by block (`ModelSource.planned_graph`): the same module runs, in the same
@@ -203,21 +275,24 @@ def _at_microbatch_size(plan: Plan, blocks: BlockGraph, cluster: Cluster, reques
     """
     gm, micro_blocks = source.planned_graph(plan.microbatch_size, blocks.depth, [b.name for b in blocks.blocks],
                                             plan.model_class)
-    assignment = choose_splits(gm, micro_blocks, cluster, request, plan.mesh.tp, tp_budget)
+    assignment = choose_splits(gm, micro_blocks, cluster, request, plan.mesh.tp, tp_budget, eager_splits)
     plan = dataclasses.replace(plan, stages=stages_on_blocks(plan, micro_blocks),
                                tensor_parallel=TensorParallelPlan.of(assignment))
-    return SearchResult(graph=gm, blocks=micro_blocks, plan=plan, assignment=assignment, tp_budget=tp_budget)
+    return SearchResult(graph=gm, blocks=micro_blocks, plan=plan, assignment=assignment, tp_budget=tp_budget,
+                        eager_splits=eager_splits)
 
 
 def choose_splits(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluster, request: PlanRequest, tp: int,
-                  tp_budget: float | None) -> TPAssignment | None:
+                  tp_budget: float | None, eager_splits: bool = False) -> TPAssignment | None:
     """The op splits of a tp group of `tp` on `gm` (a graph traced again: other node names), under the
-    parameter budget the plan was made with and the user's `tp_plan`; None at tp = 1."""
+    parameter budget and the prices (`eager_splits`) the plan was made with and the user's `tp_plan`;
+    None at tp = 1."""
     if tp == 1:
         return None
     _, assignment = tensor_parallel_blocks(gm, blocks, cluster, tp, training=request.training,
                                            fixed=user_placements(gm, request.tp_plan_dict),
-                                           memory_budget_bytes=tp_budget, sequence_parallel=request.sequence_parallel)
+                                           memory_budget_bytes=tp_budget, sequence_parallel=request.sequence_parallel,
+                                           eager_splits=eager_splits)
     return assignment
 
 

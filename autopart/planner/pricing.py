@@ -15,8 +15,9 @@ block (planner/recompute_choice.py). The best candidate becomes the `Plan`
 Scaling to a microbatch: the graph is traced at one microbatch size
 (`traced_batch_size`); FLOPs, roofline time, saved activations and
 boundary bytes are linear in the batch, so a candidate with microbatches of b
-samples scales them by b / traced size; per-op launch floors do not scale
-(`BlockTimes`).
+samples scales them by b / traced size; what a call costs whatever its batch
+does not scale (`BlockTimes`: kernel launches, autocast's weight conversions and
+weight reads, passes/node_costs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from autopart.axes import AXES
 from autopart.axes.context import context_exchange_seconds
-from autopart.axes.expert import expert_dispatch_seconds
+from autopart.axes.expert import expert_cast_correction, expert_dispatch_seconds
 from autopart.planner.block_arrays import stage_seconds
 from autopart.cost_models import Cluster, p2p_seconds
 from autopart.core.errors import PlanError
@@ -46,6 +47,8 @@ from autopart.planner.step_costs import (
     activation_bytes,
     block_gradient_bytes,
     block_state_bytes,
+    expert_copy_bytes,
+    expert_weights_in_compute_dtype,
     fsdp_unit_transient_bytes,
     loss_backward_bytes,
     loss_seconds,
@@ -178,7 +181,16 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         for b, mode in enumerate(modes):  # a block recomputed in full gathers again in its backward
             if mode == "full" and request.training and graph.blocks[b].recomputable:
                 bwd[b] += exchange[0][b]
+    if any(b.expert_cast_times for b in graph.blocks):  # bf16 expert weight copies: E / ep, batch-independent
+        casts = expert_cast_correction(graph, [d.name for d in devices], setting, scale, request.training,
+                                       expert_weights_in_compute_dtype(request, setting))
+        fwd, bwd = fwd + casts[0], bwd + casts[1]
     for b, block in enumerate(graph.blocks):  # the loss on the model's outputs, and replayed forwards
+        if modes[b] == "selective" and block.eager_times:  # a selective region of a compiled plan runs eagerly
+            ran = [(block.run_time_on(d.name, "selective"), block.time_on(d.name)) for d in devices]
+            fwd[b] += [eager.fwd(scale) - compiled.fwd(scale) for eager, compiled in ran]
+            if request.training:
+                bwd[b] += [eager.bwd(scale) - compiled.bwd(scale) for eager, compiled in ran]
         if block.model_output_float32_bytes and request.training:
             loss = [loss_seconds(block, d, scale, request) for d in devices]
             fwd[b] += [f for f, _ in loss]
@@ -190,7 +202,7 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
                       + returned_output_bytes(b, request, num_microbatches, scale, keeps) for b in graph.blocks])
     grads = np.array([block_gradient_bytes(b, request, setting, num_microbatches, pipelined) for b in graph.blocks])
     activations = np.array([activation_bytes(b, request, setting, mode) * scale
-                            for b, mode in zip(graph.blocks, modes)])
+                            + expert_copy_bytes(b, request, setting, mode) for b, mode in zip(graph.blocks, modes)])
     transient = np.array([loss_backward_bytes(b) * scale if request.training else 0.0 for b in graph.blocks])
     reserved = (max((recompute_transient_bytes(b, request, setting, mode) * scale
                      for b, mode in zip(graph.blocks, modes)), default=0.0)
@@ -209,13 +221,27 @@ def build_problem(graph: BlockGraph, cluster: Cluster, request: PlanRequest,
         edges=graph.edges,
         values=values,
         memory_capacity=np.array([d.memory_bytes / virtual_stages - reserved for d in devices], dtype=float),
-        boundary_seconds=np.array([[p2p_seconds(value.num_bytes, link) for link in links] for value in values],
-                                  dtype=float).reshape(len(values), len(links)),
+        boundary_seconds=_boundary_seconds(values, links),
         num_microbatches=num_microbatches,
         schedule=schedule,
         virtual_stages=virtual_stages,
         reserved_bytes=float(reserved),
     )
+
+
+def _boundary_seconds(values: tuple[ValueFlow, ...], links: list) -> np.ndarray:
+    """[num_values, num_stages - 1] p2p seconds of each value over each stage boundary's link, each
+    distinct (bytes, link) priced once (a deep pipeline has a few distinct links and value sizes)."""
+    columns: dict = {}
+    for link in links:
+        columns.setdefault(link, len(columns))
+    sizes: dict[int, int] = {}
+    for value in values:
+        sizes.setdefault(value.num_bytes, len(sizes))
+    table = np.array([[p2p_seconds(n, link) for link in columns] for n in sizes], dtype=float).reshape(
+        len(sizes), len(columns))
+    rows = [sizes[v.num_bytes] for v in values]
+    return table[np.ix_(rows, [columns[link] for link in links])].reshape(len(values), len(links))
 
 
 def lower_bound(problem: PipelineProblem) -> float:

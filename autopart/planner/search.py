@@ -106,17 +106,21 @@ class SearchResult:
 
 
 def search(options: list[TPOption], request: PlanRequest, model_class: str, *, traced_batch_size: int,
-           progress: Callable[[str], None] | None = None) -> SearchResult:
+           progress: Callable[[str], None] | None = None, beat: float = math.inf) -> SearchResult | None:
     """The fastest feasible layout over `options` (one per tp size, blocks costed at
     `traced_batch_size` samples); PlanError if none fits (with `.failures`, the layouts tried).
 
     `progress` receives a line at most about once a second while the search runs, and one
-    when it ends if it ran a second or more, or `request.verbose` (None: silent).
+    when it ends if it ran a second or more, or `request.verbose` (None: silent). `beat`: only a
+    step faster than this counts (another search's best): None when no layout is.
     """
     started = time.perf_counter()
     run = _Run(options, request, traced_batch_size, progress, started)
+    run.beat = beat
     run.seed()
     run.loop()
+    if run.best is None and math.isfinite(beat):
+        return None
     return run.result(model_class, time.perf_counter() - started)
 
 
@@ -144,6 +148,8 @@ class _Run:
         self.num_layouts = 0  # layouts met so far (expanded, or standing for an infeasible shape)
         self.errors: list[PlanError] = []
         self.last_report = started
+        self.beat = math.inf
+        """Only a step below this wins (`search`'s `beat`)."""
 
     # ------------------------------------------------------------------ the heap
 
@@ -234,7 +240,7 @@ class _Run:
 
     def may_win(self, bound: float, order: tuple) -> bool:
         if self.best is None:
-            return True
+            return bound < self.beat * (1 - _TOLERANCE)
         limit = self.best.step
         return bound < limit * (1 - _TOLERANCE) or (bound <= limit * (1 + _TOLERANCE) and order < self.best.order)
 

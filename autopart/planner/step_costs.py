@@ -28,6 +28,7 @@ data-parallel synchronisation per mode) is the axis's own (autopart/axes/).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from typing import Sequence
 
@@ -37,12 +38,29 @@ from autopart.core.modes import reshards_parameters
 from autopart.core.schedules import schedule_keeps_outputs
 from autopart.core.setting import Setting
 from autopart.axes.context import gathered_kv_bytes
-from autopart.axes.data import unsharded_fraction
+from autopart.axes.data import experts_sharded_over_edp, unsharded_fraction
 
 
 def weights_in_compute_dtype(request, setting: Setting) -> bool:
     """Whether FSDP hands the blocks bf16 weights, so that autocast copies none (mixed precision)."""
     return setting.shards > 1 and request.mixed_precision == "bf16"
+
+
+def expert_weights_in_compute_dtype(request, setting: Setting) -> bool:
+    """Whether FSDP hands the expert weights in bf16, so that their casts copy nothing: as for the dense
+    weights; under expert parallelism only where FSDP shards the expert blocks over edp."""
+    return weights_in_compute_dtype(request, setting) and (setting.ep == 1 or experts_sharded_over_edp(setting))
+
+
+def expert_copy_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:
+    """Bytes of the bf16 expert weight copies one microbatch in flight keeps for backward (mixed
+    precision: passes/expert_precision.py): E / ep experts' worth, whatever the microbatch's size;
+    none when the block is recomputed or FSDP hands bf16 weights. `activation_bytes` leaves them out."""
+    if not request.training or not block.expert_cast_bytes or expert_weights_in_compute_dtype(request, setting):
+        return 0.0
+    if recompute != "none" and block.recomputable:
+        return 0.0
+    return block.expert_cast_bytes / setting.ep
 
 
 def block_state_bytes(block: Block, request, setting: Setting) -> float:
@@ -105,20 +123,47 @@ def block_gradient_bytes(block: Block, request, setting: Setting, num_microbatch
 
 def expert_split(block: Block, setting: Setting) -> list[tuple[Block, Setting]]:
     """A block as its dense part (held as `setting` says) and its experts' share under expert
-    parallelism: 1/ep of the expert weights per rank, with their gradients and optimizer state,
-    unsharded whatever the dp mode (the runner leaves the expert blocks out of DDP/FSDP and sums
-    their gradients over the replicas holding the same experts itself: no bucket copy, no ZeRO
-    over that group). Activations are not split: each rank computes, on average, as many routed
-    rows as without ep (uniform routing)."""
-    ep = setting.ep
+    parallelism: 1/ep of the expert weights per rank, with their gradients and optimizer state.
+    Under ZeRO with edp = dp / ep > 1 replicas per expert block, FSDP shards that share over edp as
+    the mode shards the dense part over dp (ZeRO-3 for 'hsdp': the experts shard over all of edp);
+    otherwise it is held whole (the runner leaves the expert blocks out of DDP and sums their
+    gradients over edp itself: no bucket copy). Activations are not split: each rank computes, on
+    average, as many routed rows as without ep (uniform routing)."""
+    dense, experts = _expert_parts(block, setting.ep)
+    dense_setting, expert_setting = _expert_settings(setting)
+    return [(dense, dense_setting), (experts, expert_setting)]
+
+
+_EXPERT_PARTS: dict[tuple[int, int], tuple[Block, Block, Block]] = {}
+"""(id(block), ep) → (block, its dense part, its experts' share): the search prices the same blocks
+under ep hundreds of thousands of times (DeepSeek-V3: 283k calls, 10 s of dataclass copies)."""
+
+
+def _expert_parts(block: Block, ep: int) -> tuple[Block, Block]:
+    hit = _EXPERT_PARTS.get((id(block), ep))
+    if hit is not None and hit[0] is block:   # the block itself is kept, so its id is not reused
+        return hit[1], hit[2]
     dense = dataclasses.replace(block, param_bytes=block.param_bytes - block.expert_param_bytes,
                                 trainable_param_bytes=block.trainable_param_bytes - block.expert_trainable_param_bytes,
                                 expert_param_bytes=0, expert_trainable_param_bytes=0)
     experts = dataclasses.replace(block, param_bytes=block.expert_param_bytes // ep,
                                   trainable_param_bytes=block.expert_trainable_param_bytes // ep, buffer_bytes=0,
                                   expert_param_bytes=0, expert_trainable_param_bytes=0)
-    expert_setting = dataclasses.replace(setting, dp=1, mode="ddp", dp_shard=1, ep=1)
-    return [(dense, dataclasses.replace(setting, ep=1)), (experts, expert_setting)]
+    if len(_EXPERT_PARTS) > 4096:
+        _EXPERT_PARTS.clear()
+    _EXPERT_PARTS[(id(block), ep)] = (block, dense, experts)
+    return dense, experts
+
+
+@functools.lru_cache(maxsize=4096)
+def _expert_settings(setting: Setting) -> tuple[Setting, Setting]:
+    """How the dense part and the experts' share of a block are held under `setting`."""
+    dense = dataclasses.replace(setting, ep=1)
+    if experts_sharded_over_edp(setting):
+        edp = setting.dp // setting.ep
+        mode = "zero3" if reshards_parameters(setting.mode) else "zero2"
+        return dense, dataclasses.replace(setting, dp=edp, mode=mode, dp_shard=edp, ep=1)
+    return dense, dataclasses.replace(setting, dp=1, mode="ddp", dp_shard=1, ep=1)
 
 
 def activation_bytes(block: Block, request, setting: Setting, recompute: str = "none") -> float:
@@ -126,13 +171,16 @@ def activation_bytes(block: Block, request, setting: Setting, recompute: str = "
     `recompute` (`Block.kept_bytes`), plus, for the block computing the model's outputs, the
     float32 log-softmax of them that a cross-entropy loss saves (the loss is not traced;
     cross-entropy is assumed), and the outputs themselves, which the stage holds until the
-    microbatch's backward (not to the step's end: `keeps_model_outputs`). Under context
-    parallelism attention also keeps the keys and values it gathered (`gathered_kv_bytes`)."""
+    microbatch's backward (not to the step's end: `keeps_model_outputs`). Not the expert weight
+    copies, which do not scale with the batch (`expert_copy_bytes`). Under context parallelism
+    attention also keeps the keys and values it gathered (`gathered_kv_bytes`)."""
     if not request.training:
         return 0.0
     held_output = 0 if keeps_model_outputs(2, 1) else block.model_output_bytes  # see keeps_model_outputs
-    return (block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
-            + block.model_output_float32_bytes + held_output + gathered_kv_bytes(block, setting, recompute))
+    kept = block.kept_bytes(recompute, weights_in_compute_dtype(request, setting))
+    if recompute == "none" or not block.recomputable:   # the expert weight copies: expert_copy_bytes
+        kept = max(kept - block.expert_cast_bytes, 0)
+    return kept + block.model_output_float32_bytes + held_output + gathered_kv_bytes(block, setting, recompute)
 
 
 def loss_backward_bytes(block: Block) -> int:
@@ -192,9 +240,20 @@ def fsdp_unit_bytes(blocks: Sequence[Block], request, setting: Setting) -> tuple
     reduce-scatter frees them); (0, 0) without ZeRO-3."""
     if not request.training or not reshards_parameters(setting.mode) or setting.shards == 1:
         return 0.0, 0.0
-    sizes = sorted((b.param_bytes for b in blocks), reverse=True)
+    held = [_fsdp_unit_held(b, setting) for b in blocks]
+    sizes = sorted((p for p, _ in held), reverse=True)
     gathered = sum(sizes[:2]) * unsharded_fraction(request, setting)
-    return gathered, float(max((gradient_bytes(b.trainable_param_bytes) for b in blocks), default=0))
+    return gathered, float(max((gradient_bytes(t) for _, t in held), default=0))
+
+
+def _fsdp_unit_held(block: Block, setting: Setting) -> tuple[float, float]:
+    """(parameter, trainable parameter) bytes FSDP gathers for a block's unit: all of them; under expert
+    parallelism its dense part and, where FSDP shards the experts over edp, its E / ep experts."""
+    if setting.ep == 1:
+        return float(block.param_bytes), float(block.trainable_param_bytes)
+    kept = 1 - (1 / setting.ep if experts_sharded_over_edp(setting) else 0.0)
+    return (block.param_bytes - block.expert_param_bytes * kept,
+            block.trainable_param_bytes - block.expert_trainable_param_bytes * kept)
 
 
 def fsdp_unit_transient_bytes(blocks: Sequence[Block], request, setting: Setting) -> float:

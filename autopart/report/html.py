@@ -12,6 +12,7 @@ from autopart.report.summary import (
     cluster_label,
     depth_label,
     device_memory,
+    experts_summary,
     parts_note,
     splits_nothing,
     step_parts,
@@ -177,10 +178,12 @@ def _cards(plan: Plan) -> str:
         _card("pipeline", plural(plan.num_stages, "stage"),
               f"pp={plan.mesh.pp} × tp={plan.mesh.tp} × dp={plan.mesh.dp}"
               + (f" {plan.data_parallel_mode}" if plan.mesh.dp > 1 else "")
+              + (f" (ep={plan.mesh.ep})" if plan.mesh.ep > 1 else "")
               + (f", {plan.virtual_stages} per rank" if plan.virtual_stages > 1 else "")),
         _card("microbatches", str(plan.num_microbatches), f"of {plan.microbatch_size} (batch {plan.batch_size})"),
         _card("schedule", plan.schedule, f"bubble {fmt_percent(plan.bubble_fraction)}"),
         *([_card("recompute", _recompute_value(plan), recompute_summary(plan))] if is_training(plan) else []),
+        *([_card("experts", _experts_value(plan), experts_summary(plan))] if plan.experts is not None else []),
         _card("fullest device", fmt_percent(fullest.total / fullest.capacity),
               f"device {fullest.devices[0]}: {fmt_bytes(fullest.total)} of {fmt_bytes(fullest.capacity)}"),
         _card("idle devices", str(len(idle)),
@@ -190,6 +193,12 @@ def _cards(plan: Plan) -> str:
                                                     f"search"),
     ]
     return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _experts_value(plan: Plan) -> str:
+    """'ep=4', 'tp=2', 'ep=4 × tp=2' (how each expert layer is split), or 'replicated'."""
+    parts = [f"{axis}={n}" for axis, n in (("ep", plan.experts.ep), ("tp", plan.experts.tp)) if n > 1]
+    return " × ".join(parts) or "replicated"
 
 
 def _recompute_value(plan: Plan) -> str:

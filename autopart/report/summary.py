@@ -231,9 +231,13 @@ def experts_summary(plan: Plan) -> str | None:
     names = ", ".join(layers) if len(layers) <= 3 else f"{layers[0]} … {layers[-1]}"
     what = (f"{plural(len(layers), 'expert layer')} ({names}), {experts.num_experts} experts each, "
             f"{fmt_bytes(experts.weight_bytes)} of expert weights")
+    split = (f"; each expert split over tp={experts.tp} (expert tensor parallelism: gate/up by columns, down by "
+             "rows, the sum reduced after)" if experts.tp > 1 else "")
     if experts.ep > 1:
         return (f"{what}; split over ep={experts.ep} replicas: {experts.per_rank} experts per rank "
-                "(weights sharded on the expert dim), tokens routed to them by all-to-all")
+                f"(weights sharded on the expert dim), tokens routed to them by all-to-all{split}")
+    if experts.tp > 1:
+        return f"{what}; every rank holds all experts (expert_parallel=1){split}"
     tp_note = " (tensor parallelism leaves them whole)" if plan.mesh.tp > 1 else ""
     return f"{what}; replicated: every rank holds all experts{tp_note} (expert_parallel=1)"
 

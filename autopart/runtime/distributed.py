@@ -45,7 +45,8 @@ from autopart.core.context_chunks import CP_RANDOM_ATTR, CP_RANDOM_SEED_OFFSET, 
 from autopart.core.tp_random import STREAM_ATTR, replica_seed, sharded_seed
 from autopart.runtime.mesh import MeshGroups, build_groups, coordinates
 from autopart.runtime.kernels import DEFAULT_BACKEND, KernelReport, compile_regions
-from autopart.runtime.data_parallel import data_parallel_mode, is_fully_sharded, wrap_data_parallel
+from autopart.runtime.data_parallel import (data_parallel_mode, experts_sharded_over_edp, is_fully_sharded,
+                                            wrap_data_parallel)
 from autopart.runtime.checkpoint import CheckpointMixin
 from autopart.runtime.state import StateMixin, _tp_slices, local_tensor
 
@@ -191,7 +192,7 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         """The stage replicated over the dp group as the plan says (unchanged without replicas)."""
         if self.mesh.dp == 1:
             return adapter
-        return wrap_data_parallel(adapter, self.groups, self.device, self.plan, ignored=set(self.expert_parameters()))
+        return wrap_data_parallel(adapter, self.groups, self.device, self.plan, experts=set(self.expert_parameters()))
 
     # ------------------------------------------------------------------ training
 
@@ -306,7 +307,10 @@ class DistributedRunner(CheckpointMixin, StateMixin):
     def _reduce_expert_gradients(self) -> None:
         """Expert blocks' gradients: the all-to-alls' backward already summed every ep-group rank's
         tokens into them; the replicas holding the same experts (edp) add theirs, and the sum over all
-        dp replicas' losses becomes their mean, as DDP's average does for the dense parameters."""
+        dp replicas' losses becomes their mean, as DDP's average does for the dense parameters.
+        Under ZeRO FSDP has reduced them over edp already (runtime/data_parallel.py)."""
+        if experts_sharded_over_edp(self.plan):
+            return
         for param in self.expert_parameters():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -353,9 +357,9 @@ class DistributedRunner(CheckpointMixin, StateMixin):
                 grad = param.grad
                 if grad is None or self.first_holder[name] != interface.stage:  # tied copies count once
                     continue
-                if id(param) in experts:  # this rank's block of the experts (whole over tp)
+                if id(param) in experts:  # this rank's block of the experts (whole over tp; under ZeRO its edp shard)
                     if self.coords.tp_index == 0:
-                        expert_squares += grad.detach().float().pow(2).sum()
+                        expert_squares += local_tensor(grad).detach().float().pow(2).sum()
                     continue
                 piece = tp_slices.get(path)
                 if (piece is None or piece.dim is None) and self.coords.tp_index != 0:
@@ -366,6 +370,8 @@ class DistributedRunner(CheckpointMixin, StateMixin):
         if sharded:  # FSDP: each replica of a shard group holds a shard of every gradient
             dist.all_reduce(squares, group=self.groups.dp_shard if data_parallel_mode(self.plan) == "hsdp"
                             else self.groups.dp)
+        if experts_sharded_over_edp(self.plan):  # the edp group's shards make up this rank's block
+            dist.all_reduce(expert_squares, group=self.groups.edp)
         if self.groups.ep is not None:  # the ep group's blocks make up every expert
             dist.all_reduce(expert_squares, group=self.groups.ep)
         squares = squares + expert_squares

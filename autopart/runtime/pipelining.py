@@ -29,7 +29,12 @@ class StageAdapter(nn.Module):
     `constants`. The last stage returns the model's flat outputs. Point-to-point
     sends need contiguous tensors: outputs are made contiguous, and so are the
     gradients that flow back to the received inputs. Outputs are not views
-    either: the zero-bubble input-gradient pass detaches them in place.
+    either: the zero-bubble input-gradient pass detaches them in place. The last
+    stage's outputs are contiguous too, as declared to PipelineStage
+    (`example_outputs`), whose forward checks every output's shape, dtype and
+    strides against them (torch 2.11 on every call): a model output that is a
+    slice or a transpose, or a compiled region returning another layout than
+    eager, would fail it.
 
     Integer and boolean tensors cross stages as float64 (exact below 2**53):
     torch 2.11's PipelineStage makes every received buffer require grad, which
@@ -76,6 +81,8 @@ class StageAdapter(nn.Module):
         outputs = tuple(cast_like(x, v) for x, v in zip(outputs, self.output_vals))  # the planned dtypes
         if self.interface.stage < self.interface.num_stages - 1:
             outputs = tuple(_sendable(x) if isinstance(x, torch.Tensor) else x for x in outputs)
+        else:  # laid out as declared (`example_outputs`): PipelineStage compares strides too
+            outputs = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in outputs)
         return _with_zero_gradients(outputs, cast) if cast else outputs
 
 

@@ -29,6 +29,11 @@ All costs are ≥ 0, so at the optimum e and y equal the products and maxima
 they bound. CP-SAT needs integers: seconds are scaled by 2^30 / U (U ≥ the
 objective of any assignment) and rounded, so the optimum in seconds is exact
 to about (number of terms)·2^-31 relative; bytes are integral.
+
+The same integer objective is first minimised without row (6) by variable
+elimination (strategy_elimination.py); where the graph is narrow (transformer
+layers are) and that choice fits the budget, it is the optimum, proven, in a
+fraction of a second, and CP-SAT is not run.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import numpy as np
 from autopart.core.errors import InputError, PlanError
 from autopart.core.problems import TPProblem, TPSolution
 from autopart.solver.backends import _make_backend
+from autopart.solver.strategy_elimination import INFINITE, solve_by_elimination
 
 _UNITS = 2**30
 """Integer time units per upper bound of the objective."""
@@ -98,13 +104,25 @@ def _check_memory(problem: TPProblem) -> None:
         )
 
 
-def solve_tp(problem: TPProblem, *, time_limit_s: float = 10.0, num_workers: int = 2) -> TPSolution:
-    """Minimise the objective with CP-SAT; PlanError if nothing fits the memory budget."""
+def solve_tp(problem: TPProblem, *, time_limit_s: float = 10.0, num_workers: int = 2,
+             method: str = "auto") -> TPSolution:
+    """Minimise the objective; PlanError if nothing fits the memory budget.
+
+    `method`: "auto" solves by variable elimination where the graph is narrow and the answer fits the
+    budget (strategy_elimination.py: exact, and far faster on transformer layers), else with CP-SAT;
+    "cpsat" always uses CP-SAT."""
+    if method not in ("auto", "cpsat"):
+        raise InputError(f"solve_tp: unknown method {method!r}; use 'auto' or 'cpsat'")
     start = time.perf_counter()
     validate(problem)
     _check_memory(problem)
     scale = _UNITS / _upper_bound(problem)
     units = lambda s: int(round(s * scale))  # noqa: E731
+    exact = choice_by_elimination(problem) if method == "auto" else None
+    if exact is not None:
+        seconds, memory = evaluate(problem, exact)
+        return TPSolution(choice=exact, objective_seconds=seconds, param_bytes=memory, status="OPTIMAL",
+                          solve_seconds=time.perf_counter() - start)
     # Two workers and CP-SAT's default LP relaxation: the strategy model's objective sums many
     # booleans, unlike the pipeline model's min-max (which runs best on one worker without it).
     solver = _make_backend("cpsat", num_workers=num_workers, linearization_level=1)
@@ -157,15 +175,44 @@ def solve_tp(problem: TPProblem, *, time_limit_s: float = 10.0, num_workers: int
 _MIB = 2**20
 
 
+def _tie_break_weight(problem: TPProblem) -> int:
+    """Integer time units are multiplied by this: more than all the groups' parameter MiB together."""
+    return 1 + sum(int(np.ceil(float(np.max(m)) / _MIB)) for m in problem.param_bytes if m.size)
+
+
 def _fewest_bytes_among_fastest(objective: dict, x: list[list], problem: TPProblem) -> dict:
     """The time objective, ties broken by parameter bytes per device (MiB, rounded up): time units
     weigh more than all the bytes together, so the optimum in time is unchanged, and among equal
     times the solver returns the one that holds least (an embedding sharded rather than replicated
     at the same speed), whichever of its workers finds it first."""
-    weight = 1 + sum(int(np.ceil(float(np.max(m)) / _MIB)) for m in problem.param_bytes if m.size)
+    weight = _tie_break_weight(problem)
     terms = {var: units * weight for var, units in objective.items()}
     for g, mem in enumerate(problem.param_bytes):
         for k, m in enumerate(mem):
             if m > 0 and np.isfinite(problem.node_seconds[g][k]):
                 terms[x[g][k]] = terms.get(x[g][k], 0) + int(np.ceil(m / _MIB))
     return terms
+
+
+def choice_by_elimination(problem: TPProblem) -> tuple[int, ...] | None:
+    """The optimum of `solve_tp`'s CP-SAT model (the same integer objective, term by term) found by
+    variable elimination (strategy_elimination.py), if the graph is narrow enough and the choice
+    fits the memory budget (then the memory row cannot change it); None otherwise."""
+    scale = _UNITS / _upper_bound(problem)
+    units = lambda s: int(round(s * scale))  # noqa: E731
+    weight = _tie_break_weight(problem)
+    unary = []
+    for costs, mem in zip(problem.node_seconds, problem.param_bytes):
+        row = np.array([units(c) * weight if c > 0 else 0 for c in np.where(np.isfinite(costs), costs, 0)], np.int64)
+        row += np.array([int(np.ceil(m / _MIB)) if m > 0 else 0 for m in mem], np.int64)
+        unary.append(np.where(np.isfinite(costs), row, INFINITE))
+    pairs = []
+    for (u, v), mat in zip(problem.edges, problem.edge_seconds):
+        finite = np.isfinite(mat)
+        scaled = np.vectorize(lambda c: units(c) * weight, otypes=[np.int64])(np.where(finite, mat, 0))
+        pairs.append((u, v, np.where(finite, scaled, INFINITE)))
+    shared = [(units(term.seconds) * weight, term.source, term.triggers) for term in problem.shared]
+    choice = solve_by_elimination(unary, pairs, shared)
+    if choice is None or evaluate(problem, choice)[1] > problem.memory_budget_bytes:
+        return None
+    return choice

@@ -23,6 +23,7 @@ from autopart.core.blocks import Block, BlockGraph, BlockTimes
 from autopart.passes.attention_reads import is_attention
 from autopart.passes.context_parallel.layout import attention_site
 from autopart.passes.attrs import named_arguments
+from autopart.passes.expert_parallel import expert_weight_of, is_expert_matmul
 from autopart.passes.node_costs import node_cost
 from autopart.passes.tensor_parallel.assignment import TPAssignment
 from autopart.passes.tensor_parallel.placements import Placement, R, Shard
@@ -44,14 +45,17 @@ def restate_blocks(gm: torch.fx.GraphModule, blocks: BlockGraph, cluster: Cluste
     of `index.problem`) and the `assignment` read back from it."""
     chosen = {name: choice[g] for name, g in index.node_group.items()}
     seconds = {name: float(index.node_seconds[name][k]) for name, k in chosen.items()}
+    eager = index.node_eager_seconds or index.node_seconds
+    eager_seconds = {name: float(eager[name][k]) for name, k in chosen.items()}
     param_bytes = {name: int(index.node_param_bytes[name][k]) for name, k in chosen.items()}
     for collective in assignment.collectives:
         seconds[collective.value] = seconds.get(collective.value, 0.0) + collective.seconds
+        eager_seconds[collective.value] = eager_seconds.get(collective.value, 0.0) + collective.seconds
     attr_node = {n.target: n.name for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
     device = cluster.devices[0].name
-    new_blocks = tuple(_restate(block, nodes, attr_node, seconds, param_bytes, assignment, device)
-                       for block in blocks.blocks)
+    new_blocks = tuple(_restate(block, nodes, attr_node, seconds, eager_seconds, param_bytes, assignment, device,
+                                index.pricing.training) for block in blocks.blocks)
     return dataclasses.replace(blocks, blocks=new_blocks)
 
 
@@ -95,26 +99,41 @@ def _kv_on_rank(node: torch.fx.Node, assignment: TPAssignment) -> float:
     return total
 
 
-def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: TPAssignment, device: str) -> Block:
-    times = block.time_on(device)
-    old = times.fwd(1.0) + times.bwd(1.0)
+def _ratio(times: BlockTimes, seconds: dict[str, float], block: Block, training: bool) -> float:
+    """The block's time under the chosen strategies (`seconds` per node: forward, and backward when
+    `training`) over its time unsplit (`times`)."""
+    old = times.fwd(1.0) + (times.bwd(1.0) if training else 0.0)
     new = sum(seconds.get(name, 0.0) for name in block.node_names)
-    ratio = new / old if old > 0 else 1.0
+    return new / old if old > 0 else 1.0
+
+
+def _scaled(times: tuple[BlockTimes, ...], ratio: float, backward: bool = True) -> tuple[BlockTimes, ...]:
+    return tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
+                            bwd_fixed_s=t.bwd_fixed_s * ratio if backward else 0.0,
+                            bwd_scaled_s=t.bwd_scaled_s * ratio if backward else 0.0) for t in times)
+
+
+def _restate(block: Block, nodes, attr_node, seconds, eager_seconds, param_bytes, assignment: TPAssignment,
+             device: str, training: bool) -> Block:
+    ratio = _ratio(block.time_on(device), seconds, block, training)
+    # op by op (a compiled plan's selective regions, and their replay), by the same splits
+    eager_ratio = (_ratio(next(t for t in block.eager_times if t.device == device), eager_seconds, block, training)
+                   if block.eager_times else ratio)
     held = sum(param_bytes.get(attr_node[t], 0) for t in block.param_names if t in attr_node)
     share = held / block.param_bytes if block.param_bytes else 1.0
     saved = sum(_saved_on_rank(nodes[name], assignment) for name in block.node_names)
     # the pipeline planner prices fwd and bwd separately: keep the block's own split of the two
-    scaled = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
-                              bwd_fixed_s=t.bwd_fixed_s * ratio, bwd_scaled_s=t.bwd_scaled_s * ratio)
-                   for t in block.times)
+    scaled = _scaled(block.times, ratio)
     # recomputation's figures follow the same splits: what 'selective' keeps (matmul outputs) and the
     # autocast copies of the weights shrink as the saved tensors and the weights do; the block's inputs
     # (a stage boundary, replicated) do not; the replayed forward takes the block's new time
     kept = saved / block.saved_bytes if block.saved_bytes else 1.0
     kv = sum(_kv_on_rank(nodes[name], assignment) for name in block.node_names)
-    selective = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s * ratio, fwd_scaled_s=t.fwd_scaled_s * ratio,
-                                 bwd_fixed_s=0.0, bwd_scaled_s=0.0) for t in block.selective_times)
-    return dataclasses.replace(block, times=scaled, param_bytes=int(held), num_params=int(block.num_params * share),
+    selective = _scaled(block.selective_times, eager_ratio, backward=False)
+    if block.expert_param_bytes:
+        block = _restate_experts(block, nodes, attr_node, param_bytes, assignment)
+    return dataclasses.replace(block, times=scaled, eager_times=_scaled(block.eager_times, eager_ratio),
+                               param_bytes=int(held), num_params=int(block.num_params * share),
                                trainable_param_bytes=int(block.trainable_param_bytes * share),
                                saved_bytes=int(saved),
                                selective_saved_bytes=int(block.selective_saved_bytes * kept),
@@ -123,3 +142,27 @@ def _restate(block: Block, nodes, attr_node, seconds, param_bytes, assignment: T
                                parameters=tuple((t, param_bytes.get(attr_node.get(t), 0), trainable,
                                                  int(numel * param_bytes.get(attr_node.get(t), 0) / size) if size else 0)
                                                 for t, size, trainable, numel in block.parameters))
+
+
+def _restate_experts(block: Block, nodes, attr_node, param_bytes, assignment: TPAssignment) -> Block:
+    """The block's expert figures on one rank of the tp group: under expert tensor parallelism
+    (expert_rules.py) each rank holds 1/tp of every expert weight (and of its bf16 copy and cast), and
+    the rows it dispatches and gets back under expert parallelism are the ones in its placements."""
+    matmuls = [nodes[n] for n in block.node_names if is_expert_matmul(nodes[n]) and expert_weight_of(nodes[n])]
+    weights = {expert_weight_of(n) for n in matmuls}
+    held = sum(param_bytes.get(attr_node.get(t), 0) for t in weights)
+    share = held / block.expert_param_bytes
+    rows = 0.0
+    for node in matmuls:
+        x, out, decision = node.args[0], node, assignment.nodes.get(node.name)
+        x_place = decision.input_placement(x.name) if decision is not None else None
+        for value, place in ((x, x_place), (out, assignment.output_placement(out.name))):
+            val = value.meta["val"]
+            rows += val.numel() * val.element_size() / (assignment.tp if isinstance(place, Shard) else 1)
+    casts = tuple(BlockTimes(device=t.device, fwd_fixed_s=t.fwd_fixed_s, fwd_scaled_s=t.fwd_scaled_s * share,
+                             bwd_fixed_s=t.bwd_fixed_s, bwd_scaled_s=t.bwd_scaled_s * share)
+                  for t in block.expert_cast_times)
+    return dataclasses.replace(block, expert_param_bytes=int(held),
+                               expert_trainable_param_bytes=int(block.expert_trainable_param_bytes * share),
+                               expert_cast_bytes=int(block.expert_cast_bytes * share), expert_cast_times=casts,
+                               expert_rows_bytes=int(rows))

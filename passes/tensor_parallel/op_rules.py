@@ -8,7 +8,8 @@ SDPA op. It also has no notion of Megatron's f operator (which Replicate inputs
 need a backward all-reduce) or of a bias added once to a Partial sum. The rules
 here are small and follow DTensor's semantics where both exist.
 
-Anchor ops (linear, mm/addmm/matmul/bmm, SDPA, embedding, norms) enumerate
+Anchor ops (linear, mm/addmm/matmul/bmm, SDPA, embedding, norms, the grouped expert
+matmuls: expert_rules.py) enumerate
 their strategies from their own shapes; follower ops (elementwise, views,
 split/getitem, softmax, reductions) propagate the placements their inputs can
 arrive in (`cands`). Ops without a rule run replicated.
@@ -23,6 +24,8 @@ import torch
 import torch.fx
 
 from autopart.passes.attrs import named_arguments
+from autopart.passes.expert_parallel import is_expert_matmul
+from autopart.passes.tensor_parallel.expert_rules import grouped_matmul_rule
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Shard, can_shard
 from autopart.passes.tensor_parallel.sequence import sequence_candidates
 from autopart.passes.tensor_parallel.strategy import Strategy, dim_arg, make_strategy, replicate, shape_of
@@ -307,7 +310,7 @@ def op_strategies(node: torch.fx.Node, tp: int, groups: set[int], cands: Candida
     `sequence`: elementwise ops and norms may also run on their operands' sequence shards
     (sequence parallelism, sequence.py)."""
     strategies = [replicate(node)]
-    rule = RULES.get(node.target)
+    rule = RULES.get(node.target) or (grouped_matmul_rule if is_expert_matmul(node) else None)
     if sequence and rule in (elementwise_rule, norm_rule):
         cands = sequence_candidates(cands, tp)
     if rule is not None:

@@ -35,7 +35,7 @@ import torch.fx
 
 from autopart.cost_models import Cluster, Link, all_gather_seconds, all_reduce_seconds, reduce_scatter_seconds
 from autopart.core.errors import InputError
-from autopart.passes.node_costs import node_cost
+from autopart.passes.node_costs import fixed_seconds, node_cost, priced_seconds
 from autopart.passes.attrs import is_parameter
 from autopart.passes.coarsen import coarsen
 from autopart.passes.tensor_parallel.assignment import Collective, NodePlacement, TPAssignment
@@ -199,13 +199,17 @@ class _Pricing:
                    if phase == "forward" or (grad and self.training))
 
 
-def _compute_seconds(node: torch.fx.Node, device: str, floor: float, fraction: float, training: bool) -> float:
-    """Roofline seconds (forward + backward) of a node doing `fraction` of its work; the launch floor stays."""
+def _compute_seconds(node: torch.fx.Node, device: str, floor: float, fraction: float, training: bool,
+                     eager: bool = False) -> float:
+    """Roofline seconds (forward + backward; with `eager` op by op) of a node doing `fraction` of its
+    work; its launches (`fixed_seconds`: the floor, or its share of a fused kernel's) stay."""
     cost = node_cost(node)
+    fixed = fixed_seconds(cost, device, floor, eager=eager)
+    fwd, bwd = priced_seconds(cost, device, eager=eager)
     total = 0.0
-    for t in (cost.fwd_seconds(device), cost.bwd_seconds(device) if training else 0.0):
+    for t, launch in ((fwd, fixed[0]), (bwd if training else 0.0, fixed[1])):
         if t > 0:
-            total += min(t, floor) + max(t - floor, 0.0) * fraction
+            total += launch + (t - launch) * fraction
     return total
 
 
@@ -227,16 +231,21 @@ class TPProblemIndex:
     `problem.shared` (one per value and target placement) and Megatron's f likewise."""
     node_param_bytes: dict[str, np.ndarray]
     """Node name → per strategy: parameter bytes a device holds (get_attr nodes; 0 elsewhere)."""
+    node_eager_seconds: dict[str, np.ndarray] | None = None
+    """As `node_seconds`, op by op (NodeCost.op_by_op), for a graph priced as compiled kernels;
+    None: the same as `node_seconds`."""
 
 
 def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory_budget_bytes: float, *,
                      fixed: Mapping[str, Placement | str | frozenset] | None = None, training: bool = True,
                      share_layers: bool = True, sequence_parallel: bool = False,
-                     force_sequence: bool = False) -> TPProblemIndex:
+                     force_sequence: bool = False, eager_splits: bool = False) -> TPProblemIndex:
     """The ILP's arrays for `gm` (annotated by passes.annotate with `cluster`); `sequence_parallel`
     offers sequence shards to elementwise ops and norms (sequence.py); `force_sequence` also forbids
     gathering a sequence-sharded activation for a replicated op (only split work may gather it),
-    which keeps norms and residual adds on the shards wherever their input is one."""
+    which keeps norms and residual adds on the shards wherever their input is one. `eager_splits`
+    prices the ops op by op in the objective, where the graph is priced as compiled kernels: the
+    splits an eager plan makes (`TPProblemIndex.node_seconds` stay the compiled prices)."""
     if tp > cluster.num_devices:
         raise InputError(f"tp={tp} exceeds the cluster's {cluster.num_devices} devices; use tp <= "
                          f"{cluster.num_devices} or a larger cluster")
@@ -251,18 +260,24 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
     memory = [None] * num_groups
     first = [""] * num_groups
     node_seconds: dict[str, np.ndarray] = {}
+    node_eager_seconds: dict[str, np.ndarray] = {}
     node_param_bytes: dict[str, np.ndarray] = {}
+    fused = any(node_cost(n).op_by_op is not None for n in gm.graph.nodes if n.op == "call_function")
     for name in names:
         g, opts, node = group_of[name], graph.strategies[name], nodes[name]
-        c = np.array([_compute_seconds(node, device.name, device.launch_overhead_s, s.compute_fraction, training)
-                      if node.op == "call_function" else 0.0 for s in opts])
+        priced = {eager: np.array([_compute_seconds(node, device.name, device.launch_overhead_s, s.compute_fraction,
+                                                    training, eager) if node.op == "call_function" else 0.0
+                                   for s in opts]) for eager in ((False, True) if fused else (False,))}
         param = node_cost(node).param_bytes if node.op == "get_attr" else 0
         m = np.array([param / tp if isinstance(s.output, Shard) else param for s in opts], dtype=float)
         for user in node.users:   # model outputs leave replicated
             if user.op == "output":
-                c = c + np.array([pricing.reshard(s.output, R, graph.num_bytes[name], graph.needs_grad[name],
-                                                  False) for s in opts])
-        node_seconds[name], node_param_bytes[name] = c, m
+                gather = np.array([pricing.reshard(s.output, R, graph.num_bytes[name], graph.needs_grad[name],
+                                                   False) for s in opts])
+                priced = {eager: seconds + gather for eager, seconds in priced.items()}
+        node_seconds[name], node_param_bytes[name] = priced[False], m
+        node_eager_seconds[name] = priced.get(True, priced[False])
+        c = priced.get(eager_splits, priced[False])
         cost[g] = c.copy() if cost[g] is None else cost[g] + c
         memory[g] = m if memory[g] is None else memory[g] + m
         first[g] = first[g] or name
@@ -317,7 +332,8 @@ def build_tp_problem(gm: torch.fx.GraphModule, cluster: Cluster, tp: int, memory
         memory_budget_bytes=float(memory_budget_bytes),
     )
     return TPProblemIndex(problem=problem, node_group=group_of, graph=graph, pricing=pricing,
-                          node_seconds=node_seconds, node_param_bytes=node_param_bytes)
+                          node_seconds=node_seconds, node_param_bytes=node_param_bytes,
+                          node_eager_seconds=node_eager_seconds if fused else None)
 
 
 def _forbid_gathered_sequence(node: torch.fx.Node, options: tuple[Strategy, ...], readers: list, tp: int,

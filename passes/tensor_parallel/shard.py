@@ -16,6 +16,10 @@ Each rank module
   replicated (sequence parallelism's gather before a column-parallel linear)
   gets one `seq_all_gather` instead: all-gather forward, reduce-scatter backward.
 
+A value that a pipeline relays through a stage (passes/split.py: a skip read two or more stages
+after it is made) arrives whole under the relay's name; its readers' decisions name the original
+value, so the relay is looked up under that name (`_planned_name`) and resharded as they ask.
+
 All ranks' graphs have the same nodes in the same order (only parameter values
 and rank numbers differ), which the one-process simulation relies on.
 """
@@ -31,6 +35,7 @@ from autopart.core.errors import PlanError
 from autopart.core.interfaces import TP_RANK_META_KEY, ParamSlice, TPRankInfo, take_shard
 from autopart.passes.attrs import fetch_attr, is_parameter
 from autopart.passes.node_costs import COST_META_KEY
+from autopart.passes.split import RELAY_OF_META_KEY
 from autopart.passes.tensor_parallel.assignment import TPAssignment
 from autopart.passes.tensor_parallel.collectives import TPCollective
 from autopart.passes.tensor_parallel.placements import P, Placement, R, Replicate, Shard, local_shape
@@ -98,7 +103,8 @@ class _RankBuilder:
     def placement(self, node: torch.fx.Node) -> Placement:
         # Inputs arrive whole: model inputs are, and a pipeline stage's outputs are made
         # Replicate by the output rule below, whatever the value's placement inside the graph.
-        if node.op == "placeholder":
+        # A relay inside a stage aliases such an input, so it is whole too.
+        if node.op == "placeholder" or _is_relay(node):
             return R
         return self.a.output_placement(node.name)
 
@@ -151,7 +157,7 @@ class _RankBuilder:
 
     def _fetch(self, node: torch.fx.Node, want: Placement, sync: bool) -> torch.fx.Node:
         """`node`'s local value in placement `want` (inserting collectives), f-wrapped if `sync`."""
-        if node.name not in self.a.nodes:   # not a tensor value (or not placed): use as is
+        if node.name not in self.a.nodes and not _is_relay(node):   # not a tensor value (or not placed): use as is
             return self.local[node.name]
         key = (node.name, str(want) + ("+f" if sync else ""))
         if key in self.cache:
@@ -200,8 +206,8 @@ class _RankBuilder:
         sync = set(decision.grad_sync)
 
         def arg(a: torch.fx.Node) -> torch.fx.Node:
-            want = decision.input_placement(a.name)
-            return self._fetch(a, want if want is not None else self.placement(a), sync=a.name in sync)
+            want = decision.input_placement(_planned_name(a))
+            return self._fetch(a, want if want is not None else self.placement(a), sync=_planned_name(a) in sync)
 
         args, kwargs = torch.fx.map_arg((node.args, node.kwargs), arg)
         target, args = self._localize(node, decision, list(args), kwargs)
@@ -222,7 +228,7 @@ class _RankBuilder:
         if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
             args[1] = list(local_shape(tuple(node.meta["val"].shape), out, tp))
         elif t in (aten.split.Tensor, aten.split_with_sizes.default):
-            src = decision.input_placement(node.args[0].name)
+            src = decision.input_placement(_planned_name(node.args[0]))
             nd = node.args[0].meta["val"].dim()
             d = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % nd
             if isinstance(src, Shard) and src.dim == d:
@@ -241,4 +247,14 @@ class _RankBuilder:
 
 
 def _arg_node(node: torch.fx.Node, name: str) -> torch.fx.Node:
-    return next(a for a in node.all_input_nodes if a.name == name)
+    return next(a for a in node.all_input_nodes if _planned_name(a) == name)
+
+
+def _is_relay(node: torch.fx.Node) -> bool:
+    """Whether `node` carries another node's value across a pipeline stage (passes/split.py)."""
+    return RELAY_OF_META_KEY in node.meta
+
+
+def _planned_name(node: torch.fx.Node) -> str:
+    """The name the tensor-parallel decisions give `node`'s value: a relay's is its original's."""
+    return node.meta.get(RELAY_OF_META_KEY, node.name)
