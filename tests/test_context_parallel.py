@@ -141,15 +141,16 @@ def test_random_sequence_models_match_single_device(program, cp, tp, sp, pp, m, 
 
 
 @pytest.mark.parametrize("family,plan", [
-    ("llama", dict(context_parallel=2, data_parallel=2)),
-    ("qwen3", dict(context_parallel=4, data_parallel=4, tensor_parallel=2, sequence_parallel=True, tp_plan=MEGATRON)),
+    ("llama", dict(context_parallel=2, data_parallel=2, num_microbatches=1)),
+    ("qwen3", dict(context_parallel=4, data_parallel=4, tensor_parallel=2, sequence_parallel=True, tp_plan=MEGATRON,
+                   num_microbatches=1)),
     ("mistral", dict(context_parallel=2, data_parallel=2, pipeline_parallel=2, num_microbatches=1,
                      tensor_parallel=2, sequence_parallel=True, tp_plan=MEGATRON)),
 ], ids=["llama-cp2", "qwen3-cp4-tp2-sp", "mistral-cp2-pp2-tp2-sp"])
 def test_hf_models_with_their_loss_and_an_input_dependent_padding_mask_match_single_device(family, plan):
     """The model's own loss (labels, -100 on the padding: mean over the tokens of every rank) and a
     padding mask computed from the tokens: outputs, loss and every gradient equal one device's."""
-    model = hf(family)
+    model = hf(family, layers=1)
     ids, mask, labels = padded_batch(4, 16)
     kwargs = {"attention_mask": mask, "labels": labels}
     devices = plan["data_parallel"] * plan.get("pipeline_parallel", 1) * plan.get("tensor_parallel", 1)
@@ -162,7 +163,8 @@ def test_hf_models_with_their_loss_and_an_input_dependent_padding_mask_match_sin
 def test_rank_modules_hold_their_positions_and_return_the_whole_output():
     model = hf("llama", layers=1)
     ids, mask, _ = padded_batch(4, 16)
-    compiled = compile_cp(model, 4, (ids,), {"attention_mask": mask}, context_parallel=2, data_parallel=4)
+    compiled = compile_cp(model, 4, (ids,), {"attention_mask": mask}, context_parallel=2, data_parallel=4,
+                          num_microbatches=1)
     assert "cp=2" in compiled.report()
     shapes = []
     for rank in range(4):
@@ -184,7 +186,7 @@ def test_rank_modules_hold_their_positions_and_return_the_whole_output():
 def test_dropout_draws_per_rank_on_split_values_and_alike_on_whole_ones():
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 8))
-    compiled = compile_cp(Dropped(), 2, (ids,), context_parallel=2, data_parallel=2)
+    compiled = compile_cp(Dropped(), 2, (ids,), context_parallel=2, data_parallel=2, num_microbatches=1)
     with torch.no_grad():
         ranks = run_mesh_ranks([compiled.stage_module(0)], [[ids], [ids]], cp=2)
     (_, tokens0, table0), (_, tokens1, table1) = ranks
@@ -199,7 +201,8 @@ def test_ops_that_mix_positions_run_whole_and_say_so():
     model = build_sequence_model([("attention", 0), ("shift", 0)])
     x, keep = torch.randn(2, 8, 12), torch.ones(2, 8, dtype=torch.bool)
     with pytest.warns(UserWarning, match=r"context_parallel=2: 1 op\(s\) mix positions.*slice"):
-        compiled = autopart.compile(model, 2, example_inputs=(x, keep), context_parallel=2, data_parallel=2)
+        compiled = autopart.compile(model, 2, example_inputs=(x, keep), context_parallel=2, data_parallel=2,
+                                    num_microbatches=1)
     assert_plan_matches_model(model, (x, keep), {}, compiled, lambda out: out)
 
 
