@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import traceback
 from typing import Any, Iterator
 
@@ -421,12 +422,24 @@ def _trace_error(
     )
 
 
+def _own_source_dirs() -> tuple[str, ...]:
+    """The folders of autopart's packages (autopart, autopart.passes, autopart.cost_models), as
+    '/'-separated prefixes: frames there are ours, not the user's, whatever the checkout is called."""
+    import autopart.cost_models
+    import autopart.passes
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # autopart/, above frontend/
+    return tuple(folder.replace("\\", "/") + "/" for folder in (
+        package, os.path.dirname(autopart.passes.__file__), os.path.dirname(autopart.cost_models.__file__)))
+
+
 def _user_frame(error: BaseException) -> str | None:
-    """The innermost stack frame outside torch's own sources, as 'file:line in fn: code'."""
+    """The innermost stack frame outside torch's and autopart's own sources, as 'file:line in fn: code'."""
     frames = traceback.extract_tb(error.__traceback__)
+    own = _own_source_dirs()
     for frame in reversed(frames):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" in path or "/autopart/" in path or path.startswith("<"):
+        if "/torch/" in path or path.startswith(own) or path.startswith("<"):
             continue
         return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
     return None
