@@ -27,17 +27,24 @@ def route_sharded_random(ranks: list[torch.fx.GraphModule], base_seed: int | Non
                    if draws_random(n) and str(n.meta.get(PLACEMENT_META_KEY, "R")).startswith("S")]
         if not sharded:
             continue
-        gm.add_submodule(STREAM_ATTR, ShardedStream(sharded_seed(seed, tp_index, tp=len(ranks))))
-        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-        with gm.graph.inserting_before(first):
-            stream = gm.graph.get_attr(STREAM_ATTR)
-        for node in sharded:
-            with gm.graph.inserting_before(node):
-                routed = gm.graph.call_function(sharded_random, (stream, node.target, *node.args), dict(node.kwargs))
-            routed.meta = dict(node.meta)
-            node.replace_all_uses_with(routed)
-            name = node.name
-            gm.graph.erase_node(node)
-            routed._rename(name)  # the plan's name: per-node decisions and blocks still find it
+        route_through_stream(gm, STREAM_ATTR, ShardedStream(sharded_seed(seed, tp_index, tp=len(ranks))), sharded)
         gm.recompile()
     return ranks
+
+
+def route_through_stream(gm: torch.fx.GraphModule, attr: str, stream: ShardedStream,
+                         nodes: list[torch.fx.Node]) -> None:
+    """Make every random op of `nodes` draw from `stream` (held as submodule `attr`) through
+    `sharded_random`, keeping each node's name and meta; the caller recompiles."""
+    gm.add_submodule(attr, stream)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        held = gm.graph.get_attr(attr)
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            routed = gm.graph.call_function(sharded_random, (held, node.target, *node.args), dict(node.kwargs))
+        routed.meta = dict(node.meta)
+        node.replace_all_uses_with(routed)
+        name = node.name
+        gm.graph.erase_node(node)
+        routed._rename(name)  # the plan's name: per-node decisions and blocks still find it

@@ -37,6 +37,7 @@ from autopart.core.context_chunks import (
 from autopart.core.errors import PlanError
 from autopart.core.interfaces import TP_RANK_META_KEY, tp_rank_info
 from autopart.core.tp_random import ShardedStream, draws_random, sharded_random
+from autopart.passes.random_ops import route_through_stream
 from autopart.passes.attrs import named_arguments
 from autopart.passes.context_parallel.layout import ContextLayout
 from autopart.passes.context_parallel.ops import (
@@ -313,18 +314,8 @@ class _Rewriter:
                 whole.append(node)
         if not whole:
             return
-        self.gm.add_submodule(CP_RANDOM_ATTR, ShardedStream(torch.initial_seed() + CP_RANDOM_SEED_OFFSET))
-        first = next(n for n in self.graph.nodes if n.op != "placeholder")
-        with self.graph.inserting_before(first):
-            stream = self.graph.get_attr(CP_RANDOM_ATTR)
-        for node in whole:
-            with self.graph.inserting_before(node):
-                routed = self.graph.call_function(sharded_random, (stream, node.target, *node.args), dict(node.kwargs))
-            routed.meta = dict(node.meta)
-            node.replace_all_uses_with(routed)
-            name = node.name
-            self.graph.erase_node(node)
-            routed._rename(name)
+        route_through_stream(self.gm, CP_RANDOM_ATTR, ShardedStream(torch.initial_seed() + CP_RANDOM_SEED_OFFSET),
+                             whole)
 
 
 def _tp_split_on(node: torch.fx.Node, dim: int) -> bool:
